@@ -1,0 +1,243 @@
+"""The library API: build(), inspect(), run(); each takes one frozen request and returns one frozen result."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgepack import __version__
+from edgepack.backends import exporters
+from edgepack.bundle import read_manifest, verify_bundle, write_manifest
+from edgepack.errors import UserError
+from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
+from edgepack.models import ModelSource, resolve_model
+from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.stages.render import BundleContext, render
+from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
+from edgepack.stages.wheels import requirements, vendor_wheels
+from edgepack.targets import TargetProfile, load_target
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    seconds: float
+    artifact: str | None = None
+    bytes: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: str
+    target: str = "host"
+    out: Path = Path("dist")
+    force: bool = False
+    skip_validation: bool = False
+    vendor_wheels: bool = True
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle: Path
+    bundle_id: str
+    target: str
+    model: str
+    scheme: str
+    bytes: int
+    quality: QualityReport
+    stages: tuple[StageRecord, ...]
+
+
+class _Stages:
+    """Times each stage and keeps its record."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self.records: list[StageRecord] = []
+        self.progress = progress
+
+    @contextmanager
+    def stage(self, name: str, message: str) -> Iterator[dict[str, Any]]:
+        self.progress(ProgressEvent(name, message))
+        t0 = time.monotonic()
+        info: dict[str, Any] = {}
+        yield info
+        self.records.append(StageRecord(name, round(time.monotonic() - t0, 3), info.pop("artifact", None),
+                                        info.pop("bytes", None), info))
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"edgepack": __version__, "python": platform.python_version()}
+    for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _scheme_summary(target: TargetProfile, options: dict[str, str]) -> str:
+    q = target.quantize
+    if q.scheme in ("fp32", "fp16"):
+        return q.scheme
+    parts = [f"{q.scheme} block {q.block_size}", "symmetric" if q.symmetric else "asymmetric",
+             f"algorithm {q.algorithm}", f"accuracy level {q.accuracy_level}"]
+    if "matmul_mixed_precision" in options:
+        parts.append(f"int8 for {options['matmul_mixed_precision'].replace(':int8', '')}")
+    parts.append(f"embedding {q.embedding_precision}")
+    return ", ".join(parts)
+
+
+def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
+    """resolve → export → quantize (checked) → validate → wheels → render → publish."""
+    stages = _Stages(progress)
+    with stages.stage("resolve", f"target {req.target}, model {req.model}") as info:
+        target = load_target(req.target)
+        exporter = exporters.get(target.export.format)
+        source = resolve_model(req.model, progress=progress)
+        exporter.check_supported(source)
+        info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture)
+    final = req.out / f"{source.name}-{target.id}"
+    check_writable_parent(req.out, need_bytes=dir_bytes(source.hf_dir))
+    with tempfile.TemporaryDirectory(prefix="edgepack-work-") as work_s, staging_dir(final, force=req.force) as tmp:
+        work = Path(work_s)
+        model_dir = tmp / "model"
+        model_dir.mkdir()
+        with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
+            exported = exporter.export(source, target, model_dir, work, progress)
+            info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme)
+        with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
+            info.update(bytes=exported.bytes, nodes=exported.stats.nodes,
+                        quantized_matmuls=exported.stats.quantized_matmuls, bits=list(exported.stats.bits))
+        if req.skip_validation:
+            report = unvalidated(target)
+            progress(ProgressEvent("validate", "SKIPPED (--skip-validation): the manifest records it"))
+        else:
+            with stages.stage("validate", "quality gate against the fp32 reference") as info:
+                report = validate(source, model_dir, target, progress=progress)
+                info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct)
+            enforce(report, target)
+        reqs = requirements(target, exported.runtime_versions)
+        wheel_names: list[str] = []
+        if req.vendor_wheels and reqs:
+            with stages.stage("wheels", f"vendoring runtime wheels for {target.resolved_arch()}") as info:
+                wheel_names = vendor_wheels(target, reqs, tmp / "wheels", progress=progress)
+                info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=wheel_names)
+        with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
+            name = final.name
+            ctx = _context(name, source, target, exported.options, report, reqs,
+                           exporter.runtime, system_site=not target.runtime.packages)
+            files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd)
+            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names,
+                                                     [r for r in stages.records]))
+            info.update(artifact=str(final), files=files)
+        bundle_bytes = dir_bytes(tmp)
+    progress(ProgressEvent("done", f"bundle at {final}"))
+    return BuildResult(bundle=final, bundle_id=manifest["bundle_id"], target=target.id, model=source.name,
+                       scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records))
+
+
+def _context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],
+             report: QualityReport, reqs: list[str], runtime: str, system_site: bool) -> BundleContext:
+    return BundleContext(
+        name=name, edgepack_version=__version__, target_id=target.id,
+        target_description=target.device.description or target.id, arch=target.resolved_arch(),
+        python=target.resolved_python(), format=target.export.format, runtime=runtime,
+        execution_provider=target.export.execution_provider, scheme_summary=_scheme_summary(target, options),
+        model_origin=source.origin, model_revision=source.revision, weights_sha256=source.weights_sha256,
+        architecture=source.architecture, threads=target.runtime.threads,
+        max_new_tokens=target.runtime.max_new_tokens, smoke_tokens=target.deploy.smoke_tokens,
+        prompt_ids=report.prompt_ids, golden_tokens=report.golden_tokens,
+        golden_checked=report.golden_checked, requirements=tuple(reqs),
+        import_check="onnxruntime_genai", system_site_packages=system_site,
+        service_dir=f"{target.deploy.install_dir.removeprefix('~/')}/current", serve_addr="127.0.0.1:8089",
+        quality=report)
+
+
+def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
+              reqs: list[str], wheels: list[str], records: list[StageRecord]) -> dict[str, Any]:
+    from edgepack.output import to_jsonable
+
+    return {
+        "name": name,
+        "edgepack_version": __version__,
+        "target": {"id": target.id, "arch": target.resolved_arch(), "python": target.resolved_python(),
+                   "wheel_platforms": list(target.device.wheel_platforms), "profile": to_jsonable(target)},
+        "model": to_jsonable(source),
+        "export": {"format": exported.format, "scheme": exported.scheme, "builder_options": exported.options,
+                   "graph": to_jsonable(exported.stats)},
+        "quality": to_jsonable(report),
+        "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": wheels,
+                    "execution_provider": target.export.execution_provider},
+        "smoke": {"prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),
+                  "golden_checked": list(report.golden_checked),
+                  "tokens": target.deploy.smoke_tokens},
+        "tools": tool_versions(),
+        "validated": report.validated,
+    }
+
+
+# -- read-only helpers ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InspectResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    verified: bool
+
+
+def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
+    manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
+    return InspectResult(bundle=bundle, manifest=manifest, verified=verify)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    bundle: Path
+    prompt: str
+    max_tokens: int | None = None
+    json_output: bool = False
+    extra_args: tuple[str, ...] = ()
+
+
+def run(req: RunRequest, *, stream: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run the bundle's own runner here (same arch only), with this Python if it has the runtime."""
+    import shutil
+    import subprocess
+
+    manifest = read_manifest(req.bundle)
+    arch = manifest["target"]["arch"]
+    if arch != platform.machine():
+        raise UserError(f"bundle {req.bundle.name} is for {arch}; this machine is {platform.machine()}.",
+                        hint="Deploy it with `edgepack deploy --host <device>` or build for `--target host`.")
+    venv_py = req.bundle / ".venv" / "bin" / "python"
+    py = str(venv_py) if venv_py.exists() else sys.executable
+    if py == sys.executable and shutil.which(py) and not _has_module("onnxruntime_genai"):
+        raise UserError("this Python has no onnxruntime_genai to run the bundle with.",
+                        hint=f"Run `sh {req.bundle}/install.sh` first, or pip install 'edgepack[onnx]'.")
+    cmd = [py, str(req.bundle / "run.py"), "--prompt", req.prompt]
+    if req.max_tokens is not None:
+        cmd += ["--max-tokens", str(req.max_tokens)]
+    if req.json_output:
+        cmd.append("--json")
+    cmd += list(req.extra_args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
+                        hint="See stderr_tail; `edgepack inspect` checks the bundle's files.",
+                        command=" ".join(cmd), stderr_tail=proc.stderr.splitlines()[-10:])
+    return proc.returncode, proc.stdout
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

@@ -1,0 +1,56 @@
+"""What an export backend provides: export+quantize, a scorer on the bundle's runtime, its runtime wheels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgepack.models import ModelSource
+from edgepack.progress import ProgressFn
+from edgepack.targets import TargetProfile
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    nodes: int
+    quantized_matmuls: int
+    float_matmuls: int
+    bits: tuple[int, ...]
+    op_types: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    dir: Path
+    format: str
+    scheme: str
+    options: dict[str, Any]
+    bytes: int
+    stats: GraphStats
+    runtime_versions: dict[str, str]
+
+
+class Scorer(Protocol):
+    """The bundle's runtime, driven from the build machine to score the model it will ship."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def logits(self, ids: list[int]) -> Any: ...  # numpy [len(ids), vocab]
+
+    def greedy(self, ids: list[int], n: int) -> list[int]: ...
+
+
+class Exporter(Protocol):
+    format: str
+    runtime: str
+
+    @staticmethod
+    def check_supported(source: ModelSource) -> None: ...
+
+    @staticmethod
+    def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,
+               progress: ProgressFn) -> ExportedModel: ...
+
+    @staticmethod
+    def scorer(model_dir: Path) -> Scorer: ...

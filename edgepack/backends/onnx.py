@@ -1,0 +1,162 @@
+"""ONNX export through the onnxruntime-genai model builder (fused decoder, KV cache, MatMulNBits)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgepack.backends import exporters
+from edgepack.backends.base import ExportedModel, GraphStats
+from edgepack.errors import ModelError, UserError, require
+from edgepack.fsutil import dir_bytes
+from edgepack.models import ModelSource
+from edgepack.progress import ProgressEvent, ProgressFn
+from edgepack.targets import QuantizeSpec, TargetProfile
+
+# Architectures the onnxruntime-genai 0.18 builder turns into decoder-only text models (config.architectures[0]).
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+    "PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
+    "SmolLM3ForCausalLM", "NemotronForCausalLM",
+)
+
+
+def builder_options(q: QuantizeSpec, *, tied: bool) -> tuple[str, dict[str, str]]:
+    """Profile quantization knobs → (builder precision, builder extra_options)."""
+    opts: dict[str, str] = {}
+    if q.scheme in ("int4", "int8"):
+        opts["block_size"] = str(q.block_size)
+        opts["is_symmetric"] = "true" if q.symmetric else "false"
+        opts["accuracy_level"] = str(q.accuracy_level)
+        if q.algorithm != "default":
+            opts["algo_config"] = q.algorithm
+        mixed = []
+        if q.scheme == "int4" and q.head_precision == "int8":
+            mixed.append("last_matmul:int8")
+        if q.scheme == "int4" and q.sensitive_layers_int8:
+            mixed.append("mixed_layers:int8")
+        if mixed:
+            opts["matmul_mixed_precision"] = ",".join(mixed)
+        if q.head_precision == "fp32":
+            opts["nodes_to_exclude"] = "/lm_head/MatMul"
+    if tied:
+        # shared: the embedding Gather reads the (quantized) head weights; fp32: a separate float table.
+        opts["shared_embeddings"] = "true" if q.embedding_precision == "quantized" else "false"
+    return q.scheme, opts
+
+
+def _graph_stats(model_path: Path) -> GraphStats:
+    onnx = require("onnx", "onnx", "Inspecting ONNX models")
+    model = onnx.load(str(model_path), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    bits = sorted({a.i for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+                   for a in n.attribute if a.name == "bits"})
+    return GraphStats(nodes=len(model.graph.node), quantized_matmuls=ops.get("MatMulNBits", 0),
+                      float_matmuls=ops.get("MatMul", 0), bits=tuple(bits), op_types=dict(sorted(ops.items())))
+
+
+def runtime_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("onnxruntime-genai", "onnxruntime", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@exporters.register("onnx")
+class OnnxExporter:
+    format = "onnx"
+    runtime = "onnxruntime-genai"
+
+    @staticmethod
+    def check_supported(source: ModelSource) -> None:
+        if source.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(
+                f"the ONNX exporter does not support architecture '{source.architecture}' "
+                f"(model type '{source.model_type}').",
+                hint="Supported: " + ", ".join(SUPPORTED_ARCHITECTURES) + ".",
+                architecture=source.architecture, supported=list(SUPPORTED_ARCHITECTURES))
+
+    @staticmethod
+    def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,
+               progress: ProgressFn) -> ExportedModel:
+        require("onnxruntime_genai", "onnx", "ONNX export")
+        require("onnx_ir", "onnx", "ONNX export")
+        require("torch", "onnx", "ONNX export")
+        import json
+
+        tied = bool(json.loads((source.hf_dir / "config.json").read_text()).get("tie_word_embeddings", False))
+        precision, opts = builder_options(target.quantize, tied=tied)
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source.hf_dir),
+               "-o", str(out_dir), "-p", precision, "-e", target.export.execution_provider,
+               "-c", str(work_dir / "builder-cache")]
+        if opts:
+            cmd += ["--extra_options", *[f"{k}={v}" for k, v in opts.items()]]
+        progress(ProgressEvent("export", f"onnxruntime-genai builder: {precision} on "
+                                         f"{target.export.execution_provider}, {opts}"))
+        log = work_dir / "builder.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        with log.open("wb") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
+        if proc.returncode != 0 or not (out_dir / "genai_config.json").is_file():
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise UserError(
+                f"the onnxruntime-genai model builder failed (exit {proc.returncode}) for {source.name}.",
+                hint="Its last lines are in the error's 'log_tail'; check the quantize options of the target.",
+                command=" ".join(cmd), log_tail=tail)
+        # The builder writes the tokenizer too; keep only what the runtime reads.
+        for junk in ("builder-cache",):
+            p = out_dir / junk
+            if p.exists():
+                import shutil
+
+                shutil.rmtree(p)
+        stats = _graph_stats(out_dir / "model.onnx")
+        if precision in ("int4", "int8") and stats.quantized_matmuls == 0:
+            raise UserError(f"scheme {precision} produced no quantized MatMul: the weights stayed float.",
+                            hint="This is a builder problem; try another quantize.algorithm.")
+        return ExportedModel(dir=out_dir, format="onnx", scheme=precision, options=opts,
+                             bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions())
+
+    @staticmethod
+    def scorer(model_dir: Path) -> GenaiScorer:
+        return GenaiScorer(model_dir)
+
+
+class GenaiScorer:
+    """Drives onnxruntime-genai exactly as the bundle's runner does, but returns full logits."""
+
+    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+        og = require("onnxruntime_genai", "onnx", "Scoring ONNX models")
+        self._og = og
+        self.model = og.Model(str(model_dir))
+        self.tokenizer = og.Tokenizer(self.model)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def _generator(self, max_length: int) -> Any:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return self._og.Generator(self.model, params)
+
+    def logits(self, ids: list[int]) -> Any:
+        gen = self._generator(len(ids) + 1)
+        gen.append_tokens(ids)
+        return gen.get_output("logits")[0]
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        gen = self._generator(len(ids) + n)
+        gen.append_tokens(ids)
+        out: list[int] = []
+        while len(out) < n and not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out

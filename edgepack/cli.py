@@ -1,0 +1,199 @@
+"""The click CLI: parse options, call one API function, hand the result to the output module."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgepack import __version__
+from edgepack.errors import EdgepackError, UserError
+from edgepack.output import Output
+
+
+class _State:
+    def __init__(self, json_mode: bool, quiet: bool) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+
+
+def _run(command: str, fn: Callable[[Output], tuple[Any, str]]) -> None:
+    state: _State = click.get_current_context().find_object(_State) or _State(False, False)
+    out = Output(command, json_mode=state.json_mode, quiet=state.quiet)
+    try:
+        result, human = fn(out)
+    except KeyboardInterrupt:
+        out.failure(UserError("interrupted; nothing was left half-written.", hint="Run the command again."))
+        sys.exit(130)
+    except EdgepackError as exc:
+        code = out.failure(exc, traceback_text=traceback.format_exc() if exc.exit_code != 1 else None)
+        sys.exit(code)
+    except Exception as exc:  # a bug: show the traceback, exit 2
+        sys.exit(out.failure(exc, traceback_text=traceback.format_exc()))
+    out.success(result, human)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgepack")
+@click.option("--json", "json_mode", is_flag=True, help="Print exactly one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.pass_context
+def cli(ctx: click.Context, json_mode: bool, quiet: bool) -> None:
+    """Turn a small language model into a verified, quantized bundle for an edge device, and deploy it.
+
+    \b
+    edgepack build --target rpi5 smollm2-135m
+    edgepack deploy --host pi.local dist/smollm2-135m-rpi5
+    """
+    ctx.obj = _State(json_mode, quiet)
+
+
+def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Let --json also follow the subcommand (`edgepack build --json ...`)."""
+
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value:
+            state = ctx.find_object(_State)
+            if state is None:
+                ctx.obj = _State(True, False)
+            else:
+                state.json_mode = True
+
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False, callback=callback,
+                        is_eager=True, help="Print exactly one JSON document on stdout.")(f)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-t", "--target", default="host", show_default=True,
+              help="A target id (`edgepack targets list`) or a path to your own .toml.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Parent folder; the bundle lands in OUT/<model>-<target>/.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
+@click.option("--skip-validation", is_flag=True, help="Skip the quality gate (recorded in the manifest).")
+@click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
+@_json_option
+def build(model: str, target: str, out: Path, force: bool, skip_validation: bool, no_wheels: bool) -> None:
+    """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
+
+    MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
+    folder, or a .gguf file.
+    """
+    from edgepack import api
+
+    def go(o: Output) -> tuple[Any, str]:
+        res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force,
+                                         skip_validation=skip_validation, vendor_wheels=not no_wheels),
+                        progress=o.progress)
+        q = res.quality
+        lines = [f"built {res.bundle}  ({res.bytes / 1e6:.1f} MB, {res.scheme}, id {res.bundle_id})"]
+        if q.validated:
+            lines.append(f"quality: ppl {q.ppl_reference} → {q.ppl_quantized} ({q.ppl_delta_pct:+.2f} %), "
+                         f"KL {q.mean_kl}, top-1 {q.top1_agreement}, greedy {q.greedy_match}/{q.greedy_tokens}"
+                         f"  [PASS within target '{res.target}' tolerances]")
+        else:
+            lines.append("quality: NOT VALIDATED (--skip-validation)")
+        lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" for s in res.stages))
+        return res, "\n".join(lines)
+
+    _run("build", go)
+
+
+@cli.group()
+def targets() -> None:
+    """List and show target profiles."""
+
+
+@targets.command("list")
+@_json_option
+def targets_list() -> None:
+    """The shipped targets."""
+    from edgepack.targets import list_targets
+
+    def go(_o: Output) -> tuple[Any, str]:
+        items = list_targets()
+        rows = [f"{t.id:<18} {t.resolved_arch():<8} {t.export.format:<5} {t.quantize.scheme:<5} "
+                f"{t.device.description}" for t in items]
+        data = [{"id": t.id, "arch": t.resolved_arch(), "format": t.export.format, "scheme": t.quantize.scheme,
+                 "execution_provider": t.export.execution_provider, "description": t.device.description,
+                 "source": t.source} for t in items]
+        return data, "\n".join([f"{'ID':<18} {'ARCH':<8} {'FMT':<5} {'QUANT':<5} DESCRIPTION", *rows])
+
+    _run("targets list", go)
+
+
+@targets.command("show")
+@click.argument("target")
+@_json_option
+def targets_show(target: str) -> None:
+    """One target profile, every field resolved (an id or a path to a .toml)."""
+    import json
+
+    from edgepack.targets import load_target, profile_to_dict
+
+    def go(_o: Output) -> tuple[Any, str]:
+        data = profile_to_dict(load_target(target))
+        return data, json.dumps(data, indent=2)
+
+    _run("targets show", go)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="Do not re-hash the files.")
+@_json_option
+def inspect(bundle: Path, no_verify: bool) -> None:
+    """Show a bundle's manifest and check every file against it."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.inspect(bundle, verify=not no_verify)
+        m = res.manifest
+        q = m["quality"]
+        quality = (f"ppl {q['ppl_reference']} → {q['ppl_quantized']} ({q['ppl_delta_pct']:+.2f} %), "
+                   f"KL {q['mean_kl']}, top-1 {q['top1_agreement']}" if q["validated"] else "NOT VALIDATED")
+        total = sum(f["bytes"] for f in m["files"])
+        human = "\n".join([
+            f"bundle   {m['name']}  (id {m['bundle_id']})",
+            f"target   {m['target']['id']}  ({m['target']['arch']}, Python {m['target']['python']})",
+            f"model    {m['model']['origin']}  sha256 {m['model']['weights_sha256'][:16]}…",
+            f"export   {m['export']['format']} {m['export']['scheme']}  {m['export']['builder_options']}",
+            f"quality  {quality}",
+            f"runtime  {' '.join(m['runtime']['requirements'])}  ({len(m['runtime']['wheels'])} wheels)",
+            f"files    {len(m['files'])}, {total / 1e6:.1f} MB, "
+            + ("all match their sha256" if res.verified else "not verified"),
+        ])
+        return m | {"verified": res.verified}, human
+
+    _run("inspect", go)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True)
+@click.option("--max-tokens", type=int)
+@_json_option
+def run(bundle: Path, prompt: str, max_tokens: int | None) -> None:
+    """Run a bundle's own runner on this machine (when its arch matches)."""
+    import json
+
+    from edgepack import api
+
+    state = click.get_current_context().find_object(_State)
+    json_mode = bool(state and state.json_mode)
+
+    def go(_o: Output) -> tuple[Any, str]:
+        _code, stdout = api.run(api.RunRequest(bundle=bundle, prompt=prompt, max_tokens=max_tokens,
+                                               json_output=True))
+        data = json.loads(stdout.strip().splitlines()[-1])
+        return data, data["text"] if not json_mode else ""
+
+    _run("run", go)
+
+
+def main() -> None:
+    cli(prog_name="edgepack")

@@ -1,0 +1,94 @@
+"""The one error tree: user errors (message + hint, exit 1) versus bugs (traceback, exit 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class EdgepackError(Exception):
+    """Base of every error edgepack raises on purpose."""
+
+    exit_code = 2
+    kind = "internal"
+
+    def __init__(self, message: str, *, hint: str | None = None, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "hint": self.hint, **self.fields}
+
+
+class UserError(EdgepackError):
+    """Something the user can fix: bad input, missing extra, unreachable host, failed gate."""
+
+    exit_code = 1
+    kind = "user"
+
+
+class TargetError(UserError):
+    kind = "target"
+
+
+class ModelError(UserError):
+    kind = "model"
+
+
+class MissingExtraError(UserError):
+    kind = "missing-extra"
+
+    def __init__(self, module: str, extra: str, *, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the Python package '{module}', which is not installed.",
+            hint=f"pip install 'edgepack[{extra}]'",
+            module=module,
+            extra=extra,
+        )
+
+
+class OutputExistsError(UserError):
+    kind = "output-exists"
+
+
+class QualityGateError(UserError):
+    kind = "quality-gate"
+
+
+class BundleError(UserError):
+    kind = "bundle"
+
+
+class UnknownNameError(UserError):
+    """A registry or alias miss: lists the names that do exist."""
+
+    kind = "unknown-name"
+
+    def __init__(self, what: str, name: str, known: Sequence[str], *, hint: str | None = None) -> None:
+        listing = ", ".join(sorted(known)) or "(none)"
+        super().__init__(
+            f"unknown {what} '{name}'. Known: {listing}.",
+            hint=hint,
+            what=what,
+            name=name,
+            known=sorted(known),
+        )
+
+
+class RemoteError(UserError):
+    """A command on a device failed: carries the evidence."""
+
+    kind = "remote"
+
+
+def require(module: str, extra: str, purpose: str) -> Any:
+    """Import a heavy optional module or raise a MissingExtraError naming the install line."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(module, extra, purpose=purpose) from exc

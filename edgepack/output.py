@@ -1,0 +1,117 @@
+"""The one place that prints: human summaries on stdout, progress on stderr, or one --json envelope."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from edgepack.errors import EdgepackError
+from edgepack.progress import ProgressEvent
+
+ENVELOPE_VERSION = 1
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Frozen dataclasses, paths and tuples → plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    return obj
+
+
+def envelope(command: str, *, result: Any = None, error: EdgepackError | BaseException | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "edgepack": ENVELOPE_VERSION,
+        "command": command,
+        "ok": error is None,
+        "result": to_jsonable(result) if error is None else None,
+        "error": None,
+    }
+    if isinstance(error, EdgepackError):
+        doc["error"] = to_jsonable(error.to_dict())
+    elif error is not None:
+        doc["error"] = {"kind": "internal", "message": f"{type(error).__name__}: {error}", "hint": None}
+    return doc
+
+
+class Output:
+    """Human or JSON output for one CLI invocation."""
+
+    def __init__(self, command: str, *, json_mode: bool, quiet: bool = False,
+                 stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+        self.command = command
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.out = stdout or sys.stdout
+        self.err = stderr or sys.stderr
+        self._tty = self.err.isatty()
+        self._last_stage: str | None = None
+        self._t0 = time.monotonic()
+        self._bar_open = False
+
+    # -- progress (stderr) -------------------------------------------------
+    def progress(self, event: ProgressEvent) -> None:
+        if self.quiet:
+            return
+        if event.done is not None and event.total:
+            if not self._tty:
+                return  # bars only on a terminal; logs stay clean in CI
+            frac = min(1.0, event.done / event.total)
+            width = 28
+            fill = int(frac * width)
+            self.err.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {frac:4.0%} {event.message[:40]:<40}")
+            self.err.flush()
+            self._bar_open = True
+            return
+        if self._bar_open:
+            self.err.write("\n")
+            self._bar_open = False
+        elapsed = time.monotonic() - self._t0
+        self.err.write(f"[{elapsed:6.1f}s] {event.stage}: {event.message}\n")
+        self.err.flush()
+
+    def hint(self, text: str) -> None:
+        if not self.quiet and not self.json_mode:
+            self.err.write(text + "\n")
+
+    # -- results (stdout) --------------------------------------------------
+    def success(self, result: Any, human: str) -> None:
+        if self._bar_open:
+            self.err.write("\n")
+            self._bar_open = False
+        if self.json_mode:
+            self.out.write(json.dumps(envelope(self.command, result=result), indent=2, sort_keys=True) + "\n")
+        else:
+            self.out.write(human.rstrip("\n") + "\n")
+        self.out.flush()
+
+    def failure(self, error: BaseException, *, traceback_text: str | None = None) -> int:
+        if self._bar_open:
+            self.err.write("\n")
+            self._bar_open = False
+        if self.json_mode:
+            self.out.write(json.dumps(envelope(self.command, error=error), indent=2, sort_keys=True) + "\n")
+            self.out.flush()
+        if isinstance(error, EdgepackError) and error.exit_code == 1:
+            if not self.json_mode or not self.quiet:
+                self.err.write(f"error: {error.message}\n")
+                if error.hint:
+                    self.err.write(f"  hint: {error.hint}\n")
+            return 1
+        if traceback_text:
+            self.err.write(traceback_text)
+        self.err.write(
+            "error: internal error in edgepack (this is a bug). Please report it with the traceback above.\n"
+        )
+        return 2

@@ -1,0 +1,97 @@
+"""The float reference: the HF checkpoint in fp32 torch on the build machine, scored once and cached."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import require
+from edgepack.models import ModelSource
+from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.quality import texts
+from edgepack.quality.metrics import WindowTopK, reference_window
+from edgepack.resources import cache_root
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Reference:
+    text_name: str
+    text_sha256: str
+    ids: list[int]
+    prompt_ids: list[int]
+    greedy: list[int]
+    windows: list[tuple[int, int]]
+    scored: list[WindowTopK]
+    nll_sum: float
+    count: int
+    cached: bool
+
+
+def _cache_path(source: ModelSource, text_sha: str) -> Path:
+    key = f"v{CACHE_VERSION}-{source.weights_sha256[:20]}-{text_sha[:12]}-w{texts.WINDOW}-k{texts.TOP_K}"
+    return cache_root() / "reference" / f"{key}.npz"
+
+
+def prompt_ids(tokenizer: Any) -> list[int]:
+    """The fixed greedy prompt, in the model's chat format where it has one."""
+    msgs = [{"role": "user", "content": texts.GREEDY_PROMPT}]
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return [int(i) for i in out]
+    return [int(i) for i in tokenizer(texts.GREEDY_PROMPT).input_ids]
+
+
+def score_reference(source: ModelSource, *, progress: ProgressFn = silent) -> Reference:
+    import numpy as np
+
+    text = texts.heldout()
+    path = _cache_path(source, text.sha256)
+    if path.is_file():
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        wins = [tuple(w) for w in meta["windows"]]
+        scored = [WindowTopK(z[f"t{i}"], z[f"n{i}"], z[f"k{i}"], z[f"l{i}"]) for i in range(len(wins))]
+        return Reference(text.name, text.sha256, meta["ids"], meta["prompt_ids"], meta["greedy"], wins,  # type: ignore[arg-type]
+                         scored, float(sum(float(s.nll.sum()) for s in scored)),
+                         int(sum(len(s.nll) for s in scored)), cached=True)
+
+    torch = require("torch", "onnx", "Scoring the float reference")
+    transformers = require("transformers", "onnx", "Scoring the float reference")
+    progress(ProgressEvent("validate", "scoring the fp32 reference with torch (once per model; cached)"))
+    tok = transformers.AutoTokenizer.from_pretrained(source.hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32)
+    model.eval()
+    ids = [int(i) for i in tok(text.text).input_ids]
+    wins = texts.windows(len(ids))
+    scored: list[WindowTopK] = []
+    with torch.inference_mode():
+        for i, (s, e) in enumerate(wins):
+            progress(ProgressEvent("validate", "reference", done=i, total=len(wins)))
+            logits = model(torch.tensor([ids[s:e]])).logits[0].float().numpy()
+            w = reference_window(logits, ids[s:e], texts.TOP_K)
+            # Same dtypes as the cache holds, so a cached and a fresh run give identical numbers.
+            scored.append(WindowTopK(w.target_ids, w.nll, w.topk_ids.astype(np.int32),
+                                     w.topk_logp.astype(np.float32)))
+        p_ids = prompt_ids(tok)
+        out = model.generate(torch.tensor([p_ids]), attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),
+                             max_new_tokens=texts.GREEDY_TOKENS, do_sample=False, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+        greedy = [int(t) for t in out[0][len(p_ids):]]
+    meta = {"ids": ids, "prompt_ids": p_ids, "greedy": greedy, "windows": wins}
+    arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta))}
+    for i, w in enumerate(scored):
+        arrays.update({f"t{i}": w.target_ids, f"n{i}": w.nll, f"k{i}": w.topk_ids.astype(np.int32),
+                       f"l{i}": w.topk_logp.astype(np.float32)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return Reference(text.name, text.sha256, ids, p_ids, greedy, wins, scored,
+                     float(sum(float(s.nll.sum()) for s in scored)), int(sum(len(s.nll) for s in scored)),
+                     cached=False)

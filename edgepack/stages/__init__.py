@@ -1,0 +1,1 @@
+"""Build and deploy stages: one module each, one entry function each."""

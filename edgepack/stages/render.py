@@ -1,0 +1,76 @@
+"""Render stage: Jinja templates (StrictUndefined) + one typed context → runner, smoke test, installer, docs."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepack import __version__
+from edgepack.errors import UnknownNameError
+from edgepack.resources import shipped_dir
+from edgepack.stages.validate import QualityReport
+
+
+@dataclass(frozen=True)
+class BundleContext:
+    name: str
+    edgepack_version: str
+    target_id: str
+    target_description: str
+    arch: str
+    python: str
+    format: str
+    runtime: str
+    execution_provider: str
+    scheme_summary: str
+    model_origin: str
+    model_revision: str | None
+    weights_sha256: str
+    architecture: str
+    threads: int
+    max_new_tokens: int
+    smoke_tokens: int
+    prompt_ids: tuple[int, ...]
+    golden_tokens: tuple[int, ...]
+    golden_checked: tuple[bool, ...]
+    requirements: tuple[str, ...]
+    import_check: str
+    system_site_packages: bool
+    service_dir: str
+    serve_addr: str
+    quality: QualityReport
+
+
+# runtime template folder → files it renders (template name → output name, executable?)
+_SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
+_RUNTIME = {"run.py.j2": ("run.py", True), "smoke_test.py.j2": ("smoke_test.py", True)}
+
+
+def environment(template: str):  # type: ignore[no-untyped-def]
+    import jinja2
+
+    root = shipped_dir("templates")
+    if not (root / template).is_dir():
+        known = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")]
+        raise UnknownNameError("runtime template", template, known, hint="Set runtime.template in the target.")
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(root / template), str(root / "_shared")]),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool) -> list[str]:
+    env = environment(template)
+    files = {**_RUNTIME, **_SHARED}
+    if systemd:
+        files["edgepack.service.j2"] = (f"edgepack-{ctx.name}.service", False)
+    written = []
+    for src, (dst, executable) in files.items():
+        text = env.get_template(src).render(ctx=ctx)
+        path = out / dst
+        path.write_text(text, encoding="utf-8")
+        mode = 0o755 if executable else 0o644
+        os.chmod(path, mode | stat.S_IRUSR)
+        written.append(dst)
+    return written

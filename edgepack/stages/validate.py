@@ -1,0 +1,126 @@
+"""Validate stage: score the exported model through the bundle's runtime against the fp32 reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.backends import exporters
+from edgepack.errors import ModelError, QualityGateError
+from edgepack.models import ModelSource
+from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.quality import texts
+from edgepack.quality.metrics import common_prefix, compare_window, log_softmax, perplexity
+from edgepack.quality.reference import score_reference
+from edgepack.targets import QualitySpec, TargetProfile
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    validated: bool  # False only with --skip-validation
+    passed: bool
+    text: str
+    text_sha256: str
+    tokens_scored: int
+    ppl_reference: float | None
+    ppl_quantized: float | None
+    ppl_delta_pct: float | None
+    mean_kl: float | None
+    top1_agreement: float | None
+    greedy_match: int | None  # teacher-forced: positions of the reference's greedy reply the bundle also picks
+    greedy_prefix: int | None  # free-running: tokens before the first divergence (brittle at near-ties)
+    greedy_tokens: int
+    tolerances: QualitySpec
+    failures: tuple[str, ...]
+    prompt_ids: tuple[int, ...]
+    golden_tokens: tuple[int, ...]  # what the quantized model generates: the device must reproduce these
+    golden_checked: tuple[bool, ...]  # positions whose top-1/top-2 margin is wide enough to demand on any CPU
+    reference_cached: bool
+
+
+def unvalidated(target: TargetProfile) -> QualityReport:
+    return QualityReport(False, False, "", "", 0, None, None, None, None, None, None, None, 0, target.quality,
+                         (), (), (), (), False)
+
+
+def judge(tol: QualitySpec, *, delta_pct: float, kl: float, top1: float, greedy: int) -> tuple[str, ...]:
+    failures = []
+    if delta_pct > tol.max_ppl_increase_pct:
+        failures.append(f"perplexity +{delta_pct:.1f}% > allowed +{tol.max_ppl_increase_pct:.1f}%")
+    if kl > tol.max_mean_kl:
+        failures.append(f"mean KL {kl:.4f} > allowed {tol.max_mean_kl:.4f}")
+    if top1 < tol.min_top1_agreement:
+        failures.append(f"top-1 agreement {top1:.3f} < required {tol.min_top1_agreement:.3f}")
+    if greedy < tol.min_greedy_match:
+        failures.append(f"greedy match {greedy} tokens < required {tol.min_greedy_match}")
+    return tuple(failures)
+
+
+def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *,
+             progress: ProgressFn = silent) -> QualityReport:
+    ref = score_reference(source, progress=progress)
+    exporter = exporters.get(target.export.format)
+    progress(ProgressEvent("validate", f"scoring the {target.quantize.scheme} model through {exporter.runtime}"))
+    scorer = exporter.scorer(model_dir)
+    text = texts.heldout()
+    runtime_ids = scorer.encode(text.text)
+    if runtime_ids != ref.ids:
+        at = common_prefix(runtime_ids, ref.ids)
+        raise ModelError(
+            f"the bundle's tokenizer disagrees with the reference tokenizer at token {at} of the held-out text "
+            f"({runtime_ids[at:at + 3]} vs {ref.ids[at:at + 3]}).",
+            hint="The exported tokenizer files are wrong for this model; report it with the model id.")
+    nll = kl = 0.0
+    agree = count = 0
+    for i, ((s, e), w) in enumerate(zip(ref.windows, ref.scored, strict=True)):
+        progress(ProgressEvent("validate", "quantized", done=i, total=len(ref.windows)))
+        c = compare_window(w, scorer.logits(ref.ids[s:e]))
+        nll, kl, agree, count = nll + c.nll_sum, kl + c.kl_sum, agree + c.top1_agree, count + c.count
+    n_prompt = len(ref.prompt_ids)
+    forced = scorer.logits(ref.prompt_ids + ref.greedy)[n_prompt - 1:-1].argmax(axis=-1)
+    match = int(sum(int(a) == b for a, b in zip(forced, ref.greedy, strict=True)))
+    greedy_q = scorer.greedy(ref.prompt_ids, texts.GREEDY_TOKENS)
+    golden = greedy_q[: target.quality.golden_tokens]
+    checked = golden_margins(scorer.logits(ref.prompt_ids + golden)[n_prompt - 1:-1], golden)
+    ppl_r, ppl_q = perplexity(ref.nll_sum, ref.count), perplexity(nll, count)
+    delta = (ppl_q / ppl_r - 1.0) * 100.0
+    mean_kl, top1 = kl / count, agree / count
+    failures = judge(target.quality, delta_pct=delta, kl=mean_kl, top1=top1, greedy=match)
+    report = QualityReport(
+        validated=True, passed=not failures, text=text.name, text_sha256=text.sha256, tokens_scored=count,
+        ppl_reference=round(ppl_r, 4), ppl_quantized=round(ppl_q, 4), ppl_delta_pct=round(delta, 2),
+        mean_kl=round(mean_kl, 5), top1_agreement=round(top1, 4), greedy_match=match,
+        greedy_prefix=common_prefix(greedy_q, ref.greedy),
+        greedy_tokens=texts.GREEDY_TOKENS, tolerances=target.quality, failures=failures,
+        prompt_ids=tuple(ref.prompt_ids), golden_tokens=tuple(golden), golden_checked=checked,
+        reference_cached=ref.cached)
+    return report
+
+
+GOLDEN_MARGIN = 0.05  # probability gap between the top two tokens below which a position is a near-tie
+
+
+def golden_margins(logits: Any, golden: list[int]) -> tuple[bool, ...]:
+    """Which golden positions a device must reproduce: those the build machine picked with a clear margin."""
+    import numpy as np
+
+    lp = log_softmax(logits)
+    top2 = np.sort(lp, axis=-1)[:, -2:]
+    margin = np.exp(top2[:, 1]) - np.exp(top2[:, 0])
+    return tuple(bool(m >= GOLDEN_MARGIN and int(a) == g)
+                 for m, a, g in zip(margin, lp.argmax(axis=-1), golden, strict=True))
+
+
+def enforce(report: QualityReport, target: TargetProfile) -> None:
+    if report.validated and not report.passed:
+        raise QualityGateError(
+            f"quality gate failed for target '{target.id}': " + "; ".join(report.failures)
+            + f" (ppl {report.ppl_reference} → {report.ppl_quantized}, KL {report.mean_kl}, "
+              f"top-1 {report.top1_agreement}, greedy {report.greedy_match}/{report.greedy_tokens}).",
+            hint="No bundle was written. Use a gentler quantize scheme in the target (int8, head_precision = "
+                 "\"int8\", block_size = 16), or loosen [quality] if you accept the loss.",
+            report={"ppl_reference": report.ppl_reference, "ppl_quantized": report.ppl_quantized,
+                    "ppl_delta_pct": report.ppl_delta_pct, "mean_kl": report.mean_kl,
+                    "top1_agreement": report.top1_agreement, "greedy_match": report.greedy_match,
+                    "failures": list(report.failures)})

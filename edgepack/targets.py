@@ -1,0 +1,255 @@
+"""Target profiles: one TOML per device, validated by one schema that rejects unknown keys."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from edgepack.errors import TargetError, UnknownNameError
+from edgepack.resources import shipped_dir
+
+Scheme = Literal["int4", "int8", "fp16", "fp32"]
+Precision = Literal["int4", "int8", "fp32", "same"]
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Facts about the device; `arch = "native"` means the build machine itself."""
+
+    arch: str
+    description: str = ""
+    cpu_features: tuple[str, ...] = ()
+    ram_mb: int = 0
+    accelerator: Literal["none", "cuda", "npu", "gpu"] = "none"
+    os: str = "linux"
+    python: str = "3.11"  # "native" = the build machine's
+    glibc: str = "2.31"
+    wheel_platforms: tuple[str, ...] = ()  # pip --platform tags; empty = the build machine's own
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    format: str = "onnx"
+    execution_provider: Literal["cpu", "cuda"] = "cpu"
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    scheme: Scheme = "int4"
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    algorithm: Literal["default", "rtn", "k_quant"] = "default"
+    head_precision: Precision = "same"  # lm_head MatMul: int8 keeps the tied head accurate
+    embedding_precision: Literal["fp32", "quantized"] = "fp32"
+    sensitive_layers_int8: bool = False  # first/last eighth + every third block's qkv/v/down at int8
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    max_ppl_increase_pct: float = 10.0
+    max_mean_kl: float = 0.2
+    min_top1_agreement: float = 0.8
+    min_greedy_match: int = 24  # of 32 reference greedy tokens, teacher-forced
+    golden_tokens: int = 16  # greedy tokens the device must reproduce in its smoke test
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    template: str = "onnxruntime-genai"
+    threads: int = 0  # 0 = runtime default
+    packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")  # versions pinned to the build's
+    max_new_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    method: str = "ssh"
+    install_dir: str = "~/edgepack"
+    keep_releases: int = 3
+    systemd: bool = False
+    smoke_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    id: str
+    source: str  # the file it came from
+    device: DeviceSpec
+    export: ExportSpec = field(default_factory=ExportSpec)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    deploy: DeploySpec = field(default_factory=DeploySpec)
+
+    def resolved_arch(self) -> str:
+        return platform.machine() if self.device.arch == "native" else self.device.arch
+
+    def resolved_python(self) -> str:
+        if self.device.python == "native":
+            return f"{sys.version_info.major}.{sys.version_info.minor}"
+        return self.device.python
+
+    @property
+    def is_native(self) -> bool:
+        return self.resolved_arch() == platform.machine()
+
+
+_SECTIONS: dict[str, type] = {
+    "device": DeviceSpec,
+    "export": ExportSpec,
+    "quantize": QuantizeSpec,
+    "quality": QualitySpec,
+    "runtime": RuntimeSpec,
+    "deploy": DeploySpec,
+}
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return "a list of strings"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
+    def bad() -> TargetError:
+        return TargetError(
+            f"{src}: field '{where}' is {value!r}, expected {_describe(tp)}.",
+            hint="Fix the value in the target file; `edgepack targets show <id>` prints a valid example.",
+            path=src,
+            field=where,
+            allowed=_describe(tp),
+        )
+
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp) or isinstance(value, bool) != isinstance(get_args(tp)[0], bool):
+            raise bad()
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"schema type {tp!r} not handled")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, src: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TargetError(
+            f"{src}: unknown key '{prefix}{unknown[0]}'. Allowed in [{prefix.rstrip('.')}]: "
+            f"{', '.join(sorted(known))}.",
+            hint="Check the spelling; docs/targets.md lists every field.",
+            path=src,
+            field=prefix + unknown[0],
+            allowed=sorted(known),
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k, src) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        raise TargetError(
+            f"{src}: [{prefix.rstrip('.')}] is missing required field(s): {', '.join(missing)}.",
+            hint="Add them; docs/targets.md lists every field.",
+            path=src,
+            field=prefix + (missing[0] if missing else ""),
+        ) from exc
+
+
+def parse_target(data: dict[str, Any], *, target_id: str, source: str) -> TargetProfile:
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise TargetError(
+            f"{source}: unknown section or key '{unknown[0]}'. Allowed sections: {', '.join(_SECTIONS)}.",
+            hint="Check the spelling; docs/targets.md lists every field.",
+            path=source,
+            field=unknown[0],
+            allowed=list(_SECTIONS),
+        )
+    if "device" not in data:
+        raise TargetError(f"{source}: missing the [device] section.", hint="Add [device] with at least `arch`.",
+                          path=source, field="device")
+    parts: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise TargetError(f"{source}: '{name}' must be a [table].", path=source, field=name)
+        parts[name] = _build(cls, section, f"{name}.", source)
+    profile = TargetProfile(id=target_id, source=source, **parts)
+    _check_consistency(profile)
+    return profile
+
+
+def _check_consistency(p: TargetProfile) -> None:
+    from edgepack.backends import exporters  # registry of export formats
+
+    if p.export.format not in exporters:
+        raise UnknownNameError("export format", p.export.format, exporters.names(),
+                               hint=f"Fix export.format in {p.source}.")
+    if not 0 <= p.quality.min_greedy_match <= 32:
+        raise TargetError(f"{p.source}: quality.min_greedy_match must be between 0 and 32 (of 32 greedy tokens).",
+                          path=p.source, field="quality.min_greedy_match", allowed="0..32")
+    if not 1 <= p.quality.golden_tokens <= 32:
+        raise TargetError(f"{p.source}: quality.golden_tokens must be between 1 and 32.",
+                          path=p.source, field="quality.golden_tokens", allowed="1..32")
+
+
+def _shipped() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(shipped_dir("targets").glob("*.toml"))}
+
+
+def list_targets() -> list[TargetProfile]:
+    return [load_target(str(path)) for path in _shipped().values()]
+
+
+def load_target(ref: str) -> TargetProfile:
+    """A shipped target id (`rpi5`) or a path to a user's TOML (`./my-board.toml`)."""
+    path = Path(ref)
+    if ref.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise TargetError(f"target file {ref} does not exist.", hint="Check the path.", path=ref)
+        target_id = path.stem
+    else:
+        shipped = _shipped()
+        if ref not in shipped:
+            raise UnknownNameError("target", ref, list(shipped),
+                                   hint="`edgepack targets list` shows them; or pass a path to your own .toml.")
+        path = shipped[ref]
+        target_id = ref
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"{path}: not valid TOML ({exc}).", hint="Fix the syntax.", path=str(path)) from exc
+    return parse_target(data, target_id=target_id, source=str(path))
+
+
+def profile_to_dict(p: TargetProfile) -> dict[str, Any]:
+    from edgepack.output import to_jsonable
+
+    assert is_dataclass(p)
+    return to_jsonable(p)  # type: ignore[no-any-return]
