@@ -54,6 +54,7 @@ def staging_dir(final: Path, *, force: bool) -> Iterator[Path]:
                                 hint="Pass --force to replace it, or choose another --out.", path=final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be read by others
     try:
         yield tmp
         if final.exists():
