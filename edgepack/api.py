@@ -136,8 +136,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             ctx = _context(name, source, target, exported.options, report, reqs,
                            exporter.runtime, system_site=not target.runtime.packages)
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd)
-            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names,
-                                                     [r for r in stages.records]))
+            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names))
             info.update(artifact=str(final), files=files)
         bundle_bytes = dir_bytes(tmp)
     progress(ProgressEvent("done", f"bundle at {final}"))
@@ -163,18 +162,26 @@ def _context(name: str, source: ModelSource, target: TargetProfile, options: dic
 
 
 def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-              reqs: list[str], wheels: list[str], records: list[StageRecord]) -> dict[str, Any]:
+              reqs: list[str], wheels: list[str]) -> dict[str, Any]:
+    import hashlib
+
     from edgepack.output import to_jsonable
 
+    # No absolute paths of the build machine in the manifest: the same inputs give the same edgepack.json.
+    model = {k: v for k, v in to_jsonable(source).items() if k != "hf_dir"}
+    profile = to_jsonable(target)
+    profile["source"] = Path(target.source).name
+    profile_sha = hashlib.sha256(Path(target.source).read_bytes()).hexdigest()
     return {
         "name": name,
         "edgepack_version": __version__,
         "target": {"id": target.id, "arch": target.resolved_arch(), "python": target.resolved_python(),
-                   "wheel_platforms": list(target.device.wheel_platforms), "profile": to_jsonable(target)},
-        "model": to_jsonable(source),
+                   "wheel_platforms": list(target.device.wheel_platforms), "profile": profile,
+                   "profile_sha256": profile_sha},
+        "model": model,
         "export": {"format": exported.format, "scheme": exported.scheme, "builder_options": exported.options,
                    "graph": to_jsonable(exported.stats)},
-        "quality": to_jsonable(report),
+        "quality": {k: v for k, v in to_jsonable(report).items() if k != "reference_cached"},
         "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": wheels,
                     "execution_provider": target.export.execution_provider},
         "smoke": {"prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),

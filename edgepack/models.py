@@ -178,7 +178,7 @@ def _from_hub(repo_id: str, revision: str, *, name: str, license: str | None,
     from edgepack.errors import require
 
     hub = require("huggingface_hub", "onnx", "Downloading models from the Hugging Face hub")
-    errors = hub.errors
+    errors = require("huggingface_hub.errors", "onnx", "Downloading models from the Hugging Face hub")
     progress(ProgressEvent("resolve", f"fetching {repo_id}@{revision[:12]} (huggingface_hub cache)"))
     try:
         local = hub.snapshot_download(

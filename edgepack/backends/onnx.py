@@ -60,6 +60,19 @@ def _graph_stats(model_path: Path) -> GraphStats:
                       float_matmuls=ops.get("MatMul", 0), bits=tuple(bits), op_types=dict(sorted(ops.items())))
 
 
+def _make_reproducible(model_path: Path) -> None:
+    """The builder stamps a per-run suffix into producer_version ('0.18.0+473b322'); drop it so the same
+    inputs give the same bytes (reproducible bundles). The weights file is untouched."""
+    onnx = require("onnx", "onnx", "Inspecting ONNX models")
+    model = onnx.load(str(model_path), load_external_data=False)
+    base = model.producer_version.split("+", 1)[0]
+    if base != model.producer_version:
+        model.producer_version = base
+        tmp = model_path.with_name(model_path.name + ".tmp")
+        tmp.write_bytes(model.SerializeToString(deterministic=True))
+        tmp.replace(model_path)
+
+
 def runtime_versions() -> dict[str, str]:
     out = {}
     for dist in ("onnxruntime-genai", "onnxruntime", "numpy"):
@@ -118,6 +131,7 @@ class OnnxExporter:
                 import shutil
 
                 shutil.rmtree(p)
+        _make_reproducible(out_dir / "model.onnx")
         stats = _graph_stats(out_dir / "model.onnx")
         if precision in ("int4", "int8") and stats.quantized_matmuls == 0:
             raise UserError(f"scheme {precision} produced no quantized MatMul: the weights stayed float.",

