@@ -50,3 +50,6 @@ examples: install
 
 clean:
 	rm -rf dist .pytest_cache .mypy_cache .ruff_cache
+
+docs/cli.md: edgepack/cli.py
+	$(BIN)/python docs/gen_cli.py > $@

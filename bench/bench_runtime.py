@@ -118,7 +118,8 @@ def main() -> int:
         rss_ratio = round(rows["edgepack host bundle (run.py)"]["peak_rss_mb"]["median"]
                           / rows["llama.cpp Q4_1 (llama-cpp-python)"]["peak_rss_mb"]["median"], 3)
     result = {"machine": {"arch": platform.machine(), "cpu": _cpu(), "threads": args.threads, "reps": args.reps},
-              "reference_ppl": manifest["quality"]["ppl_reference"], "build_seconds_cached_reference": round(build_s, 1),
+              "reference_ppl": manifest["quality"]["ppl_reference"],
+              "build_seconds_cached_reference": round(build_s, 1),
               "rows": rows, "decode_ratio_edgepack_over": ratios, "rss_ratio_edgepack_over_llama": rss_ratio}
     (args.out / "bench.json").write_text(json.dumps(result, indent=2))
     print(_table(result))
@@ -146,7 +147,8 @@ def _table(r: dict) -> str:
                      f"{row['peak_rss_mb']['median']} | {row['load_s']['median']} | {row['size_mb']} | {row['ppl']} | "
                      f"{row['ppl_delta_pct']:+.2f} % |")
     lines.append("")
-    lines.append("edgepack decode speed ÷ peer: " + ", ".join(f"{k}: {v}×" for k, v in r["decode_ratio_edgepack_over"].items()))
+    ratios = r["decode_ratio_edgepack_over"].items()
+    lines.append("edgepack decode speed ÷ peer: " + ", ".join(f"{k}: {v}×" for k, v in ratios))
     lines.append(f"edgepack peak RSS ÷ llama.cpp: {r['rss_ratio_edgepack_over_llama']}×")
     return "\n".join(lines)
 

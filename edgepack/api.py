@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from edgepack.stages.render import BundleContext, render
 from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
 from edgepack.stages.wheels import requirements, vendor_wheels
 from edgepack.targets import TargetProfile, load_target
+from edgepack.versions import installed_versions
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,8 @@ class _Stages:
 
 
 def tool_versions() -> dict[str, str]:
-    out = {"edgepack": __version__, "python": platform.python_version()}
-    for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"edgepack": __version__, "python": platform.python_version(),
+            **installed_versions("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch")}
 
 
 def _scheme_summary(target: TargetProfile, options: dict[str, str]) -> str:

@@ -6,10 +6,11 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from edgepack.errors import ModelError, UnknownNameError
 from edgepack.fsutil import sha256_file
@@ -100,12 +101,9 @@ def _slug(name: str) -> str:
 
 
 def _dist_version(module: str) -> str:
-    from importlib import metadata
+    from edgepack.versions import installed_versions
 
-    try:
-        return metadata.version(module.replace("_", "-"))
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return installed_versions(module.replace("_", "-")).get(module.replace("_", "-"), "unknown")
 
 
 def _pypi_gguf(alias: ModelAlias) -> Path | None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import platform
 import sys
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import tomllib
 
 from edgepack.errors import TargetError, UnknownNameError
 from edgepack.resources import shipped_dir
@@ -252,4 +253,4 @@ def profile_to_dict(p: TargetProfile) -> dict[str, Any]:
     from edgepack.output import to_jsonable
 
     assert is_dataclass(p)
-    return to_jsonable(p)  # type: ignore[no-any-return]
+    return to_jsonable(p)

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
 from edgepack.targets import QuantizeSpec, TargetProfile
+from edgepack.versions import installed_versions
 
 # Architectures the onnxruntime-genai 0.18 builder turns into decoder-only text models (config.architectures[0]).
 SUPPORTED_ARCHITECTURES = (
@@ -74,13 +74,7 @@ def _make_reproducible(model_path: Path) -> None:
 
 
 def runtime_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("onnxruntime-genai", "onnxruntime", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions("onnxruntime-genai", "onnxruntime", "numpy")
 
 
 @exporters.register("onnx")

@@ -56,10 +56,10 @@ def score_reference(source: ModelSource, *, progress: ProgressFn = silent) -> Re
         z = np.load(path, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
         wins = [tuple(w) for w in meta["windows"]]
-        scored = [WindowTopK(z[f"t{i}"], z[f"n{i}"], z[f"k{i}"], z[f"l{i}"]) for i in range(len(wins))]
-        return Reference(text.name, text.sha256, meta["ids"], meta["prompt_ids"], meta["greedy"], wins,  # type: ignore[arg-type]
-                         scored, float(sum(float(s.nll.sum()) for s in scored)),
-                         int(sum(len(s.nll) for s in scored)), cached=True)
+        cached_scores = [WindowTopK(z[f"t{i}"], z[f"n{i}"], z[f"k{i}"], z[f"l{i}"]) for i in range(len(wins))]
+        return Reference(text.name, text.sha256, meta["ids"], meta["prompt_ids"], meta["greedy"], wins,
+                         cached_scores, float(sum(float(s.nll.sum()) for s in cached_scores)),
+                         int(sum(len(s.nll) for s in cached_scores)), cached=True)
 
     torch = require("torch", "onnx", "Scoring the float reference")
     transformers = require("transformers", "onnx", "Scoring the float reference")

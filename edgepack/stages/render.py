@@ -7,7 +7,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepack import __version__
 from edgepack.errors import UnknownNameError
 from edgepack.resources import shipped_dir
 from edgepack.stages.validate import QualityReport
