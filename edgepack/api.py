@@ -243,3 +243,88 @@ def _has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+# -- deploy -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """Which device, and how to reach it (see remote.ssh.SSHOptions)."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity: Path | None = None
+    accept_new_host_key: bool = False
+    known_hosts: Path | None = None
+    ssh_config: Path | None = None
+    connect_timeout: float = 15.0
+    command_timeout: float = 300.0
+    install_dir: str | None = None  # default: the bundle target's deploy.install_dir, else ~/edgepack
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    device: DeviceRequest
+    bundle: Path | None = None  # None: the newest bundle under dist/
+    dist: Path = Path("dist")
+    allow_network: bool = False
+    keep: int | None = None
+
+
+def latest_bundle(dist: Path) -> Path:
+    candidates = sorted((p.parent for p in dist.glob("*/edgepack.json")),
+                        key=lambda p: (p / "edgepack.json").stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no bundle given and none found in {dist}/.",
+                        hint="Build one first (`edgepack build --target rpi5 smollm2-135m`) or pass its folder.")
+    return candidates[-1]
+
+
+def _ssh_options(d: DeviceRequest) -> Any:
+    from edgepack.remote.ssh import SSHOptions
+
+    return SSHOptions(host=d.host, user=d.user, port=d.port, identity=d.identity,
+                      accept_new_host_key=d.accept_new_host_key, known_hosts=d.known_hosts, ssh_config=d.ssh_config,
+                      connect_timeout=d.connect_timeout, command_timeout=d.command_timeout)
+
+
+def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
+    """verify locally → connect → preflight → upload → verify → install → smoke → switch → prune."""
+    from edgepack.remote.deploy import deploy as remote_deploy
+    from edgepack.remote.ssh import Connection
+
+    bundle = req.bundle or latest_bundle(req.dist)
+    if req.bundle is None:
+        progress(ProgressEvent("bundle", f"no bundle given: deploying the newest in {req.dist}/: {bundle.name}"))
+    progress(ProgressEvent("bundle", f"verifying {bundle} against its manifest"))
+    manifest = verify_bundle(bundle)
+    profile = manifest["target"]["profile"]
+    install_dir = req.device.install_dir or profile["deploy"]["install_dir"]
+    keep = req.keep or int(profile["deploy"]["keep_releases"])
+    with Connection(_ssh_options(req.device)) as conn:
+        return remote_deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=req.allow_network,
+                             keep=keep, smoke_tokens=int(profile["deploy"]["smoke_tokens"]), progress=progress)
+
+
+def device_status(device: DeviceRequest) -> dict[str, Any]:
+    from edgepack.remote.deploy import Device
+    from edgepack.remote.ssh import Connection
+
+    with Connection(_ssh_options(device)) as conn:
+        return Device(conn, device.install_dir or "~/edgepack").helper(
+            "status", device.install_dir or "~/edgepack", what="status") | {"host": conn.hostname}
+
+
+def rollback(device: DeviceRequest) -> dict[str, Any]:
+    from edgepack.remote.deploy import Device
+    from edgepack.remote.ssh import Connection
+
+    with Connection(_ssh_options(device)) as conn:
+        res = Device(conn, device.install_dir or "~/edgepack").helper(
+            "rollback", device.install_dir or "~/edgepack", what="rollback")
+        if not res.get("ok"):
+            raise UserError(f"cannot roll back on {conn.hostname}: {res.get('error')}.",
+                            hint="`edgepack status --host ...` lists the releases on the device.",
+                            host=conn.hostname)
+        return res | {"host": conn.hostname}

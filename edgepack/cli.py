@@ -195,5 +195,93 @@ def run(bundle: Path, prompt: str, max_tokens: int | None) -> None:
     _run("run", go)
 
 
+def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--host", required=True, help="Device host name or ~/.ssh/config alias."),
+        click.option("--user", help="SSH user (default: ~/.ssh/config, then $USER)."),
+        click.option("--port", type=int, help="SSH port (default: ~/.ssh/config, then 22)."),
+        click.option("--identity", type=click.Path(path_type=Path), help="Private key file."),
+        click.option("--accept-new-host-key", is_flag=True,
+                     help="Trust and save an unknown host key (a changed key is always refused)."),
+        click.option("--known-hosts", type=click.Path(path_type=Path), help="known_hosts file to check and update."),
+        click.option("--ssh-config", type=click.Path(path_type=Path), help="ssh_config file (default ~/.ssh/config)."),
+        click.option("--install-dir", help="Where releases live on the device (default: the target's)."),
+        click.option("--connect-timeout", type=float, default=15.0, show_default=True),
+        click.option("--command-timeout", type=float, default=300.0, show_default=True),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _device(kw: dict[str, Any]) -> Any:
+    from edgepack import api
+
+    return api.DeviceRequest(host=kw["host"], user=kw["user"], port=kw["port"], identity=kw["identity"],
+                             accept_new_host_key=kw["accept_new_host_key"], known_hosts=kw["known_hosts"],
+                             ssh_config=kw["ssh_config"], install_dir=kw["install_dir"],
+                             connect_timeout=kw["connect_timeout"], command_timeout=kw["command_timeout"])
+
+
+@cli.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@_device_options
+@click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Where to look for the newest bundle when BUNDLE is not given.")
+@click.option("--allow-network", is_flag=True, help="Let the device's pip use a package index if wheels/ does not fit.")
+@click.option("--keep", type=int, help="Releases to keep on the device (default: the target's).")
+@_json_option
+def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, **kw: Any) -> None:
+    """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it."""
+    from edgepack import api
+
+    def go(o: Output) -> tuple[Any, str]:
+        res = api.deploy(api.DeployRequest(device=_device(kw), bundle=bundle, dist=dist,
+                                           allow_network=allow_network, keep=keep), progress=o.progress)
+        s = res.smoke
+        lines = [f"deployed {res.bundle_id} to {res.host}:{res.release_dir}",
+                 f"current → {res.bundle_id} (was {res.previous or 'nothing'})",
+                 f"uploaded {res.uploaded_files} files ({res.uploaded_bytes / 1e6:.1f} MB), "
+                 f"{res.skipped_files} already there" + (f", re-sent {len(res.repaired_files)}" if res.repaired_files
+                                                         else ""),
+                 f"smoke test on the device: golden {s.get('golden_match')}/{s.get('golden_required')}, "
+                 f"{s.get('tokens_per_s')} tok/s, prefill {s.get('prefill_ms')} ms, peak RSS {s.get('peak_rss_mb')} MB",
+                 f"service: {res.service}"]
+        if res.pruned:
+            lines.append(f"pruned: {', '.join(res.pruned)}")
+        return res, "\n".join(lines)
+
+    _run("deploy", go)
+
+
+@cli.command()
+@_device_options
+@_json_option
+def status(**kw: Any) -> None:
+    """Releases on a device and which one is current."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        st = api.device_status(_device(kw))
+        rows = [f"{'*' if r == st['current'] else ' '} {r}" for r in st["releases"]]
+        return st, "\n".join([f"{st['host']}:{st['install_dir']}  current: {st['current'] or '(none)'}", *rows])
+
+    _run("status", go)
+
+
+@cli.command()
+@_device_options
+@_json_option
+def rollback(**kw: Any) -> None:
+    """Switch a device back to its previous release."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.rollback(_device(kw))
+        return res, f"{res['host']}: current → {res['current']} (was {res['previous']})"
+
+    _run("rollback", go)
+
+
 def main() -> None:
     cli(prog_name="edgepack")

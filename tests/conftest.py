@@ -66,3 +66,44 @@ def smollm2_host_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = cli("build", "--target", "host", "smollm2-135m", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "smollm2-135m-host"
+
+
+needs_sshd = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not __import__("shutil").which("sshd"),
+                                reason="needs OpenSSH's sshd (Debian: apt install openssh-server; .ci/run does)")
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from .sshd import make_server
+
+    server = make_server(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def device(ssh_server, tmp_path: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """CLI arguments that reach the loopback 'device' as `pi.local`, with a fresh install dir."""
+    cfg, kh = ssh_server.write_client_files(tmp_path)
+    install = tmp_path / "device-home" / "edgepack"
+    return {"args": ["--host", "pi.local", "--ssh-config", str(cfg), "--known-hosts", str(kh),
+                     "--install-dir", str(install)], "install_dir": str(install), "ssh_config": str(cfg),
+            "known_hosts": str(kh)}
+
+
+def tiny_bundle_for(tiny_dir: Path, target: Path, out: Path, *extra: str) -> Path:
+    proc = cli("-q", "--json", "build", "--target", str(target), str(tiny_dir), "--out", str(out), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(json.loads(proc.stdout)["result"]["bundle"])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_target: Path) -> tuple[Path, Path]:
+    """Two different deployable tiny bundles (different random weights), with vendored wheels."""
+    from edgepack.testing import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("tinyb")
+    a = tiny_bundle_for(make_tiny_llama(root / "a" / "tiny-a", seed=0), tiny_target, root / "dist-a")
+    b = tiny_bundle_for(make_tiny_llama(root / "b" / "tiny-b", seed=1), tiny_target, root / "dist-b")
+    return a, b

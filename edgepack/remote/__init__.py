@@ -1,0 +1,1 @@
+"""Deploying bundles to devices: SSH transport, preflight, upload, install, smoke test, release switching."""

@@ -1,0 +1,83 @@
+"""Preflight: does this device fit this bundle? Checked before anything is written to it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from edgepack.errors import UserError
+
+
+@dataclass(frozen=True)
+class Problem:
+    check: str
+    found: str
+    expected: str
+    fix: str
+
+
+def required_glibc(wheels: list[str]) -> tuple[int, int] | None:
+    """The newest manylinux glibc any vendored wheel needs (manylinux2014 = 2.17)."""
+    need: tuple[int, int] | None = None
+    for w in wheels:
+        versions = [(int(a), int(b)) for a, b in re.findall(r"manylinux_(\d+)_(\d+)_", w)]
+        if "manylinux2014" in w:
+            versions.append((2, 17))
+        if versions:
+            lowest = min(versions)  # a wheel tagged for several is usable from its lowest tag up
+            need = lowest if need is None else max(need, lowest)
+    return need
+
+
+def model_bytes(manifest: dict[str, Any]) -> int:
+    return sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model/"))
+
+
+def check(manifest: dict[str, Any], facts: dict[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
+    arch = manifest["target"]["arch"]
+    if facts["arch"] != arch:
+        problems.append(Problem("arch", facts["arch"], arch,
+                                f"build for this device's architecture (a target with arch = \"{facts['arch']}\")"))
+    wheels = manifest["runtime"]["wheels"]
+    py_major_minor = ".".join(facts["python"].split(".")[:2])
+    if wheels and py_major_minor != manifest["target"]["python"]:
+        problems.append(Problem("python", facts["python"], f"{manifest['target']['python']}.x (the vendored wheels)",
+                                "build with a target whose device.python matches, or pass --allow-network"))
+    need = required_glibc(wheels)
+    if need and facts.get("glibc"):
+        have = tuple(int(x) for x in facts["glibc"].split(".")[:2])
+        if have < need:
+            problems.append(Problem("glibc", facts["glibc"], f">= {need[0]}.{need[1]}",
+                                    "use an OS release with a newer glibc, or older runtime wheels"))
+    elif need and not facts.get("glibc") and not facts.get("termux"):
+        problems.append(Problem("libc", str(facts.get("libc")), f"glibc >= {need[0]}.{need[1]}",
+                                "manylinux wheels need glibc; musl/bionic devices need their own runtime build"))
+    if not facts.get("has_venv"):
+        problems.append(Problem("venv", "python3 without venv/ensurepip", "python3 -m venv",
+                                "install it on the device (Debian/Raspberry Pi OS: sudo apt install python3-venv)"))
+    bundle_bytes = sum(f["bytes"] for f in manifest["files"])
+    if facts["free_bytes"] < 2 * bundle_bytes:
+        problems.append(Problem("disk", f"{facts['free_bytes'] / 1e6:.0f} MB free under {facts['install_dir']}",
+                                f">= {2 * bundle_bytes / 1e6:.0f} MB (2x the bundle)",
+                                "free space on the device or choose another --install-dir"))
+    need_ram = int(model_bytes(manifest) * 1.3) + 150_000_000
+    mem = facts.get("mem_available_bytes")
+    if mem is not None and mem < need_ram:
+        problems.append(Problem("memory", f"{mem / 1e6:.0f} MB available", f">= {need_ram / 1e6:.0f} MB",
+                                "stop other services, or build a smaller variant (int4, a smaller model)"))
+    if not facts.get("writable"):
+        problems.append(Problem("install_dir", f"{facts['install_dir']} not writable", "writable by the SSH user",
+                                "choose --install-dir under the user's home, or fix its owner"))
+    return problems
+
+
+def enforce(problems: list[Problem], host: str) -> None:
+    if problems:
+        first = problems[0]
+        raise UserError(
+            f"preflight on {host} failed: " + "; ".join(f"{p.check}: found {p.found}, expected {p.expected}"
+                                                        for p in problems) + ". Nothing was written.",
+            hint=first.fix[0].upper() + first.fix[1:] + ".",
+            host=host, problems=[p.__dict__ for p in problems])

@@ -1,0 +1,269 @@
+"""SSH to a device: the only module that imports paramiko. Strict host keys, timeouts, quoted arguments."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import RemoteError, UserError, require
+
+DEFAULT_CONNECT_TIMEOUT = 15.0
+DEFAULT_COMMAND_TIMEOUT = 300.0
+TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    """Where and how to connect; unset fields come from ~/.ssh/config, then OpenSSH's defaults."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity: Path | None = None
+    accept_new_host_key: bool = False
+    known_hosts: Path | None = None  # default: ~/.ssh/known_hosts (and UserKnownHostsFile from the config)
+    ssh_config: Path | None = None  # default: ~/.ssh/config
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """One remote command and its evidence."""
+
+    command: str
+    exit_code: int | None  # None: killed by our timeout
+    seconds: float
+    stdout_tail: tuple[str, ...] = ()
+    stderr_tail: tuple[str, ...] = ()
+    stdout: str = field(default="", repr=False, compare=False, metadata={"json": False})
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+def fingerprint(key: Any) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def quote(args: Sequence[str]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def _tail(text: str) -> tuple[str, ...]:
+    return tuple(text.splitlines()[-TAIL_LINES:])
+
+
+class Connection:
+    """An open SSH session to one device."""
+
+    def __init__(self, opts: SSHOptions, *, log: Callable[[CommandResult], None] | None = None) -> None:
+        self.opts = opts
+        self.records: list[CommandResult] = []
+        self._log = log
+        self._client: Any = None
+        self._jump: Any = None
+        self._sftp: Any = None
+        self.hostname, self.user, self.port, self.key_files, self.known_hosts, self.proxy_jump = \
+            self._resolve_config()
+
+    # -- connection ------------------------------------------------------------------------------
+    def _resolve_config(self) -> tuple[str, str, int, list[str], Path, str | None]:
+        paramiko = require("paramiko", "ssh", "Deploying over SSH")
+        cfg_path = self.opts.ssh_config or Path("~/.ssh/config").expanduser()
+        conf: dict[str, Any] = {}
+        if cfg_path.is_file():
+            conf = paramiko.SSHConfig.from_path(str(cfg_path)).lookup(self.opts.host)
+        hostname = conf.get("hostname", self.opts.host)
+        user = self.opts.user or conf.get("user") or os.environ.get("USER") or "root"
+        port = self.opts.port or int(conf.get("port", 22))
+        keys = [str(self.opts.identity)] if self.opts.identity else [
+            os.path.expanduser(k) for k in conf.get("identityfile", [])]
+        known = self.opts.known_hosts or Path(
+            os.path.expanduser((conf.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]))
+        return hostname, user, port, keys, known, conf.get("proxyjump")
+
+    def __enter__(self) -> Connection:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        paramiko = require("paramiko", "ssh", "Deploying over SSH")
+        client = paramiko.SSHClient()
+        if self.known_hosts.is_file():
+            client.load_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(_HostKeyPolicy(self))
+        sock = None
+        if self.proxy_jump:
+            sock = self._open_jump(paramiko)
+        try:
+            client.connect(
+                self.hostname, port=self.port, username=self.user, key_filename=self.key_files or None,
+                timeout=self.opts.connect_timeout, banner_timeout=self.opts.connect_timeout,
+                auth_timeout=self.opts.connect_timeout, allow_agent=True, look_for_keys=not self.key_files,
+                sock=sock)
+        except paramiko.BadHostKeyException as exc:
+            raise UserError(
+                f"the host key of {self.hostname}:{self.port} has CHANGED (now {fingerprint(exc.key)}, "
+                f"known_hosts has {fingerprint(exc.expected_key)}). Refusing to connect.",
+                hint=f"If the device was reinstalled, remove its old key: ssh-keygen -R '[{self.hostname}]:{self.port}'"
+                     f" -f {self.known_hosts}; otherwise someone may be intercepting the connection.",
+                host=self.hostname, port=self.port, fingerprint=fingerprint(exc.key)) from exc
+        except paramiko.AuthenticationException as exc:
+            raise UserError(f"SSH authentication to {self.user}@{self.hostname}:{self.port} failed.",
+                            hint="Check --user and --identity (or your ssh-agent and ~/.ssh/config).",
+                            host=self.hostname, user=self.user) from exc
+        except TimeoutError as exc:
+            raise UserError(f"timed out connecting to {self.hostname}:{self.port} after "
+                            f"{self.opts.connect_timeout:.0f}s.", hint="Is the device on and reachable?",
+                            host=self.hostname) from exc
+        except (OSError, paramiko.SSHException) as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"cannot connect to {self.hostname}:{self.port}: {exc}.",
+                            hint="Check the host name, port and that sshd runs on the device.",
+                            host=self.hostname, port=self.port) from exc
+        self._client = client
+
+    def _open_jump(self, paramiko: Any) -> Any:
+        assert self.proxy_jump
+        jump_host = self.proxy_jump.split(",")[0]
+        juser, _, jhost = jump_host.rpartition("@")
+        jhost, _, jport = jhost.partition(":")
+        self._jump = Connection(SSHOptions(host=jhost, user=juser or None, port=int(jport) if jport else None,
+                                           accept_new_host_key=self.opts.accept_new_host_key,
+                                           known_hosts=self.opts.known_hosts, ssh_config=self.opts.ssh_config,
+                                           connect_timeout=self.opts.connect_timeout))
+        self._jump.connect()
+        transport = self._jump._client.get_transport()
+        return transport.open_channel("direct-tcpip", (self.hostname, self.port), ("127.0.0.1", 0),
+                                      timeout=self.opts.connect_timeout)
+
+    def close(self) -> None:
+        for thing in (self._sftp, self._client):
+            if thing is not None:
+                thing.close()
+        if self._jump is not None:
+            self._jump.close()
+        self._sftp = self._client = self._jump = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("not connected")
+        return self._client
+
+    # -- commands --------------------------------------------------------------------------------
+    def run(self, args: Sequence[str] | str, *, timeout: float | None = None, check: bool = True,
+            what: str | None = None, stdin: str | None = None) -> CommandResult:
+        """Run a command; `args` as a list is shell-quoted one by one, a string is sent as is (trusted)."""
+        command = args if isinstance(args, str) else quote(args)
+        timeout = timeout or self.opts.command_timeout
+        t0 = time.monotonic()
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise self._dropped(f"running {command[:60]}", ConnectionError("not connected"))
+        try:
+            return self._run(transport, command, timeout, check, what, stdin, t0)
+        except (OSError, EOFError) as exc:
+            raise self._dropped(f"running {what or command[:60]}", exc) from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("paramiko"):
+                raise self._dropped(f"running {what or command[:60]}", exc) from exc
+            raise
+
+    def _run(self, transport: Any, command: str, timeout: float, check: bool, what: str | None,
+             stdin: str | None, t0: float) -> CommandResult:
+        chan = transport.open_session(timeout=self.opts.connect_timeout)
+        chan.settimeout(1.0)
+        chan.exec_command(command)
+        if stdin is not None:
+            chan.sendall(stdin.encode())
+            chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        exit_code: int | None = None
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            if chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                exit_code = chan.recv_exit_status()
+                break
+            if time.monotonic() - t0 > timeout:
+                chan.close()
+                break
+            if not transport.is_active():
+                raise ConnectionError("connection closed by the device")
+            time.sleep(0.01)
+        chan.close()
+        seconds = round(time.monotonic() - t0, 3)
+        so, se = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        result = CommandResult(command, exit_code, seconds, _tail(so), _tail(se), so)
+        self.records.append(result)
+        if self._log:
+            self._log(result)
+        if exit_code is None and check:
+            raise RemoteError(f"{what or 'remote command'} timed out after {timeout:.0f}s on {self.hostname}.",
+                              hint="The device may be overloaded or the command hangs; see the evidence.",
+                              evidence=result)
+        if check and exit_code != 0:
+            raise RemoteError(f"{what or 'remote command'} failed on {self.hostname} (exit {exit_code}).",
+                              hint="See the evidence: the command, its exit code and the last lines of its output.",
+                              evidence=result)
+        return result
+
+    # -- files -----------------------------------------------------------------------------------
+    @property
+    def sftp(self) -> Any:
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+            self._sftp.get_channel().settimeout(self.opts.command_timeout)
+        return self._sftp
+
+    def put(self, local: Path, remote: str, *, progress: Callable[[int, int], None] | None = None) -> None:
+        try:
+            self.sftp.put(str(local), remote, callback=progress, confirm=True)
+        except (OSError, EOFError) as exc:
+            raise self._dropped(f"uploading {local.name}", exc) from exc
+        except Exception as exc:  # paramiko.SSHException and friends
+            if type(exc).__module__.startswith("paramiko"):
+                raise self._dropped(f"uploading {local.name}", exc) from exc
+            raise
+
+    def _dropped(self, doing: str, exc: BaseException) -> RemoteError:
+        return RemoteError(f"the connection to {self.hostname} failed while {doing}: {exc or type(exc).__name__}.",
+                           hint="Run the same command again: the upload resumes with what is missing or wrong, "
+                                "and `current` on the device was not changed.", host=self.hostname)
+
+
+class _HostKeyPolicy:
+    """Unknown host key: refuse with the fingerprint, or accept-and-save when the user said so."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        fp = fingerprint(key)
+        if not self.conn.opts.accept_new_host_key:
+            raise UserError(
+                f"{hostname} is not in {self.conn.known_hosts}: its {key.get_name()} key is {fp}.",
+                hint="Check the fingerprint on the device (ssh-keygen -lf /etc/ssh/ssh_host_*.pub), then rerun "
+                     "with --accept-new-host-key to trust it and save it to known_hosts.",
+                host=hostname, fingerprint=fp, key_type=key.get_name())
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.conn.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        with self.conn.known_hosts.open("a") as fh:
+            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
