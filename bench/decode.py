@@ -20,6 +20,11 @@ PROMPT = "Write a haiku about the sea."
 
 
 def rss_mb() -> float:
+    """This process's own peak RSS (VmHWM); ru_maxrss would include the parent's pages at fork time."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
