@@ -212,6 +212,12 @@ def _check_consistency(p: TargetProfile) -> None:
     if p.export.format not in exporters:
         raise UnknownNameError("export format", p.export.format, exporters.names(),
                                hint=f"Fix export.format in {p.source}.")
+    if p.quantize.scheme == "fp16" and p.export.execution_provider == "cpu":
+        raise TargetError(
+            f"{p.source}: quantize.scheme = \"fp16\" needs export.execution_provider = \"cuda\": the builder's fp16 "
+            "CPU graph fails to decode in onnxruntime-genai 0.18 (\"Shape mismatch attempting to re-use buffer\").",
+            hint="On the CPU use int4, int8 or fp32.", path=p.source, field="quantize.scheme",
+            allowed=["int4", "int8", "fp32"])
     if not 0 <= p.quality.min_greedy_match <= 32:
         raise TargetError(f"{p.source}: quality.min_greedy_match must be between 0 and 32 (of 32 greedy tokens).",
                           path=p.source, field="quality.min_greedy_match", allowed="0..32")

@@ -62,7 +62,16 @@ def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *,
     ref = score_reference(source, progress=progress)
     exporter = exporters.get(target.export.format)
     progress(ProgressEvent("validate", f"scoring the {target.quantize.scheme} model through {exporter.runtime}"))
-    scorer = exporter.scorer(model_dir)
+    try:
+        return _score(source, model_dir, target, ref, exporter.scorer(model_dir), progress)
+    except RuntimeError as exc:  # the runtime rejects the exported model: the user's scheme, not our bug
+        raise ModelError(f"the exported model does not run in {exporter.runtime} on this machine: "
+                         f"{str(exc).splitlines()[0][:300]}",
+                         hint="Try another quantize.scheme or algorithm in the target; nothing was written.") from exc
+
+
+def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any, scorer: Any,
+           progress: ProgressFn) -> QualityReport:
     text = texts.heldout()
     runtime_ids = scorer.encode(text.text)
     if runtime_ids != ref.ids:

@@ -89,3 +89,13 @@ def test_unknown_target_lists_known() -> None:
 
 def test_list_targets_matches_files() -> None:
     assert [t.id for t in list_targets()] == SHIPPED
+
+
+def test_fp16_on_cpu_is_refused_with_the_reason(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "x86_64"\n[quantize]\nscheme = "fp16"\n')
+    with pytest.raises(TargetError, match="execution_provider = \"cuda\"") as err:
+        load_target(str(p))
+    assert err.value.fields["allowed"] == ["int4", "int8", "fp32"]
+    cuda = '[device]\narch = "aarch64"\n[export]\nexecution_provider = "cuda"\n[quantize]\nscheme = "fp16"\n'
+    p = write(tmp_path, cuda)
+    assert load_target(str(p)).quantize.scheme == "fp16"
