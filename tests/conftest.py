@@ -48,6 +48,14 @@ def envelope(proc: subprocess.CompletedProcess[str]) -> dict:
 
 
 @pytest.fixture(scope="session")
+def smollm2_rpi5_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist-rpi5")
+    proc = cli("build", "--target", "rpi5", "smollm2-135m", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "smollm2-135m-rpi5"
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgepack.testing import make_tiny_llama
 

@@ -57,15 +57,8 @@ def test_plain_rtn_int4_is_refused_by_the_gate(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def rpi5_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist-rpi5")
-    proc = cli("build", "--target", "rpi5", "smollm2-135m", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "smollm2-135m-rpi5"
-
-
-def test_rpi5_bundle_vendors_aarch64_wheels_that_resolve_offline(rpi5_bundle: Path, tmp_path: Path) -> None:
+def test_rpi5_bundle_vendors_aarch64_wheels_that_resolve_offline(smollm2_rpi5_bundle: Path, tmp_path: Path) -> None:
+    rpi5_bundle = smollm2_rpi5_bundle
     m = json.loads((rpi5_bundle / "edgepack.json").read_text())
     assert m["target"]["arch"] == "aarch64"
     wheels = m["runtime"]["wheels"]

@@ -1,0 +1,107 @@
+"""An emulated Raspberry Pi: a Debian bookworm arm64 userland under qemu-user, with its own sshd.
+
+Built once with debootstrap (~3 min) and cached as a tarball outside the checkout (EDGEPACK_PI_CACHE, default
+/var/cache/edgepack-tests), unpacked per test session in ~2 s. Needs root, binfmt_misc and Debian's
+qemu-user-static, binfmt-support and debootstrap (`.ci/run` installs them). Two traps handled here: qemu-user
+shows the host's x86 /proc/cpuinfo, on which onnxruntime's CPU detection crashes at import, so an aarch64
+(Cortex-A76) cpuinfo is bind-mounted over it; and emulation is ~30× slower, so tests generate few tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+MIRROR = "http://deb.debian.org/debian"
+PACKAGES = "python3,python3-venv,openssh-server,ca-certificates"
+ROOTFS_VERSION = "v1"
+
+CPUINFO_A76 = "".join(
+    f"processor\t: {i}\nBogoMIPS\t: 108.00\n"
+    "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n"
+    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
+    for i in range(4))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEPACK_PI_CACHE", "/var/cache/edgepack-tests"))
+
+
+def why_unavailable() -> str | None:
+    """None when an emulated Pi can be made here; else the reason (for pytest.skip)."""
+    if os.geteuid() != 0:
+        return "needs root (chroot, mounts)"
+    for tool in ("debootstrap", "chroot"):
+        if not shutil.which(tool):
+            return f"needs {tool} (apt install debootstrap qemu-user-static binfmt-support)"
+    status = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if not status.exists():
+        subprocess.run(["mount", "binfmt_misc", "-t", "binfmt_misc", "/proc/sys/fs/binfmt_misc"],
+                       capture_output=True, check=False)
+        subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True, check=False)
+    if not status.exists() or "enabled" not in status.read_text():
+        return "binfmt_misc for aarch64 cannot be enabled on this machine"
+    return None
+
+
+def rootfs_tarball() -> Path:
+    tar = cache_dir() / f"rpi-bookworm-arm64-{ROOTFS_VERSION}.tar.gz"
+    if tar.is_file():
+        return tar
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    work = cache_dir() / "rootfs.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={PACKAGES}", "bookworm",
+                    str(work), MIRROR], check=True, capture_output=True, timeout=1800)
+    # pip inside the device verifies TLS with the host's CA bundle (only used with --allow-network).
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", work / "etc/ssl/certs/ca-certificates.crt")
+    tmp = tar.with_suffix(".partial")
+    with tarfile.open(tmp, "w:gz", compresslevel=1) as tf:
+        tf.add(work, arcname=".")
+    tmp.rename(tar)
+    shutil.rmtree(work, ignore_errors=True)
+    return tar
+
+
+@contextlib.contextmanager
+def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Unpack the rootfs into `root`, mount what sshd and Python need, run sshd inside on 127.0.0.1:port."""
+    subprocess.run(["tar", "xzf", str(rootfs_tarball()), "-C", str(root)], check=True)
+    mounts: list[Path] = []
+
+    def bind(src: str, dst: Path, *extra: str) -> None:
+        subprocess.run(["mount", *extra, "--bind", src, str(dst)], check=True)
+        mounts.append(dst)
+
+    try:
+        subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+        mounts.append(root / "proc")
+        (root / "cpuinfo.a76").write_text(CPUINFO_A76)
+        bind(str(root / "cpuinfo.a76"), root / "proc" / "cpuinfo")
+        bind("/dev", root / "dev")
+        (root / "run" / "sshd").mkdir(parents=True, exist_ok=True)
+        ssh = root / "root" / ".ssh"
+        ssh.mkdir(parents=True, exist_ok=True)
+        shutil.copy(user_pubkey, ssh / "authorized_keys")
+        shutil.copy(host_key, root / "etc/ssh/edgepack_host_key")
+        (root / "etc/ssh/edgepack_host_key").chmod(0o600)
+        (root / "etc/ssh/sshd_edgepack").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/edgepack_host_key\nUsePAM no\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n"
+            "Subsystem sftp internal-sftp\n")
+        proc = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/sshd_edgepack"],
+                                stdout=(root / "sshd.log").open("wb"), stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["pkill", "-9", "-f", "sshd_edgepack"], check=False)
+    finally:
+        for m in reversed(mounts):
+            subprocess.run(["umount", "-l", str(m)], check=False)

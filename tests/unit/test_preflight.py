@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from edgepack.errors import UserError
+from edgepack.remote.preflight import check, enforce, required_glibc
+
+WHEELS = ["numpy-2.4.6-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl",
+          "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl",
+          "protobuf-7.36.2-cp310-abi3-manylinux2014_aarch64.whl", "packaging-26.3-py3-none-any.whl"]
+
+
+def manifest(**kw: object) -> dict:
+    m = {"target": {"arch": "aarch64", "python": "3.11"}, "runtime": {"wheels": WHEELS},
+         "files": [{"path": "model/model.onnx.data", "bytes": 100_000_000}, {"path": "run.py", "bytes": 1000}]}
+    m.update(kw)
+    return m
+
+
+def facts(**kw: object) -> dict:
+    f = {"arch": "aarch64", "python": "3.11.2", "glibc": "2.36", "libc": "glibc", "has_venv": True,
+         "free_bytes": 10_000_000_000, "mem_available_bytes": 4_000_000_000, "writable": True,
+         "install_dir": "/home/pi/edgepack", "termux": False}
+    f.update(kw)
+    return f
+
+
+def test_required_glibc_is_the_newest_lowest_tag() -> None:
+    assert required_glibc(WHEELS) == (2, 28)
+    assert required_glibc(["x-py3-none-any.whl"]) is None
+
+
+def test_a_fitting_pi_passes() -> None:
+    assert check(manifest(), facts()) == []
+
+
+@pytest.mark.parametrize(("fact", "value", "name"), [
+    ("arch", "x86_64", "arch"), ("python", "3.9.2", "python"), ("glibc", "2.24", "glibc"),
+    ("has_venv", False, "venv"), ("free_bytes", 150_000_000, "disk"), ("mem_available_bytes", 100_000_000, "memory"),
+    ("writable", False, "install_dir"),
+])
+def test_each_misfit_is_named_with_found_and_expected(fact: str, value: object, name: str) -> None:
+    problems = check(manifest(), facts(**{fact: value}))
+    assert [p.check for p in problems] == [name]
+    with pytest.raises(UserError) as err:
+        enforce(problems, "pi.local")
+    assert "found" in err.value.message and "expected" in err.value.message and err.value.hint
+    assert "Nothing was written" in err.value.message
