@@ -143,6 +143,7 @@ class Connection:
         juser, _, jhost = jump_host.rpartition("@")
         jhost, _, jport = jhost.partition(":")
         self._jump = Connection(SSHOptions(host=jhost, user=juser or None, port=int(jport) if jport else None,
+                                           identity=Path(self.key_files[0]) if self.key_files else None,
                                            accept_new_host_key=self.opts.accept_new_host_key,
                                            known_hosts=self.opts.known_hosts, ssh_config=self.opts.ssh_config,
                                            connect_timeout=self.opts.connect_timeout))

@@ -244,3 +244,27 @@ def test_link_drop_mid_upload_then_resume(smollm2_host_bundle: Path, tmp_path: P
         assert res["smoke"]["ok"] and (install / "current").is_symlink()
     finally:
         server.stop()
+
+
+def test_proxyjump_from_ssh_config(ssh_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A device behind a jump host, as ~/.ssh/config describes it (ProxyJump)."""
+    from edgepack.remote.ssh import Connection, SSHOptions
+
+    from ..sshd import make_server
+
+    inner = make_server(tmp_path / "inner")
+    inner.start()
+    try:
+        (inner.dir / "authorized_keys").write_text(ssh_server.user_key.with_suffix(".pub").read_text())
+        cfg = tmp_path / "ssh_config"
+        cfg.write_text(f"Host pi-behind\n  HostName 127.0.0.1\n  Port {inner.port}\n  User root\n"
+                       f"  IdentityFile {ssh_server.user_key}\n  ProxyJump root@127.0.0.1:{ssh_server.port}\n")
+        kh = tmp_path / "known_hosts"
+        kh.write_text(ssh_server.host_key_line() + inner.host_key_line())
+        before = (ssh_server.dir / "sshd.log").read_text().count("Accepted publickey")
+        with Connection(SSHOptions(host="pi-behind", ssh_config=cfg, known_hosts=kh)) as conn:
+            assert conn.run(["echo", "through the jump host"]).stdout.strip() == "through the jump host"
+        # The jump host authenticated one more session (the hop); the device was reached through it.
+        assert (ssh_server.dir / "sshd.log").read_text().count("Accepted publickey") == before + 1
+    finally:
+        inner.stop()
