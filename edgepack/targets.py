@@ -57,6 +57,8 @@ class QualitySpec:
     min_top1_agreement: float = 0.8
     min_greedy_match: int = 24  # of 32 reference greedy tokens, teacher-forced
     golden_tokens: int = 16  # greedy tokens the device must reproduce in its smoke test
+    device_max_ppl_drift_pct: float = 3.0  # on-device perplexity of a short text vs the build machine's
+    device_min_top1: float = 0.9  # on-device top-1 agreement with the build machine's picks on that text
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ GREEDY_PROMPT = "Write a haiku about the sea."
 WINDOW = 512
 GREEDY_TOKENS = 32
 TOP_K = 64
+DEVICE_CHECK_TOKENS = 128  # the start of the held-out text, re-scored on the device by its smoke test
 
 
 @dataclass(frozen=True)

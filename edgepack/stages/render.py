@@ -34,6 +34,11 @@ class BundleContext:
     prompt_ids: tuple[int, ...]
     golden_tokens: tuple[int, ...]
     golden_checked: tuple[bool, ...]
+    device_ids: tuple[int, ...]
+    device_ppl: float | None
+    device_top1: tuple[int, ...]
+    device_max_ppl_drift_pct: float
+    device_min_top1: float
     requirements: tuple[str, ...]
     import_check: str
     system_site_packages: bool

@@ -36,12 +36,15 @@ class QualityReport:
     prompt_ids: tuple[int, ...]
     golden_tokens: tuple[int, ...]  # what the quantized model generates: the device must reproduce these
     golden_checked: tuple[bool, ...]  # positions whose top-1/top-2 margin is wide enough to demand on any CPU
+    device_ids: tuple[int, ...]  # a short text the device re-scores in its smoke test...
+    device_ppl: float | None  # ...whose perplexity on the build machine was this
+    device_top1: tuple[int, ...]  # ...and whose next-token picks were these
     reference_cached: bool
 
 
 def unvalidated(target: TargetProfile) -> QualityReport:
     return QualityReport(False, False, "", "", 0, None, None, None, None, None, None, None, 0, target.quality,
-                         (), (), (), (), False)
+                         (), (), (), (), (), None, (), False)
 
 
 def judge(tol: QualitySpec, *, delta_pct: float, kl: float, top1: float, greedy: int) -> tuple[str, ...]:
@@ -92,6 +95,9 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
     greedy_q = scorer.greedy(ref.prompt_ids, texts.GREEDY_TOKENS)
     golden = greedy_q[: target.quality.golden_tokens]
     checked = golden_margins(scorer.logits(ref.prompt_ids + golden)[n_prompt - 1:-1], golden)
+    dev_ids = ref.ids[: texts.DEVICE_CHECK_TOKENS]
+    dev_lp = log_softmax(scorer.logits(dev_ids)[:-1])
+    dev_nll = -dev_lp[range(len(dev_ids) - 1), dev_ids[1:]]
     ppl_r, ppl_q = perplexity(ref.nll_sum, ref.count), perplexity(nll, count)
     delta = (ppl_q / ppl_r - 1.0) * 100.0
     mean_kl, top1 = kl / count, agree / count
@@ -103,6 +109,8 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
         greedy_prefix=common_prefix(greedy_q, ref.greedy),
         greedy_tokens=texts.GREEDY_TOKENS, tolerances=target.quality, failures=failures,
         prompt_ids=tuple(ref.prompt_ids), golden_tokens=tuple(golden), golden_checked=checked,
+        device_ids=tuple(dev_ids), device_ppl=round(perplexity(float(dev_nll.sum()), len(dev_nll)), 4),
+        device_top1=tuple(int(t) for t in dev_lp.argmax(axis=-1)),
         reference_cached=ref.cached)
     return report
 

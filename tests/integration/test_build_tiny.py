@@ -117,3 +117,23 @@ def test_other_schemes_build(tiny_model: Path, tmp_path: Path, scheme: str) -> N
         assert m["export"]["graph"]["quantized_matmuls"] == 0 and m["quality"]["ppl_delta_pct"] == 0
     else:
         assert m["export"]["graph"]["bits"] == [8]
+
+
+def test_smoke_test_checks_quality_against_the_build(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The device re-scores a short text: a perplexity that drifts from the build machine's fails the check."""
+    import re
+
+    m = json.loads((tiny_bundle / "edgepack.json").read_text())
+    assert m["smoke"]["device_tokens"] == 128 and m["smoke"]["device_ppl"] > 1
+    ok = subprocess.run([sys.executable, str(tiny_bundle / "smoke_test.py")], capture_output=True, text=True)
+    line = json.loads(ok.stdout)
+    assert abs(line["ppl_drift_pct"]) < 0.5 and line["top1_vs_build"] > 0.95
+    copy = tmp_path / "drift"
+    shutil.copytree(tiny_bundle, copy)
+    smoke = (copy / "smoke_test.py").read_text()
+    build_ppl = float(re.search(r"BUILD_PPL = ([0-9.]+)", smoke).group(1))  # type: ignore[union-attr]
+    (copy / "smoke_test.py").write_text(smoke.replace(f"BUILD_PPL = {build_ppl}", f"BUILD_PPL = {build_ppl * 0.9}"))
+    bad = subprocess.run([sys.executable, str(copy / "smoke_test.py")], capture_output=True, text=True)
+    line = json.loads(bad.stdout)
+    assert bad.returncode == 1 and line["ok"] is False
+    assert "perplexity on the check text" in line["error"] and line["ppl_drift_pct"] > 10
