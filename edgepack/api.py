@@ -331,3 +331,90 @@ def rollback(device: DeviceRequest) -> dict[str, Any]:
                             hint="`edgepack status --host ...` lists the releases on the device.",
                             host=conn.hostname)
         return res | {"host": conn.hostname}
+
+
+# -- bench ------------------------------------------------------------------------------------------
+
+BENCH_PROMPT = "Write a haiku about the sea."
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    bundle: Path | None = None  # local bundle; with a device: ignored, the device's `current` is measured
+    device: DeviceRequest | None = None
+    reps: int = 5
+    max_tokens: int = 64
+    threads: int = 0  # 0 = the bundle's default
+    prompt: str = BENCH_PROMPT
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    where: str
+    bundle: str
+    reps: int
+    summary: dict[str, dict[str, float]]  # metric → median, min, max
+    runs: tuple[dict[str, Any], ...]
+
+
+_BENCH_METRICS = ("load_s", "prefill_ms", "decode_tokens_per_s", "peak_rss_mb", "new_tokens")
+
+
+def _summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    import statistics
+
+    out = {}
+    for key in _BENCH_METRICS:
+        vals = [float(r[key]) for r in runs if r.get(key) is not None]
+        if vals:
+            out[key] = {"median": round(statistics.median(vals), 3), "min": round(min(vals), 3),
+                        "max": round(max(vals), 3)}
+    return out
+
+
+def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
+    """Run the bundle's own runner `reps` times in fresh processes (here or on the device); medians + spread."""
+    import json
+    import shlex
+    import subprocess
+
+    args = ["--prompt", req.prompt, "--json", "--max-tokens", str(req.max_tokens)]
+    if req.threads:
+        args += ["--threads", str(req.threads)]
+    runs: list[dict[str, Any]] = []
+    if req.device is not None:
+        from edgepack.remote.ssh import Connection
+
+        base = (req.device.install_dir or "~/edgepack").rstrip("/") + "/current"
+        with Connection(_ssh_options(req.device)) as conn:
+            home_base = base.replace("~", "$HOME", 1) if base.startswith("~") else shlex.quote(base)
+            ident = conn.run(f"readlink {home_base}", what="find the current release", check=False)
+            if not ident.ok:
+                raise UserError(f"no current release under {base} on {conn.hostname}.",
+                                hint="Deploy one first: edgepack deploy --host ...", host=conn.hostname)
+            for i in range(req.reps):
+                progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} on {conn.hostname}"))
+                res = conn.run(f"{home_base}/.venv/bin/python {home_base}/run.py {shlex.join(args)}",
+                               what="benchmark run", timeout=req.device.command_timeout)
+                runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            where, name = conn.hostname, ident.stdout.strip().rsplit("/", 1)[-1]
+    else:
+        bundle = req.bundle or latest_bundle(Path("dist"))
+        manifest = read_manifest(bundle)
+        if manifest["target"]["arch"] != platform.machine():
+            raise UserError(f"bundle {bundle.name} is for {manifest['target']['arch']}; this machine is "
+                            f"{platform.machine()}.", hint="Benchmark it on the device: edgepack bench --host ...")
+        venv_py = bundle / ".venv" / "bin" / "python"
+        py = str(venv_py) if venv_py.exists() else sys.executable
+        for i in range(req.reps):
+            progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} here"))
+            proc = subprocess.run([py, str(bundle / "run.py"), *args], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
+                                hint="See stderr_tail.", stderr_tail=proc.stderr.splitlines()[-10:])
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        where, name = f"this machine ({platform.machine()})", manifest["bundle_id"]
+    for r in runs:
+        r.pop("text", None)
+        r.pop("tokens", None)
+    return BenchResult(where=where, bundle=name, reps=req.reps, summary=_summarize(runs), runs=tuple(runs))

@@ -283,5 +283,40 @@ def rollback(**kw: Any) -> None:
     _run("rollback", go)
 
 
+@cli.command("bench")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--host", help="Measure the device's current release over SSH instead of a local bundle.")
+@click.option("--user")
+@click.option("--port", type=int)
+@click.option("--identity", type=click.Path(path_type=Path))
+@click.option("--known-hosts", type=click.Path(path_type=Path))
+@click.option("--ssh-config", type=click.Path(path_type=Path))
+@click.option("--install-dir")
+@click.option("--reps", type=int, default=5, show_default=True, help="Fresh-process runs; the median is reported.")
+@click.option("--tokens", type=int, default=64, show_default=True, help="New tokens per run.")
+@click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
+@_json_option
+def bench_cmd(bundle: Path | None, host: str | None, user: str | None, port: int | None, identity: Path | None,
+              known_hosts: Path | None, ssh_config: Path | None, install_dir: str | None, reps: int, tokens: int,
+              threads: int) -> None:
+    """Prefill, decode speed, peak RSS and load time of a bundle, here or on a device (--host)."""
+    from edgepack import api
+
+    device = None
+    if host:
+        device = api.DeviceRequest(host=host, user=user, port=port, identity=identity, known_hosts=known_hosts,
+                                   ssh_config=ssh_config, install_dir=install_dir)
+
+    def go(o: Output) -> tuple[Any, str]:
+        res = api.bench(api.BenchRequest(bundle=bundle, device=device, reps=reps, max_tokens=tokens,
+                                         threads=threads), progress=o.progress)
+        rows = [f"{res.bundle} on {res.where}, {res.reps} runs (median, min–max)"]
+        for key, v in res.summary.items():
+            rows.append(f"  {key:<20} {v['median']:>10}   ({v['min']} – {v['max']})")
+        return res, "\n".join(rows)
+
+    _run("bench", go)
+
+
 def main() -> None:
     cli(prog_name="edgepack")

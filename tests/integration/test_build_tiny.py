@@ -137,3 +137,12 @@ def test_smoke_test_checks_quality_against_the_build(tiny_bundle: Path, tmp_path
     line = json.loads(bad.stdout)
     assert bad.returncode == 1 and line["ok"] is False
     assert "perplexity on the check text" in line["error"] and line["ppl_drift_pct"] > 10
+
+
+def test_bench_here_reports_medians_and_spread(tiny_bundle: Path) -> None:
+    proc = cli("--json", "bench", str(tiny_bundle), "--reps", "3", "--tokens", "8")
+    res = envelope(proc)["result"]
+    assert proc.returncode == 0, proc.stderr
+    assert res["reps"] == 3 and len(res["runs"]) == 3
+    d = res["summary"]["decode_tokens_per_s"]
+    assert d["min"] <= d["median"] <= d["max"] and res["summary"]["new_tokens"]["median"] == 8

@@ -55,6 +55,12 @@ def test_deploy_status_redeploy_rollback(tiny_bundles: tuple[Path, Path], device
     assert current(device) == f"releases/{id_a}"
     human = cli("status", *device["args"])
     assert f"* {id_a}" in human.stdout
+    # Benchmark the device's current release over SSH: repeated runs, medians and spread.
+    dev_args = [a for a in device["args"] if a != "--accept-new-host-key"]
+    b = cli("--json", "bench", "--reps", "2", "--tokens", "8", *dev_args)
+    res = envelope(b)["result"]
+    assert b.returncode == 0, b.stderr[-2000:]
+    assert res["bundle"] == id_a and len(res["runs"]) == 2 and res["summary"]["decode_tokens_per_s"]["median"] > 0
 
 
 def test_deploy_without_bundle_takes_newest_in_dist(tiny_bundles: tuple[Path, Path], device: dict,
