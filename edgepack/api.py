@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -18,6 +20,7 @@ from edgepack.bundle import read_manifest, verify_bundle, write_manifest
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import ModelSource, resolve_model
+from edgepack.output import to_jsonable
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.stages.render import BundleContext, render
 from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
@@ -43,6 +46,8 @@ class BuildRequest:
     force: bool = False
     skip_validation: bool = False
     vendor_wheels: bool = True
+    tune: bool = False  # build the profile's [tune] candidates, keep the fastest that passes the gate
+    plot: Path | None = None  # with tune: a PNG of speed vs quality
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class BuildResult:
     bytes: int
     quality: QualityReport
     stages: tuple[StageRecord, ...]
+    tune: tuple[Any, ...] = ()  # CandidateResult rows when built with tune
 
 
 class _Stages:
@@ -106,20 +112,39 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         work = Path(work_s)
         model_dir = tmp / "model"
         model_dir.mkdir()
-        with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
-            exported = exporter.export(source, target, model_dir, work, progress)
-            info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme)
-        with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
-            info.update(bytes=exported.bytes, nodes=exported.stats.nodes,
-                        quantized_matmuls=exported.stats.quantized_matmuls, bits=list(exported.stats.bits))
-        if req.skip_validation:
-            report = unvalidated(target)
-            progress(ProgressEvent("validate", "SKIPPED (--skip-validation): the manifest records it"))
+        tune_table: tuple[Any, ...] = ()
+        tuned_on = ""
+        if req.tune:
+            if req.skip_validation:
+                raise UserError("--tune needs the quality gate; it cannot be combined with --skip-validation.")
+            from edgepack.stages.tune import plot, tune
+
+            with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info:
+                outcome = tune(source, target, work, progress=progress)
+                model_dir.rmdir()
+                shutil.move(str(outcome.exported.dir), model_dir)
+                exported = dataclasses.replace(outcome.exported, dir=model_dir)
+                target, report, tune_table, tuned_on = outcome.target, outcome.report, outcome.table, \
+                    outcome.speed_measured_on
+                chosen = next(r for r in tune_table if r.chosen)
+                info.update(chosen=chosen.name, artifact="model/", bytes=exported.bytes)
+            if req.plot:
+                plot(tune_table, req.plot, f"{source.name} for {target.id}: speed vs quality ({tuned_on})")
         else:
-            with stages.stage("validate", "quality gate against the fp32 reference") as info:
-                report = validate(source, model_dir, target, progress=progress)
-                info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct)
-            enforce(report, target)
+            with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
+                exported = exporter.export(source, target, model_dir, work, progress)
+                info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme)
+            with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
+                info.update(bytes=exported.bytes, nodes=exported.stats.nodes,
+                            quantized_matmuls=exported.stats.quantized_matmuls, bits=list(exported.stats.bits))
+            if req.skip_validation:
+                report = unvalidated(target)
+                progress(ProgressEvent("validate", "SKIPPED (--skip-validation): the manifest records it"))
+            else:
+                with stages.stage("validate", "quality gate against the fp32 reference") as info:
+                    report = validate(source, model_dir, target, progress=progress)
+                    info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct)
+                enforce(report, target)
         reqs = requirements(target, exported.runtime_versions)
         wheel_names: list[str] = []
         if req.vendor_wheels and reqs:
@@ -131,12 +156,15 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             ctx = _context(name, source, target, exported.options, report, reqs,
                            exporter.runtime, system_site=not target.runtime.packages)
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd)
-            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names))
+            extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
+            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names)
+                                      | extra)
             info.update(artifact=str(final), files=files)
         bundle_bytes = dir_bytes(tmp)
     progress(ProgressEvent("done", f"bundle at {final}"))
     return BuildResult(bundle=final, bundle_id=manifest["bundle_id"], target=target.id, model=source.name,
-                       scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records))
+                       scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
+                       tune=tune_table)
 
 
 def _context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],

@@ -76,8 +76,11 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--skip-validation", is_flag=True, help="Skip the quality gate (recorded in the manifest).")
 @click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
+@click.option("--tune", is_flag=True, help="Build the target's [tune] candidates; keep the fastest that passes.")
+@click.option("--plot", type=click.Path(path_type=Path), help="With --tune: write speed vs quality as a PNG.")
 @_json_option
-def build(model: str, target: str, out: Path, force: bool, skip_validation: bool, no_wheels: bool) -> None:
+def build(model: str, target: str, out: Path, force: bool, skip_validation: bool, no_wheels: bool, tune: bool,
+          plot: Path | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -87,10 +90,16 @@ def build(model: str, target: str, out: Path, force: bool, skip_validation: bool
 
     def go(o: Output) -> tuple[Any, str]:
         res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force,
-                                         skip_validation=skip_validation, vendor_wheels=not no_wheels),
-                        progress=o.progress)
+                                         skip_validation=skip_validation, vendor_wheels=not no_wheels,
+                                         tune=tune, plot=plot), progress=o.progress)
         q = res.quality
         lines = [f"built {res.bundle}  ({res.bytes / 1e6:.1f} MB, {res.scheme}, id {res.bundle_id})"]
+        if res.tune:
+            lines.append(f"{'candidate':<24} {'gate':<5} {'Δppl %':>8} {'KL':>7} {'top-1':>6} {'tok/s':>8} {'MB':>6}")
+            for r in res.tune:
+                lines.append(f"{('* ' if r.chosen else '  ') + r.name:<24} {'pass' if r.passed else 'FAIL':<5} "
+                             f"{r.ppl_delta_pct:>+8.2f} {r.mean_kl:>7.3f} {r.top1_agreement:>6.3f} "
+                             f"{r.decode_tok_s if r.decode_tok_s is not None else '-':>8} {r.bytes / 1e6:>6.1f}")
         if q.validated:
             lines.append(f"quality: ppl {q.ppl_reference} → {q.ppl_quantized} ({q.ppl_delta_pct:+.2f} %), "
                          f"KL {q.mean_kl}, top-1 {q.top1_agreement}, greedy {q.greedy_match}/{q.greedy_tokens}"

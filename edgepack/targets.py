@@ -79,6 +79,21 @@ class DeploySpec:
 
 
 @dataclass(frozen=True)
+class TuneCandidate:
+    name: str
+    quantize: QuantizeSpec
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """`edgepack build --tune`: each candidate overrides [quantize]; the fastest that passes the gate wins."""
+
+    candidates: tuple[TuneCandidate, ...] = ()
+    speed_tokens: int = 64
+    reps: int = 3
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     id: str
     source: str  # the file it came from
@@ -88,6 +103,7 @@ class TargetProfile:
     quality: QualitySpec = field(default_factory=QualitySpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     deploy: DeploySpec = field(default_factory=DeploySpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)
 
     def resolved_arch(self) -> str:
         return platform.machine() if self.device.arch == "native" else self.device.arch
@@ -185,10 +201,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str, src: str) -> Any:
 
 
 def parse_target(data: dict[str, Any], *, target_id: str, source: str) -> TargetProfile:
-    unknown = sorted(set(data) - set(_SECTIONS))
+    unknown = sorted(set(data) - set(_SECTIONS) - {"tune"})
     if unknown:
         raise TargetError(
-            f"{source}: unknown section or key '{unknown[0]}'. Allowed sections: {', '.join(_SECTIONS)}.",
+            f"{source}: unknown section or key '{unknown[0]}'. Allowed sections: {', '.join(_SECTIONS)}, tune.",
             hint="Check the spelling; docs/targets.md lists every field.",
             path=source,
             field=unknown[0],
@@ -203,9 +219,37 @@ def parse_target(data: dict[str, Any], *, target_id: str, source: str) -> Target
         if not isinstance(section, dict):
             raise TargetError(f"{source}: '{name}' must be a [table].", path=source, field=name)
         parts[name] = _build(cls, section, f"{name}.", source)
+    parts["tune"] = _parse_tune(data.get("tune", {}), data.get("quantize", {}), source)
     profile = TargetProfile(id=target_id, source=source, **parts)
     _check_consistency(profile)
     return profile
+
+
+def _parse_tune(section: Any, base_quantize: dict[str, Any], source: str) -> TuneSpec:
+    if not isinstance(section, dict):
+        raise TargetError(f"{source}: 'tune' must be a [table].", path=source, field="tune")
+    unknown = sorted(set(section) - {"candidates", "speed_tokens", "reps"})
+    if unknown:
+        raise TargetError(f"{source}: unknown key 'tune.{unknown[0]}'. Allowed in [tune]: candidates, reps, "
+                          "speed_tokens.", path=source, field=f"tune.{unknown[0]}",
+                          allowed=["candidates", "reps", "speed_tokens"])
+    raw = section.get("candidates", [])
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise TargetError(f"{source}: tune.candidates must be a list of inline tables of [quantize] fields.",
+                          path=source, field="tune.candidates")
+    candidates = []
+    for i, cand in enumerate(raw):
+        fields_ = dict(cand)
+        name = str(fields_.pop("name", f"candidate-{i + 1}"))
+        q = _build(QuantizeSpec, {**base_quantize, **fields_}, f"tune.candidates[{i}].", source)
+        candidates.append(TuneCandidate(name, q))
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise TargetError(f"{source}: tune.candidates names must be unique ({names}).", path=source,
+                          field="tune.candidates")
+    speed_tokens = _coerce(section.get("speed_tokens", 64), int, "tune.speed_tokens", source)
+    reps = _coerce(section.get("reps", 3), int, "tune.reps", source)
+    return TuneSpec(tuple(candidates), speed_tokens, reps)
 
 
 def _check_consistency(p: TargetProfile) -> None:

@@ -1,0 +1,61 @@
+"""Decode speed of an onnxruntime-genai model folder, measured in its own process.
+
+    python -m edgepack.quality.speed MODEL_DIR [--tokens 64] [--threads 0]   → one JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def measure(model_dir: str, tokens: int, threads: int) -> dict[str, float]:
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    config = og.Config(model_dir)
+    if threads > 0:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    tok = og.Tokenizer(model)
+    load_s = time.perf_counter() - t0
+    ids = list(tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "Write a haiku about "
+                                                               "the sea."}]), add_generation_prompt=True)))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    t1 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    t2 = time.perf_counter()
+    n = 1
+    while not gen.is_done() and n < tokens:
+        gen.generate_next_token()
+        n += 1
+    t3 = time.perf_counter()
+    return {"load_s": load_s, "prefill_ms": (t2 - t1) * 1000, "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    print(json.dumps(measure(a.model_dir, a.tokens, a.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
