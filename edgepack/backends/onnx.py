@@ -138,13 +138,28 @@ class OnnxExporter:
         return GenaiScorer(model_dir)
 
 
+def _provider(model_dir: Path) -> str:
+    import json
+
+    cfg = json.loads((model_dir / "genai_config.json").read_text())
+    opts = cfg["model"]["decoder"]["session_options"].get("provider_options", [])
+    return next(iter(opts[0]), "cpu") if opts else "cpu"
+
+
 class GenaiScorer:
     """Drives onnxruntime-genai exactly as the bundle's runner does, but returns full logits."""
 
     def __init__(self, model_dir: Path, threads: int = 0) -> None:
         og = require("onnxruntime_genai", "onnx", "Scoring ONNX models")
         self._og = og
-        self.model = og.Model(str(model_dir))
+        config = og.Config(str(model_dir))
+        provider = _provider(model_dir)
+        self.scored_on = provider
+        if provider == "cuda" and not og.is_cuda_available():
+            # A CUDA bundle built on a machine without CUDA: score the same graph on the CPU, and say so.
+            config.clear_providers()
+            self.scored_on = "cpu (the target's cuda provider is not available on the build machine)"
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
 
     def encode(self, text: str) -> list[int]:

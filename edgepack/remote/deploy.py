@@ -56,8 +56,8 @@ class Device:
                               hint="See the evidence.", evidence=res) from None
         return data
 
-    def facts(self) -> dict[str, Any]:
-        facts = self.helper("facts", self.install_dir, what="preflight")
+    def facts(self, provider: str = "cpu") -> dict[str, Any]:
+        facts = self.helper("facts", self.install_dir, "cuda" if provider == "cuda" else "no", what="preflight")
         self.install_dir = facts["install_dir"]
         return facts
 
@@ -126,7 +126,7 @@ def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_
     dev = Device(conn, install_dir)
     bundle_id = manifest["bundle_id"]
     with t.stage("preflight", f"checking {conn.hostname} against {manifest['name']}") as d:
-        facts = dev.facts()
+        facts = dev.facts(manifest["runtime"].get("execution_provider", "cpu"))
         problems = preflight.check(manifest, facts)
         if allow_network:
             problems = [p for p in problems if p.check not in ("python",)]

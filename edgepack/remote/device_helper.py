@@ -27,7 +27,27 @@ def _existing_parent(path):
     return path or "/"
 
 
-def facts(install_dir):
+def _genai_cuda():
+    """None: no onnxruntime_genai in this Python; else whether it has the CUDA provider."""
+    try:
+        import onnxruntime_genai as og
+    except Exception:
+        return None
+    try:
+        return bool(og.is_cuda_available())
+    except Exception:
+        return False
+
+
+def _first_line(path):
+    try:
+        with open(path) as fh:
+            return fh.readline().strip() or None
+    except OSError:
+        return None
+
+
+def facts(install_dir, check_cuda="no"):
     install_dir = os.path.abspath(os.path.expanduser(install_dir))
     osr = {}
     for f in ("/etc/os-release", "/usr/lib/os-release"):
@@ -64,6 +84,8 @@ def facts(install_dir):
         "writable": os.access(parent, os.W_OK),
         "systemd_user": bool(shutil.which("systemctl")) and bool(os.environ.get("XDG_RUNTIME_DIR")),
         "termux": "com.termux" in prefix,
+        "nv_tegra_release": _first_line("/etc/nv_tegra_release"),
+        "genai_cuda": _genai_cuda() if check_cuda == "cuda" else None,
     }
 
 

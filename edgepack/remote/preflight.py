@@ -67,6 +67,17 @@ def check(manifest: dict[str, Any], facts: dict[str, Any]) -> list[Problem]:
     if mem is not None and mem < need_ram:
         problems.append(Problem("memory", f"{mem / 1e6:.0f} MB available", f">= {need_ram / 1e6:.0f} MB",
                                 "stop other services, or build a smaller variant (int4, a smaller model)"))
+    if manifest["runtime"].get("execution_provider") == "cuda":
+        if not facts.get("nv_tegra_release"):
+            problems.append(Problem("jetpack", "no /etc/nv_tegra_release (not a Jetson, or L4T missing)",
+                                    "NVIDIA JetPack 6 (L4T R36)", "flash JetPack 6 with NVIDIA's SDK Manager"))
+        if facts.get("genai_cuda") is not True:
+            found = ("no onnxruntime_genai in the system python3" if facts.get("genai_cuda") is None
+                     else "onnxruntime_genai without the CUDA provider")
+            problems.append(Problem(
+                "cuda_runtime", found, "onnxruntime-genai with CUDA in the system python3",
+                "install NVIDIA's CUDA build of onnxruntime-genai for JetPack 6 into the system python3 "
+                "(PyPI has no aarch64 CUDA wheel, so edgepack vendors none); the bundle's venv sees system packages"))
     if not facts.get("writable"):
         problems.append(Problem("install_dir", f"{facts['install_dir']} not writable", "writable by the SSH user",
                                 "choose --install-dir under the user's home, or fix its owner"))

@@ -40,6 +40,7 @@ class QualityReport:
     device_ppl: float | None  # ...whose perplexity on the build machine was this
     device_top1: tuple[int, ...]  # ...and whose next-token picks were these
     reference_cached: bool
+    scored_on: str = "cpu"  # the execution provider the gate ran the bundle's graph with
 
 
 def unvalidated(target: TargetProfile) -> QualityReport:
@@ -110,7 +111,7 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
         greedy_tokens=texts.GREEDY_TOKENS, tolerances=target.quality, failures=failures,
         prompt_ids=tuple(ref.prompt_ids), golden_tokens=tuple(golden), golden_checked=checked,
         device_ids=tuple(dev_ids), device_ppl=round(perplexity(float(dev_nll.sum()), len(dev_nll)), 4),
-        device_top1=tuple(int(t) for t in dev_lp.argmax(axis=-1)),
+        device_top1=tuple(int(t) for t in dev_lp.argmax(axis=-1)), scored_on=getattr(scorer, "scored_on", "cpu"),
         reference_cached=ref.cached)
     return report
 

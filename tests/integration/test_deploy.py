@@ -274,3 +274,19 @@ def test_proxyjump_from_ssh_config(ssh_server, tmp_path: Path) -> None:  # type:
         assert (ssh_server.dir / "sshd.log").read_text().count("Accepted publickey") == before + 1
     finally:
         inner.stop()
+
+
+def test_cuda_bundle_preflight_names_what_to_install(tiny_model: Path, device: dict, tmp_path: Path) -> None:
+    from ..conftest import FIXTURES, tiny_bundle_for
+
+    t = tmp_path / "cuda.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        "[quantize]", '[export]\nexecution_provider = "cuda"\n\n[runtime]\npackages = []\n\n[quantize]'))
+    bundle = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
+    m = json.loads((bundle / "edgepack.json").read_text())
+    assert m["runtime"]["wheels"] == [] and m["quality"]["scored_on"].startswith("cpu (the target's cuda")
+    proc, doc = deploy(device, str(bundle))
+    assert proc.returncode == 1
+    checks = [p["check"] for p in doc["error"]["problems"]]
+    assert checks == ["jetpack", "cuda_runtime"] and "JetPack 6" in doc["error"]["hint"]
+    assert not Path(device["install_dir"]).exists()

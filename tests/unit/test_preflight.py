@@ -46,3 +46,13 @@ def test_each_misfit_is_named_with_found_and_expected(fact: str, value: object, 
         enforce(problems, "pi.local")
     assert "found" in err.value.message and "expected" in err.value.message and err.value.hint
     assert "Nothing was written" in err.value.message
+
+
+def test_cuda_bundle_needs_jetpack_and_a_cuda_runtime_on_the_device() -> None:
+    m = manifest(runtime={"wheels": [], "execution_provider": "cuda"})
+    problems = check(m, facts(genai_cuda=None, nv_tegra_release=None))
+    assert [p.check for p in problems] == ["jetpack", "cuda_runtime"]
+    assert "no onnxruntime_genai" in problems[1].found and "JetPack 6" in problems[1].fix
+    assert [p.check for p in check(m, facts(genai_cuda=False, nv_tegra_release="# R36 (release)"))] == \
+        ["cuda_runtime"]
+    assert check(m, facts(genai_cuda=True, nv_tegra_release="# R36 (release), REVISION: 4.0")) == []
