@@ -146,3 +146,42 @@ def test_bench_here_reports_medians_and_spread(tiny_bundle: Path) -> None:
     assert res["reps"] == 3 and len(res["runs"]) == 3
     d = res["summary"]["decode_tokens_per_s"]
     assert d["min"] <= d["median"] <= d["max"] and res["summary"]["new_tokens"]["median"] == 8
+
+
+def corrupt_scales(model_dir: Path, factor: float = 3.0) -> int:
+    """A deliberately broken quantization: every int4 block scale multiplied by `factor`."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_dir / "model.onnx"))
+    n = 0
+    for init in model.graph.initializer:
+        if init.name.endswith("_scales"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
+            n += 1
+    (model_dir / "model.onnx.data").unlink()
+    onnx.save_model(model, str(model_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data")
+    return n
+
+
+def test_corrupted_scales_are_caught_by_the_gate_and_by_the_device_check(tiny_bundle: Path, tiny_model: Path,
+                                                                          tiny_target: Path, tmp_path: Path) -> None:
+    from edgepack.bundle import write_manifest
+    from edgepack.models import resolve_model
+    from edgepack.stages.validate import validate
+    from edgepack.targets import load_target
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    assert corrupt_scales(bad / "model") > 0
+    # 1. The build-time gate refuses it.
+    report = validate(resolve_model(str(tiny_model)), bad / "model", load_target(str(tiny_target)))
+    assert not report.passed and any("top-1" in f for f in report.failures)
+    # 2. Had it shipped anyway (manifest rewritten to match), the device's smoke test refuses it.
+    write_manifest(bad, {k: v for k, v in json.loads((tiny_bundle / "edgepack.json").read_text()).items()
+                         if k not in ("files", "content_sha256", "bundle_id", "schema")})
+    proc = subprocess.run([sys.executable, str(bad / "smoke_test.py")], capture_output=True, text=True)
+    line = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not line["ok"]
+    assert line["top1_vs_build"] < 0.9 and "top-1 agreement with the build machine" in line["error"]
