@@ -39,6 +39,22 @@ class StageRecord:
 
 
 @dataclass(frozen=True)
+class DeviceRequest:
+    """Which device, and how to reach it (see remote.ssh.SSHOptions)."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity: Path | None = None
+    accept_new_host_key: bool = False
+    known_hosts: Path | None = None
+    ssh_config: Path | None = None
+    connect_timeout: float = 15.0
+    command_timeout: float = 300.0
+    install_dir: str | None = None  # default: the bundle target's deploy.install_dir, else ~/edgepack
+
+
+@dataclass(frozen=True)
 class BuildRequest:
     model: str
     target: str = "host"
@@ -48,6 +64,7 @@ class BuildRequest:
     vendor_wheels: bool = True
     tune: bool = False  # build the profile's [tune] candidates, keep the fastest that passes the gate
     plot: Path | None = None  # with tune: a PNG of speed vs quality
+    tune_on: DeviceRequest | None = None  # with tune: time the candidates on this device, not here
 
 
 @dataclass(frozen=True)
@@ -119,8 +136,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 raise UserError("--tune needs the quality gate; it cannot be combined with --skip-validation.")
             from edgepack.stages.tune import plot, tune
 
-            with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info:
-                outcome = tune(source, target, work, progress=progress)
+            with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info, \
+                    _speed_meter(req.tune_on, target, progress) as meter:
+                outcome = tune(source, target, work, progress=progress, meter=meter,
+                               meter_where=getattr(meter, "where", None))
                 model_dir.rmdir()
                 shutil.move(str(outcome.exported.dir), model_dir)
                 exported = dataclasses.replace(outcome.exported, dir=model_dir)
@@ -165,6 +184,20 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     return BuildResult(bundle=final, bundle_id=manifest["bundle_id"], target=target.id, model=source.name,
                        scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
                        tune=tune_table)
+
+
+@contextmanager
+def _speed_meter(device: DeviceRequest | None, target: TargetProfile, progress: ProgressFn) -> Iterator[Any]:
+    if device is None:
+        yield None
+        return
+    from edgepack.remote.speed import RemoteSpeedMeter
+
+    meter = RemoteSpeedMeter(_ssh_options(device), device.install_dir or target.deploy.install_dir, progress)
+    try:
+        yield meter
+    finally:
+        meter.close()
 
 
 def _context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],
@@ -277,22 +310,6 @@ def _has_module(name: str) -> bool:
 
 
 # -- deploy -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DeviceRequest:
-    """Which device, and how to reach it (see remote.ssh.SSHOptions)."""
-
-    host: str
-    user: str | None = None
-    port: int | None = None
-    identity: Path | None = None
-    accept_new_host_key: bool = False
-    known_hosts: Path | None = None
-    ssh_config: Path | None = None
-    connect_timeout: float = 15.0
-    command_timeout: float = 300.0
-    install_dir: str | None = None  # default: the bundle target's deploy.install_dir, else ~/edgepack
-
 
 @dataclass(frozen=True)
 class DeployRequest:

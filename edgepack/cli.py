@@ -78,9 +78,14 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
 @click.option("--tune", is_flag=True, help="Build the target's [tune] candidates; keep the fastest that passes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --tune: write speed vs quality as a PNG.")
+@click.option("--tune-on", metavar="HOST", help="With --tune: time the candidates on this device (over SSH).")
+@click.option("--ssh-config", type=click.Path(path_type=Path), help="With --tune-on: ssh_config file.")
+@click.option("--known-hosts", type=click.Path(path_type=Path), help="With --tune-on: known_hosts file.")
+@click.option("--install-dir", help="With --tune-on: where the device's releases live.")
 @_json_option
 def build(model: str, target: str, out: Path, force: bool, skip_validation: bool, no_wheels: bool, tune: bool,
-          plot: Path | None) -> None:
+          plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
+          install_dir: str | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -91,7 +96,10 @@ def build(model: str, target: str, out: Path, force: bool, skip_validation: bool
     def go(o: Output) -> tuple[Any, str]:
         res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
-                                         tune=tune, plot=plot), progress=o.progress)
+                                         tune=tune, plot=plot,
+                                         tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,
+                                                                   known_hosts=known_hosts, install_dir=install_dir)
+                                         if tune_on else None), progress=o.progress)
         q = res.quality
         lines = [f"built {res.bundle}  ({res.bytes / 1e6:.1f} MB, {res.scheme}, id {res.bundle_id})"]
         if res.tune:

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from edgepack.backends import exporters
 from edgepack.backends.base import ExportedModel
@@ -61,7 +62,12 @@ def measure_speed(model_dir: Path, *, tokens: int, reps: int, threads: int) -> l
     return runs
 
 
-def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: ProgressFn = silent) -> TuneOutcome:
+class SpeedMeter(Protocol):
+    def __call__(self, model_dir: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, float]]: ...
+
+
+def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: ProgressFn = silent,
+         meter: SpeedMeter | None = None, meter_where: str | None = None) -> TuneOutcome:
     import platform
 
     if not target.tune.candidates:
@@ -82,8 +88,8 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         speed: dict[str, float | None] = {"decode_tok_s": None, "prefill_ms": None, "peak_rss_mb": None}
         spread = None
         if report.passed:  # time only what could ship
-            runs = measure_speed(out, tokens=target.tune.speed_tokens, reps=target.tune.reps,
-                                 threads=target.runtime.threads)
+            runs = (meter or measure_speed)(out, tokens=target.tune.speed_tokens, reps=target.tune.reps,
+                                            threads=target.runtime.threads)
             dec = [r["decode_tok_s"] for r in runs]
             speed = {"decode_tok_s": round(statistics.median(dec), 2),
                      "prefill_ms": round(statistics.median(r["prefill_ms"] for r in runs), 2),
@@ -109,8 +115,8 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         if r.name != best.name:
             shutil.rmtree(work / f"cand-{i}", ignore_errors=True)
     exported, report, cand_target = built[best.name]
-    where = f"this machine ({platform.machine()})" + ("" if target.is_native else
-                                                       f", not the {target.resolved_arch()} device")
+    where = meter_where or (f"this machine ({platform.machine()})" + ("" if target.is_native else
+                                                                      f", not the {target.resolved_arch()} device"))
     return TuneOutcome(cand_target, exported, report, table, where)
 
 

@@ -290,3 +290,23 @@ def test_cuda_bundle_preflight_names_what_to_install(tiny_model: Path, device: d
     checks = [p["check"] for p in doc["error"]["problems"]]
     assert checks == ["jetpack", "cuda_runtime"] and "JetPack 6" in doc["error"]["hint"]
     assert not Path(device["install_dir"]).exists()
+
+
+def test_tune_on_a_device_times_candidates_there(tiny_bundles: tuple[Path, Path], tiny_model: Path,
+                                                 tiny_target: Path, device: dict, tmp_path: Path) -> None:
+    ssh = ["--tune-on", "pi.local", "--ssh-config", device["ssh_config"], "--known-hosts", device["known_hosts"],
+           "--install-dir", device["install_dir"]]
+    args = ["--json", "build", str(tiny_model), "--target", str(tiny_target), "--out", str(tmp_path / "d"),
+            "--no-wheels", "--tune", *ssh]
+    # No runtime on the device yet: a clear error, nothing built.
+    proc = cli(*args)
+    assert proc.returncode == 1 and "no installed edgepack runtime" in envelope(proc)["error"]["message"]
+    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
+    assert deploy(device, str(tiny_bundles[0]))[0].returncode == 0
+    proc = cli(*args)
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((Path(doc["result"]["bundle"]) / "edgepack.json").read_text())
+    assert m["tune"]["speed_measured_on"].startswith("127.0.0.1 (")
+    assert all(c["decode_tok_s"] > 0 for c in m["tune"]["candidates"] if c["passed"])
+    assert not (Path(device["install_dir"]) / "tune").exists()  # the device is left as it was

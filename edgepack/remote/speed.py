@@ -1,0 +1,59 @@
+"""Timing tune candidates on the device itself (`build --tune --tune-on HOST`), over the deploy machinery."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import UserError
+from edgepack.progress import ProgressFn, silent
+from edgepack.remote.deploy import Device
+from edgepack.remote.ssh import Connection, SSHOptions
+
+
+class RemoteSpeedMeter:
+    """Uploads a candidate model folder next to the device's releases and times it with the installed runtime."""
+
+    def __init__(self, opts: SSHOptions, install_dir: str, progress: ProgressFn = silent) -> None:
+        self.conn = Connection(opts)
+        self.conn.connect()
+        self.dev = Device(self.conn, install_dir)
+        facts = self.dev.facts()
+        self.arch = facts["arch"]
+        self.python = posixpath.join(self.dev.install_dir, "current", ".venv", "bin", "python")
+        if self.conn.run(["test", "-x", self.python], check=False, what="find the runtime").exit_code != 0:
+            self.conn.close()
+            raise UserError(f"{self.conn.hostname} has no installed edgepack runtime under {self.dev.install_dir}.",
+                            hint="Deploy any bundle of this target there once (edgepack deploy --host ...); "
+                                 "--tune-on times candidates with that release's runtime.")
+        self.root = posixpath.join(self.dev.install_dir, "tune")
+        self.progress = progress
+        self._speed_src = resources.files("edgepack.quality").joinpath("speed.py").read_text(encoding="utf-8")
+
+    @property
+    def where(self) -> str:
+        return f"{self.conn.hostname} ({self.arch})"
+
+    def __call__(self, model_dir: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, Any]]:
+        remote = posixpath.join(self.root, model_dir.name)
+        self.conn.run(["rm", "-rf", remote], what="clear the tune folder")
+        self.conn.run(["mkdir", "-p", remote], what="create the tune folder")
+        for f in sorted(model_dir.iterdir()):
+            if f.is_file():
+                self.conn.put(f, posixpath.join(remote, f.name))
+        runs = []
+        try:
+            for _ in range(reps):
+                res = self.conn.run([self.python, "-", remote, "--tokens", str(tokens), "--threads", str(threads)],
+                                    stdin=self._speed_src, what=f"time {model_dir.name} on the device")
+                runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        finally:
+            self.conn.run(["rm", "-rf", remote], check=False, what="remove the tune folder")
+        return runs
+
+    def close(self) -> None:
+        self.conn.run(["rm", "-rf", self.root], check=False, what="remove the tune folder")
+        self.conn.close()
