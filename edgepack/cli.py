@@ -27,6 +27,9 @@ def _run(command: str, fn: Callable[[Output], tuple[Any, str]]) -> None:
     try:
         result, human = fn(out)
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short
         out.failure(UserError("interrupted; nothing was left half-written.", hint="Run the command again."))
         sys.exit(130)
     except EdgepackError as exc:

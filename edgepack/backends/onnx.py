@@ -149,10 +149,16 @@ def _provider(model_dir: Path) -> str:
 class GenaiScorer:
     """Drives onnxruntime-genai exactly as the bundle's runner does, but returns full logits."""
 
-    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+    def __init__(self, model_dir: Path) -> None:
+        import json
+
         og = require("onnxruntime_genai", "onnx", "Scoring ONNX models")
         self._og = og
         config = og.Config(str(model_dir))
+        # One thread: multi-threaded reductions can change the last digits between runs, and the numbers
+        # the gate records must be the same every time (reproducible manifests).
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": 1, "inter_op_num_threads": 1}}}}))
         provider = _provider(model_dir)
         self.scored_on = provider
         if provider == "cuda" and not og.is_cuda_available():

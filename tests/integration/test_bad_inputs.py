@@ -103,6 +103,7 @@ def test_ctrl_c_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tm
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the whole process group
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    # 130, or killed by SIGINT (-2): both are what a shell reports as 130 for an interrupted command.
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert "interrupted" in err
     assert_nothing_written(out)
