@@ -29,30 +29,10 @@ def rss_mb() -> float:
 
 
 def genai(path: str, threads: int, new: int) -> dict:
-    import onnxruntime_genai as og
+    # The same measurement `edgepack build --tune` uses for its candidates.
+    from edgepack.quality.speed import measure
 
-    t0 = time.perf_counter()
-    cfg = og.Config(path)
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(cfg)
-    tok = og.Tokenizer(model)
-    load_s = time.perf_counter() - t0
-    msgs = json.dumps([{"role": "user", "content": PROMPT}])
-    ids = list(tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True)))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new, do_sample=False, min_length=len(ids) + new)
-    gen = og.Generator(model, params)
-    t1 = time.perf_counter()
-    gen.append_tokens(ids)
-    gen.generate_next_token()
-    t2 = time.perf_counter()
-    n = 1
-    while not gen.is_done() and n < new:
-        gen.generate_next_token()
-        n += 1
-    t3 = time.perf_counter()
-    return {"load_s": load_s, "prompt_tokens": len(ids), "prefill_ms": (t2 - t1) * 1000,
-            "decode_tok_s": (n - 1) / (t3 - t2), "new_tokens": n, "peak_rss_mb": rss_mb()}
+    return measure(path, new, threads)
 
 
 def llama(path: str, threads: int, new: int) -> dict:

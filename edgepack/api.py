@@ -7,10 +7,9 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,12 @@ from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import ModelSource, resolve_model
 from edgepack.output import to_jsonable
-from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.stages.render import BundleContext, render
 from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
 from edgepack.stages.wheels import requirements, vendor_wheels
 from edgepack.targets import TargetProfile, load_target
 from edgepack.versions import installed_versions
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    name: str
-    seconds: float
-    artifact: str | None = None
-    bytes: int | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,23 +70,6 @@ class BuildResult:
     tune: tuple[Any, ...] = ()  # CandidateResult rows when built with tune
 
 
-class _Stages:
-    """Times each stage and keeps its record."""
-
-    def __init__(self, progress: ProgressFn) -> None:
-        self.records: list[StageRecord] = []
-        self.progress = progress
-
-    @contextmanager
-    def stage(self, name: str, message: str) -> Iterator[dict[str, Any]]:
-        self.progress(ProgressEvent(name, message))
-        t0 = time.monotonic()
-        info: dict[str, Any] = {}
-        yield info
-        self.records.append(StageRecord(name, round(time.monotonic() - t0, 3), info.pop("artifact", None),
-                                        info.pop("bytes", None), info))
-
-
 def tool_versions() -> dict[str, str]:
     return {"edgepack": __version__, "python": platform.python_version(),
             **installed_versions("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch")}
@@ -116,7 +89,7 @@ def _scheme_summary(target: TargetProfile, options: dict[str, str]) -> str:
 
 def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     """resolve → export → quantize (checked) → validate → wheels → render → publish."""
-    stages = _Stages(progress)
+    stages = StageRecorder(progress)
     with stages.stage("resolve", f"target {req.target}, model {req.model}") as info:
         target = load_target(req.target)
         exporter = exporters.get(target.export.format)

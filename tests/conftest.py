@@ -47,12 +47,15 @@ def envelope(proc: subprocess.CompletedProcess[str]) -> dict:
     return doc
 
 
+def build_smollm2(target: str, out: Path) -> Path:
+    proc = cli("build", "--target", target, "smollm2-135m", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / f"smollm2-135m-{target}"
+
+
 @pytest.fixture(scope="session")
 def smollm2_rpi5_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist-rpi5")
-    proc = cli("build", "--target", "rpi5", "smollm2-135m", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "smollm2-135m-rpi5"
+    return build_smollm2("rpi5", tmp_path_factory.mktemp("dist-rpi5"))
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +73,7 @@ def tiny_target() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_host_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real shipped model built for `host` once per run (about a minute on 2 cores)."""
-    out = tmp_path_factory.mktemp("dist")
-    proc = cli("build", "--target", "host", "smollm2-135m", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "smollm2-135m-host"
+    return build_smollm2("host", tmp_path_factory.mktemp("dist"))
 
 
 needs_sshd = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not __import__("shutil").which("sshd"),

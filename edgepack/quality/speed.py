@@ -43,8 +43,8 @@ def measure(model_dir: str, tokens: int, threads: int) -> dict[str, float]:
         gen.generate_next_token()
         n += 1
     t3 = time.perf_counter()
-    return {"load_s": load_s, "prefill_ms": (t2 - t1) * 1000, "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9),
-            "peak_rss_mb": peak_rss_mb()}
+    return {"load_s": load_s, "prompt_tokens": len(ids), "prefill_ms": (t2 - t1) * 1000,
+            "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9), "new_tokens": n, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> int:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import posixpath
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import MANIFEST
 from edgepack.errors import RemoteError, UserError
-from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote import preflight
 from edgepack.remote.ssh import CommandResult, Connection, quote
 
@@ -24,13 +21,6 @@ SMOKE_TIMEOUT = 900.0
 
 def _helper_source() -> str:
     return resources.files("edgepack.remote").joinpath("device_helper.py").read_text(encoding="utf-8")
-
-
-@dataclass(frozen=True)
-class RemoteStage:
-    name: str
-    seconds: float
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class Device:
@@ -80,22 +70,8 @@ class DeployOutcome:
     repaired_files: tuple[str, ...]
     service: str
     pruned: tuple[str, ...]
-    stages: tuple[RemoteStage, ...]
+    stages: tuple[StageRecord, ...]
     commands: tuple[CommandResult, ...]
-
-
-class _Timer:
-    def __init__(self, progress: ProgressFn) -> None:
-        self.progress = progress
-        self.stages: list[RemoteStage] = []
-
-    @contextmanager
-    def stage(self, name: str, message: str) -> Iterator[dict[str, Any]]:
-        self.progress(ProgressEvent(name, message))
-        t0 = time.monotonic()
-        detail: dict[str, Any] = {}
-        yield detail
-        self.stages.append(RemoteStage(name, round(time.monotonic() - t0, 3), detail))
 
 
 def upload(dev: Device, bundle: Path, manifest: dict[str, Any], staging: str, progress: ProgressFn,
@@ -122,7 +98,7 @@ def upload(dev: Device, bundle: Path, manifest: dict[str, Any], staging: str, pr
 
 def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_dir: str, allow_network: bool,
            keep: int, smoke_tokens: int, progress: ProgressFn = silent) -> DeployOutcome:
-    t = _Timer(progress)
+    t = StageRecorder(progress)
     dev = Device(conn, install_dir)
     bundle_id = manifest["bundle_id"]
     with t.stage("preflight", f"checking {conn.hostname} against {manifest['name']}") as d:
@@ -196,7 +172,7 @@ def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_
     return DeployOutcome(host=conn.hostname, bundle_id=bundle_id, install_dir=dev.install_dir, release_dir=release,
                          switched=True, previous=sw.get("previous"), smoke=smoke, uploaded_files=sent,
                          uploaded_bytes=sent_bytes, skipped_files=skipped, repaired_files=tuple(repaired),
-                         service=service, pruned=tuple(pr.get("removed", [])), stages=tuple(t.stages),
+                         service=service, pruned=tuple(pr.get("removed", [])), stages=tuple(t.records),
                          commands=tuple(conn.records))
 
 
