@@ -40,8 +40,13 @@ lint: install
 	$(BIN)/ruff check edgepack tests bench examples
 	$(BIN)/mypy edgepack
 
+# llama-cpp-python's default native build segfaults in llama_decode on AMX CPUs; build it without AMX (~4 min).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+
 bench: install
-	$(BIN)/python -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36 \
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="$$( [ "$$(uname -m)" = x86_64 ] && echo '$(LLAMA_CMAKE_ARGS)' )" \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36 \
 	  || echo "llama-cpp-python did not install: the llama.cpp peer is skipped (see docs/performance.md)"
 	$(BIN)/python bench/bench_runtime.py --out bench/results
 
