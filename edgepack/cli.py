@@ -267,6 +267,8 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
                  f"smoke test on the device: golden {s.get('golden_match')}/{s.get('golden_required')}, "
                  f"{s.get('tokens_per_s')} tok/s, prefill {s.get('prefill_ms')} ms, peak RSS {s.get('peak_rss_mb')} MB",
                  f"service: {res.service}"]
+        if res.wheels_fetched_for:
+            lines.append(f"wheels: fetched for the device's Python {res.wheels_fetched_for} (the bundle's did not fit)")
         if res.pruned:
             lines.append(f"pruned: {', '.join(res.pruned)}")
         return res, "\n".join(lines)

@@ -70,6 +70,7 @@ class DeployOutcome:
     repaired_files: tuple[str, ...]
     service: str
     pruned: tuple[str, ...]
+    wheels_fetched_for: str  # "" or the device's Python, when the vendored wheels did not fit it
     stages: tuple[StageRecord, ...]
     commands: tuple[CommandResult, ...]
 
@@ -104,10 +105,17 @@ def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_
     with t.stage("preflight", f"checking {conn.hostname} against {manifest['name']}") as d:
         facts = dev.facts(manifest["runtime"].get("execution_provider", "cpu"))
         problems = preflight.check(manifest, facts)
-        if allow_network:
-            problems = [p for p in problems if p.check not in ("python",)]
+        refetch = any(p.check == "python" for p in problems) and not allow_network and bool(facts.get("glibc"))
+        if allow_network or refetch:  # install.sh may use the index, or we bring wheels for this Python
+            problems = [p for p in problems if p.check != "python"]
         d.update(facts=facts, problems=[p.__dict__ for p in problems])
         preflight.enforce(problems, conn.hostname)
+    wheels_dir = ""
+    if refetch:
+        with t.stage("wheels", f"the bundle's wheels are for Python {manifest['target']['python']}; fetching "
+                               f"them for the device's {facts['python']}") as d:
+            wheels_dir = _fetch_wheels_for_device(dev, manifest, facts, progress)
+            d.update(artifact=wheels_dir)
     release = dev.path("releases", bundle_id)
     staging = release + ".partial"
     present = dev.helper("verify", release, what="check an existing release", check=False) \
@@ -144,7 +152,9 @@ def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_
             conn.run(["mv", staging, release], what="publish the release folder")
     with t.stage("install", "install.sh (offline, from wheels/)") as d:
         args = ["sh", posixpath.join(release, "install.sh")] + (["--allow-network"] if allow_network else [])
-        res = conn.run(["env", f"EDGEPACK_VENV={posixpath.join(release, '.venv')}", *args],
+        env = [f"EDGEPACK_VENV={posixpath.join(release, '.venv')}"] + ([f"EDGEPACK_WHEELS={wheels_dir}"]
+                                                                       if wheels_dir else [])
+        res = conn.run(["env", *env, *args],
                        timeout=INSTALL_TIMEOUT, check=False, what="install")
         d.update(exit_code=res.exit_code)
         if not res.ok:
@@ -172,8 +182,26 @@ def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_
     return DeployOutcome(host=conn.hostname, bundle_id=bundle_id, install_dir=dev.install_dir, release_dir=release,
                          switched=True, previous=sw.get("previous"), smoke=smoke, uploaded_files=sent,
                          uploaded_bytes=sent_bytes, skipped_files=skipped, repaired_files=tuple(repaired),
-                         service=service, pruned=tuple(pr.get("removed", [])), stages=tuple(t.records),
+                         service=service, pruned=tuple(pr.get("removed", [])),
+                         wheels_fetched_for=facts["python"] if wheels_dir else "", stages=tuple(t.records),
                          commands=tuple(conn.records))
+
+
+def _fetch_wheels_for_device(dev: Device, manifest: dict[str, Any], facts: dict[str, Any],
+                             progress: ProgressFn) -> str:
+    """Download the same pinned runtime for the device's Python and platform here; upload beside the releases."""
+    from edgepack.stages.wheels import download_wheels, manylinux_tags
+
+    py = ".".join(facts["python"].split(".")[:2])
+    cache = download_wheels(list(manifest["runtime"]["requirements"]), py,
+                            manylinux_tags(facts["arch"], facts["glibc"]), what=dev.conn.hostname, progress=progress)
+    remote = dev.path("wheels", f"cp{py.replace('.', '')}-{facts['arch']}")
+    dev.conn.run(["mkdir", "-p", remote], what="create the wheels folder")
+    have = dev.helper("hashes", remote, what="list uploaded wheels")
+    for whl in sorted(cache.glob("*.whl")):
+        if have.get(whl.name, [None])[0] != whl.stat().st_size:
+            dev.conn.put(whl, posixpath.join(remote, whl.name))
+    return remote
 
 
 def _exists(dev: Device, path: str) -> bool:

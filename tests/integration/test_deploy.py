@@ -310,3 +310,27 @@ def test_tune_on_a_device_times_candidates_there(tiny_bundles: tuple[Path, Path]
     assert m["tune"]["speed_measured_on"].startswith("127.0.0.1 (")
     assert all(c["decode_tok_s"] > 0 for c in m["tune"]["candidates"] if c["passed"])
     assert not (Path(device["install_dir"]) / "tune").exists()  # the device is left as it was
+
+
+def test_device_python_differs_wheels_are_fetched_for_it(tiny_model: Path, device: dict, tmp_path: Path) -> None:
+    """A bundle vendored for Python 3.12 goes to a device with 3.11: edgepack brings the same pinned runtime for
+    the device's Python and platform, and the device still installs offline."""
+    import platform
+
+    from ..conftest import FIXTURES, tiny_bundle_for
+
+    t = tmp_path / "py312.toml"
+    arch = platform.machine()
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        'python = "native"', f'python = "3.12"\nglibc = "2.28"\nwheel_platforms = ["manylinux_2_28_{arch}", '
+                             f'"manylinux_2_27_{arch}", "manylinux2014_{arch}"]'))
+    bundle = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
+    wheels = json.loads((bundle / "edgepack.json").read_text())["runtime"]["wheels"]
+    assert any("cp312" in w for w in wheels)
+    proc, doc = deploy(device, str(bundle))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = doc["result"]
+    assert res["wheels_fetched_for"].startswith("3.11") and res["smoke"]["ok"]
+    fetched = list((Path(device["install_dir"]) / "wheels").glob("cp311-*/onnxruntime_genai-*cp311*.whl"))
+    assert fetched, "the device's wheels folder should hold cp311 wheels"
+    assert any(r["name"] == "wheels" for r in res["stages"])
