@@ -33,6 +33,10 @@ VARIANTS: dict[str, dict[str, object]] = {
                             "sensitive_layers_int8": True},
     "int4-kq-head8-mixed-fp32emb": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
                                     "sensitive_layers_int8": True, "embedding_precision": "fp32"},
+    "int4-kq-head8-int8-ends": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
+                                "sensitive_layers_int8": False, "int8_layers": (0, 1, -2, -1)},
+    "int4-kq-head8-mixed-int8-ends": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
+                                      "sensitive_layers_int8": True, "int8_layers": (0, 1, -2, -1)},
     "int4-kq-head8-mixed-b16": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
                                 "sensitive_layers_int8": True, "block_size": 16},
 }

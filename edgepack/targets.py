@@ -48,6 +48,7 @@ class QuantizeSpec:
     head_precision: Precision = "same"  # lm_head MatMul: int8 keeps the tied head accurate
     embedding_precision: Literal["fp32", "quantized"] = "fp32"
     sensitive_layers_int8: bool = False  # first/last eighth + every third block's qkv/v/down at int8
+    int8_layers: tuple[int, ...] = ()  # per-layer override: these decoder blocks' matmuls at int8 (-1 = last)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _describe(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is tuple:
-        return "a list of strings"
+        return f"a list of {get_args(tp)[0].__name__}s"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -152,7 +153,8 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
             raise bad()
         return value
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        item = get_args(tp)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise bad()
         return tuple(value)
     if tp is bool:

@@ -26,7 +26,22 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 
-def builder_options(q: QuantizeSpec, *, tied: bool) -> tuple[str, dict[str, str]]:
+LAYER_MATMULS = ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+def layer_indices(q: QuantizeSpec, num_layers: int) -> list[int]:
+    out = []
+    for i in q.int8_layers:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise UserError(f"quantize.int8_layers has {i}, but the model has {num_layers} layers.",
+                            hint=f"Use indices 0..{num_layers - 1} (or -1..-{num_layers} from the end).",
+                            field="quantize.int8_layers")
+        out.append(j)
+    return sorted(set(out))
+
+
+def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0) -> tuple[str, dict[str, str]]:
     """Profile quantization knobs → (builder precision, builder extra_options)."""
     opts: dict[str, str] = {}
     if q.scheme in ("int4", "int8"):
@@ -42,8 +57,11 @@ def builder_options(q: QuantizeSpec, *, tied: bool) -> tuple[str, dict[str, str]
             mixed.append("mixed_layers:int8")
         if mixed:
             opts["matmul_mixed_precision"] = ",".join(mixed)
-        if q.head_precision == "fp32":
-            opts["nodes_to_exclude"] = "/lm_head/MatMul"
+        exclude = ["/lm_head/MatMul"] if q.head_precision == "fp32" else []
+        if q.scheme == "int4":  # left float by the builder, then quantized to int8 by _int8_overrides
+            exclude += [f"/model/layers.{i}/{m}/MatMul" for i in layer_indices(q, num_layers) for m in LAYER_MATMULS]
+        if exclude:
+            opts["nodes_to_exclude"] = ",".join(exclude)
     if tied:
         # shared: the embedding Gather reads the (quantized) head weights; fp32: a separate float table.
         opts["shared_embeddings"] = "true" if q.embedding_precision == "quantized" else "false"
@@ -58,6 +76,31 @@ def _graph_stats(model_path: Path) -> GraphStats:
                    for a in n.attribute if a.name == "bits"})
     return GraphStats(nodes=len(model.graph.node), quantized_matmuls=ops.get("MatMulNBits", 0),
                       float_matmuls=ops.get("MatMul", 0), bits=tuple(bits), op_types=dict(sorted(ops.items())))
+
+
+def _int8_overrides(model_path: Path, q: QuantizeSpec, layers: list[int]) -> None:
+    """Quantize the matmuls the builder left float (the per-layer overrides) to int8, blockwise, in place."""
+    import logging
+
+    onnx = require("onnx", "onnx", "Per-layer int8 overrides")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+    model = onnx.load(str(model_path))
+    prefixes = tuple(f"/model/layers.{i}/" for i in layers)
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith(prefixes)]
+    if not names:
+        raise UserError("quantize.int8_layers matched no float MatMul in the exported graph.",
+                        hint="This architecture's layer names differ; remove int8_layers for it.")
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=q.block_size, is_symmetric=True,
+                                     accuracy_level=q.accuracy_level, nodes_to_include=names)
+    quantizer.process()
+    data = model_path.with_name(model_path.name + ".data")
+    data.unlink()
+    quantizer.model.save_model_to_file(str(model_path), use_external_data_format=True)
+    if not data.is_file():
+        raise UserError("int8 overrides wrote the weights under an unexpected name.", path=str(model_path))
 
 
 def _make_reproducible(model_path: Path) -> None:
@@ -99,8 +142,10 @@ class OnnxExporter:
         require("torch", "onnx", "ONNX export")
         import json
 
-        tied = bool(json.loads((source.hf_dir / "config.json").read_text()).get("tie_word_embeddings", False))
-        precision, opts = builder_options(target.quantize, tied=tied)
+        config = json.loads((source.hf_dir / "config.json").read_text())
+        tied = bool(config.get("tie_word_embeddings", False))
+        precision, opts = builder_options(target.quantize, tied=tied,
+                                          num_layers=int(config.get("num_hidden_layers", 0)))
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source.hf_dir),
                "-o", str(out_dir), "-p", precision, "-e", target.export.execution_provider,
                "-c", str(work_dir / "builder-cache")]
@@ -125,6 +170,9 @@ class OnnxExporter:
                 import shutil
 
                 shutil.rmtree(p)
+        if target.quantize.scheme == "int4" and target.quantize.int8_layers:
+            _int8_overrides(out_dir / "model.onnx", target.quantize,
+                            layer_indices(target.quantize, int(config.get("num_hidden_layers", 0))))
         _make_reproducible(out_dir / "model.onnx")
         stats = _graph_stats(out_dir / "model.onnx")
         if precision in ("int4", "int8") and stats.quantized_matmuls == 0:

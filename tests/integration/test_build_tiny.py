@@ -185,3 +185,21 @@ def test_corrupted_scales_are_caught_by_the_gate_and_by_the_device_check(tiny_bu
     line = json.loads(proc.stdout)
     assert proc.returncode == 1 and not line["ok"]
     assert line["top1_vs_build"] < 0.9 and "top-1 agreement with the build machine" in line["error"]
+
+
+def test_per_layer_int8_override(tiny_model: Path, tmp_path: Path) -> None:
+    t = tmp_path / "ovr.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        'algorithm = "default"', 'algorithm = "default"\nint8_layers = [-1]'))
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(tmp_path), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import onnx
+
+    model = onnx.load(str(Path(doc["result"]["bundle"]) / "model" / "model.onnx"), load_external_data=False)
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {b for name, b in bits.items() if name.startswith("/model/layers.1/")} == {8}  # -1 = the last of 2
+    assert {b for name, b in bits.items() if name.startswith("/model/layers.0/")} == {4}
+    assert not any(n.op_type == "MatMul" for n in model.graph.node)
+    assert "INFO" not in proc.stderr  # onnxruntime's quantizer logging stays out of the progress stream
