@@ -7,7 +7,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,22 +247,28 @@ class RunRequest:
     extra_args: tuple[str, ...] = ()
 
 
-def run(req: RunRequest, *, stream: Callable[[str], None] | None = None) -> tuple[int, str]:
-    """Run the bundle's own runner here (same arch only), with this Python if it has the runtime."""
-    import shutil
-    import subprocess
-
-    manifest = read_manifest(req.bundle)
+def bundle_python(bundle: Path) -> str:
+    """The Python that can run a local bundle: its own .venv, else this one if it has the runtime."""
+    manifest = read_manifest(bundle)
     arch = manifest["target"]["arch"]
     if arch != platform.machine():
-        raise UserError(f"bundle {req.bundle.name} is for {arch}; this machine is {platform.machine()}.",
-                        hint="Deploy it with `edgepack deploy --host <device>` or build for `--target host`.")
-    venv_py = req.bundle / ".venv" / "bin" / "python"
-    py = str(venv_py) if venv_py.exists() else sys.executable
-    if py == sys.executable and shutil.which(py) and not _has_module("onnxruntime_genai"):
+        raise UserError(f"bundle {bundle.name} is for {arch}; this machine is {platform.machine()}.",
+                        hint="Deploy it with `edgepack deploy --host <device>` (or `edgepack bench --host`), "
+                             "or build for `--target host`.")
+    venv_py = bundle / ".venv" / "bin" / "python"
+    if venv_py.exists():
+        return str(venv_py)
+    if not _has_module("onnxruntime_genai"):
         raise UserError("this Python has no onnxruntime_genai to run the bundle with.",
-                        hint=f"Run `sh {req.bundle}/install.sh` first, or pip install 'edgepack[onnx]'.")
-    cmd = [py, str(req.bundle / "run.py"), "--prompt", req.prompt]
+                        hint=f"Run `sh {bundle}/install.sh` first, or pip install 'edgepack[onnx]'.")
+    return sys.executable
+
+
+def run(req: RunRequest) -> tuple[int, str]:
+    """Run the bundle's own runner here (same arch only)."""
+    import subprocess
+
+    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--prompt", req.prompt]
     if req.max_tokens is not None:
         cmd += ["--max-tokens", str(req.max_tokens)]
     if req.json_output:
@@ -419,11 +425,7 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
     else:
         bundle = req.bundle or latest_bundle(Path("dist"))
         manifest = read_manifest(bundle)
-        if manifest["target"]["arch"] != platform.machine():
-            raise UserError(f"bundle {bundle.name} is for {manifest['target']['arch']}; this machine is "
-                            f"{platform.machine()}.", hint="Benchmark it on the device: edgepack bench --host ...")
-        venv_py = bundle / ".venv" / "bin" / "python"
-        py = str(venv_py) if venv_py.exists() else sys.executable
+        py = bundle_python(bundle)
         for i in range(req.reps):
             progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} here"))
             proc = subprocess.run([py, str(bundle / "run.py"), *args], capture_output=True, text=True, check=False)
