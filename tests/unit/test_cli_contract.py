@@ -126,3 +126,10 @@ def test_fixture_target_is_valid() -> None:
     from edgepack.targets import load_target
 
     assert load_target(str(FIXTURES / "tiny-target.toml")).id == "tiny-target"
+
+
+def test_cli_reference_in_docs_is_current() -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "docs" / "gen_cli.py")], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout == (root / "docs" / "cli.md").read_text(), "regenerate: make docs/cli.md"
