@@ -99,3 +99,12 @@ def test_fp16_on_cpu_is_refused_with_the_reason(tmp_path: Path) -> None:
     cuda = '[device]\narch = "aarch64"\n[export]\nexecution_provider = "cuda"\n[quantize]\nscheme = "fp16"\n'
     p = write(tmp_path, cuda)
     assert load_target(str(p)).quantize.scheme == "fp16"
+
+
+def test_example_target_files_validate() -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples" / "targets"
+    files = sorted(examples.glob("*.toml"))
+    assert files
+    for f in files:
+        t = load_target(str(f))
+        assert t.id == f.stem and t.quantize.scheme in ("int4", "int8", "fp32")
