@@ -334,3 +334,26 @@ def test_device_python_differs_wheels_are_fetched_for_it(tiny_model: Path, devic
     fetched = list((Path(device["install_dir"]) / "wheels").glob("cp311-*/onnxruntime_genai-*cp311*.whl"))
     assert fetched, "the device's wheels folder should hold cp311 wheels"
     assert any(r["name"] == "wheels" for r in res["stages"])
+
+
+def test_deploy_to_a_board_on_its_own_network(tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
+    """The device lives in its own network namespace at 10.213.<n>.2, reached over a veth 'LAN' as pi.lan."""
+    from ..sshd import LanDevice, make_server, netns_available
+
+    if shutil.which("ip") is None or not netns_available():
+        pytest.skip("cannot create network namespaces here (needs root and iproute2)")
+    lan = LanDevice(os.getpid() % 200 + 20)
+    lan.up()
+    server = make_server(tmp_path / "sshd-lan", address=lan.dev_ip, netns=lan.ns)
+    try:
+        server.start()
+        cfg, kh = server.write_client_files(tmp_path, alias="pi.lan")
+        install = tmp_path / "board" / "edgepack"
+        proc = cli("--json", "deploy", str(tiny_bundles[0]), "--host", "pi.lan", "--ssh-config", str(cfg),
+                   "--known-hosts", str(kh), "--install-dir", str(install))
+        res = envelope(proc)["result"]
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert res["host"] == lan.dev_ip and res["smoke"]["ok"] and (install / "current").is_symlink()
+    finally:
+        server.stop()
+        lan.down()
