@@ -21,6 +21,7 @@ from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import ModelSource, resolve_model
 from edgepack.output import to_jsonable
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
+from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
 from edgepack.stages.render import BundleContext, render
 from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
 from edgepack.stages.wheels import requirements, vendor_wheels
@@ -29,18 +30,9 @@ from edgepack.versions import installed_versions
 
 
 @dataclass(frozen=True)
-class DeviceRequest:
-    """Which device, and how to reach it (see remote.ssh.SSHOptions)."""
+class DeviceRequest(SSHOptions):
+    """Which device, how to reach it (the SSH options), and where its releases live."""
 
-    host: str
-    user: str | None = None
-    port: int | None = None
-    identity: Path | None = None
-    accept_new_host_key: bool = False
-    known_hosts: Path | None = None
-    ssh_config: Path | None = None
-    connect_timeout: float = 15.0
-    command_timeout: float = 300.0
     install_dir: str | None = None  # default: the bundle target's deploy.install_dir, else ~/edgepack
 
 
@@ -166,7 +158,7 @@ def _speed_meter(device: DeviceRequest | None, target: TargetProfile, progress: 
         return
     from edgepack.remote.speed import RemoteSpeedMeter
 
-    meter = RemoteSpeedMeter(_ssh_options(device), device.install_dir or target.deploy.install_dir, progress)
+    meter = RemoteSpeedMeter(device, device.install_dir or target.deploy.install_dir, progress)
     try:
         yield meter
     finally:
@@ -308,14 +300,6 @@ def latest_bundle(dist: Path) -> Path:
     return candidates[-1]
 
 
-def _ssh_options(d: DeviceRequest) -> Any:
-    from edgepack.remote.ssh import SSHOptions
-
-    return SSHOptions(host=d.host, user=d.user, port=d.port, identity=d.identity,
-                      accept_new_host_key=d.accept_new_host_key, known_hosts=d.known_hosts, ssh_config=d.ssh_config,
-                      connect_timeout=d.connect_timeout, command_timeout=d.command_timeout)
-
-
 def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
     """verify locally → connect → preflight → upload → verify → install → smoke → switch → prune."""
     from edgepack.remote.deploy import deploy as remote_deploy
@@ -329,7 +313,7 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
     profile = manifest["target"]["profile"]
     install_dir = req.device.install_dir or profile["deploy"]["install_dir"]
     keep = req.keep or int(profile["deploy"]["keep_releases"])
-    with Connection(_ssh_options(req.device)) as conn:
+    with Connection(req.device) as conn:
         return remote_deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=req.allow_network,
                              keep=keep, smoke_tokens=int(profile["deploy"]["smoke_tokens"]), progress=progress)
 
@@ -338,7 +322,7 @@ def device_status(device: DeviceRequest) -> dict[str, Any]:
     from edgepack.remote.deploy import Device
     from edgepack.remote.ssh import Connection
 
-    with Connection(_ssh_options(device)) as conn:
+    with Connection(device) as conn:
         return Device(conn, device.install_dir or "~/edgepack").helper(
             "status", device.install_dir or "~/edgepack", what="status") | {"host": conn.hostname}
 
@@ -347,7 +331,7 @@ def rollback(device: DeviceRequest) -> dict[str, Any]:
     from edgepack.remote.deploy import Device
     from edgepack.remote.ssh import Connection
 
-    with Connection(_ssh_options(device)) as conn:
+    with Connection(device) as conn:
         res = Device(conn, device.install_dir or "~/edgepack").helper(
             "rollback", device.install_dir or "~/edgepack", what="rollback")
         if not res.get("ok"):
@@ -410,7 +394,7 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
         from edgepack.remote.ssh import Connection
 
         base = (req.device.install_dir or "~/edgepack").rstrip("/") + "/current"
-        with Connection(_ssh_options(req.device)) as conn:
+        with Connection(req.device) as conn:
             home_base = base.replace("~", "$HOME", 1) if base.startswith("~") else shlex.quote(base)
             ident = conn.run(f"readlink {home_base}", what="find the current release", check=False)
             if not ident.ok:

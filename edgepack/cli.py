@@ -215,9 +215,10 @@ def run(bundle: Path, prompt: str, max_tokens: int | None) -> None:
     _run("run", go)
 
 
-def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def _device_options(*, required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The SSH options every device command takes; without `required`, no --host means 'here'."""
     opts = [
-        click.option("--host", required=True, help="Device host name or ~/.ssh/config alias."),
+        click.option("--host", required=required, help="Device host name or ~/.ssh/config alias."),
         click.option("--user", help="SSH user (default: ~/.ssh/config, then $USER)."),
         click.option("--port", type=int, help="SSH port (default: ~/.ssh/config, then 22)."),
         click.option("--identity", type=click.Path(path_type=Path), help="Private key file."),
@@ -229,14 +230,20 @@ def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--connect-timeout", type=float, default=15.0, show_default=True),
         click.option("--command-timeout", type=float, default=300.0, show_default=True),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
 
 
 def _device(kw: dict[str, Any]) -> Any:
     from edgepack import api
 
+    if kw["host"] is None:
+        return None
     return api.DeviceRequest(host=kw["host"], user=kw["user"], port=kw["port"], identity=kw["identity"],
                              accept_new_host_key=kw["accept_new_host_key"], known_hosts=kw["known_hosts"],
                              ssh_config=kw["ssh_config"], install_dir=kw["install_dir"],
@@ -245,7 +252,7 @@ def _device(kw: dict[str, Any]) -> Any:
 
 @cli.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@_device_options
+@_device_options()
 @click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Where to look for the newest bundle when BUNDLE is not given.")
 @click.option("--allow-network", is_flag=True, help="Let the device's pip use a package index if wheels/ does not fit.")
@@ -277,7 +284,7 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
 
 
 @cli.command()
-@_device_options
+@_device_options()
 @_json_option
 def status(**kw: Any) -> None:
     """Releases on a device and which one is current."""
@@ -292,7 +299,7 @@ def status(**kw: Any) -> None:
 
 
 @cli.command()
-@_device_options
+@_device_options()
 @_json_option
 def rollback(**kw: Any) -> None:
     """Switch a device back to its previous release."""
@@ -307,27 +314,16 @@ def rollback(**kw: Any) -> None:
 
 @cli.command("bench")
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@click.option("--host", help="Measure the device's current release over SSH instead of a local bundle.")
-@click.option("--user")
-@click.option("--port", type=int)
-@click.option("--identity", type=click.Path(path_type=Path))
-@click.option("--known-hosts", type=click.Path(path_type=Path))
-@click.option("--ssh-config", type=click.Path(path_type=Path))
-@click.option("--install-dir")
+@_device_options(required=False)
 @click.option("--reps", type=int, default=5, show_default=True, help="Fresh-process runs; the median is reported.")
 @click.option("--tokens", type=int, default=64, show_default=True, help="New tokens per run.")
 @click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
 @_json_option
-def bench_cmd(bundle: Path | None, host: str | None, user: str | None, port: int | None, identity: Path | None,
-              known_hosts: Path | None, ssh_config: Path | None, install_dir: str | None, reps: int, tokens: int,
-              threads: int) -> None:
-    """Prefill, decode speed, peak RSS and load time of a bundle, here or on a device (--host)."""
+def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: Any) -> None:
+    """Prefill, decode speed, peak RSS and load time of a bundle, here or on a device's current release (--host)."""
     from edgepack import api
 
-    device = None
-    if host:
-        device = api.DeviceRequest(host=host, user=user, port=port, identity=identity, known_hosts=known_hosts,
-                                   ssh_config=ssh_config, install_dir=install_dir)
+    device = _device(kw)
 
     def go(o: Output) -> tuple[Any, str]:
         res = api.bench(api.BenchRequest(bundle=bundle, device=device, reps=reps, max_tokens=tokens,
