@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "int4-rtn": {"scheme": "int4", "algorithm": "default", "head_precision": "same", "sensitive_layers_int8": False},
     "int4-rtn-head8": {"scheme": "int4", "algorithm": "rtn", "head_precision": "int8",
                        "sensitive_layers_int8": False},
+    "int4-gptq": {"scheme": "int4", "algorithm": "gptq", "head_precision": "same", "sensitive_layers_int8": False},
     "int4-kq-head8": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
                       "sensitive_layers_int8": False},
     "int4-kq-head8-mixed": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",

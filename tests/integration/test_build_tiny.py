@@ -203,3 +203,45 @@ def test_per_layer_int8_override(tiny_model: Path, tmp_path: Path) -> None:
     assert {b for name, b in bits.items() if name.startswith("/model/layers.0/")} == {4}
     assert not any(n.op_type == "MatMul" for n in model.graph.node)
     assert "INFO" not in proc.stderr  # onnxruntime's quantizer logging stays out of the progress stream
+
+
+def test_gptq_rewrites_the_rtn_weights_in_the_same_graph(tiny_model: Path, tiny_bundle: Path,
+                                                         tmp_path: Path) -> None:
+    cal = tmp_path / "calibration.txt"
+    cal.write_text("The quick brown fox jumps over the lazy dog. 0123456789 sensor reading ok.\n" * 60)
+    t = tmp_path / "gptq.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        'algorithm = "default"', 'algorithm = "gptq"\ncalibration_text = "calibration.txt"'))
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(tmp_path), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GPTQ: " in proc.stderr and "calibration tokens from calibration.txt" in proc.stderr
+    import onnx
+    from onnx import numpy_helper
+
+    def weights(bundle: Path) -> tuple[dict[str, int], dict[str, object]]:
+        model = onnx.load(str(bundle / "model" / "model.onnx"))
+        ops: dict[str, int] = {}
+        for n in model.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        return ops, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_Q4")}
+
+    new_ops, new = weights(Path(doc["result"]["bundle"]))
+    rtn_ops, rtn = weights(tiny_bundle)
+    assert new_ops == rtn_ops  # the same graph and kernels as RTN: the speed of RTN
+    layers = [k for k in rtn if k.startswith("model.layers.")]
+    assert layers and all(not (new[k] == rtn[k]).all() for k in layers)  # type: ignore[attr-defined]
+    assert (new["lm_head.MatMul.weight_Q4"] == rtn["lm_head.MatMul.weight_Q4"]).all()  # type: ignore[attr-defined]
+    m = json.loads((Path(doc["result"]["bundle"]) / "edgepack.json").read_text())
+    assert m["quality"]["passed"] is True
+
+
+def test_gptq_calibration_text_must_exist(tiny_model: Path, tmp_path: Path) -> None:
+    t = tmp_path / "gptq.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        'algorithm = "default"', 'algorithm = "gptq"\ncalibration_text = "missing.txt"'))
+    out = tmp_path / "dist"
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(out), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 1 and doc["error"]["field"] == "quantize.calibration_text"
+    assert "missing.txt" in doc["error"]["message"] and not list(out.glob("*"))

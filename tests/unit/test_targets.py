@@ -108,3 +108,16 @@ def test_example_target_files_validate() -> None:
     for f in files:
         t = load_target(str(f))
         assert t.id == f.stem and t.quantize.scheme in ("int4", "int8", "fp32")
+
+
+def test_gptq_needs_symmetric_int4_and_calibration_text_needs_gptq(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "gptq"\nsymmetric = false\n')
+    with pytest.raises(TargetError, match="symmetric int4 weights only") as err:
+        load_target(str(p))
+    assert err.value.fields["field"] == "quantize.algorithm"
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\ncalibration_text = "c.txt"\n')
+    with pytest.raises(TargetError, match="read by algorithm = \"gptq\" only"):
+        load_target(str(p))
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "k_quant_mixed"\n')
+    with pytest.raises(TargetError, match="'default', 'rtn', 'k_quant', 'gptq'"):
+        load_target(str(p))

@@ -1,0 +1,340 @@
+"""GPTQ for the onnxruntime-genai graph: error-compensating int4 weights in the builder's own MatMulNBits layout.
+
+The builder quantizes round-to-nearest (RTN). GPTQ (Frantar et al., 2022) quantizes a weight matrix one input
+column at a time and spreads each column's rounding error over the columns not yet quantized, weighted by the
+inverse Hessian of the layer's inputs (H = X^T X over calibration tokens). The result is written into the same
+initializers the builder made, so the graph, the kernels and the speed are exactly those of RTN int4.
+
+Calibration text is sampled from the model itself (seeded, so a rebuild gives the same bytes): no dataset has
+to ship, and the held-out text that the quality gate scores stays unseen.
+
+onnxruntime 1.32 has a GPTQ quantizer of its own; it produced a broken model for SmolLM2 without an error
+(docs/targets.md), which is why this one exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import ModelError, UserError, require
+from edgepack.models import ModelSource
+from edgepack.progress import ProgressEvent, ProgressFn
+from edgepack.resources import cache_root
+from edgepack.targets import TargetProfile
+
+log = logging.getLogger(__name__)
+
+# builder MatMul name (inside /model/layers.{i}/) → the HF Linear modules it fuses, concatenated on the output axis
+_FUSED = {
+    "attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn/o_proj": ("self_attn.o_proj",),
+    "mlp/gate_proj": ("mlp.gate_proj",),
+    "mlp/up_proj": ("mlp.up_proj",),
+    "mlp/down_proj": ("mlp.down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    text: Path | None = None  # a UTF-8 file of the device's domain; None = sampled from the model
+    samples: int = 16
+    tokens: int = 256
+    seed: int = 0
+    damp: float = 0.01
+
+
+def calibration_path(target: TargetProfile) -> Path | None:
+    """quantize.calibration_text, relative to the target file's folder."""
+    ref = target.quantize.calibration_text
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = Path(target.source).parent / path
+    if not path.is_file():
+        raise UserError(f"quantize.calibration_text {ref} does not exist (looked at {path}).",
+                        hint="Give a UTF-8 text file, relative to the target file, or remove the field to "
+                             "calibrate on text sampled from the model.", path=str(path),
+                        field="quantize.calibration_text")
+    return path
+
+
+@dataclass
+class Quantized:
+    codes: Any  # uint8 [N, K] in 0..15
+    scales: Any  # float32 [N, K // block]
+
+
+def quantize_symmetric(w: Any, scale: Any) -> Any:
+    """The builder's symmetric int4 grid: q = round(w / scale) + 8 clamped to 0..15, with scale = m / -8 where m is
+    the group's signed extreme, so the extreme lands exactly on code 0."""
+    import torch
+
+    return torch.clamp(torch.round(w / scale) + 8, 0, 15)
+
+
+def group_scale(w: Any) -> Any:
+    """Per-row scale of a [N, block] group, as the builder computes it (a zero group gets scale 1)."""
+    import torch
+
+    idx = torch.argmax(w.abs(), dim=1, keepdim=True)
+    m = torch.gather(w, 1, idx).squeeze(1)
+    return torch.where(m == 0, torch.ones_like(m), m / -8.0)
+
+
+def gptq(weight: Any, hessian: Any, block: int, *, damp: float = 0.01, lazy: int = 128) -> Quantized:
+    """Quantize weight [N, K] (rows = output features) against the input Hessian [K, K]."""
+    import torch
+
+    W = weight.detach().clone().double()
+    H = hessian.detach().clone().double()
+    n, k = W.shape
+    if k % block:
+        raise UserError(f"GPTQ block size {block} does not divide the input size {k} of a weight.",
+                        hint="Use a quantize.block_size that divides every matmul's input size.")
+    lazy = max(block, lazy // block * block)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    scales = torch.zeros(n, k // block, dtype=torch.float64)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        scale = torch.ones(n, dtype=W.dtype)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                scale = group_scale(W1[:, i:i + block])
+                scales[:, col // block] = scale
+            w = W1[:, i]
+            q = quantize_symmetric(w, scale)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - (q - 8) * scale) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return Quantized(codes=codes, scales=scales.float())
+
+
+def rtn(weight: Any, block: int) -> Quantized:
+    import torch
+
+    W = weight.detach().double()
+    n, k = W.shape
+    g = W.reshape(n, k // block, block)
+    idx = torch.argmax(g.abs(), dim=2, keepdim=True)
+    m = torch.gather(g, 2, idx)
+    s = torch.where(m == 0, torch.ones_like(m), m / -8.0)
+    q = torch.clamp(torch.round(g / s) + 8, 0, 15)
+    return Quantized(codes=q.reshape(n, k).to(torch.uint8), scales=s.squeeze(2).float())
+
+
+def dequantize(q: Quantized, block: int) -> Any:
+    import torch
+
+    n, k = q.codes.shape
+    g = (q.codes.reshape(n, k // block, block).float() - 8) * q.scales.unsqueeze(2)
+    return g.reshape(n, k).to(torch.float32)
+
+
+def pack(q: Quantized, block: int) -> tuple[Any, Any]:
+    """→ (B uint8 [N, K/block, block/2], scales float32 [N, K/block]), MatMulNBits' layout (low nibble first)."""
+    import numpy as np
+
+    codes = q.codes.numpy().astype(np.uint8)
+    n, k = codes.shape
+    pairs = codes.reshape(n, k // block, block // 2, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    return packed, q.scales.numpy().astype(np.float32)
+
+
+def calibration_ids(model: Any, source: ModelSource, cal: Calibration, progress: ProgressFn) -> Any:
+    """[samples, tokens] ids: chunks of the calibration text, or sequences sampled from the model (cached)."""
+    import torch
+
+    if cal.text is not None:
+        transformers = require("transformers", "onnx", "GPTQ quantization")
+        tok = transformers.AutoTokenizer.from_pretrained(str(source.hf_dir))
+        ids = tok(cal.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        n = min(cal.samples, len(ids) // cal.tokens)
+        if n < 1:
+            raise UserError(f"calibration text {cal.text} has {len(ids)} tokens; GPTQ needs at least {cal.tokens}.",
+                            hint=f"Use a longer text (≈{cal.samples * cal.tokens} tokens is plenty).",
+                            path=str(cal.text))
+        progress(ProgressEvent("quantize", f"GPTQ: {n}×{cal.tokens} calibration tokens from {cal.text.name}"))
+        return torch.tensor(ids[:n * cal.tokens]).reshape(n, cal.tokens)
+    cache = cache_root() / "calibration" / (
+        f"{source.weights_sha256[:20]}-s{cal.samples}-t{cal.tokens}-seed{cal.seed}.pt")
+    if cache.is_file():
+        return torch.load(cache)
+    progress(ProgressEvent("quantize", f"GPTQ: sampling {cal.samples}×{cal.tokens} calibration tokens"))
+    ids = _sample(model, int(model.config.vocab_size), cal)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(ids, tmp)
+    tmp.replace(cache)
+    return ids
+
+
+def _sample(model: Any, vocab_size: int, cal: Calibration) -> Any:
+    """A random first token, then top-50 sampling from the model (seeded)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(cal.seed)
+    first = torch.randint(0, vocab_size, (cal.samples, 1), generator=gen)
+    torch.manual_seed(cal.seed)
+    with torch.no_grad():
+        out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=50,
+                             temperature=1.0, max_new_tokens=cal.tokens - 1, min_new_tokens=cal.tokens - 1,
+                             pad_token_id=0)
+    return out[:, :cal.tokens]
+
+
+class _Capture(Exception):
+    pass
+
+
+def _layer_inputs(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
+    """Hidden states and keyword arguments that the model passes to its first decoder layer."""
+    import torch
+
+    seen: dict[str, Any] = {}
+
+    def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Capture
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    except _Capture:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in seen:
+        raise ModelError("GPTQ could not capture the first decoder layer's inputs.")
+    kwargs = seen["kwargs"]
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return seen["hidden"], kwargs
+
+
+def _hessians(layer: Any, hidden: Any, kwargs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    import torch
+
+    hs: dict[str, Any] = {}
+    handles = []
+    for name in names:
+        mod = layer.get_submodule(name)
+
+        def hook(_m: Any, inp: tuple[Any, ...], _out: Any, name: str = name) -> None:
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            hs[name] = hs.get(name, 0) + x.T @ x
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def _layer_out(layer: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: bool,
+                   progress: ProgressFn) -> Iterator[tuple[str, Quantized]]:
+    """Yield (builder MatMul name, quantized weights) for every decoder matmul, and /lm_head/MatMul if head."""
+    torch = require("torch", "onnx", "GPTQ quantization")
+    transformers = require("transformers", "onnx", "GPTQ quantization")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source.hf_dir), dtype=torch.float32)
+    model.eval()
+    ids = calibration_ids(model, source, cal, progress)
+    hidden, kwargs = _layer_inputs(model, ids)
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        progress(ProgressEvent("quantize", f"GPTQ: layer {i + 1}/{len(layers)}"))
+        first = {fused: parts[0] for fused, parts in _FUSED.items()}
+        hs = _hessians(layer, hidden, kwargs, sorted(set(first.values())))
+        for fused, parts in _FUSED.items():
+            mods = [layer.get_submodule(p) for p in parts]
+            weight = torch.cat([m.weight.data for m in mods], dim=0)
+            q = gptq(weight, hs[first[fused]], block, damp=cal.damp)
+            deq = dequantize(q, block)
+            row = 0
+            for m in mods:
+                rows = m.weight.shape[0]
+                m.weight.data.copy_(deq[row:row + rows])
+                row += rows
+            yield f"/model/layers.{i}/{fused}/MatMul", q
+        hidden = _layer_out(layer, hidden, kwargs)
+    if head:
+        with torch.no_grad():
+            normed = model.model.norm(hidden)
+        x = normed.reshape(-1, normed.shape[-1]).double()
+        progress(ProgressEvent("quantize", "GPTQ: lm_head"))
+        yield "/lm_head/MatMul", gptq(model.lm_head.weight.data, x.T @ x, block, damp=cal.damp)
+
+
+def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *, head: bool,
+          progress: ProgressFn) -> int:
+    """Replace the weights of the builder's symmetric int4 MatMulNBits nodes with GPTQ's, in place.
+    Returns the number of matmuls rewritten."""
+    onnx = require("onnx", "onnx", "GPTQ quantization")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name.rsplit("_Q4", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    done = 0
+    for name, q in quantize_model(source, block, cal, head=head, progress=progress):
+        node = nodes.get(name)
+        if node is None:
+            continue  # left at int8/float by a per-layer override or the head knob
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("bits") != 4 or attrs.get("block_size") != block or len(node.input) > 3 and node.input[3]:
+            raise ModelError(f"GPTQ expected a symmetric 4-bit MatMulNBits for {name}, found {attrs}.",
+                             hint="GPTQ needs quantize.symmetric = true and algorithm-compatible settings.")
+        packed, scales = pack(q, block)
+        for init_name, arr in ((node.input[1], packed), (node.input[2], scales)):
+            old = inits[init_name]
+            if tuple(old.dims) != arr.shape:
+                raise ModelError(f"GPTQ weights for {name} have shape {arr.shape}, the graph has {tuple(old.dims)}.")
+            new = numpy_helper.from_array(arr, init_name)
+            old.CopyFrom(new)
+        done += 1
+    data = model_path.with_name(model_path.name + ".data")
+    tmp = model_path.with_name(model_path.name + ".gptq")
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name + ".gptq", size_threshold=1024)
+    data.unlink()
+    model_path.with_name(data.name + ".gptq").rename(data)
+    # the graph file still names the temporary data file: point it at the final one
+    fixed = onnx.load(str(tmp), load_external_data=False)
+    for t in fixed.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data.name
+    tmp.write_bytes(fixed.SerializeToString(deterministic=True))
+    tmp.replace(model_path)
+    log.debug("GPTQ rewrote %d matmuls", done)
+    return done

@@ -1,0 +1,51 @@
+"""GPTQ's arithmetic against round-to-nearest, on random matrices (fast, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgepack.backends import gptq  # noqa: E402
+
+
+def _case(n: int = 48, k: int = 128, seed: int = 0) -> tuple[object, object]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) * 0.3 + torch.eye(k)  # correlated inputs, like real activations
+    x = torch.randn(512, k, generator=g) @ mix
+    x[:, 3] *= 20  # an outlier channel
+    return w, (x.T @ x).double()
+
+
+def test_identity_hessian_is_round_to_nearest() -> None:
+    w, _ = _case()
+    assert torch.equal(gptq.gptq(w, torch.eye(128), 32, damp=0.0).codes, gptq.rtn(w, 32).codes)
+
+
+def test_gptq_lowers_the_output_error_that_rtn_leaves() -> None:
+    w, h = _case()
+
+    def loss(q: gptq.Quantized) -> float:
+        d = (gptq.dequantize(q, 32) - w).double()
+        return float(torch.einsum("nk,kl,nl->", d, h, d))
+
+    assert loss(gptq.gptq(w, h, 32)) < 0.7 * loss(gptq.rtn(w, 32))
+
+
+def test_codes_scales_and_packing_follow_matmulnbits() -> None:
+    w, h = _case()
+    q = gptq.gptq(w, h, 32)
+    assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= 15 and q.scales.shape == (48, 4)
+    packed, scales = gptq.pack(q, 32)
+    assert packed.shape == (48, 4, 16) and packed.dtype.name == "uint8" and scales.dtype.name == "float32"
+    lo, hi = packed & 0xF, packed >> 4
+    assert (lo[:, 0, 0] == q.codes[:, 0].numpy()).all() and (hi[:, 0, 0] == q.codes[:, 1].numpy()).all()
+
+
+def test_block_must_divide_the_input_size() -> None:
+    from edgepack.errors import UserError
+
+    w, h = _case(k=96)
+    with pytest.raises(UserError, match="does not divide"):
+        gptq.gptq(w, h[:96, :96], 64)
