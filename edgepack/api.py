@@ -47,6 +47,7 @@ class BuildRequest:
     tune: bool = False  # build the profile's [tune] candidates, keep the fastest that passes the gate
     plot: Path | None = None  # with tune: a PNG of speed vs quality
     tune_on: DeviceRequest | None = None  # with tune: time the candidates on this device, not here
+    format: str | None = None  # override the target's export.format (onnx | tflite)
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,25 @@ def _scheme_summary(target: TargetProfile, options: dict[str, str]) -> str:
     return ", ".join(parts)
 
 
+# runtime name (Exporter.runtime) → the module a bundle's Python must import
+RUNTIME_MODULES = {"onnxruntime-genai": "onnxruntime_genai", "litert-lm": "litert_lm", "litert": "ai_edge_litert"}
+
+
+def with_format(target: TargetProfile, fmt: str | None) -> TargetProfile:
+    """`--format` overrides the target's export format, and with it the runtime template and packages."""
+    if fmt is None or fmt == target.export.format:
+        return target
+    exporter = exporters.get(fmt)
+    export = dataclasses.replace(target.export, format=fmt)
+    runtime = dataclasses.replace(target.runtime, template=exporter.template, packages=exporter.packages)
+    return dataclasses.replace(target, export=export, runtime=runtime)
+
+
 def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     """resolve → export → quantize (checked) → validate → wheels → render → publish."""
     stages = StageRecorder(progress)
     with stages.stage("resolve", f"target {req.target}, model {req.model}") as info:
-        target = load_target(req.target)
+        target = with_format(load_target(req.target), req.format)
         exporter = exporters.get(target.export.format)
         source = resolve_model(req.model, progress=progress)
         exporter.check_supported(source)
@@ -179,7 +194,7 @@ def _context(name: str, source: ModelSource, target: TargetProfile, options: dic
         golden_checked=report.golden_checked, device_ids=report.device_ids, device_ppl=report.device_ppl,
         device_top1=report.device_top1, device_max_ppl_drift_pct=target.quality.device_max_ppl_drift_pct,
         device_min_top1=target.quality.device_min_top1, requirements=tuple(reqs),
-        import_check="onnxruntime_genai", system_site_packages=system_site,
+        import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=system_site,
         service_dir=f"{target.deploy.install_dir.removeprefix('~/')}/current", serve_addr="127.0.0.1:8089",
         quality=report)
 
@@ -250,9 +265,11 @@ def bundle_python(bundle: Path) -> str:
     venv_py = bundle / ".venv" / "bin" / "python"
     if venv_py.exists():
         return str(venv_py)
-    if not _has_module("onnxruntime_genai"):
-        raise UserError("this Python has no onnxruntime_genai to run the bundle with.",
-                        hint=f"Run `sh {bundle}/install.sh` first, or pip install 'edgepack[onnx]'.")
+    fmt = manifest["export"]["format"]
+    module = RUNTIME_MODULES[exporters.get(fmt).runtime]
+    if not _has_module(module):
+        raise UserError(f"this Python has no {module} to run the bundle with.",
+                        hint=f"Run `sh {bundle}/install.sh` first, or pip install 'edgepack[{fmt}]'.")
     return sys.executable
 
 
@@ -289,6 +306,7 @@ class DeployRequest:
     dist: Path = Path("dist")
     allow_network: bool = False
     keep: int | None = None
+    via: str = "ssh"  # ssh | adb (push to an Android device; host = adb serial, optional)
 
 
 def latest_bundle(dist: Path) -> Path:
@@ -313,7 +331,12 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
     profile = manifest["target"]["profile"]
     install_dir = req.device.install_dir or profile["deploy"]["install_dir"]
     keep = req.keep or int(profile["deploy"]["keep_releases"])
-    with Connection(req.device) as conn:
+    device = dataclasses.replace(req.device, default_port=int(profile["deploy"].get("ssh_port", 22)))
+    if req.via == "adb":
+        from edgepack.remote.adb import deploy_adb
+
+        return deploy_adb(bundle, manifest, serial=req.device.host or None, progress=progress)
+    with Connection(device) as conn:
         return remote_deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=req.allow_network,
                              keep=keep, smoke_tokens=int(profile["deploy"]["smoke_tokens"]), progress=progress)
 

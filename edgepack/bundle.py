@@ -14,7 +14,7 @@ from edgepack.fsutil import sha256_file
 MANIFEST = "edgepack.json"
 SCHEMA = "edgepack.bundle/1"
 # Files a device may create inside an installed bundle; they are not part of the manifest.
-LOCAL_ONLY = (".venv", "__pycache__")
+LOCAL_ONLY = (".venv", "__pycache__", ".cache")  # made on the device: venv, bytecode, XNNPACK cache
 
 
 @dataclass(frozen=True)

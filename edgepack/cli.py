@@ -76,6 +76,8 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
               help="A target id (`edgepack targets list`) or a path to your own .toml.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Parent folder; the bundle lands in OUT/<model>-<target>/.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]),
+              help="Override the target's export format (and with it the runtime).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--skip-validation", is_flag=True, help="Skip the quality gate (recorded in the manifest).")
 @click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
@@ -86,8 +88,8 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--known-hosts", type=click.Path(path_type=Path), help="With --tune-on: known_hosts file.")
 @click.option("--install-dir", help="With --tune-on: where the device's releases live.")
 @_json_option
-def build(model: str, target: str, out: Path, force: bool, skip_validation: bool, no_wheels: bool, tune: bool,
-          plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
+def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip_validation: bool, no_wheels: bool,
+          tune: bool, plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
           install_dir: str | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
@@ -97,7 +99,7 @@ def build(model: str, target: str, out: Path, force: bool, skip_validation: bool
     from edgepack import api
 
     def go(o: Output) -> tuple[Any, str]:
-        res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force,
+        res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force, format=fmt,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
                                          tune=tune, plot=plot,
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,
@@ -252,19 +254,32 @@ def _device(kw: dict[str, Any]) -> Any:
 
 @cli.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@_device_options()
+@_device_options(required=False)
 @click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Where to look for the newest bundle when BUNDLE is not given.")
 @click.option("--allow-network", is_flag=True, help="Let the device's pip use a package index if wheels/ does not fit.")
 @click.option("--keep", type=int, help="Releases to keep on the device (default: the target's).")
+@click.option("--via", type=click.Choice(["ssh", "adb"]), default="ssh", show_default=True,
+              help="ssh: install and smoke-test over SSH. adb: push to an Android phone (no --host needed).")
+@click.option("--serial", help="With --via adb: the device serial (`adb devices`), when several are connected.")
 @_json_option
-def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, **kw: Any) -> None:
+def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, via: str, serial: str | None,
+           **kw: Any) -> None:
     """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it."""
     from edgepack import api
+    from edgepack.errors import UserError
+
+    if via == "ssh" and kw["host"] is None:
+        raise click.UsageError("--host is required (or --via adb for an Android phone over USB).")
+    if via == "adb" and kw["host"] is not None:
+        raise click.UsageError("--via adb takes --serial, not --host.")
 
     def go(o: Output) -> tuple[Any, str]:
-        res = api.deploy(api.DeployRequest(device=_device(kw), bundle=bundle, dist=dist,
-                                           allow_network=allow_network, keep=keep), progress=o.progress)
+        device = _device(kw) if via == "ssh" else api.DeviceRequest(host=serial or "")
+        if device is None:
+            raise UserError("no device given.", hint="Pass --host.")
+        res = api.deploy(api.DeployRequest(device=device, bundle=bundle, dist=dist, allow_network=allow_network,
+                                           keep=keep, via=via), progress=o.progress)
         s = res.smoke
         lines = [f"deployed {res.bundle_id} to {res.host}:{res.release_dir}",
                  f"current → {res.bundle_id} (was {res.previous or 'nothing'})",

@@ -69,6 +69,7 @@ class RuntimeSpec:
     threads: int = 0  # 0 = runtime default
     packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")  # versions pinned to the build's
     max_new_tokens: int = 128
+    android_sample: bool = False  # render android/ (Kotlin + Gradle integration sample) into the bundle
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class DeploySpec:
     keep_releases: int = 3
     systemd: bool = False
     smoke_tokens: int = 16
+    ssh_port: int = 22  # when neither --port nor ~/.ssh/config names one (Termux's sshd listens on 8022)
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def _check_consistency(p: TargetProfile) -> None:
     if p.export.format not in exporters:
         raise UnknownNameError("export format", p.export.format, exporters.names(),
                                hint=f"Fix export.format in {p.source}.")
-    if p.quantize.scheme == "fp16" and p.export.execution_provider == "cpu":
+    if p.quantize.scheme == "fp16" and p.export.execution_provider == "cpu" and p.export.format == "onnx":
         raise TargetError(
             f"{p.source}: quantize.scheme = \"fp16\" needs export.execution_provider = \"cuda\": the builder's fp16 "
             "CPU graph fails to decode in onnxruntime-genai 0.18 (\"Shape mismatch attempting to re-use buffer\").",

@@ -10,3 +10,4 @@ exporters: Registry[type[Exporter]] = Registry(
 
 # Registration happens on import; the modules import nothing heavy at top level.
 from edgepack.backends import onnx as _onnx  # noqa: E402,F401
+from edgepack.backends import tflite as _tflite  # noqa: E402,F401

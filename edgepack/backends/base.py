@@ -44,6 +44,8 @@ class Scorer(Protocol):
 class Exporter(Protocol):
     format: str
     runtime: str
+    template: str  # the runtime template a target gets when --format picks this exporter
+    packages: tuple[str, ...]  # the runtime distributions to vendor with it
 
     @staticmethod
     def check_supported(source: ModelSource) -> None: ...

@@ -124,6 +124,8 @@ def runtime_versions() -> dict[str, str]:
 class OnnxExporter:
     format = "onnx"
     runtime = "onnxruntime-genai"
+    template = "onnxruntime-genai"
+    packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")
 
     @staticmethod
     def check_supported(source: ModelSource) -> None:

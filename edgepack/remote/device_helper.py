@@ -102,7 +102,7 @@ def hashes(directory):
     out = {}
     if os.path.isdir(directory):
         for root, dirs, files in os.walk(directory):
-            dirs[:] = [d for d in dirs if d not in (".venv", "__pycache__")]
+            dirs[:] = [d for d in dirs if d not in (".venv", "__pycache__", ".cache")]
             for name in files:
                 p = os.path.join(root, name)
                 rel = os.path.relpath(p, directory).replace(os.sep, "/")

@@ -26,6 +26,7 @@ class SSHOptions:
     host: str
     user: str | None = None
     port: int | None = None
+    default_port: int = 22  # used when neither port nor ~/.ssh/config gives one (a target's deploy.ssh_port)
     identity: Path | None = None
     accept_new_host_key: bool = False
     known_hosts: Path | None = None  # default: ~/.ssh/known_hosts (and UserKnownHostsFile from the config)
@@ -85,7 +86,7 @@ class Connection:
             conf = paramiko.SSHConfig.from_path(str(cfg_path)).lookup(self.opts.host)
         hostname = conf.get("hostname", self.opts.host)
         user = self.opts.user or conf.get("user") or os.environ.get("USER") or "root"
-        port = self.opts.port or int(conf.get("port", 22))
+        port = self.opts.port or int(conf.get("port", self.opts.default_port))
         keys = [str(self.opts.identity)] if self.opts.identity else [
             os.path.expanduser(k) for k in conf.get("identityfile", [])]
         known = self.opts.known_hosts or Path(

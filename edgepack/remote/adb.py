@@ -1,0 +1,121 @@
+"""`edgepack deploy --via adb`: push a bundle to an Android device over adb, verify it, switch to it.
+
+Android has no Python of its own: the bundle's model is meant to be loaded by the app (see the bundle's android/
+folder). So adb deploys stage the files under /data/local/tmp/edgepack/releases/<id>, check every sha256 with
+the device's toybox, and switch by atomically renaming a CURRENT file that names the release. The smoke test
+runs only where a `python3` is on the adb shell's PATH; otherwise the result says it was skipped, and why.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import RemoteError, UserError
+from edgepack.progress import ProgressEvent, ProgressFn, StageRecorder
+from edgepack.remote.deploy import DeployOutcome
+from edgepack.remote.ssh import CommandResult
+
+ROOT = "/data/local/tmp/edgepack"
+ABIS = {"aarch64": "arm64-v8a", "armv7l": "armeabi-v7a", "x86_64": "x86_64"}
+
+
+class Adb:
+    def __init__(self, serial: str | None, timeout: float = 300.0) -> None:
+        exe = shutil.which("adb")
+        if exe is None:
+            raise UserError("adb is not on PATH.",
+                            hint="Install Android platform-tools (apt install adb, or the SDK's platform-tools) "
+                                 "and enable USB debugging on the phone.")
+        self.base = [exe] + (["-s", serial] if serial else [])
+        self.serial = serial or "(default device)"
+        self.timeout = timeout
+        self.records: list[CommandResult] = []
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=self.timeout,
+                                  check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise RemoteError(f"adb {' '.join(args[:2])} timed out after {self.timeout:.0f} s.",
+                              hint="Check the USB connection (`adb devices`).") from exc
+        self.records.append(CommandResult(command="adb " + " ".join(args), exit_code=proc.returncode,
+                                          seconds=round(time.monotonic() - t0, 3),
+                                          stdout_tail=tuple(proc.stdout.splitlines()[-10:]),
+                                          stderr_tail=tuple(proc.stderr.splitlines()[-10:])))
+        if check and proc.returncode != 0:
+            raise RemoteError(f"adb {' '.join(args[:2])} failed on {self.serial} (exit {proc.returncode}): "
+                              f"{(proc.stderr or proc.stdout).strip()[-300:]}",
+                              hint="`adb devices` lists what is connected; pass --serial to pick one.")
+        return proc.stdout
+
+    def shell(self, script: str, check: bool = True) -> str:
+        return self("shell", script, check=check)
+
+
+def deploy_adb(bundle: Path, manifest: dict[str, Any], *, serial: str | None,
+               progress: ProgressFn) -> DeployOutcome:
+    stages = StageRecorder(progress)
+    adb = Adb(serial)
+    bundle_id = manifest["bundle_id"]
+    release = f"{ROOT}/releases/{bundle_id}"
+    with stages.stage("preflight", f"adb device {adb.serial}") as info:
+        state = adb("get-state", check=False).strip()
+        if state != "device":
+            raise UserError(f"adb sees no ready device ({state or 'none'}).",
+                            hint="Connect the phone, enable USB debugging and accept the prompt; `adb devices`.")
+        abi = adb.shell("getprop ro.product.cpu.abi").strip()
+        want = ABIS.get(manifest["target"]["arch"], manifest["target"]["arch"])
+        if abi != want:
+            raise UserError(f"the device's ABI is {abi}; bundle {bundle.name} is for {want}.",
+                            hint="Build for a target with the phone's architecture.", abi=abi)
+        info.update(abi=abi)
+    files = list(manifest["files"])
+    total = sum(int(f["bytes"]) for f in files)
+    with stages.stage("upload", f"{len(files)} files, {total / 1e6:.1f} MB to {release}") as info:
+        adb.shell(f"rm -rf {shlex.quote(release)}.partial && mkdir -p {shlex.quote(release)}.partial")
+        adb("push", f"{bundle}/.", f"{release}.partial")
+        info.update(files=len(files), bytes=total)
+    with stages.stage("verify", "sha256 of every file on the device") as info:
+        paths = " ".join(shlex.quote(f"{release}.partial/{f['path']}") for f in files)
+        out = adb.shell(f"sha256sum {paths}")
+        got = {line.split()[1][len(release) + len(".partial/"):]: line.split()[0]
+               for line in out.splitlines() if len(line.split()) == 2}
+        bad = [f["path"] for f in files if got.get(f["path"]) != f["sha256"]]
+        if bad:
+            raise RemoteError(f"{len(bad)} files differ on the device after adb push: {bad[:5]}",
+                              hint="Re-run the deploy; if it repeats, check the device's storage.", files=bad)
+        info.update(verified=len(files))
+    with stages.stage("smoke", "smoke test where the device has a python3") as info:
+        has_py = adb.shell("command -v python3 || true").strip()
+        if has_py:
+            import json
+
+            out = adb.shell(f"cd {shlex.quote(release)}.partial && python3 smoke_test.py", check=False)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            smoke: dict[str, Any] = json.loads(lines[-1]) if lines else {"ok": False, "error": out[-300:]}
+            if not smoke.get("ok"):
+                adb.shell(f"rm -rf {shlex.quote(release)}.partial", check=False)
+                raise RemoteError(f"the smoke test failed on the device: {smoke.get('error')}",
+                                  hint="CURRENT still names the previous release.", smoke=smoke)
+        else:
+            smoke = {"ok": None, "skipped": "no python3 on the device's adb shell: the app in android/ loads "
+                                            "the model; run its smoke test through Termux over SSH instead"}
+        info.update(smoke=smoke)
+    with stages.stage("switch", "CURRENT → this release (atomic rename)") as info:
+        previous = adb.shell(f"cat {ROOT}/CURRENT 2>/dev/null || true").strip() or None
+        adb.shell(f"rm -rf {shlex.quote(release)} && mv {shlex.quote(release)}.partial {shlex.quote(release)} && "
+                  f"echo {shlex.quote(bundle_id)} > {ROOT}/CURRENT.new && mv -f {ROOT}/CURRENT.new {ROOT}/CURRENT")
+        info.update(previous=previous)
+    progress(ProgressEvent("done", f"{bundle_id} is current on {adb.serial}"))
+    return DeployOutcome(host=f"adb:{adb.serial}", bundle_id=bundle_id, install_dir=ROOT, release_dir=release,
+                         switched=True, previous=previous, smoke=smoke, uploaded_files=len(files),
+                         uploaded_bytes=total, skipped_files=0, repaired_files=(), service="none (adb)",
+                         pruned=(), wheels_fetched_for="", stages=tuple(stages.records),
+                         commands=tuple(adb.records))
+
