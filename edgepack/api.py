@@ -154,7 +154,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             name = final.name
             ctx = _context(name, source, target, exported.options, report, reqs,
                            exporter.runtime, system_site=not target.runtime.packages)
-            files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd)
+            ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1),
+                                      android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
+            files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
+                           android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
             manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names)
                                       | extra)

@@ -44,7 +44,7 @@ class QuantizeSpec:
     block_size: Literal[16, 32, 64, 128, 256] = 32
     symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
-    algorithm: Literal["default", "rtn", "k_quant", "gptq"] = "default"
+    algorithm: Literal["default", "rtn", "k_quant", "gptq", "weight_only"] = "default"
     calibration_text: str = ""  # gptq: a UTF-8 text file of the device's domain; empty = sampled from the model
     head_precision: Precision = "same"  # lm_head MatMul: int8 keeps the tied head accurate
     embedding_precision: Literal["fp32", "quantized"] = "fp32"
@@ -276,6 +276,11 @@ def _check_consistency(p: TargetProfile) -> None:
             f"(scheme={q.scheme}, symmetric={q.symmetric}, sensitive_layers_int8={q.sensitive_layers_int8}).",
             hint="Use scheme = \"int4\", symmetric = true, sensitive_layers_int8 = false (int8_layers and "
                  "head_precision still apply).", path=p.source, field="quantize.algorithm")
+    if q.algorithm == "weight_only" and (p.export.format != "tflite" or q.scheme != "int8"):
+        raise TargetError(f"{p.source}: quantize.algorithm = \"weight_only\" is the TFLite int8 recipe with float "
+                          "activations (export.format = \"tflite\", scheme = \"int8\").",
+                          hint="ONNX int8 is weight-only already; remove the field.", path=p.source,
+                          field="quantize.algorithm")
     if q.calibration_text and q.algorithm != "gptq":
         raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\" only.",
                           hint="Remove it, or set algorithm = \"gptq\".", path=p.source,

@@ -30,6 +30,8 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+needs_tflite = pytest.mark.skipif(not (has("litert_torch") and has("litert_lm") and has("ai_edge_litert")),
+                                  reason="needs the [tflite] extra: pip install -e '.[tflite]'")
 needs_onnx = pytest.mark.skipif(not (has("onnxruntime_genai") and has("torch") and has("transformers")),
                                 reason="needs the [onnx] extra: pip install -e '.[onnx]'")
 

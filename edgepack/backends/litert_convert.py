@@ -92,6 +92,8 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
             granularity=getattr(quant_attrs.Granularity, f"BLOCKWISE_{block}"))
         converter.get_quant_recipe_from_flag = lambda _q, _mcfg: recipe
         quantize = f"dynamic_int4_block{block}"
+    elif scheme == "int8" and spec.get("weight_only"):
+        quantize = "weight_only_int8"  # int8 weights, float activations
     else:
         quantize = RECIPES[scheme]
     work = out_dir / "convert"

@@ -83,7 +83,7 @@ def facts(install_dir, check_cuda="no"):
         "mem_available_bytes": mem,
         "writable": os.access(parent, os.W_OK),
         "systemd_user": bool(shutil.which("systemctl")) and bool(os.environ.get("XDG_RUNTIME_DIR")),
-        "termux": "com.termux" in prefix,
+        "termux": "com.termux" in prefix or bool(os.environ.get("TERMUX_VERSION")),
         "nv_tegra_release": _first_line("/etc/nv_tegra_release"),
         "genai_cuda": _genai_cuda() if check_cuda == "cuda" else None,
     }

@@ -51,7 +51,12 @@ def check(manifest: dict[str, Any], facts: dict[str, Any]) -> list[Problem]:
         if have < need:
             problems.append(Problem("glibc", facts["glibc"], f">= {need[0]}.{need[1]}",
                                     "use an OS release with a newer glibc, or older runtime wheels"))
-    elif need and not facts.get("glibc") and not facts.get("termux"):
+    elif need and not facts.get("glibc") and facts.get("termux"):
+        problems.append(Problem("libc", "bionic (plain Termux)", f"glibc >= {need[0]}.{need[1]}",
+                                "run the bundle in a glibc userland inside Termux: `pkg install proot-distro && "
+                                "proot-distro install debian`, start sshd there, and deploy to it (the app "
+                                "route needs no Python: see the bundle's android/README.md)"))
+    elif need and not facts.get("glibc"):
         problems.append(Problem("libc", str(facts.get("libc")), f"glibc >= {need[0]}.{need[1]}",
                                 "manylinux wheels need glibc; musl/bionic devices need their own runtime build"))
     if not facts.get("has_venv"):

@@ -45,11 +45,15 @@ class BundleContext:
     service_dir: str
     serve_addr: str
     quality: QualityReport
+    android_litertlm_version: str = ""  # the LiteRT-LM release the bundle was scored with (android/ sample)
+    model_mb: float = 0.0
 
 
 # runtime template folder → files it renders (template name → output name, executable?)
 _SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
 _RUNTIME = {"run.py.j2": ("run.py", True), "smoke_test.py.j2": ("smoke_test.py", True)}
+_ANDROID = {"README.md.j2": "android/README.md", "EdgepackModel.kt.j2": "android/EdgepackModel.kt",
+            "build.gradle.kts.snippet.j2": "android/build.gradle.kts.snippet"}
 
 
 def environment(template: str):  # type: ignore[no-untyped-def]
@@ -64,7 +68,7 @@ def environment(template: str):  # type: ignore[no-untyped-def]
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
-def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool) -> list[str]:
+def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, android: bool = False) -> list[str]:
     env = environment(template)
     files = {**_RUNTIME, **_SHARED}
     if systemd:
@@ -77,4 +81,14 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool) -> li
         mode = 0o755 if executable else 0o644
         os.chmod(path, mode | stat.S_IRUSR)
         written.append(dst)
+    if android:
+        import jinja2
+
+        root = shipped_dir("templates") / "_android"
+        aenv = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
+                                  keep_trailing_newline=True, autoescape=False)
+        (out / "android").mkdir(exist_ok=True)
+        for src, dst in _ANDROID.items():
+            (out / dst).write_text(aenv.get_template(src).render(ctx=ctx), encoding="utf-8")
+            written.append(dst)
     return written

@@ -56,3 +56,10 @@ def test_cuda_bundle_needs_jetpack_and_a_cuda_runtime_on_the_device() -> None:
     assert [p.check for p in check(m, facts(genai_cuda=False, nv_tegra_release="# R36 (release)"))] == \
         ["cuda_runtime"]
     assert check(m, facts(genai_cuda=True, nv_tegra_release="# R36 (release), REVISION: 4.0")) == []
+
+
+def test_plain_termux_is_told_to_use_a_glibc_userland() -> None:
+    problems = check(manifest(), facts(termux=True, glibc=None, libc=""))
+    assert [p.check for p in problems] == ["libc"]
+    assert "proot-distro" in problems[0].fix and "bionic" in problems[0].found
+    assert check(manifest(), facts(termux=True)) == []  # Termux with a glibc userland (proot-distro Debian)

@@ -19,7 +19,8 @@ def test_the_four_documented_targets_ship() -> None:
 def test_every_shipped_target_validates(target_id: str) -> None:
     t = load_target(target_id)
     assert t.id == target_id
-    assert t.export.format == "onnx"
+    assert t.export.format == ("tflite" if target_id == "android-arm64" else "onnx")
+    assert t.runtime.template == {"onnx": "onnxruntime-genai", "tflite": "litert-lm"}[t.export.format]
     assert t.quality.max_ppl_increase_pct > 0
     assert t.resolved_arch()
 

@@ -1,0 +1,158 @@
+"""LiteRT end to end on a tiny random Llama: real litert-torch conversion, .litertlm packaging, the gate through
+LiteRT's Interpreter, the bundle's LiteRT-LM runner and smoke test, and deploy --via adb to a recording stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import FIXTURES, cli, envelope, needs_onnx, needs_tflite
+
+pytestmark = [pytest.mark.integration, needs_tflite, needs_onnx]
+
+
+@pytest.fixture(scope="module")
+def tflite_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist-tflite")
+    proc = cli("--json", "build", "--target", str(FIXTURES / "tiny-tflite.toml"), str(tiny_model), "--out", str(out),
+               "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0 and doc["ok"], proc.stderr[-2000:]
+    return Path(doc["result"]["bundle"])
+
+
+def test_bundle_is_one_litertlm_with_a_verified_int8_graph(tflite_bundle: Path) -> None:
+    assert sorted(p.name for p in (tflite_bundle / "model").iterdir()) == ["model.litertlm"]
+    m = json.loads((tflite_bundle / "edgepack.json").read_text())
+    assert m["export"]["format"] == "tflite" and m["export"]["scheme"] == "int8"
+    assert m["export"]["builder_options"]["recipe"] == "dynamic_int8"
+    graph = m["export"]["graph"]
+    assert graph["bits"] == [8] and graph["quantized_matmuls"] > 0 and graph["float_matmuls"] == 0
+    assert m["runtime"]["template"] == "litert-lm"
+    assert any(r.startswith("litert-lm-api==") for r in m["runtime"]["requirements"])
+    assert m["quality"]["validated"] and m["quality"]["passed"] and m["quality"]["tokens_scored"] > 2000
+    # The Kotlin integration sample names the LiteRT-LM release the gate ran with.
+    version = next(r.split("==")[1] for r in m["runtime"]["requirements"] if r.startswith("litert-lm-api=="))
+    gradle = (tflite_bundle / "android" / "build.gradle.kts.snippet").read_text()
+    assert f"litertlm-android:{version}" in gradle
+    assert "EngineConfig(" in (tflite_bundle / "android" / "EdgepackModel.kt").read_text()
+
+
+def test_runner_and_smoke_test_run_on_litert_lm_without_torch(tflite_bundle: Path) -> None:
+    smoke = subprocess.run([sys.executable, str(tflite_bundle / "smoke_test.py")], capture_output=True, text=True,
+                           check=False)
+    line = json.loads(smoke.stdout.strip().splitlines()[-1])
+    assert smoke.returncode == 0 and line["ok"], line
+    assert abs(line["ppl_drift_pct"]) < 0.5 and line["tokens"] == 8
+    assert (tflite_bundle / ".cache" / "litert-lm").is_dir()  # the XNNPACK cache stays inside the bundle
+    code = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); " \
+           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    run = subprocess.run([sys.executable, "-c", code, str(tflite_bundle / "run.py"), "--prompt", "hi", "--json",
+                          "--max-tokens", "5"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-1500:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["new_tokens"] == 5 and out["prompt_tokens"] > 0
+    assert "all match" in cli("inspect", str(tflite_bundle)).stdout  # the device-made cache is not "extra"
+
+
+def test_rebuild_is_byte_identical(tiny_model: Path, tflite_bundle: Path, tmp_path: Path) -> None:
+    proc = cli("--json", "build", "--target", str(FIXTURES / "tiny-tflite.toml"), str(tiny_model), "--out",
+               str(tmp_path), "--no-wheels")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / tflite_bundle.name / "edgepack.json").read_text())
+    first = json.loads((tflite_bundle / "edgepack.json").read_text())
+    assert again["bundle_id"] == first["bundle_id"]
+
+
+def test_bad_block_size_names_the_dimension_and_writes_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    t = tmp_path / "b128.toml"
+    t.write_text((FIXTURES / "tiny-tflite.toml").read_text().replace(
+        'scheme = "int8"\nblock_size = 32', 'scheme = "int4"\nblock_size = 128'))
+    proc = cli("--json", "build", "--target", str(t), str(tiny_model), "--out", str(tmp_path / "out"), "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and err["field"] == "quantize.block_size"
+    assert "hidden_size (64)" in err["message"] and "[32, 64]" in err["message"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unsupported_architecture_lists_the_supported(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "phi"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["Phi3ForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    proc = cli("--json", "build", str(bad), "--target", str(FIXTURES / "tiny-target.toml"), "--format", "tflite",
+               "--out", str(tmp_path / "out"))
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and "Phi3ForCausalLM" in err["message"]
+    assert err["supported"] == ["LlamaForCausalLM", "Qwen2ForCausalLM"] and "--format onnx" in err["hint"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_format_flag_switches_an_onnx_target_to_litert(tiny_model: Path, tmp_path: Path) -> None:
+    t = tmp_path / "int8.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace('scheme = "int4"', 'scheme = "int8"'))
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--format", "tflite", "--out", str(tmp_path),
+               "--no-wheels", "--skip-validation")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((Path(doc["result"]["bundle"]) / "edgepack.json").read_text())
+    assert (m["export"]["format"], m["runtime"]["template"]) == ("tflite", "litert-lm")
+
+
+FAKE_ADB = r'''#!/bin/sh
+# A recording stand-in for adb: logs every call, keeps the "phone" under $FAKE_PHONE.
+echo "$*" >> "$FAKE_ADB_LOG"
+[ "$1" = "-s" ] && shift 2
+map() { printf '%s' "$1" | sed "s#/data/local/tmp#$FAKE_PHONE/data/local/tmp#g"; }
+case "$1" in
+  get-state) echo device ;;
+  push) mkdir -p "$(map "$3")" && cp -r "$2" "$(map "$3")" ;;
+  shell)
+    case "$2" in
+      "getprop ro.product.cpu.abi") echo "$FAKE_ABI" ;;
+      "command -v python3 || true") if [ -n "$FAKE_PYTHON" ]; then echo /usr/bin/python3; fi ;;
+      *) sh -c "$(map "$2")" | sed "s#$FAKE_PHONE##g" ;;
+    esac ;;
+  *) echo "fake adb: unsupported $1" >&2; exit 1 ;;
+esac
+'''
+
+
+def test_deploy_via_adb_pushes_verifies_and_switches(tflite_bundle: Path, tmp_path: Path) -> None:
+    bindir, phone, log = tmp_path / "bin", tmp_path / "phone", tmp_path / "adb.log"
+    bindir.mkdir()
+    (bindir / "adb").write_text(FAKE_ADB)
+    (bindir / "adb").chmod(stat.S_IRWXU)
+    import platform
+
+    abi = {"x86_64": "x86_64", "aarch64": "arm64-v8a"}[platform.machine()]
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_PHONE": str(phone),
+           "FAKE_ADB_LOG": str(log), "FAKE_ABI": abi, "FAKE_PYTHON": ""}
+    proc = subprocess.run([sys.executable, "-m", "edgepack", "--json", "deploy", str(tflite_bundle), "--via", "adb",
+                           "--serial", "emulator-5554"], capture_output=True, text=True, env=env, check=False)
+    doc = envelope(proc)
+    assert proc.returncode == 0 and doc["ok"], proc.stderr[-2000:]
+    res = doc["result"]
+    bundle_id = json.loads((tflite_bundle / "edgepack.json").read_text())["bundle_id"]
+    root = phone / "data/local/tmp/edgepack"
+    assert (root / "CURRENT").read_text().strip() == bundle_id
+    assert (root / "releases" / bundle_id / "model" / "model.litertlm").is_file()
+    assert res["smoke"]["ok"] is None and "no python3" in res["smoke"]["skipped"]
+    calls = log.read_text().splitlines()
+    assert all(c.startswith("-s emulator-5554 ") for c in calls)
+    assert any(" push " in c for c in calls) and any("sha256sum" in c for c in calls)
+    # A phone with the wrong ABI is refused before anything is pushed.
+    log.unlink()
+    env["FAKE_ABI"] = "armeabi-v7a"
+    proc = subprocess.run([sys.executable, "-m", "edgepack", "--json", "deploy", str(tflite_bundle), "--via", "adb"],
+                          capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 1 and "armeabi-v7a" in envelope(proc)["error"]["message"]
+    assert not any(" push " in c for c in log.read_text().splitlines())
