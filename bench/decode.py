@@ -3,6 +3,7 @@
     python bench/decode.py genai  MODEL_DIR   [--threads 2 --new 128]
     python bench/decode.py bundle BUNDLE_DIR  (the bundle's own run.py, as a user runs it)
     python bench/decode.py llama  FILE.gguf
+    python bench/decode.py litertlm FILE.litertlm   (bare LiteRT-LM: Engine + conversation, greedy)
 
 Prints one JSON line: load_s, prompt_tokens, prefill_ms, decode_tok_s, new_tokens, peak_rss_mb.
 """
@@ -59,6 +60,31 @@ def llama(path: str, threads: int, new: int) -> dict:
             "decode_tok_s": (n - 1) / (t3 - t2), "new_tokens": n, "peak_rss_mb": rss_mb()}
 
 
+def litertlm(path: str, threads: int, new: int) -> dict:
+    import tempfile
+
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    cache = tempfile.mkdtemp(prefix="litertlm-cache-")
+    t0 = time.perf_counter()
+    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads), cache_dir=cache)
+    load_s = time.perf_counter() - t0
+    conv = engine.create_conversation(max_output_tokens=new, sampler_config=litert_lm.SamplerConfig(top_k=1))
+    t1 = time.perf_counter()
+    n, t_first = 0, None
+    for _ in conv.send_message_async(PROMPT):
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+    t2 = time.perf_counter()
+    conv.close()
+    return {"load_s": load_s, "prompt_tokens": len(engine.tokenize(PROMPT)),
+            "prefill_ms": ((t_first or t2) - t1) * 1000,
+            "decode_tok_s": (n - 1) / (t2 - t_first) if t_first and n > 1 else 0.0, "new_tokens": n,
+            "peak_rss_mb": rss_mb()}
+
+
 def bundle(path: str, threads: int, new: int) -> dict:
     # The bundle's own runner in its own process: what a user on the device gets. --raw off: chat template.
     t0 = time.perf_counter()
@@ -73,10 +99,10 @@ def bundle(path: str, threads: int, new: int) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["genai", "llama", "bundle"])
+    ap.add_argument("kind", choices=["genai", "llama", "bundle", "litertlm"])
     ap.add_argument("path")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=128)
     a = ap.parse_args()
-    res = {"genai": genai, "llama": llama, "bundle": bundle}[a.kind](a.path, a.threads, a.new)
+    res = {"genai": genai, "llama": llama, "bundle": bundle, "litertlm": litertlm}[a.kind](a.path, a.threads, a.new)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))

