@@ -68,8 +68,10 @@ def tool_versions() -> dict[str, str]:
             **installed_versions("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch")}
 
 
-def _scheme_summary(target: TargetProfile, options: dict[str, str]) -> str:
+def _scheme_summary(target: TargetProfile, options: dict[str, Any]) -> str:
     q = target.quantize
+    if "recipe" in options:  # litert-torch
+        return f"litert-torch recipe {options['recipe']}, KV cache {options['kv_cache_len']}"
     if q.scheme in ("fp32", "fp16"):
         return q.scheme
     parts = [f"{q.scheme} block {q.block_size}", "symmetric" if q.symmetric else "asymmetric",
@@ -91,7 +93,10 @@ def with_format(target: TargetProfile, fmt: str | None) -> TargetProfile:
     exporter = exporters.get(fmt)
     export = dataclasses.replace(target.export, format=fmt)
     runtime = dataclasses.replace(target.runtime, template=exporter.template, packages=exporter.packages)
-    return dataclasses.replace(target, export=export, runtime=runtime)
+    quantize = target.quantize
+    if fmt == "onnx" and quantize.algorithm == "weight_only":  # ONNX int8 is weight-only already
+        quantize = dataclasses.replace(quantize, algorithm="default")
+    return dataclasses.replace(target, export=export, runtime=runtime, quantize=quantize)
 
 
 def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:

@@ -69,8 +69,10 @@ def rootfs_tarball() -> Path:
 
 
 @contextlib.contextmanager
-def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """Unpack the rootfs into `root`, mount what sshd and Python need, run sshd inside on 127.0.0.1:port."""
+def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int,
+                sshd_extra: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    """Unpack the rootfs into `root`, mount what sshd and Python need, run sshd inside on 127.0.0.1:port.
+    sshd_extra: more sshd_config lines (e.g. SetEnv to make sessions look like Termux's)."""
     subprocess.run(["tar", "xzf", str(rootfs_tarball()), "-C", str(root)], check=True)
     mounts: list[Path] = []
 
@@ -93,7 +95,7 @@ def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int) -> Ite
         (root / "etc/ssh/sshd_edgepack").write_text(
             f"Port {port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/edgepack_host_key\nUsePAM no\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\n")
+            "Subsystem sftp internal-sftp\n" + sshd_extra)
         proc = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/sshd_edgepack"],
                                 stdout=(root / "sshd.log").open("wb"), stderr=subprocess.STDOUT)
         try:

@@ -249,7 +249,7 @@ class LiteRTScorer:
     LiteRT-LM itself exposes only the target token's log-probability; the Interpreter runs the same file
     with the same XNNPACK kernels (their per-token log-probs agree to 2e-4, tested)."""
 
-    scored_on = "cpu"
+    scored_on = "cpu (the LiteRT Interpreter on the .tflite inside the bundle's .litertlm)"
 
     def __init__(self, model_dir: Path) -> None:
         require("ai_edge_litert", "tflite", "Scoring LiteRT models")

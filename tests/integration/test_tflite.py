@@ -156,3 +156,11 @@ def test_deploy_via_adb_pushes_verifies_and_switches(tflite_bundle: Path, tmp_pa
                           capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 1 and "armeabi-v7a" in envelope(proc)["error"]["message"]
     assert not any(" push " in c for c in log.read_text().splitlines())
+
+
+def test_unvalidated_android_bundle_says_so(tiny_model: Path, tmp_path: Path) -> None:
+    proc = cli("--json", "build", str(tiny_model), "--target", str(FIXTURES / "tiny-tflite.toml"), "--out",
+               str(tmp_path), "--no-wheels", "--skip-validation")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Not validated" in (Path(doc["result"]["bundle"]) / "android" / "README.md").read_text()

@@ -122,3 +122,16 @@ def test_gptq_needs_symmetric_int4_and_calibration_text_needs_gptq(tmp_path: Pat
     p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "k_quant_mixed"\n')
     with pytest.raises(TargetError, match="'default', 'rtn', 'k_quant', 'gptq'"):
         load_target(str(p))
+
+
+def test_format_override_switches_runtime_and_drops_knobs_the_other_format_lacks() -> None:
+    from edgepack.api import with_format
+
+    onnx = with_format(load_target("android-arm64"), "onnx")
+    assert (onnx.export.format, onnx.runtime.template, onnx.quantize.algorithm) == (
+        "onnx", "onnxruntime-genai", "default")
+    assert onnx.runtime.packages == ("onnxruntime-genai", "onnxruntime")
+    lite = with_format(load_target("rpi5"), "tflite")
+    assert (lite.export.format, lite.runtime.template, lite.runtime.packages) == ("tflite", "litert-lm",
+                                                                                   ("litert-lm-api",))
+    assert with_format(load_target("rpi5"), None) == load_target("rpi5")
