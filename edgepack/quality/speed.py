@@ -1,4 +1,4 @@
-"""Decode speed of an onnxruntime-genai model folder, measured in its own process.
+"""Decode speed of a model folder (onnxruntime-genai, or a LiteRT-LM .litertlm), measured in its own process.
 
     python -m edgepack.quality.speed MODEL_DIR [--tokens 64] [--threads 0]   → one JSON line
 """
@@ -19,7 +19,41 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
+PROMPT = "Write a haiku about the sea."
+
+
+def measure_litertlm(path: str, tokens: int, threads: int) -> dict[str, float]:
+    import os
+    import tempfile
+
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    with tempfile.TemporaryDirectory(prefix="edgepack-speed-") as cache:
+        t0 = time.perf_counter()
+        engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(
+            thread_count=threads if threads > 0 else min(4, os.cpu_count() or 1)), cache_dir=cache)
+        load_s = time.perf_counter() - t0
+        conv = engine.create_conversation(max_output_tokens=tokens, sampler_config=litert_lm.SamplerConfig(top_k=1))
+        t1 = time.perf_counter()
+        n, t2 = 0, None
+        for _ in conv.send_message_async(PROMPT):
+            n += 1
+            if t2 is None:
+                t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        conv.close()
+    t2 = t2 or t3
+    return {"load_s": load_s, "prompt_tokens": len(engine.tokenize(PROMPT)), "prefill_ms": (t2 - t1) * 1000,
+            "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9), "new_tokens": n, "peak_rss_mb": peak_rss_mb()}
+
+
 def measure(model_dir: str, tokens: int, threads: int) -> dict[str, float]:
+    import os
+
+    litertlm = os.path.join(model_dir, "model.litertlm")
+    if os.path.isfile(litertlm):
+        return measure_litertlm(litertlm, tokens, threads)
     import onnxruntime_genai as og
 
     t0 = time.perf_counter()

@@ -164,3 +164,17 @@ def test_unvalidated_android_bundle_says_so(tiny_model: Path, tmp_path: Path) ->
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Not validated" in (Path(doc["result"]["bundle"]) / "android" / "README.md").read_text()
+
+
+def test_tune_times_litert_candidates_and_keeps_the_fastest_passing(tiny_model: Path, tmp_path: Path) -> None:
+    t = tmp_path / "tune.toml"
+    src = (FIXTURES / "tiny-tflite.toml").read_text()
+    t.write_text(src[:src.index("[tune]")] + '[tune]\nreps = 1\nspeed_tokens = 8\ncandidates = [\n'
+                 '  { name = "int8", scheme = "int8" },\n  { name = "fp32", scheme = "fp32" },\n]\n')
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--tune", "--out", str(tmp_path),
+               "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = doc["result"]["tune"]
+    assert [r["name"] for r in rows] == ["int8", "fp32"] and all(r["decode_tok_s"] for r in rows)
+    assert sum(r["chosen"] for r in rows) == 1
