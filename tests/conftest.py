@@ -61,6 +61,12 @@ def smollm2_rpi5_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_android_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M for android-arm64 (LiteRT-LM), built once per run (~1.5 min: conversion is most of it)."""
+    return build_smollm2("android-arm64", tmp_path_factory.mktemp("dist-android"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgepack.testing import make_tiny_llama
 

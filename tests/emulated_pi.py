@@ -86,6 +86,10 @@ def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int,
         (root / "cpuinfo.a76").write_text(CPUINFO_A76)
         bind(str(root / "cpuinfo.a76"), root / "proc" / "cpuinfo")
         bind("/dev", root / "dev")
+        # LiteRT-LM's tcmalloc counts CPUs from /sys and aborts without it (a real device has it).
+        (root / "sys").mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "sysfs", "sysfs", str(root / "sys")], check=True)
+        mounts.append(root / "sys")
         (root / "run" / "sshd").mkdir(parents=True, exist_ok=True)
         ssh = root / "root" / ".ssh"
         ssh.mkdir(parents=True, exist_ok=True)

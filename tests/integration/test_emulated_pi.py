@@ -92,22 +92,32 @@ def test_rpi5_bundle_runs_on_the_emulated_pi(pi: dict, smollm2_rpi5_bundle: Path
 
 
 @pytest.fixture(scope="module")
-def android_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ..conftest import build_smollm2
+def tiny_android_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as an aarch64 LiteRT-LM bundle with its aarch64 wheels: SmolLM2's weight-only int8 model
+    needs >10 min per smoke test under qemu (XNNPACK unpacks it to float), the tiny one seconds."""
+    from ..conftest import FIXTURES
 
-    return build_smollm2("android-arm64", tmp_path_factory.mktemp("dist-android"))
+    t = tmp_path_factory.mktemp("t") / "tiny-android.toml"
+    src = (FIXTURES / "tiny-tflite.toml").read_text().replace('arch = "native"', 'arch = "aarch64"')
+    src = src.replace('python = "native"', 'python = "3.11"\nglibc = "2.27"\nwheel_platforms = '
+                      '["manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"]')
+    t.write_text(src.replace("[deploy]", "[deploy]\nssh_port = 8022"))
+    out = tmp_path_factory.mktemp("dist-tiny-android")
+    proc = cli("build", "--target", str(t), str(tiny_model), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "tiny-llama-tiny-android"
 
 
 @needs_tflite
-def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, android_bundle: Path) -> None:
-    proc = cli("--json", "deploy", str(android_bundle), *phone["args"], timeout=2400)
+def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, tiny_android_bundle: Path) -> None:
+    proc = cli("--json", "deploy", str(tiny_android_bundle), *phone["args"], timeout=2400)
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = doc["result"]
     facts = res["stages"][0]["detail"]["facts"]
     assert facts["termux"] is True and facts["arch"] == "aarch64"  # recognised, and reached on port 8022
     smoke = res["smoke"]
-    assert smoke["ok"] and smoke["golden_match"] == smoke["golden_required"] >= 4, smoke
-    assert abs(smoke["ppl_drift_pct"]) <= 3.0
+    assert smoke["ok"] and smoke["tokens"] == 8 and abs(smoke["ppl_drift_pct"]) <= 3.0, smoke
     release = phone["root"] / "root" / "edgepack" / "releases" / res["bundle_id"]
     assert any((release / ".cache" / "litert-lm").iterdir())  # XNNPACK cache inside the install dir
+    assert res["service"].startswith("none")  # Termux has no systemd

