@@ -86,6 +86,11 @@ def _scheme_summary(target: TargetProfile, options: dict[str, Any]) -> str:
 RUNTIME_MODULES = {"onnxruntime-genai": "onnxruntime_genai", "litert-lm": "litert_lm", "litert": "ai_edge_litert"}
 
 
+def runtime_name(default: str, template: str) -> str:
+    """The runtime a bundle uses: its template's, where that is a known runtime (tflite: litert-lm or litert)."""
+    return template if template in RUNTIME_MODULES else default
+
+
 def with_format(target: TargetProfile, fmt: str | None) -> TargetProfile:
     """`--format` overrides the target's export format, and with it the runtime template and packages."""
     if fmt is None or fmt == target.export.format:
@@ -158,7 +163,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
             name = final.name
             ctx = _context(name, source, target, exported.options, report, reqs,
-                           exporter.runtime, system_site=not target.runtime.packages)
+                           runtime_name(exporter.runtime, target.runtime.template),
+                           system_site=not target.runtime.packages)
             ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1),
                                       android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
@@ -274,7 +280,7 @@ def bundle_python(bundle: Path) -> str:
     if venv_py.exists():
         return str(venv_py)
     fmt = manifest["export"]["format"]
-    module = RUNTIME_MODULES[exporters.get(fmt).runtime]
+    module = RUNTIME_MODULES[runtime_name(exporters.get(fmt).runtime, manifest["runtime"]["template"])]
     if not _has_module(module):
         raise UserError(f"this Python has no {module} to run the bundle with.",
                         hint=f"Run `sh {bundle}/install.sh` first, or pip install 'edgepack[{fmt}]'.")

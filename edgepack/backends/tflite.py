@@ -175,10 +175,14 @@ class TfliteExporter:
             raise UserError(f"litert-torch failed to convert {source.name} (exit {proc.returncode}).",
                             hint="Its last lines are in the error's 'log_tail'.", log_tail=tail)
         result = json.loads(result_path.read_text())
-        if package == "tflite":
+        if package == "tflite":  # the plain runner reads these beside the model
             import shutil
 
             shutil.copy2(source.hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
+            template = _chat_template(source.hf_dir)
+            (out_dir / "generation.json").write_text(json.dumps({
+                "stop_ids": stop, "bos_id": spec["bos_id"], "kv_cache_len": KV_CACHE_LEN,
+                "chat_template": template[len(_TEMPLATE_PREAMBLE):] if template else None}, indent=1) + "\n")
         with _tflite_file(out_dir) as tflite:
             stats = tflite_stats(tflite)
         if q.scheme in ("int4", "int8") and (stats.quantized_matmuls == 0 or stats.float_matmuls > 2):

@@ -178,3 +178,24 @@ def test_tune_times_litert_candidates_and_keeps_the_fastest_passing(tiny_model: 
     rows = doc["result"]["tune"]
     assert [r["name"] for r in rows] == ["int8", "fp32"] and all(r["decode_tok_s"] for r in rows)
     assert sum(r["chosen"] for r in rows) == 1
+
+
+def test_plain_tflite_bundle_runs_on_the_litert_interpreter(tiny_model: Path, tmp_path: Path) -> None:
+    t = tmp_path / "plain.toml"
+    t.write_text((FIXTURES / "tiny-tflite.toml").read_text()
+                 .replace('template = "litert-lm"', 'template = "litert"')
+                 .replace('packages = ["litert-lm-api"]', 'packages = ["ai-edge-litert", "tokenizers", "jinja2"]'))
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(tmp_path), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = Path(doc["result"]["bundle"])
+    assert sorted(p.name for p in (bundle / "model").iterdir()) == ["generation.json", "model.tflite",
+                                                                    "tokenizer.json"]
+    m = json.loads((bundle / "edgepack.json").read_text())
+    assert m["runtime"]["template"] == "litert" and m["export"]["builder_options"]["package"] == "tflite"
+    smoke = subprocess.run([sys.executable, str(bundle / "smoke_test.py")], capture_output=True, text=True,
+                           check=False)
+    line = json.loads(smoke.stdout.strip().splitlines()[-1])
+    assert smoke.returncode == 0 and line["ok"] and line["top1_vs_build"] == 1.0, line
+    run = cli("--json", "run", str(bundle), "--prompt", "hi", "--max-tokens", "4")
+    assert run.returncode == 0, run.stderr[-1500:]
