@@ -14,24 +14,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_runtime import measure  # noqa: E402
 
 
 def run(kind: str, path: Path, reps: int, threads: int) -> dict:
-    rows = []
-    for _ in range(reps):
-        p = subprocess.run([sys.executable, str(HERE / "decode.py"), kind, str(path), "--threads", str(threads)],
-                           capture_output=True, text=True, check=True)
-        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    med = {k: statistics.median(r[k] for r in rows) for k in ("load_s", "prefill_ms", "decode_tok_s", "peak_rss_mb")}
-    med["decode_min"] = min(r["decode_tok_s"] for r in rows)
-    med["decode_max"] = max(r["decode_tok_s"] for r in rows)
-    return med
+    """bench_runtime.measure (fresh processes, median/min/max), flattened for the table."""
+    m = measure(kind, path, reps, threads)
+    row = {k: m[k]["median"] for k in ("load_s", "prefill_ms", "decode_tok_s", "peak_rss_mb")}
+    row.update(decode_min=m["decode_tok_s"]["min"], decode_max=m["decode_tok_s"]["max"])
+    return row
 
 
 def main() -> int:

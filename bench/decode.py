@@ -61,28 +61,10 @@ def llama(path: str, threads: int, new: int) -> dict:
 
 
 def litertlm(path: str, threads: int, new: int) -> dict:
-    import tempfile
+    # Bare LiteRT-LM on a .litertlm (Engine + conversation, greedy): the same measurement --tune uses.
+    from edgepack.quality.speed import measure_litertlm
 
-    import litert_lm
-
-    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
-    cache = tempfile.mkdtemp(prefix="litertlm-cache-")
-    t0 = time.perf_counter()
-    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads), cache_dir=cache)
-    load_s = time.perf_counter() - t0
-    conv = engine.create_conversation(max_output_tokens=new, sampler_config=litert_lm.SamplerConfig(top_k=1))
-    t1 = time.perf_counter()
-    n, t_first = 0, None
-    for _ in conv.send_message_async(PROMPT):
-        n += 1
-        if t_first is None:
-            t_first = time.perf_counter()
-    t2 = time.perf_counter()
-    conv.close()
-    return {"load_s": load_s, "prompt_tokens": len(engine.tokenize(PROMPT)),
-            "prefill_ms": ((t_first or t2) - t1) * 1000,
-            "decode_tok_s": (n - 1) / (t2 - t_first) if t_first and n > 1 else 0.0, "new_tokens": n,
-            "peak_rss_mb": rss_mb()}
+    return measure_litertlm(path, new, threads)
 
 
 def bundle(path: str, threads: int, new: int) -> dict:
