@@ -165,7 +165,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             ctx = _context(name, source, target, exported.options, report, reqs,
                            runtime_name(exporter.runtime, target.runtime.template),
                            system_site=not target.runtime.packages)
-            ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1),
+            ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1), golden_logp=report.golden_logp,
                                       android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)

@@ -82,13 +82,21 @@ def tflite_stats(path: Path) -> GraphStats:
     seen: set[int] = set()
     for s in range(model.SubgraphsLength()):
         sg = model.Subgraphs(s)
+        scales = set()  # blockwise int4 keeps a float [N, K/block] scale table per weight: not a float weight
+        for i in range(sg.TensorsLength()):
+            q = sg.Tensors(i).Quantization()
+            if q is not None and q.DetailsType() == fb.QuantizationDetails.BlockwiseQuantization:
+                table = q.Details()
+                bq = fb.BlockwiseQuantization()
+                bq.Init(table.Bytes, table.Pos)
+                scales.add(bq.Scales())
         for i in range(sg.OperatorsLength()):
             code = model.OperatorCodes(sg.Operators(i).OpcodeIndex())
             ops[names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")] += 1
         for i in range(sg.TensorsLength()):
             t = sg.Tensors(i)
             b = t.Buffer()
-            if b in seen or t.ShapeLength() != 2 or t.ShapeAsNumpy().prod() < 1024:
+            if i in scales or b in seen or t.ShapeLength() != 2 or t.ShapeAsNumpy().prod() < 1024:
                 continue
             buffer = model.Buffers(b)
             if buffer is None or (buffer.DataLength() == 0 and buffer.Size() == 0):

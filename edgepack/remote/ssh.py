@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import shlex
@@ -154,11 +155,12 @@ class Connection:
                                       timeout=self.opts.connect_timeout)
 
     def close(self) -> None:
-        for thing in (self._sftp, self._client):
+        """Best effort: after a dropped link, closing the SFTP channel raises (EOFError); that must not hide
+        the error that is already on its way to the user."""
+        for thing in (self._sftp, self._client, self._jump):
             if thing is not None:
-                thing.close()
-        if self._jump is not None:
-            self._jump.close()
+                with contextlib.suppress(Exception):  # paramiko raises EOFError, OSError, SSHException here
+                    thing.close()
         self._sftp = self._client = self._jump = None
 
     @property

@@ -47,6 +47,7 @@ class BundleContext:
     quality: QualityReport
     android_litertlm_version: str = ""  # the LiteRT-LM release the bundle was scored with (android/ sample)
     model_mb: float = 0.0
+    golden_logp: tuple[float, ...] = ()
 
 
 # runtime template folder → files it renders (template name → output name, executable?)

@@ -41,6 +41,7 @@ class QualityReport:
     device_top1: tuple[int, ...]  # ...and whose next-token picks were these
     reference_cached: bool
     scored_on: str = "cpu"  # the execution provider the gate ran the bundle's graph with
+    golden_logp: tuple[float, ...] = ()  # log p(golden token | prefix) at build: runtimes without logits compare these
 
 
 def unvalidated(target: TargetProfile) -> QualityReport:
@@ -95,7 +96,9 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
     match = int(sum(int(a) == b for a, b in zip(forced, ref.greedy, strict=True)))
     greedy_q = scorer.greedy(ref.prompt_ids, texts.GREEDY_TOKENS)
     golden = greedy_q[: target.quality.golden_tokens]
-    checked = golden_margins(scorer.logits(ref.prompt_ids + golden)[n_prompt - 1:-1], golden)
+    golden_logits = scorer.logits(ref.prompt_ids + golden)[n_prompt - 1:-1]
+    checked = golden_margins(golden_logits, golden)
+    golden_lp = log_softmax(golden_logits)[range(len(golden)), golden]
     dev_ids = ref.ids[: texts.DEVICE_CHECK_TOKENS]
     dev_lp = log_softmax(scorer.logits(dev_ids)[:-1])
     dev_nll = -dev_lp[range(len(dev_ids) - 1), dev_ids[1:]]
@@ -112,7 +115,7 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
         prompt_ids=tuple(ref.prompt_ids), golden_tokens=tuple(golden), golden_checked=checked,
         device_ids=tuple(dev_ids), device_ppl=round(perplexity(float(dev_nll.sum()), len(dev_nll)), 4),
         device_top1=tuple(int(t) for t in dev_lp.argmax(axis=-1)), scored_on=getattr(scorer, "scored_on", "cpu"),
-        reference_cached=ref.cached)
+        reference_cached=ref.cached, golden_logp=tuple(round(float(x), 4) for x in golden_lp))
     return report
 
 

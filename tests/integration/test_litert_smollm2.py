@@ -43,6 +43,25 @@ def test_android_bundle_smoke_test_reproduces_the_golden_reply(smollm2_android_b
     assert "Paris" in json.loads(run.stdout.strip().splitlines()[-1])["text"]
 
 
+def test_device_check_catches_golden_tokens_that_score_differently(smollm2_android_bundle: Path,
+                                                                    tmp_path: Path) -> None:
+    """A device whose kernels give the golden reply other log-probabilities than the build machine fails."""
+    import re
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(smollm2_android_bundle, bundle, ignore=shutil.ignore_patterns(".cache"))
+    smoke = bundle / "smoke_test.py"
+    src = smoke.read_text()
+    values = json.loads(re.search(r"^GOLDEN_LOGP = (\[.*?\])", src, re.M).group(1))  # type: ignore[union-attr]
+    smoke.write_text(src.replace(f"GOLDEN_LOGP = {values}", f"GOLDEN_LOGP = {[v - 1.0 for v in values]}", 1))
+    proc = subprocess.run([sys.executable, str(smoke), "--threads", "2", "--tokens", "4"], capture_output=True,
+                          text=True, check=False)
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1 and not line["ok"] and line["golden_match"] == 0
+    assert "log-probabilities" in line["error"]
+
+
 def test_litert_int4_is_refused_by_the_gate_with_its_numbers(tmp_path: Path) -> None:
     from edgepack.targets import load_target
 
