@@ -63,3 +63,12 @@ def test_plain_termux_is_told_to_use_a_glibc_userland() -> None:
     assert [p.check for p in problems] == ["libc"]
     assert "proot-distro" in problems[0].fix and "bionic" in problems[0].found
     assert check(manifest(), facts(termux=True)) == []  # Termux with a glibc userland (proot-distro Debian)
+
+
+def test_litert_weight_only_needs_the_memory_it_unpacks_to() -> None:
+    m = manifest(export={"format": "tflite", "builder_options": {"recipe": "weight_only_int8"}},
+                 files=[{"path": "model/model.litertlm", "bytes": 142_000_000}])
+    problems = check(m, facts(mem_available_bytes=2_000_000_000))
+    assert [p.check for p in problems] == ["memory"] and "3132 MB" in problems[0].expected
+    dynamic = dict(m, export={"format": "tflite", "builder_options": {"recipe": "dynamic_int8"}})
+    assert check(dynamic, facts(mem_available_bytes=2_000_000_000)) == []
