@@ -121,3 +121,20 @@ def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, tiny_a
     release = phone["root"] / "root" / "edgepack" / "releases" / res["bundle_id"]
     assert any((release / ".cache" / "litert-lm").iterdir())  # XNNPACK cache inside the install dir
     assert res["service"].startswith("none")  # Termux has no systemd
+
+
+@needs_tflite
+def test_smollm2_litert_bundle_on_the_emulated_phone(phone: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SmolLM2 itself on the emulated aarch64 phone, with the dynamic int8 recipe (examples/targets/android-fast):
+    the shipped weight-only default needs > 10 min per smoke test under qemu."""
+    target = Path(__file__).resolve().parents[2] / "examples" / "targets" / "android-fast.toml"
+    out = tmp_path_factory.mktemp("dist-android-fast")
+    build = cli("build", "--target", str(target), "smollm2-135m", "--out", str(out), timeout=1800)
+    assert build.returncode == 0, build.stderr[-3000:]
+    proc = cli("--json", "deploy", str(out / "smollm2-135m-android-fast"), *phone["args"], timeout=2400)
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    smoke = doc["result"]["smoke"]
+    # ARM's kernels under emulation score the golden reply like the x86 build did, token by token.
+    assert smoke["ok"] and smoke["golden_match"] == smoke["golden_required"] >= 4, smoke
+    assert abs(smoke["ppl_drift_pct"]) <= 3.0
