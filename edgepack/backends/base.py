@@ -56,3 +56,26 @@ class Exporter(Protocol):
 
     @staticmethod
     def scorer(model_dir: Path) -> Scorer: ...
+
+
+def check_architecture(source: ModelSource, supported: tuple[str, ...], exporter: str, hint: str = "") -> None:
+    """An architecture the exporter cannot convert is a user error listing the ones it can."""
+    if source.architecture not in supported:
+        from edgepack.errors import ModelError
+
+        raise ModelError(
+            f"the {exporter} exporter does not support architecture '{source.architecture}' "
+            f"(model type '{source.model_type}').",
+            hint="Supported: " + ", ".join(supported) + (hint or "."),
+            architecture=source.architecture, supported=list(supported))
+
+
+def run_logged(cmd: list[str], log: Path, **env: str) -> tuple[int, list[str]]:
+    """Run a converter process with its output in `log` (offline hub); returns (exit code, last 15 lines)."""
+    import os
+    import subprocess
+
+    with log.open("wb") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **env})
+    return proc.returncode, log.read_text(errors="replace").splitlines()[-15:]

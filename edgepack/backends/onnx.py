@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats
-from edgepack.errors import ModelError, UserError, require
+from edgepack.backends.base import ExportedModel, GraphStats, check_architecture, run_logged
+from edgepack.errors import UserError, require
 from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
@@ -129,12 +127,7 @@ class OnnxExporter:
 
     @staticmethod
     def check_supported(source: ModelSource) -> None:
-        if source.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelError(
-                f"the ONNX exporter does not support architecture '{source.architecture}' "
-                f"(model type '{source.model_type}').",
-                hint="Supported: " + ", ".join(SUPPORTED_ARCHITECTURES) + ".",
-                architecture=source.architecture, supported=list(SUPPORTED_ARCHITECTURES))
+        check_architecture(source, SUPPORTED_ARCHITECTURES, "ONNX")
 
     @staticmethod
     def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,
@@ -155,14 +148,10 @@ class OnnxExporter:
             cmd += ["--extra_options", *[f"{k}={v}" for k, v in opts.items()]]
         progress(ProgressEvent("export", f"onnxruntime-genai builder: {precision} on "
                                          f"{target.export.execution_provider}, {opts}"))
-        log = work_dir / "builder.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-        with log.open("wb") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
-        if proc.returncode != 0 or not (out_dir / "genai_config.json").is_file():
-            tail = log.read_text(errors="replace").splitlines()[-15:]
+        code, tail = run_logged(cmd, work_dir / "builder.log")
+        if code != 0 or not (out_dir / "genai_config.json").is_file():
             raise UserError(
-                f"the onnxruntime-genai model builder failed (exit {proc.returncode}) for {source.name}.",
+                f"the onnxruntime-genai model builder failed (exit {code}) for {source.name}.",
                 hint="Its last lines are in the error's 'log_tail'; check the quantize options of the target.",
                 command=" ".join(cmd), log_tail=tail)
         # The builder writes the tokenizer too; keep only what the runtime reads.

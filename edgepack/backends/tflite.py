@@ -8,8 +8,6 @@ ai-edge-litert (the Interpreter) and LiteRT-LM (`litert-lm-api`); docs/design.md
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats
+from edgepack.backends.base import ExportedModel, GraphStats, check_architecture, run_logged
 from edgepack.errors import ModelError, UserError, require
 from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
@@ -123,12 +121,7 @@ class TfliteExporter:
 
     @staticmethod
     def check_supported(source: ModelSource) -> None:
-        if source.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelError(
-                f"the TFLite exporter does not support architecture '{source.architecture}' "
-                f"(model type '{source.model_type}').",
-                hint="Supported: " + ", ".join(SUPPORTED_ARCHITECTURES) + "; use --format onnx for this model.",
-                architecture=source.architecture, supported=list(SUPPORTED_ARCHITECTURES))
+        check_architecture(source, SUPPORTED_ARCHITECTURES, "TFLite", hint="; use --format onnx for this model.")
         config = json.loads((source.hf_dir / "config.json").read_text())
         rope = config.get("rope_scaling") or {}
         rope_type = (config.get("rope_parameters") or {}).get("rope_type") or rope.get("rope_type") or "default"
@@ -173,14 +166,10 @@ class TfliteExporter:
                                + (f" block {q.block_size}" if q.scheme == "int4" else "")
                                + f", KV cache {KV_CACHE_LEN}, prefill {PREFILL_LEN}, packaged as .{package}"
                                + (f" (ONNX-only knobs ignored: {', '.join(ignored)})" if ignored else "")))
-        log = work_dir / "litert-convert.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        with log.open("wb") as fh:
-            proc = subprocess.run([sys.executable, "-m", "edgepack.backends.litert_convert", str(spec_path)],
-                                  stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
-        if proc.returncode != 0:
-            tail = log.read_text(errors="replace").splitlines()[-15:]
-            raise UserError(f"litert-torch failed to convert {source.name} (exit {proc.returncode}).",
+        code, tail = run_logged([sys.executable, "-m", "edgepack.backends.litert_convert", str(spec_path)],
+                                work_dir / "litert-convert.log", TF_CPP_MIN_LOG_LEVEL="2")
+        if code != 0:
+            raise UserError(f"litert-torch failed to convert {source.name} (exit {code}).",
                             hint="Its last lines are in the error's 'log_tail'.", log_tail=tail)
         result = json.loads(result_path.read_text())
         if package == "tflite":  # the plain runner reads these beside the model
@@ -267,11 +256,9 @@ class LiteRTScorer:
         require("ai_edge_litert", "tflite", "Scoring LiteRT models")
         from ai_edge_litert.interpreter import Interpreter
 
-        self._files = _tflite_file(model_dir)
-        path = self._files.__enter__()
         # One thread: the numbers the gate records must be the same every run (reproducible manifests).
-        self.it = Interpreter(model_path=str(path), num_threads=1)
-        self._files.__exit__()  # the interpreter has read the file
+        with _tflite_file(model_dir) as path:
+            self.it = Interpreter(model_path=str(path), num_threads=1)
         sigs = self.it.get_signature_list()
         self.decode = self.it.get_signature_runner("decode")
         d = self.decode.get_input_details()
