@@ -111,8 +111,9 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         target = with_format(load_target(req.target), req.format)
         exporter = exporters.get(target.export.format)
         source = resolve_model(req.model, progress=progress)
-        exporter.check_supported(source)
-        info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture)
+        family = exporter.check_supported(source)
+        info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
+                    family=family.id)
     final = req.out / f"{source.name}-{target.id}"
     check_writable_parent(req.out, need_bytes=dir_bytes(source.hf_dir))
     with tempfile.TemporaryDirectory(prefix="edgepack-work-") as work_s, staging_dir(final, force=req.force) as tmp:
@@ -166,12 +167,13 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                            runtime_name(exporter.runtime, target.runtime.template),
                            system_site=not target.runtime.packages)
             ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1), golden_logp=report.golden_logp,
+                                      context_length=exported.context_length,
                                       android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
-            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names)
-                                      | extra)
+            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names,
+                                                     family.id) | extra)
             info.update(artifact=str(final), files=files)
         bundle_bytes = dir_bytes(tmp)
     progress(ProgressEvent("done", f"bundle at {final}"))
@@ -214,13 +216,13 @@ def _context(name: str, source: ModelSource, target: TargetProfile, options: dic
 
 
 def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-              reqs: list[str], wheels: list[str]) -> dict[str, Any]:
+              reqs: list[str], wheels: list[str], family: str) -> dict[str, Any]:
     import hashlib
 
     from edgepack.output import to_jsonable
 
     # No absolute paths of the build machine in the manifest: the same inputs give the same edgepack.json.
-    model = {k: v for k, v in to_jsonable(source).items() if k != "hf_dir"}
+    model = {k: v for k, v in to_jsonable(source).items() if k != "hf_dir"} | {"family": family}
     profile = to_jsonable(target)
     profile["source"] = Path(target.source).name
     profile_sha = hashlib.sha256(Path(target.source).read_bytes()).hexdigest()
@@ -235,7 +237,8 @@ def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: A
                    "graph": to_jsonable(exported.stats)},
         "quality": {k: v for k, v in to_jsonable(report).items() if k != "reference_cached"},
         "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": wheels,
-                    "execution_provider": target.export.execution_provider},
+                    "execution_provider": target.export.execution_provider,
+                    "context_length": exported.context_length},
         "smoke": {"prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),
                   "golden_checked": list(report.golden_checked), "device_ppl": report.device_ppl,
                   "device_tokens": len(report.device_ids),
@@ -260,11 +263,33 @@ def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """The runner's decoding options: greedy unless `sample`."""
+
+    sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    def args(self) -> list[str]:
+        out = ["--sample"] if self.sample else []
+        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                            ("--top-k", self.top_k), ("--seed", self.seed)):
+            if value is not None:
+                out += [flag, str(value)]
+        return out
+
+
+@dataclass(frozen=True)
 class RunRequest:
     bundle: Path
     prompt: str
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # up to the bundle's context (the runner stops there and says so)
     json_output: bool = False
+    raw: bool = False  # no chat template: continue the prompt text (base models)
+    system: str | None = None
+    sampling: Sampling = Sampling()
     extra_args: tuple[str, ...] = ()
 
 
@@ -296,12 +321,19 @@ def run(req: RunRequest) -> tuple[int, str]:
         cmd += ["--max-tokens", str(req.max_tokens)]
     if req.json_output:
         cmd.append("--json")
-    cmd += list(req.extra_args)
+    if req.raw:
+        cmd.append("--raw")
+    if req.system is not None:
+        cmd += ["--system", req.system]
+    cmd += req.sampling.args() + list(req.extra_args)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
+        tail = proc.stderr.splitlines()[-10:]
+        said = next((line[len("error: "):] for line in reversed(tail) if line.startswith("error: ")), None)
+        raise UserError(f"the bundle's runner refused: {said}" if said else
+                        f"the bundle's runner failed (exit {proc.returncode}).",
                         hint="See stderr_tail; `edgepack inspect` checks the bundle's files.",
-                        command=" ".join(cmd), stderr_tail=proc.stderr.splitlines()[-10:])
+                        command=" ".join(cmd), stderr_tail=tail)
     return proc.returncode, proc.stdout
 
 

@@ -148,6 +148,46 @@ def targets_list() -> None:
     _run("targets list", go)
 
 
+@cli.group()
+def models() -> None:
+    """Model aliases and the families each export format takes."""
+
+
+@models.command("list")
+@_json_option
+def models_list() -> None:
+    """The model aliases (`edgepack build --target T ALIAS`)."""
+    from edgepack.models import load_aliases
+
+    def go(_o: Output) -> tuple[Any, str]:
+        items = load_aliases().values()
+        data = [{"name": a.name, "description": a.description, "hub_id": a.hub_id, "license": a.license,
+                 "offline": a.prefer == "pypi"} for a in items]
+        return data, "\n".join(f"{a.name:<16} {a.description}" for a in items)
+
+    _run("models list", go)
+
+
+@models.command("families")
+@_json_option
+def models_families() -> None:
+    """Families per export format: architecture, rope, attention, and the test that proves each."""
+    from edgepack.families import families
+    from edgepack.output import to_jsonable
+
+    def go(_o: Output) -> tuple[Any, str]:
+        rows = families()
+        lines = [f"{'FAMILY':<15} {'ARCHITECTURE':<20} {'ROPE':<9} {'FORMATS':<12} {'PROVEN':<7} ATTENTION"]
+        for f in rows:
+            lines.append(f"{f.id:<15} {f.architecture.removesuffix('ForCausalLM'):<20} {'/'.join(f.rope):<9} "
+                         f"{','.join(f.formats):<12} {'yes' if f.proof else 'no':<7} {f.attention}")
+        lines.append("PROVEN: a tiny checkpoint of that shape is built with the quality gate on in the tests "
+                     "(docs/models.md).")
+        return to_jsonable(list(rows)), "\n".join(lines)
+
+    _run("models families", go)
+
+
 @targets.command("show")
 @click.argument("target")
 @_json_option
@@ -197,9 +237,17 @@ def inspect(bundle: Path, no_verify: bool) -> None:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True)
-@click.option("--max-tokens", type=int)
+@click.option("--max-tokens", type=click.IntRange(min=1), help="New tokens, up to the bundle's context.")
+@click.option("--raw", is_flag=True, help="No chat template: continue the prompt text (base models).")
+@click.option("--system", help="A system message (chat models).")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), help="With --sample.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), help="With --sample.")
+@click.option("--top-k", type=click.IntRange(min=1), help="With --sample.")
+@click.option("--seed", type=int, help="With --sample: a fixed seed gives the same reply.")
 @_json_option
-def run(bundle: Path, prompt: str, max_tokens: int | None) -> None:
+def run(bundle: Path, prompt: str, max_tokens: int | None, raw: bool, system: str | None, sample: bool,
+        temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None) -> None:
     """Run a bundle's own runner on this machine (when its arch matches)."""
     import json
 
@@ -209,8 +257,9 @@ def run(bundle: Path, prompt: str, max_tokens: int | None) -> None:
     json_mode = bool(state and state.json_mode)
 
     def go(_o: Output) -> tuple[Any, str]:
-        _code, stdout = api.run(api.RunRequest(bundle=bundle, prompt=prompt, max_tokens=max_tokens,
-                                               json_output=True))
+        _code, stdout = api.run(api.RunRequest(
+            bundle=bundle, prompt=prompt, max_tokens=max_tokens, json_output=True, raw=raw, system=system,
+            sampling=api.Sampling(sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)))
         data = json.loads(stdout.strip().splitlines()[-1])
         return data, data["text"] if not json_mode else ""
 

@@ -78,6 +78,17 @@ class UnknownNameError(UserError):
         )
 
 
+class BuilderCrashError(EdgepackError):
+    """A converter or builder crashed on input edgepack had already checked: a bug (ours or the tool's), exit 2."""
+
+    kind = "internal"
+
+    def __init__(self, message: str, *, tool: str, log_tail: list[str], **fields: Any) -> None:
+        super().__init__(message, hint=f"This is a bug, not a problem with your input: please report it with the "
+                                       f"log tail below and the model's config.json. ({tool})",
+                         tool=tool, log_tail=log_tail, **fields)
+
+
 class RemoteError(UserError):
     """A command on a device failed: carries the evidence."""
 

@@ -112,6 +112,10 @@ class Output:
             return 1
         if traceback_text:
             self.err.write(traceback_text)
+        if isinstance(error, EdgepackError):  # a tool crashed on checked input: say what, with its own log
+            self.err.write(f"error: {error.message}\n")
+            for line in error.fields.get("log_tail") or ():
+                self.err.write(f"  | {line}\n")
         self.err.write(
             "error: internal error in edgepack (this is a bug). Please report it with the traceback above.\n"
         )

@@ -69,6 +69,10 @@ class RuntimeSpec:
     threads: int = 0  # 0 = runtime default
     packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")  # versions pinned to the build's
     max_new_tokens: int = 128
+    # Tokens of prompt + reply the bundle holds (KV cache length); 0 = the model's own max_position_embeddings
+    # (ONNX) or 1024 (LiteRT, whose KV cache is allocated at this length). Recorded in the manifest; the runner
+    # refuses longer prompts and stops generation there.
+    context_length: int = 0
     android_sample: bool = False  # render android/ (Kotlin + Gradle integration sample) into the bundle
 
 
@@ -288,6 +292,13 @@ def _check_consistency(p: TargetProfile) -> None:
     if not 0 <= p.quality.min_greedy_match <= 32:
         raise TargetError(f"{p.source}: quality.min_greedy_match must be between 0 and 32 (of 32 greedy tokens).",
                           path=p.source, field="quality.min_greedy_match", allowed="0..32")
+    if p.runtime.context_length < 0 or 0 < p.runtime.context_length < 64:
+        raise TargetError(f"{p.source}: runtime.context_length must be 0 (the model's own) or at least 64 tokens.",
+                          path=p.source, field="runtime.context_length", allowed="0 or >= 64")
+    if p.runtime.context_length and p.runtime.max_new_tokens >= p.runtime.context_length:
+        raise TargetError(f"{p.source}: runtime.max_new_tokens ({p.runtime.max_new_tokens}) must be below "
+                          f"runtime.context_length ({p.runtime.context_length}): the prompt needs room too.",
+                          path=p.source, field="runtime.max_new_tokens")
     if not 1 <= p.quality.golden_tokens <= 32:
         raise TargetError(f"{p.source}: quality.golden_tokens must be between 1 and 32.",
                           path=p.source, field="quality.golden_tokens", allowed="1..32")

@@ -1,9 +1,15 @@
-"""Helpers for tests (ours and users'): tiny random checkpoints that build in seconds."""
+"""Helpers for tests (ours and users'): tiny random checkpoints that build in seconds.
+
+`make_tiny(family, folder)` saves a random model of one family (edgepack/data/families.toml) whose config has
+that family's real shape (rope type and scaling, sliding-window layout, tied or untied embeddings, head_dim,
+softcapping, norms), only with tiny widths, so a test proves the exporter handles what released models carry.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from edgepack.errors import require
 
@@ -12,16 +18,75 @@ CHAT_TEMPLATE = (
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Sliding window of the tiny windowed families: small enough that a test prompt runs past it.
+TINY_WINDOW = 16
 
-def make_tiny_llama(folder: Path, *, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0,
-                    text: str | None = None, tie: bool = True) -> Path:
-    """A random Llama with its own small byte-level BPE tokenizer, saved as a Hugging Face folder."""
+
+def _longrope_factors(n: int, top: float) -> list[float]:
+    return [round(1.0 + (top - 1.0) * i / max(n - 1, 1), 4) for i in range(n)]
+
+
+# family id → (transformers config class, config fields). Widths are tiny; everything else is the family's
+# released shape (comments name the model each one mirrors).
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # SmolLM2 / TinyLlama: plain RoPE, tied (SmolLM2) embeddings.
+    "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
+    # Llama 3.2 1B: llama3 rope scaling (factor 32 over 8192), theta 500000, tied embeddings.
+    "llama3": ("LlamaConfig", {
+        "tie_word_embeddings": True, "max_position_embeddings": 131072,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+    # Mistral 7B v0.3: no sliding window, untied.
+    "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None, "head_dim": 16,
+                                  "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # Mistral 7B v0.1: a sliding window on every layer.
+    "mistral-window": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": TINY_WINDOW,
+                                         "head_dim": 16}),
+    # Qwen2.5 0.5B: qkv bias, tied, theta 1e6, no sliding window.
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True, "use_sliding_window": False,
+                              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # Qwen3 0.6B: q/k RMSNorm, explicit head_dim with heads × head_dim ≠ hidden, tied.
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True, "head_dim": 32, "use_sliding_window": False,
+                              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # Phi-3-mini-4k: fused qkv/gate_up, untied, max == original positions.
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False, "max_position_embeddings": 4096,
+                            "original_max_position_embeddings": 4096, "sliding_window": None}),
+    # Phi-3.5-mini / Phi-4-mini: LongRoPE (short/long factors, 4k → 128k).
+    "phi3-longrope": ("Phi3Config", {
+        "tie_word_embeddings": False, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "sliding_window": None,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                            "short_factor": _longrope_factors(8, 1.1), "long_factor": _longrope_factors(8, 4.0),
+                            "original_max_position_embeddings": 4096}}),
+    # Gemma 2B: head_dim independent of hidden, gelu-tanh MLP, tied, scaled embeddings.
+    "gemma": ("GemmaConfig", {"tie_word_embeddings": True, "head_dim": 32, "hidden_act": "gelu_pytorch_tanh"}),
+    # Gemma 2 2B: alternating sliding/full layers, attention and final logit softcapping, tied.
+    "gemma2": ("Gemma2Config", {
+        "tie_word_embeddings": True, "head_dim": 32, "sliding_window": TINY_WINDOW, "query_pre_attn_scalar": 32,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention"]}),
+    # Gemma 3 270M/1B text: five sliding layers to one full, local/global rope bases, q/k norm, tied.
+    "gemma3": ("Gemma3TextConfig", {
+        "tie_word_embeddings": True, "head_dim": 32, "sliding_window": TINY_WINDOW, "query_pre_attn_scalar": 32,
+        "num_hidden_layers": 6, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    # SmolLM3 3B: every fourth layer without RoPE (NoPE), tied.
+    "smollm3": ("SmolLM3Config", {"tie_word_embeddings": True, "num_hidden_layers": 4,
+                                  "no_rope_layer_interval": 4, "use_sliding_window": False}),
+    # Granite 3.x: embedding/residual/attention multipliers and logits scaling, tied.
+    "granite": ("GraniteConfig", {"tie_word_embeddings": True, "embedding_multiplier": 12.0,
+                                  "residual_multiplier": 0.22, "attention_multiplier": 0.0156,
+                                  "logits_scaling": 8.0}),
+}
+
+
+def _tokenizer(folder: Path, vocab: int, text: str | None) -> int:
+    """A small byte-level BPE tokenizer trained on the held-out text; returns its vocabulary size."""
     tokenizers = require("tokenizers", "onnx", "Making a tiny test model")
-    torch = require("torch", "onnx", "Making a tiny test model")
-    transformers = require("transformers", "onnx", "Making a tiny test model")
     from edgepack.quality.texts import heldout
 
-    folder.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -34,11 +99,30 @@ def make_tiny_llama(folder: Path, *, vocab: int = 512, hidden: int = 64, layers:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
         "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>", "add_bos_token": False,
         "model_max_length": 2048, "chat_template": CHAT_TEMPLATE}, indent=2))
+    return int(tok.get_vocab_size())
+
+
+def make_tiny(family: str, folder: Path, *, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0,
+              text: str | None = None, **overrides: Any) -> Path:
+    """A random model of `family` (a TINY_CONFIGS key) with its own tokenizer, saved as a Hugging Face folder."""
+    torch = require("torch", "onnx", "Making a tiny test model")
+    transformers = require("transformers", "onnx", "Making a tiny test model")
+    cls_name, shape = TINY_CONFIGS[family]
+    folder.mkdir(parents=True, exist_ok=True)
+    n_vocab = _tokenizer(folder, vocab, text)
+    fields: dict[str, Any] = {
+        "vocab_size": n_vocab, "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **shape, **overrides}
+    config = getattr(transformers, cls_name)(**fields)
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tie)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     return folder
+
+
+def make_tiny_llama(folder: Path, *, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0,
+                    text: str | None = None, tie: bool = True) -> Path:
+    """A random Llama with its own small byte-level BPE tokenizer, saved as a Hugging Face folder."""
+    return make_tiny("llama", folder, vocab=vocab, hidden=hidden, layers=layers, seed=seed, text=text,
+                     tie_word_embeddings=tie)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from edgepack.families import Family
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressFn
 from edgepack.targets import TargetProfile
@@ -29,6 +30,7 @@ class ExportedModel:
     bytes: int
     stats: GraphStats
     runtime_versions: dict[str, str]
+    context_length: int = 0  # prompt + reply tokens the exported model holds (its KV cache length)
 
 
 class Scorer(Protocol):
@@ -48,7 +50,7 @@ class Exporter(Protocol):
     packages: tuple[str, ...]  # the runtime distributions to vendor with it
 
     @staticmethod
-    def check_supported(source: ModelSource) -> None: ...
+    def check_supported(source: ModelSource) -> Family: ...  # the families.toml row, or a ModelError
 
     @staticmethod
     def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,
@@ -56,18 +58,6 @@ class Exporter(Protocol):
 
     @staticmethod
     def scorer(model_dir: Path) -> Scorer: ...
-
-
-def check_architecture(source: ModelSource, supported: tuple[str, ...], exporter: str, hint: str = "") -> None:
-    """An architecture the exporter cannot convert is a user error listing the ones it can."""
-    if source.architecture not in supported:
-        from edgepack.errors import ModelError
-
-        raise ModelError(
-            f"the {exporter} exporter does not support architecture '{source.architecture}' "
-            f"(model type '{source.model_type}').",
-            hint="Supported: " + ", ".join(supported) + (hint or "."),
-            architecture=source.architecture, supported=list(supported))
 
 
 def run_logged(cmd: list[str], log: Path, **env: str) -> tuple[int, list[str]]:

@@ -8,21 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats, check_architecture, run_logged
-from edgepack.errors import UserError, require
+from edgepack.backends.base import ExportedModel, GraphStats, run_logged
+from edgepack.errors import BuilderCrashError, ModelError, UserError, require
+from edgepack.families import Family, shape_of
+from edgepack.families import check as check_family
 from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
 from edgepack.targets import QuantizeSpec, TargetProfile
 from edgepack.versions import installed_versions
-
-# Architectures the onnxruntime-genai 0.18 builder turns into decoder-only text models (config.architectures[0]).
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-    "PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
-    "SmolLM3ForCausalLM", "NemotronForCausalLM",
-)
-
 
 LAYER_MATMULS = ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 
@@ -39,9 +33,16 @@ def layer_indices(q: QuantizeSpec, num_layers: int) -> list[int]:
     return sorted(set(out))
 
 
-def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0) -> tuple[str, dict[str, str]]:
+def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0,
+                    windowed: bool = False) -> tuple[str, dict[str, str]]:
     """Profile quantization knobs → (builder precision, builder extra_options)."""
     opts: dict[str, str] = {}
+    if windowed:
+        # The builder's window-sized KV cache for sliding layers (its default) fails in onnxruntime-genai 0.18
+        # whenever the KV capacity is below the window ("KV cache capacity (39) must be at least
+        # local_window_size (4096)") and when an all-sliding model prefills past the window; full-length
+        # caches on every layer work for every length (docs/models.md: what this costs).
+        opts["windowed_kv_cache"] = "false"
     if q.scheme in ("int4", "int8"):
         opts["block_size"] = str(q.block_size)
         opts["is_symmetric"] = "true" if q.symmetric else "false"
@@ -114,6 +115,24 @@ def _make_reproducible(model_path: Path) -> None:
         tmp.replace(model_path)
 
 
+def set_context_length(genai_config: Path, wanted: int) -> int:
+    """Bound the bundle's context: genai_config's context_length and default max_length (the model's own
+    max_position_embeddings unless the target asks for less)."""
+    import json
+
+    cfg = json.loads(genai_config.read_text())
+    own = int(cfg["model"]["context_length"])
+    if wanted > own:
+        raise UserError(f"runtime.context_length = {wanted} is longer than the model's own context ({own} tokens).",
+                        hint=f"Set runtime.context_length to at most {own} in the target (0 = the model's own).",
+                        field="runtime.context_length", model_context=own)
+    context = wanted or own
+    cfg["model"]["context_length"] = context
+    cfg["search"]["max_length"] = context
+    genai_config.write_text(json.dumps(cfg, indent=4) + "\n")
+    return context
+
+
 def runtime_versions() -> dict[str, str]:
     return installed_versions("onnxruntime-genai", "onnxruntime", "numpy")
 
@@ -126,8 +145,24 @@ class OnnxExporter:
     packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")
 
     @staticmethod
-    def check_supported(source: ModelSource) -> None:
-        check_architecture(source, SUPPORTED_ARCHITECTURES, "ONNX")
+    def check_supported(source: ModelSource) -> Family:
+        import json
+
+        config = json.loads((source.hf_dir / "config.json").read_text())
+        shape = shape_of(source.hf_dir / "config.json")
+        original = config.get("original_max_position_embeddings")
+        if (shape.architecture == "Phi3ForCausalLM" and shape.rope_type == "default"
+                and original not in (None, config.get("max_position_embeddings"))):
+            raise ModelError(
+                f"{source.name}'s config.json has max_position_embeddings {config.get('max_position_embeddings')} "
+                f"but original_max_position_embeddings {original}, and no "
+                "LongRoPE rope_scaling: the builder takes its LongRoPE path for that and needs the long/short "
+                "factors.",
+                hint="For a 4k model set original_max_position_embeddings equal to max_position_embeddings in "
+                     "config.json; for a LongRoPE model (Phi-3.5, Phi-4-mini) restore rope_scaling (type longrope, "
+                     "long_factor, short_factor) from the original config.", path=source.hf_dir / "config.json",
+                field="original_max_position_embeddings")
+        return check_family(shape, "onnx", "ONNX")
 
     @staticmethod
     def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,
@@ -140,8 +175,10 @@ class OnnxExporter:
         config = json.loads((source.hf_dir / "config.json").read_text())
         tied = bool(config.get("tie_word_embeddings", False))
         precision, opts = builder_options(target.quantize, tied=tied,
-                                          num_layers=int(config.get("num_hidden_layers", 0)))
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source.hf_dir),
+                                          num_layers=int(config.get("num_hidden_layers", 0)),
+                                          windowed=shape_of(source.hf_dir / "config.json").windowed)
+        # The builder, with the fixes its 0.18 release needs for current checkpoints (genai_builder.py).
+        cmd = [sys.executable, "-m", "edgepack.backends.genai_builder", "-i", str(source.hf_dir),
                "-o", str(out_dir), "-p", precision, "-e", target.export.execution_provider,
                "-c", str(work_dir / "builder-cache")]
         if opts:
@@ -150,10 +187,11 @@ class OnnxExporter:
                                          f"{target.export.execution_provider}, {opts}"))
         code, tail = run_logged(cmd, work_dir / "builder.log")
         if code != 0 or not (out_dir / "genai_config.json").is_file():
-            raise UserError(
-                f"the onnxruntime-genai model builder failed (exit {code}) for {source.name}.",
-                hint="Its last lines are in the error's 'log_tail'; check the quantize options of the target.",
-                command=" ".join(cmd), log_tail=tail)
+            # The profile and the family were checked before: a crash here is the builder's (or ours).
+            raise BuilderCrashError(
+                f"the onnxruntime-genai model builder crashed (exit {code}) exporting {source.name} "
+                f"({source.architecture}).", tool="onnxruntime-genai builder", command=" ".join(cmd),
+                log_tail=tail)
         # The builder writes the tokenizer too; keep only what the runtime reads.
         for junk in ("builder-cache",):
             p = out_dir / junk
@@ -172,12 +210,14 @@ class OnnxExporter:
             gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal, head=False,
                        progress=progress)
         _make_reproducible(out_dir / "model.onnx")
+        context = set_context_length(out_dir / "genai_config.json", target.runtime.context_length)
         stats = _graph_stats(out_dir / "model.onnx")
         if precision in ("int4", "int8") and stats.quantized_matmuls == 0:
             raise UserError(f"scheme {precision} produced no quantized MatMul: the weights stayed float.",
                             hint="This is a builder problem; try another quantize.algorithm.")
         return ExportedModel(dir=out_dir, format="onnx", scheme=precision, options=opts,
-                             bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions())
+                             bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions(),
+                             context_length=context)
 
     @staticmethod
     def scorer(model_dir: Path) -> GenaiScorer:

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats, check_architecture, run_logged
+from edgepack.backends.base import ExportedModel, GraphStats, run_logged
+from edgepack.backends.litert_convert import problem as litert_problem
 from edgepack.errors import ModelError, UserError, require
+from edgepack.families import Family, shape_of
+from edgepack.families import check as check_family
 from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
 from edgepack.targets import TargetProfile
 from edgepack.versions import installed_versions
 
-# What edgepack maps onto litert-torch's generic decoder (RMSNorm, gated SiLU MLP, RoPE, GQA).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 BLOCK_SIZES = (32, 64, 128, 256)  # litert-torch's blockwise int4 granularities
 KV_CACHE_LEN = 1024
 PREFILL_LEN = 128
@@ -120,14 +121,9 @@ class TfliteExporter:
     packages: tuple[str, ...] = ("litert-lm-api",)
 
     @staticmethod
-    def check_supported(source: ModelSource) -> None:
-        check_architecture(source, SUPPORTED_ARCHITECTURES, "TFLite", hint="; use --format onnx for this model.")
-        config = json.loads((source.hf_dir / "config.json").read_text())
-        rope = config.get("rope_scaling") or {}
-        rope_type = (config.get("rope_parameters") or {}).get("rope_type") or rope.get("rope_type") or "default"
-        if rope_type != "default":
-            raise ModelError(f"the TFLite exporter supports plain RoPE only; {source.name} uses rope_type "
-                             f"'{rope_type}'.", hint="Use --format onnx for this model.", rope_type=rope_type)
+    def check_supported(source: ModelSource) -> Family:
+        # Which families (architecture, rope type, sliding window) convert: edgepack/data/families.toml.
+        return check_family(shape_of(source.hf_dir / "config.json"), "tflite", "TFLite")
 
     @staticmethod
     def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,
@@ -135,7 +131,14 @@ class TfliteExporter:
         _installed("litert_torch", "TFLite export")  # imported by the converter process only: it is heavy
         _installed("ai_edge_litert", "TFLite export")
         q = target.quantize
+        kv_len = target.runtime.context_length or KV_CACHE_LEN  # LiteRT allocates its KV cache at this
         config = json.loads((source.hf_dir / "config.json").read_text())
+        refusal = litert_problem(config, kv_len)
+        if refusal:
+            raise ModelError(f"litert-torch cannot convert {source.name} exactly: {refusal}.",
+                             hint="Use --format onnx for this model (where a length is named, a smaller "
+                                  "runtime.context_length in the target also does).",
+                             model_type=config.get("model_type"), kv_cache_len=kv_len)
         if q.scheme == "int4":
             problem = block_problem(config, q.block_size)
             if q.block_size not in BLOCK_SIZES:
@@ -152,7 +155,7 @@ class TfliteExporter:
         result_path = work_dir / "litert-result.json"
         spec = {"hf_dir": str(source.hf_dir), "out_dir": str(out_dir), "scheme": q.scheme,
                 "weight_only": q.algorithm == "weight_only", "block_size": q.block_size,
-                "kv_cache_len": KV_CACHE_LEN, "prefill_len": PREFILL_LEN,
+                "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
                 "package": package, "tokenizer_json": str(source.hf_dir / "tokenizer.json"),
                 "stop_ids": stop, "bos_id": facts.bos_token_id if facts.add_bos_token else None,
                 "chat_template": _chat_template(source.hf_dir), "result": str(result_path)}
@@ -164,7 +167,7 @@ class TfliteExporter:
         spec_path.write_text(json.dumps(spec))
         progress(ProgressEvent("export", f"litert-torch: {q.scheme}"
                                + (f" block {q.block_size}" if q.scheme == "int4" else "")
-                               + f", KV cache {KV_CACHE_LEN}, prefill {PREFILL_LEN}, packaged as .{package}"
+                               + f", KV cache {kv_len}, prefill {PREFILL_LEN}, packaged as .{package}"
                                + (f" (ONNX-only knobs ignored: {', '.join(ignored)})" if ignored else "")))
         code, tail = run_logged([sys.executable, "-m", "edgepack.backends.litert_convert", str(spec_path)],
                                 work_dir / "litert-convert.log", TF_CPP_MIN_LOG_LEVEL="2")
@@ -178,7 +181,7 @@ class TfliteExporter:
             shutil.copy2(source.hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
             template = _chat_template(source.hf_dir)
             (out_dir / "generation.json").write_text(json.dumps({
-                "stop_ids": stop, "bos_id": spec["bos_id"], "kv_cache_len": KV_CACHE_LEN,
+                "stop_ids": stop, "bos_id": spec["bos_id"], "kv_cache_len": kv_len,
                 "chat_template": template[len(_TEMPLATE_PREAMBLE):] if template else None}, indent=1) + "\n")
         with _tflite_file(out_dir) as tflite:
             stats = tflite_stats(tflite)
@@ -186,10 +189,11 @@ class TfliteExporter:
             raise UserError(f"scheme {q.scheme} left weights in float: {stats.quantized_matmuls} quantized and "
                             f"{stats.float_matmuls} float 2-D weight tensors in the .tflite.",
                             hint="The litert-torch recipe did not apply; report it with the model id.")
-        options = {"recipe": result["recipe"], "kv_cache_len": KV_CACHE_LEN, "prefill_len": PREFILL_LEN,
+        options = {"recipe": result["recipe"], "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
                    "package": package, "convert_s": result["convert_s"], "ignored": ignored}
         return ExportedModel(dir=out_dir, format="tflite", scheme=q.scheme, options=options,
-                             bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions())
+                             bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions(),
+                             context_length=kv_len)
 
     @staticmethod
     def scorer(model_dir: Path) -> LiteRTScorer:

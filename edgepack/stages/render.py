@@ -48,6 +48,7 @@ class BundleContext:
     android_litertlm_version: str = ""  # the LiteRT-LM release the bundle was scored with (android/ sample)
     model_mb: float = 0.0
     golden_logp: tuple[float, ...] = ()
+    context_length: int = 0  # prompt + reply tokens the bundle holds; the runner enforces it
 
 
 # runtime template folder → files it renders (template name → output name, executable?)

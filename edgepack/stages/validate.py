@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.errors import ModelError, QualityGateError
+from edgepack.errors import BuilderCrashError, ModelError, QualityGateError
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.quality import texts
@@ -69,10 +69,12 @@ def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *,
     progress(ProgressEvent("validate", f"scoring the {target.quantize.scheme} model through {exporter.runtime}"))
     try:
         return _score(source, model_dir, target, ref, exporter.scorer(model_dir), progress)
-    except RuntimeError as exc:  # the runtime rejects the exported model: the user's scheme, not our bug
-        raise ModelError(f"the exported model does not run in {exporter.runtime} on this machine: "
-                         f"{str(exc).splitlines()[0][:300]}",
-                         hint="Try another quantize.scheme or algorithm in the target; nothing was written.") from exc
+    except RuntimeError as exc:
+        # The family and the profile were checked before export: a graph the runtime then refuses is a bug of
+        # the exporter or the runtime, and no quantize setting is known to fix it (nothing was written).
+        raise BuilderCrashError(f"the exported model does not run in {exporter.runtime} on this machine "
+                                f"({source.architecture}); nothing was written.", tool=exporter.runtime,
+                                log_tail=str(exc).splitlines()[:5]) from exc
 
 
 def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any, scorer: Any,

@@ -92,17 +92,50 @@ def test_full_disk_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path,
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def wait_for_line(stream, needle: str, timeout: float = 120) -> list[str]:  # type: ignore[no-untyped-def]
+    """Read a child's stderr until a line holds `needle` (the event itself, not a guess at its timing)."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+            if needle in line:
+                break
+        else:
+            lines.put(None)  # the child closed stderr (exited) first
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"never saw {needle!r} on stderr:\n{''.join(seen)[-2000:]}")
+
+
 def test_ctrl_c_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(tiny_model), "--target",
                              str(tiny_target), "--out", str(out), "--no-wheels"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
-        time.sleep(0.05)  # wait until the staging folder exists, then interrupt mid-build
-    time.sleep(0.5)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            start_new_session=True)
+    # Interrupt while the model builder runs: the staging folder exists by then, and the builder (a child
+    # process importing torch) cannot finish before the signal lands, however fast the machine.
+    seen = wait_for_line(proc.stderr, "onnxruntime-genai builder:")
+    assert any(p.name.endswith(".partial") for p in out.iterdir())
     os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the whole process group
     _, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
     # 130, or killed by SIGINT (-2): both are what a shell reports as 130 for an interrupted command.
     assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert "interrupted" in err
