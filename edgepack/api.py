@@ -48,6 +48,8 @@ class BuildRequest:
     plot: Path | None = None  # with tune: a PNG of speed vs quality
     tune_on: DeviceRequest | None = None  # with tune: time the candidates on this device, not here
     format: str | None = None  # override the target's export.format (onnx | tflite)
+    eval_text: Path | None = None  # score this text of the user's domain instead of the shipped one
+    adapter: Path | None = None  # a PEFT LoRA adapter folder, merged into the model before export
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,15 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     stages = StageRecorder(progress)
     with stages.stage("resolve", f"target {req.target}, model {req.model}") as info:
         target = with_format(load_target(req.target), req.format)
+        if req.eval_text is not None:
+            target = dataclasses.replace(target, quality=dataclasses.replace(
+                target.quality, eval_text=str(req.eval_text.expanduser().resolve())))
         exporter = exporters.get(target.export.format)
         source = resolve_model(req.model, progress=progress)
+        if req.adapter is not None:
+            from edgepack.adapter import merge_adapter
+
+            source = merge_adapter(source, req.adapter, progress=progress)
         family = exporter.check_supported(source)
         info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
                     family=family.id)
@@ -225,6 +234,9 @@ def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: A
     model = {k: v for k, v in to_jsonable(source).items() if k != "hf_dir"} | {"family": family}
     profile = to_jsonable(target)
     profile["source"] = Path(target.source).name
+    quality = {k: v for k, v in to_jsonable(report).items() if k != "reference_cached"}
+    if target.quality.eval_text:  # the text's name and sha256 are in "quality"; no build-machine path here
+        profile["quality"]["eval_text"] = quality["tolerances"]["eval_text"] = Path(target.quality.eval_text).name
     profile_sha = hashlib.sha256(Path(target.source).read_bytes()).hexdigest()
     return {
         "name": name,
@@ -235,7 +247,7 @@ def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: A
         "model": model,
         "export": {"format": exported.format, "scheme": exported.scheme, "builder_options": exported.options,
                    "graph": to_jsonable(exported.stats)},
-        "quality": {k: v for k, v in to_jsonable(report).items() if k != "reference_cached"},
+        "quality": quality,
         "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": wheels,
                     "execution_provider": target.export.execution_provider,
                     "context_length": exported.context_length},

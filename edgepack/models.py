@@ -43,6 +43,19 @@ class TokenizerFacts:
 
 
 @dataclass(frozen=True)
+class AdapterInfo:
+    """What was merged: recorded in the manifest next to the base model."""
+
+    name: str
+    sha256: str  # of adapter_config.json + the adapter weights
+    peft_type: str
+    rank: int
+    target_modules: tuple[str, ...]
+    base_model: str  # what adapter_config.json says it was trained on (informational)
+    base_weights_sha256: str  # what it was merged into
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """A model resolved to a local Hugging Face checkpoint folder, with where it came from."""
 
@@ -56,6 +69,7 @@ class ModelSource:
     model_type: str
     license: str | None
     tokenizer: TokenizerFacts
+    adapter: AdapterInfo | None = None  # a LoRA adapter merged into the base (edgepack/adapter.py)
 
 
 def load_aliases() -> dict[str, ModelAlias]:

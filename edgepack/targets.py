@@ -61,6 +61,9 @@ class QualitySpec:
     golden_tokens: int = 16  # greedy tokens the device must reproduce in its smoke test
     device_max_ppl_drift_pct: float = 3.0  # on-device perplexity of a short text vs the build machine's
     device_min_top1: float = 0.9  # on-device top-1 agreement with the build machine's picks on that text
+    # A UTF-8 text of the device's own domain to score instead of the shipped one (relative to the target file;
+    # `build --eval-text FILE` sets it). Perplexity, KL, top-1 and the device's check text all come from it.
+    eval_text: str = ""
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,11 @@ def prompt_ids(tokenizer: Any) -> list[int]:
     return [int(i) for i in tokenizer(texts.GREEDY_PROMPT).input_ids]
 
 
-def score_reference(source: ModelSource, *, progress: ProgressFn = silent) -> Reference:
+def score_reference(source: ModelSource, *, text: texts.EvalText | None = None,
+                    progress: ProgressFn = silent) -> Reference:
     import numpy as np
 
-    text = texts.heldout()
+    text = text or texts.heldout()
     path = _cache_path(source, text.sha256)
     if path.is_file():
         z = np.load(path, allow_pickle=False)

@@ -64,11 +64,12 @@ def judge(tol: QualitySpec, *, delta_pct: float, kl: float, top1: float, greedy:
 
 def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *,
              progress: ProgressFn = silent) -> QualityReport:
-    ref = score_reference(source, progress=progress)
+    text = texts.for_target(target.quality.eval_text, target.source)
+    ref = score_reference(source, text=text, progress=progress)
     exporter = exporters.get(target.export.format)
     progress(ProgressEvent("validate", f"scoring the {target.quantize.scheme} model through {exporter.runtime}"))
     try:
-        return _score(source, model_dir, target, ref, exporter.scorer(model_dir), progress)
+        return _score(source, model_dir, target, ref, exporter.scorer(model_dir), text, progress)
     except RuntimeError as exc:
         # The family and the profile were checked before export: a graph the runtime then refuses is a bug of
         # the exporter or the runtime, and no quantize setting is known to fix it (nothing was written).
@@ -78,8 +79,7 @@ def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *,
 
 
 def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any, scorer: Any,
-           progress: ProgressFn) -> QualityReport:
-    text = texts.heldout()
+           text: texts.EvalText, progress: ProgressFn) -> QualityReport:
     runtime_ids = scorer.encode(text.text)
     if runtime_ids != ref.ids:
         at = common_prefix(runtime_ids, ref.ids)
