@@ -50,6 +50,7 @@ class BuildRequest:
     format: str | None = None  # override the target's export.format (onnx | tflite)
     eval_text: Path | None = None  # score this text of the user's domain instead of the shipped one
     adapter: Path | None = None  # a PEFT LoRA adapter folder, merged into the model before export
+    checks: Path | None = None  # a JSONL file of task checks gated float vs quantized (quality.checks)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         if req.eval_text is not None:
             target = dataclasses.replace(target, quality=dataclasses.replace(
                 target.quality, eval_text=str(req.eval_text.expanduser().resolve())))
+        if req.checks is not None:
+            target = dataclasses.replace(target, quality=dataclasses.replace(
+                target.quality, checks=str(req.checks.expanduser().resolve())))
         exporter = exporters.get(target.export.format)
         source = resolve_model(req.model, progress=progress)
         if req.adapter is not None:
@@ -177,6 +181,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                            system_site=not target.runtime.packages)
             ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1), golden_logp=report.golden_logp,
                                       context_length=exported.context_length,
+                                      checks_json=device_checks(report),
                                       android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
@@ -203,6 +208,19 @@ def _speed_meter(device: DeviceRequest | None, target: TargetProfile, progress: 
         yield meter
     finally:
         meter.close()
+
+
+def device_checks(report: QualityReport) -> str:
+    """What the smoke test needs to re-run the task checks: prompts as ids, the rule, the float reply."""
+    import json
+
+    c = report.checks
+    if c is None:
+        return "null"
+    return json.dumps({"file": c.file, "build_passed": c.quantized_passed, "allowed_drop": c.allowed_drop,
+                       "items": [{"id": r.id, "kind": r.kind, "value": r.value, "prompt_ids": list(r.prompt_ids),
+                                  "max_tokens": r.max_tokens, "float_text": r.float_text} for r in c.results]},
+                      sort_keys=True)
 
 
 def _context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],
@@ -235,8 +253,9 @@ def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: A
     profile = to_jsonable(target)
     profile["source"] = Path(target.source).name
     quality = {k: v for k, v in to_jsonable(report).items() if k != "reference_cached"}
-    if target.quality.eval_text:  # the text's name and sha256 are in "quality"; no build-machine path here
-        profile["quality"]["eval_text"] = quality["tolerances"]["eval_text"] = Path(target.quality.eval_text).name
+    for key in ("eval_text", "checks"):  # their names and sha256 are in "quality"; no build-machine paths here
+        if getattr(target.quality, key):
+            profile["quality"][key] = quality["tolerances"][key] = Path(getattr(target.quality, key)).name
     profile_sha = hashlib.sha256(Path(target.source).read_bytes()).hexdigest()
     return {
         "name": name,

@@ -84,6 +84,8 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
               help="A PEFT LoRA adapter folder: merged into MODEL (its base) before export.")
 @click.option("--eval-text", type=click.Path(path_type=Path),
               help="Gate on this UTF-8 text of your domain instead of the shipped one.")
+@click.option("--checks", "checks_file", type=click.Path(path_type=Path),
+              help="A JSONL file of task checks (prompt + what must come back), gated and re-run on the device.")
 @click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
 @click.option("--tune", is_flag=True, help="Build the target's [tune] candidates; keep the fastest that passes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --tune: write speed vs quality as a PNG.")
@@ -93,8 +95,9 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--install-dir", help="With --tune-on: where the device's releases live.")
 @_json_option
 def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip_validation: bool,
-          adapter: Path | None, eval_text: Path | None, no_wheels: bool, tune: bool, plot: Path | None,
-          tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None, install_dir: str | None) -> None:
+          adapter: Path | None, eval_text: Path | None, checks_file: Path | None, no_wheels: bool, tune: bool,
+          plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
+          install_dir: str | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -104,7 +107,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
 
     def go(o: Output) -> tuple[Any, str]:
         res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force, format=fmt,
-                                         eval_text=eval_text, adapter=adapter,
+                                         eval_text=eval_text, adapter=adapter, checks=checks_file,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
                                          tune=tune, plot=plot,
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,

@@ -72,6 +72,14 @@ class ModelSource:
     adapter: AdapterInfo | None = None  # a LoRA adapter merged into the base (edgepack/adapter.py)
 
 
+def model_key(source: ModelSource) -> str:
+    """A cache key for what the float model computes: its weights and its config.json. The same tensors under
+    another rope scaling, window or logit scale are another model (measured: two tiny checkpoints that
+    differed only in logits_scaling once shared one cached reference)."""
+    config_sha = hashlib.sha256((source.hf_dir / "config.json").read_bytes()).hexdigest()
+    return f"{source.weights_sha256[:20]}-c{config_sha[:12]}"
+
+
 def load_aliases() -> dict[str, ModelAlias]:
     data = tomllib.loads(data_file("models.toml").read_text(encoding="utf-8"))
     return {name: ModelAlias(name=name, **fields) for name, fields in data.items()}

@@ -64,6 +64,10 @@ class QualitySpec:
     # A UTF-8 text of the device's own domain to score instead of the shipped one (relative to the target file;
     # `build --eval-text FILE` sets it). Perplexity, KL, top-1 and the device's check text all come from it.
     eval_text: str = ""
+    # A JSONL file of task checks (edgepack/quality/checks.py; `build --checks FILE` sets it): the quantized
+    # model may fail at most checks_max_drop (a fraction of the checks) more of them than the float model.
+    checks: str = ""
+    checks_max_drop: float = 0.0
 
 
 @dataclass(frozen=True)

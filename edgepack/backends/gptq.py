@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import ModelError, UserError, require
-from edgepack.models import ModelSource
+from edgepack.models import ModelSource, model_key
 from edgepack.progress import ProgressEvent, ProgressFn
 from edgepack.resources import cache_root
 from edgepack.targets import TargetProfile
@@ -173,7 +173,7 @@ def calibration_ids(model: Any, source: ModelSource, cal: Calibration, progress:
         progress(ProgressEvent("quantize", f"GPTQ: {n}×{cal.tokens} calibration tokens from {cal.text.name}"))
         return torch.tensor(ids[:n * cal.tokens]).reshape(n, cal.tokens)
     cache = cache_root() / "calibration" / (
-        f"{source.weights_sha256[:20]}-s{cal.samples}-t{cal.tokens}-seed{cal.seed}.pt")
+        f"{model_key(source)}-s{cal.samples}-t{cal.tokens}-seed{cal.seed}.pt")
     if cache.is_file():
         return torch.load(cache)
     progress(ProgressEvent("quantize", f"GPTQ: sampling {cal.samples}×{cal.tokens} calibration tokens"))

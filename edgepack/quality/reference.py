@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import require
-from edgepack.models import ModelSource
+from edgepack.models import ModelSource, model_key
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.quality import texts
 from edgepack.quality.metrics import WindowTopK, reference_window
 from edgepack.resources import cache_root
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by config.json too (the same weights under another config are another model)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Reference:
 
 
 def _cache_path(source: ModelSource, text_sha: str) -> Path:
-    key = f"v{CACHE_VERSION}-{source.weights_sha256[:20]}-{text_sha[:12]}-w{texts.WINDOW}-k{texts.TOP_K}"
+    key = f"v{CACHE_VERSION}-{model_key(source)}-{text_sha[:12]}-w{texts.WINDOW}-k{texts.TOP_K}"
     return cache_root() / "reference" / f"{key}.npz"
 
 

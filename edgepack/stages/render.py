@@ -49,6 +49,7 @@ class BundleContext:
     model_mb: float = 0.0
     golden_logp: tuple[float, ...] = ()
     context_length: int = 0  # prompt + reply tokens the bundle holds; the runner enforces it
+    checks_json: str = "null"  # the task checks the smoke test re-runs (see device_checks())
 
 
 # runtime template folder → files it renders (template name → output name, executable?)

@@ -10,7 +10,9 @@ from edgepack.backends import exporters
 from edgepack.errors import BuilderCrashError, ModelError, QualityGateError
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.quality import checks as task_checks
 from edgepack.quality import texts
+from edgepack.quality.checks import ChecksReport
 from edgepack.quality.metrics import common_prefix, compare_window, log_softmax, perplexity
 from edgepack.quality.reference import score_reference
 from edgepack.targets import QualitySpec, TargetProfile
@@ -42,6 +44,7 @@ class QualityReport:
     reference_cached: bool
     scored_on: str = "cpu"  # the execution provider the gate ran the bundle's graph with
     golden_logp: tuple[float, ...] = ()  # log p(golden token | prefix) at build: runtimes without logits compare these
+    checks: ChecksReport | None = None  # the user's task checks (quality.checks), float vs quantized
 
 
 def unvalidated(target: TargetProfile) -> QualityReport:
@@ -108,6 +111,13 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
     delta = (ppl_q / ppl_r - 1.0) * 100.0
     mean_kl, top1 = kl / count, agree / count
     failures = judge(target.quality, delta_pct=delta, kl=mean_kl, top1=top1, greedy=match)
+    checks = None
+    if target.quality.checks:
+        path = task_checks.resolve_path(target.quality.checks, target.source)
+        items, sha = task_checks.load(path)
+        progress(ProgressEvent("validate", f"{len(items)} task checks from {path.name}: float vs quantized"))
+        checks = task_checks.run(items, sha, path.name, source, scorer, target.quality.checks_max_drop)
+        failures += task_checks.failures(checks)
     report = QualityReport(
         validated=True, passed=not failures, text=text.name, text_sha256=text.sha256, tokens_scored=count,
         ppl_reference=round(ppl_r, 4), ppl_quantized=round(ppl_q, 4), ppl_delta_pct=round(delta, 2),
@@ -117,7 +127,7 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
         prompt_ids=tuple(ref.prompt_ids), golden_tokens=tuple(golden), golden_checked=checked,
         device_ids=tuple(dev_ids), device_ppl=round(perplexity(float(dev_nll.sum()), len(dev_nll)), 4),
         device_top1=tuple(int(t) for t in dev_lp.argmax(axis=-1)), scored_on=getattr(scorer, "scored_on", "cpu"),
-        reference_cached=ref.cached, golden_logp=tuple(round(float(x), 4) for x in golden_lp))
+        reference_cached=ref.cached, golden_logp=tuple(round(float(x), 4) for x in golden_lp), checks=checks)
     return report
 
 

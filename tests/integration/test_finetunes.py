@@ -121,3 +121,58 @@ def test_gate_scores_the_users_own_text(tiny_model: Path, tmp_path: Path) -> Non
                str(FIXTURES / "tiny-target.toml"), "--out", str(tmp_path / "dist2"), "--no-wheels")
     err = envelope(proc)["error"]
     assert proc.returncode == 1 and err["field"] == "quality.eval_text" and "2000" in err["message"], err
+
+
+def write_checks(path: Path, lines: list[dict]) -> Path:  # type: ignore[type-arg]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_task_checks_are_gated_and_rerun_by_the_smoke_test(tiny_model: Path, fp32_target: Path,
+                                                           tmp_path: Path) -> None:
+    checks = write_checks(tmp_path / "checks.jsonl", [
+        {"id": "same", "prompt": "Write a haiku about the sea.", "same_as_float": True},
+        {"id": "any", "prompt": "Licensed under", "raw": True, "regex": ".", "max_tokens": 8},
+        {"id": "never", "prompt": "Say zebra", "contains": "zzzz-not-a-token", "max_tokens": 8},
+    ])
+    proc = cli("--json", "build", str(tiny_model), "--checks", str(checks), "--target", str(fp32_target),
+               "--out", str(tmp_path / "dist"), "--no-wheels")
+    doc = envelope(proc)
+    assert proc.returncode == 0, (doc["error"], proc.stderr[-2000:])
+    bundle = Path(doc["result"]["bundle"])
+    c = json.loads((bundle / "edgepack.json").read_text())["quality"]["checks"]
+    assert (c["file"], c["total"], c["float_passed"], c["quantized_passed"]) == ("checks.jsonl", 3, 2, 2)
+    smoke = subprocess.run([sys.executable, str(bundle / "smoke_test.py")], capture_output=True, text=True)
+    line = json.loads(smoke.stdout)
+    assert smoke.returncode == 0 and line["checks_passed"] == 2 and line["checks_failed"] == ["never"], line
+    # A device that passes fewer checks than the build did fails its smoke test.
+    text = (bundle / "smoke_test.py").read_text()
+    (bundle / "smoke_test.py").write_text(text.replace('\\"build_passed\\": 2', '\\"build_passed\\": 3'))
+    bad = subprocess.run([sys.executable, str(bundle / "smoke_test.py")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "task checks: 2/3 passed here, 3 at build" in json.loads(bad.stdout)["error"]
+
+
+def test_task_checks_the_quantized_model_loses_fail_the_gate(tmp_path: Path) -> None:
+    from edgepack.testing import make_tiny
+
+    # A tiny Mistral's greedy replies vary token to token (the tiny Llama's repeat one token), so int4 noise
+    # changes them: "same reply as the float model" is lost although perplexity passes the loose tiny gate.
+    model = make_tiny("mistral", tmp_path / "tiny-mistral")
+    prompts = ["Write a haiku about the sea.", "Tell me a story.", "What is a license?", "Name three colours."]
+    checks = write_checks(tmp_path / "checks.jsonl", [{"prompt": p, "same_as_float": True} for p in prompts])
+    out = tmp_path / "dist"
+    proc = cli("--json", "build", str(model), "--checks", str(checks), "--target",
+               str(FIXTURES / "tiny-target.toml"), "--out", str(out), "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and err["kind"] == "quality-gate", err
+    assert "task checks: quantized passes" in err["message"] and "float 4/4" in err["message"]
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_malformed_checks_name_the_line(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "contains": "x"}\n{"prompt": "two rules", "contains": "a", "regex": "b"}\n')
+    proc = cli("--json", "build", str(tiny_model), "--checks", str(bad), "--target",
+               str(FIXTURES / "tiny-target.toml"), "--out", str(tmp_path / "dist"), "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and err["line"] == 2 and "exactly one of" in err["message"], err
