@@ -124,7 +124,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             from edgepack.adapter import merge_adapter
 
             source = merge_adapter(source, req.adapter, progress=progress)
-        family = exporter.check_supported(source)
+        family = exporter.check_supported(source, target)
         info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
                     family=family.id)
     final = req.out / f"{source.name}-{target.id}"
@@ -165,7 +165,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 progress(ProgressEvent("validate", "SKIPPED (--skip-validation): the manifest records it"))
             else:
                 with stages.stage("validate", "quality gate against the fp32 reference") as info:
-                    report = validate(source, model_dir, target, progress=progress)
+                    report = validate(source, model_dir, target, context=exported.context_length, progress=progress)
                     info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct)
                 enforce(report, target)
         reqs = requirements(target, exported.runtime_versions)

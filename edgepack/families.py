@@ -68,6 +68,9 @@ def sliding_window(config: dict[str, Any]) -> int:
         return 0
     if "use_sliding_window" in config and not config["use_sliding_window"]:  # Qwen2/Qwen3/SmolLM3 flag
         return 0
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and window >= positions:  # Phi-3.5's 262144 over 131072 positions: none
+        return 0
     types = config.get("layer_types")
     if isinstance(types, list) and types and "sliding_attention" not in types:
         return 0

@@ -70,6 +70,9 @@ class QualitySpec:
     checks_max_drop: float = 0.0
 
 
+MIN_CONTEXT = 256  # tokens: the quality gate's chat prompt + 32-token reply and the 128-token device check fit
+
+
 @dataclass(frozen=True)
 class RuntimeSpec:
     template: str = "onnxruntime-genai"
@@ -299,9 +302,10 @@ def _check_consistency(p: TargetProfile) -> None:
     if not 0 <= p.quality.min_greedy_match <= 32:
         raise TargetError(f"{p.source}: quality.min_greedy_match must be between 0 and 32 (of 32 greedy tokens).",
                           path=p.source, field="quality.min_greedy_match", allowed="0..32")
-    if p.runtime.context_length < 0 or 0 < p.runtime.context_length < 64:
-        raise TargetError(f"{p.source}: runtime.context_length must be 0 (the model's own) or at least 64 tokens.",
-                          path=p.source, field="runtime.context_length", allowed="0 or >= 64")
+    if p.runtime.context_length < 0 or 0 < p.runtime.context_length < MIN_CONTEXT:
+        raise TargetError(f"{p.source}: runtime.context_length must be 0 (the model's own) or at least "
+                          f"{MIN_CONTEXT} tokens (the gate's prompt and reply, and the device's 128-token check text, "
+                          "must fit).", path=p.source, field="runtime.context_length", allowed=f"0 or >= {MIN_CONTEXT}")
     if p.runtime.context_length and p.runtime.max_new_tokens >= p.runtime.context_length:
         raise TargetError(f"{p.source}: runtime.max_new_tokens ({p.runtime.max_new_tokens}) must be below "
                           f"runtime.context_length ({p.runtime.context_length}): the prompt needs room too.",

@@ -20,6 +20,8 @@ CHAT_TEMPLATE = (
 
 # Sliding window of the tiny windowed families: small enough that a test prompt runs past it.
 TINY_WINDOW = 16
+# Families whose ONNX bundles are capped at the window (backends/onnx.py WINDOW_AS_FULL) need room for the gate.
+TINY_CAPPED_WINDOW = 256
 
 
 def _longrope_factors(n: int, top: float) -> list[float]:
@@ -40,7 +42,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None, "head_dim": 16,
                                   "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
     # Mistral 7B v0.1: a sliding window on every layer.
-    "mistral-window": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": TINY_WINDOW,
+    "mistral-window": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": TINY_CAPPED_WINDOW,
                                          "head_dim": 16}),
     # Qwen2.5 0.5B: qkv bias, tied, theta 1e6, no sliding window.
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True, "use_sliding_window": False,
@@ -51,6 +53,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # Phi-3-mini-4k: fused qkv/gate_up, untied, max == original positions.
     "phi3": ("Phi3Config", {"tie_word_embeddings": False, "max_position_embeddings": 4096,
                             "original_max_position_embeddings": 4096, "sliding_window": None}),
+    # Phi-3-mini-4k-instruct as released: sliding_window 2047 over 4096 positions.
+    "phi3-window": ("Phi3Config", {"tie_word_embeddings": False, "max_position_embeddings": 4096,
+                                   "original_max_position_embeddings": 4096,
+                                   "sliding_window": TINY_CAPPED_WINDOW}),
     # Phi-3.5-mini / Phi-4-mini: LongRoPE (short/long factors, 4k → 128k).
     "phi3-longrope": ("Phi3Config", {
         "tie_word_embeddings": False, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,

@@ -50,7 +50,7 @@ class Exporter(Protocol):
     packages: tuple[str, ...]  # the runtime distributions to vendor with it
 
     @staticmethod
-    def check_supported(source: ModelSource) -> Family: ...  # the families.toml row, or a ModelError
+    def check_supported(source: ModelSource, target: TargetProfile) -> Family: ...  # families.toml row | ModelError
 
     @staticmethod
     def export(source: ModelSource, target: TargetProfile, out_dir: Path, work_dir: Path,

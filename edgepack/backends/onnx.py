@@ -10,13 +10,24 @@ from typing import Any
 from edgepack.backends import exporters
 from edgepack.backends.base import ExportedModel, GraphStats, run_logged
 from edgepack.errors import BuilderCrashError, ModelError, UserError, require
-from edgepack.families import Family, shape_of
+from edgepack.families import ConfigShape, Family, shape_of
 from edgepack.families import check as check_family
 from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
-from edgepack.targets import QuantizeSpec, TargetProfile
+from edgepack.targets import MIN_CONTEXT, QuantizeSpec, TargetProfile
 from edgepack.versions import installed_versions
+
+# Architectures whose sliding window the 0.18 builder exports as full attention (local_window_size -1): the same
+# model up to the window, a different one past it (measured on tiny Mistral and Phi-3 checkpoints). Their
+# bundles' context is capped at the window (Phi-3-mini-4k: 2047 of 4096).
+WINDOW_AS_FULL = ("MistralForCausalLM", "Phi3ForCausalLM")
+
+
+def window_cap(shape: ConfigShape) -> int:
+    """The context a bundle of this model may have on ONNX because of WINDOW_AS_FULL; 0 = no cap."""
+    return shape.sliding_window if shape.windowed and shape.architecture in WINDOW_AS_FULL else 0
+
 
 LAYER_MATMULS = ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 
@@ -145,7 +156,7 @@ class OnnxExporter:
     packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")
 
     @staticmethod
-    def check_supported(source: ModelSource) -> Family:
+    def check_supported(source: ModelSource, target: TargetProfile) -> Family:
         import json
 
         config = json.loads((source.hf_dir / "config.json").read_text())
@@ -162,6 +173,19 @@ class OnnxExporter:
                      "config.json; for a LongRoPE model (Phi-3.5, Phi-4-mini) restore rope_scaling (type longrope, "
                      "long_factor, short_factor) from the original config.", path=source.hf_dir / "config.json",
                 field="original_max_position_embeddings")
+        cap = window_cap(shape)
+        if cap and cap < MIN_CONTEXT:
+            raise ModelError(f"{source.name}'s sliding window is {cap} tokens: the onnxruntime-genai 0.18 builder "
+                             f"exports {shape.architecture}'s window as full attention, so the bundle's context "
+                             f"would be capped at {cap}, below the {MIN_CONTEXT} the quality gate needs.",
+                             hint="Use --format tflite where the family table lists it.", window=cap)
+        if cap and target.runtime.context_length > cap:
+            raise ModelError(
+                f"runtime.context_length = {target.runtime.context_length} is past {source.name}'s sliding window "
+                f"({cap}): the onnxruntime-genai 0.18 builder exports {shape.architecture}'s window as full "
+                "attention, which is the same model only up to the window.",
+                hint=f"Set runtime.context_length to at most {cap} (0 caps it there by itself), or use --format "
+                     "tflite where the family table lists it.", field="runtime.context_length", window=cap)
         return check_family(shape, "onnx", "ONNX")
 
     @staticmethod
@@ -210,7 +234,11 @@ class OnnxExporter:
             gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal, head=False,
                        progress=progress)
         _make_reproducible(out_dir / "model.onnx")
-        context = set_context_length(out_dir / "genai_config.json", target.runtime.context_length)
+        cap = window_cap(shape_of(source.hf_dir / "config.json"))
+        context = set_context_length(out_dir / "genai_config.json", target.runtime.context_length or cap)
+        if cap and not target.runtime.context_length:
+            progress(ProgressEvent("export", f"context capped at the sliding window ({cap} tokens): the builder "
+                                             "exports this architecture's window as full attention"))
         stats = _graph_stats(out_dir / "model.onnx")
         if precision in ("int4", "int8") and stats.quantized_matmuls == 0:
             raise UserError(f"scheme {precision} produced no quantized MatMul: the weights stayed float.",

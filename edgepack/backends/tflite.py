@@ -121,7 +121,7 @@ class TfliteExporter:
     packages: tuple[str, ...] = ("litert-lm-api",)
 
     @staticmethod
-    def check_supported(source: ModelSource) -> Family:
+    def check_supported(source: ModelSource, target: TargetProfile) -> Family:
         # Which families (architecture, rope type, sliding window) convert: edgepack/data/families.toml.
         return check_family(shape_of(source.hf_dir / "config.json"), "tflite", "TFLite")
 

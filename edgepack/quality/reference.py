@@ -31,8 +31,8 @@ class Reference:
     cached: bool
 
 
-def _cache_path(source: ModelSource, text_sha: str) -> Path:
-    key = f"v{CACHE_VERSION}-{model_key(source)}-{text_sha[:12]}-w{texts.WINDOW}-k{texts.TOP_K}"
+def _cache_path(source: ModelSource, text_sha: str, window: int) -> Path:
+    key = f"v{CACHE_VERSION}-{model_key(source)}-{text_sha[:12]}-w{window}-k{texts.TOP_K}"
     return cache_root() / "reference" / f"{key}.npz"
 
 
@@ -47,12 +47,12 @@ def prompt_ids(tokenizer: Any) -> list[int]:
     return [int(i) for i in tokenizer(texts.GREEDY_PROMPT).input_ids]
 
 
-def score_reference(source: ModelSource, *, text: texts.EvalText | None = None,
+def score_reference(source: ModelSource, *, text: texts.EvalText | None = None, window: int = texts.WINDOW,
                     progress: ProgressFn = silent) -> Reference:
     import numpy as np
 
     text = text or texts.heldout()
-    path = _cache_path(source, text.sha256)
+    path = _cache_path(source, text.sha256, window)
     if path.is_file():
         z = np.load(path, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
@@ -69,7 +69,7 @@ def score_reference(source: ModelSource, *, text: texts.EvalText | None = None,
     model = transformers.AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32)
     model.eval()
     ids = [int(i) for i in tok(text.text).input_ids]
-    wins = texts.windows(len(ids))
+    wins = texts.windows(len(ids), window)
     scored: list[WindowTopK] = []
     with torch.inference_mode():
         for i, (s, e) in enumerate(wins):

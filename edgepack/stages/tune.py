@@ -84,7 +84,7 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         t0 = time.monotonic()
         exported = exporter.export(source, cand_target, out, work, progress)
         export_s = round(time.monotonic() - t0, 2)
-        report = validate(source, out, cand_target, progress=progress)
+        report = validate(source, out, cand_target, context=exported.context_length, progress=progress)
         speed: dict[str, float | None] = {"decode_tok_s": None, "prefill_ms": None, "peak_rss_mb": None}
         spread = None
         if report.passed:  # time only what could ship

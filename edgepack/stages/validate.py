@@ -65,10 +65,12 @@ def judge(tol: QualitySpec, *, delta_pct: float, kl: float, top1: float, greedy:
     return tuple(failures)
 
 
-def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *,
+def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *, context: int = 0,
              progress: ProgressFn = silent) -> QualityReport:
+    """`context`: the bundle's context length; the gate never scores a window longer than it."""
     text = texts.for_target(target.quality.eval_text, target.source)
-    ref = score_reference(source, text=text, progress=progress)
+    window = min(texts.WINDOW, context - 1) if context else texts.WINDOW  # the scorer asks for one more position
+    ref = score_reference(source, text=text, window=window, progress=progress)
     exporter = exporters.get(target.export.format)
     progress(ProgressEvent("validate", f"scoring the {target.quantize.scheme} model through {exporter.runtime}"))
     try:

@@ -97,7 +97,7 @@ LONG = "Licensed under the Apache License, Version 2.0 (the \"License\"); you ma
 @pytest.mark.parametrize("family", ONNX_FAMILIES)
 def test_family_fp32_reproduces_torch_and_runs_past_the_window(family: str, work: Path,
                                                                targets: dict[str, Path]) -> None:
-    from edgepack.testing import TINY_WINDOW
+    from edgepack.testing import TINY_CAPPED_WINDOW, TINY_WINDOW
 
     bundle = build(family, "fp32", work, targets)
     m = json.loads((bundle / "edgepack.json").read_text())
@@ -105,11 +105,16 @@ def test_family_fp32_reproduces_torch_and_runs_past_the_window(family: str, work
     assert m["validated"] and q["passed"], q["failures"]
     assert abs(q["ppl_delta_pct"]) < 0.5 and q["top1_agreement"] >= 0.99, q
     assert m["model"]["family"] in {f.id for f in families() if f.proof == family}
-    assert m["runtime"]["context_length"] >= 64
+    context = m["runtime"]["context_length"]
     short = runner(bundle, SHORT, 4)
     assert short["new_tokens"] == 4 and short["prompt_tokens"] + 4 < TINY_WINDOW
     long = runner(bundle, LONG, 24)
-    assert long["new_tokens"] == 24 and long["prompt_tokens"] > TINY_WINDOW
+    assert long["new_tokens"] == 24
+    if context == TINY_CAPPED_WINDOW:  # the builder drops this family's window: the context stops there
+        refused = cli("--json", "run", str(bundle), "--raw", "--prompt", LONG * 12)
+        assert refused.returncode == 1 and f"context holds {context}" in envelope(refused)["error"]["message"]
+    else:
+        assert long["prompt_tokens"] > TINY_WINDOW
     # Decoding one token at a time past the window: the same greedy tokens as torch.
     ids = __import__("tokenizers").Tokenizer.from_file(str(bundle / "model" / "tokenizer.json")).encode(LONG).ids
     assert long["tokens"] == torch_greedy(tiny(family, work), ids, 24)
@@ -131,17 +136,17 @@ def test_a_prompt_longer_than_the_context_is_refused(work: Path, tmp_path: Path)
     """runtime.context_length bounds prompt + reply: a longer prompt is refused, a long reply stops there."""
     t = tmp_path / "ctx.toml"
     t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
-        "[deploy]", "[runtime]\ncontext_length = 64\nmax_new_tokens = 16\n\n[deploy]"))
+        "[deploy]", "[runtime]\ncontext_length = 256\nmax_new_tokens = 16\n\n[deploy]"))
     proc = cli("--json", "build", "--target", str(t), str(tiny("gemma2", work)), "--out", str(tmp_path),
                "--no-wheels", "--skip-validation")
     assert proc.returncode == 0, proc.stderr[-2000:]
     bundle = Path(envelope(proc)["result"]["bundle"])
-    assert json.loads((bundle / "edgepack.json").read_text())["runtime"]["context_length"] == 64
+    assert json.loads((bundle / "edgepack.json").read_text())["runtime"]["context_length"] == 256
     res = envelope(cli("--json", "run", str(bundle), "--raw", "--prompt", LONG, "--max-tokens", "500"))["result"]
-    assert res["prompt_tokens"] + res["new_tokens"] == 64 and res["stopped"] == "context_length"
-    proc = cli("--json", "run", str(bundle), "--raw", "--prompt", LONG * 4)
+    assert res["prompt_tokens"] + res["new_tokens"] == 256 and res["stopped"] == "context_length"
+    proc = cli("--json", "run", str(bundle), "--raw", "--prompt", LONG * 12)
     err = envelope(proc)["error"]
-    assert proc.returncode == 1 and "context holds 64" in err["message"], err
+    assert proc.returncode == 1 and "context holds 256" in err["message"], err
 
 
 def test_unsupported_family_lists_the_supported_ones(work: Path, tmp_path: Path) -> None:
