@@ -71,15 +71,22 @@ def test_refusal_lists_what_the_format_takes(tmp_path: Path) -> None:
     assert "Gemma3ForCausalLM" in e.value.fields["supported"] and e.value.fields["other_formats"] == []
 
 
-def test_a_shape_one_format_refuses_names_the_other(tmp_path: Path) -> None:
-    window = _shape({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096},
-                    tmp_path)
-    others = [f for f in families() if match(window, f.formats[0] if f.formats else "") is not None]
+def test_a_shape_the_format_refuses_says_what_it_takes(tmp_path: Path) -> None:
+    qwen_window = _shape({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 4096,
+                          "use_sliding_window": True, "max_position_embeddings": 32768}, tmp_path)
     with pytest.raises(ModelError) as e:
-        check(window, "onnx", "ONNX")
+        check(qwen_window, "onnx", "ONNX")
+    assert "takes Qwen2ForCausalLM only with rope default and no sliding window" in e.value.message
     assert "sliding window 4096" in e.value.message
-    if others:  # the LiteRT exporter takes windowed Mistral
-        assert "--format tflite" in e.value.message
+
+
+def test_a_family_only_the_other_format_takes_names_it(tmp_path: Path) -> None:
+    onnx_only = next(f for f in families() if f.formats == ("onnx",) and f.proof)
+    shape = ConfigShape(onnx_only.architecture, onnx_only.model_type, onnx_only.rope[0],
+                        16 if onnx_only.sliding_window else 0)
+    with pytest.raises(ModelError) as e:
+        check(shape, "tflite", "TFLite")
+    assert "pass --format onnx" in e.value.message and e.value.fields["other_formats"] == ["onnx"]
 
 
 def test_builder_config_adapter_reshapes_what_the_builder_reads() -> None:
