@@ -125,8 +125,9 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
 
             source = merge_adapter(source, req.adapter, progress=progress)
         family = exporter.check_supported(source, target)
+        fit = _fit(source, target)
         info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
-                    family=family.id)
+                    family=family.id, planned_peak_mib=round(fit.total / 2**20, 1))
     final = req.out / f"{source.name}-{target.id}"
     check_writable_parent(req.out, need_bytes=dir_bytes(source.hf_dir))
     with tempfile.TemporaryDirectory(prefix="edgepack-work-") as work_s, staging_dir(final, force=req.force) as tmp:
@@ -194,6 +195,44 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     return BuildResult(bundle=final, bundle_id=manifest["bundle_id"], target=target.id, model=source.name,
                        scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
                        tune=tune_table)
+
+
+def _fit(source: ModelSource, target: TargetProfile, context: int = 0) -> Any:
+    """The memory plan of what this build would make; refused before exporting when it cannot fit."""
+    import json
+
+    from edgepack.plan import plan_for_target, summary
+
+    config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
+    fit = plan_for_target(config, target, context=context)
+    if not fit.fits:
+        raise UserError(
+            f"{source.name} would not fit target '{target.id}': about {fit.total / 2**20:,.0f} MiB at its peak "
+            f"against {target.device.ram_mb:,} MiB of RAM ({fit.kv.context}-token context); nothing was exported.",
+            hint=(fit.suggestion.message if fit.suggestion else "Pick a smaller model or scheme.")
+            + " `edgepack plan` shows the parts; device.ram_mb = 0 in the target turns the check off.",
+            planned_peak_mib=round(fit.total / 2**20, 1), ram_mb=target.device.ram_mb, plan=summary(fit))
+    return fit
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    model: str
+    target: str = "host"
+    context: int = 0  # 0 = the target's runtime.context_length, else the model's own
+    format: str | None = None
+
+
+def plan(req: PlanRequest, progress: ProgressFn = silent) -> Any:
+    """Fit before build: parameters, weights per scheme, KV cache at the context, runtime, against the RAM."""
+    import json
+
+    from edgepack.plan import plan_for_target
+
+    target = with_format(load_target(req.target), req.format)
+    source = resolve_model(req.model, progress=progress)
+    config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
+    return plan_for_target(config, target, context=req.context)
 
 
 @contextmanager

@@ -242,6 +242,25 @@ def inspect(bundle: Path, no_verify: bool) -> None:
     _run("inspect", go)
 
 
+@cli.command("plan")
+@click.argument("model")
+@click.option("-t", "--target", default="host", show_default=True, help="A target id or a path to your own .toml.")
+@click.option("--context", type=click.IntRange(min=0), default=0,
+              help="Prompt + reply tokens (0 = the target's runtime.context_length, else the model's own).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), help="Plan for the other export format.")
+@_json_option
+def plan_cmd(model: str, target: str, context: int, fmt: str | None) -> None:
+    """Will MODEL fit TARGET? Parameters, weights, KV cache and runtime against the device's RAM (nothing built)."""
+    from edgepack import api
+    from edgepack.plan import summary
+
+    def go(o: Output) -> tuple[Any, str]:
+        res = api.plan(api.PlanRequest(model=model, target=target, context=context, format=fmt), progress=o.progress)
+        return res, summary(res)
+
+    _run("plan", go)
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True)

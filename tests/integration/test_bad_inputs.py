@@ -140,3 +140,21 @@ def test_ctrl_c_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tm
     assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert "interrupted" in err
     assert_nothing_written(out)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_export(tiny_model: Path, tmp_path: Path) -> None:
+    """Fit before build: the plan's peak against device.ram_mb, with what would fit, and nothing written."""
+    from ..conftest import FIXTURES
+
+    small = tmp_path / "small-board.toml"
+    small.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        'description = "tests: tiny random Llama on this machine"', 'description = "a 64 MB board"\nram_mb = 64'))
+    out = tmp_path / "out"
+    proc = cli("--json", "build", str(tiny_model), "--target", str(small), "--out", str(out), "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and "would not fit target 'small-board'" in err["message"], err
+    assert err["ram_mb"] == 64 and err["planned_peak_mib"] > 64 and "edgepack plan" in err["hint"]
+    assert "onnxruntime-genai builder" not in proc.stderr  # refused before exporting
+    assert_nothing_written(out)
+    plan = envelope(cli("--json", "plan", str(tiny_model), "--target", str(small)))["result"]
+    assert plan["fits"] is False and plan["kv"]["context"] == 2048 and plan["params"]["total"] > 0

@@ -1,0 +1,548 @@
+"""Fit before build: a model's memory on a target (weights, KV cache, runtime), estimated from config.json alone.
+
+Every number comes from the Hugging Face config and the quantization knobs, so a plan costs milliseconds and needs
+no torch, numpy or model weights. The byte layouts follow what edgepack's exporters write (the onnxruntime-genai
+builder's MatMulNBits tensors, litert-torch's recipes); the runtime constants are fitted to peak RSS measured on
+real bundles, and docs/plan.md records how far the estimate is from each measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from edgepack.backends.onnx import WINDOW_AS_FULL
+from edgepack.errors import ModelError, UserError
+from edgepack.families import rope_type, sliding_window
+
+if TYPE_CHECKING:
+    from edgepack.targets import TargetProfile
+
+Scheme = Literal["int4", "int8", "fp16", "fp32"]
+MIB = 1 << 20
+
+# --- Runtime constants, fitted to peak RSS (VmHWM) of the bundles' own run.py (docs/plan.md has the data) -------
+# onnxruntime-genai on the CPU: the runner's Python and the runtime's libraries (~63 MiB with a 512-token
+# vocabulary) plus about 1.1 KiB per vocabulary entry (the tokenizer's tables: 53 MiB more for SmolLM2's 49,152).
+ORT_BASE_BYTES = 63 * MIB
+ORT_BYTES_PER_VOCAB = 1126
+# Prefill runs the whole prompt at once, and its arena grows linearly with the prompt: fp32 logits for every
+# position (vocab × 4 bytes) plus ~80 bytes per hidden unit (measured 65-86 on hidden sizes 64, 576 and 1024).
+ORT_PREFILL_BYTES_PER_HIDDEN = 80
+# LiteRT-LM (litert-lm-api) on the CPU with a 1024-token KV cache, less weights and KV: fixed prefill buffers
+# (prefill runs in chunks of 128 tokens), the runtime and Python (SmolLM2-135M dynamic int8: 356 MiB peak).
+LITERT_BASE_BYTES = 175 * MIB
+# Weight-only int8 keeps float activations, and XNNPACK unpacks those weights to float at load: the measured peak
+# is 2,943 MiB for a 136 MiB file (docs/performance.md), i.e. ~20× the file beyond the base and KV cache.
+LITERT_WEIGHT_ONLY_RESIDENT = 20.0
+
+# Per model_type layout facts config.json does not spell out (data, not branches).
+_NORMS_PER_LAYER = {"gemma2": 4, "gemma3": 4, "gemma3_text": 4}  # pre/post attention and pre/post MLP
+_QK_NORM = frozenset({"qwen3", "gemma3", "gemma3_text"})  # RMSNorm of head_dim on q and k
+_QKV_BIAS = frozenset({"qwen2"})  # bias on q/k/v whatever attention_bias says
+_UNGATED_MLP = frozenset({"gpt2", "gpt_neox", "gpt_bigcode", "opt", "phi", "falcon", "starcoder2"})
+_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}  # every Nth layer full when layer_types is absent
+
+LITERT_RECIPES = ("none", "fp16", "dynamic_int8", "weight_only_int8", "dynamic_int4_block32",
+                  "dynamic_int4_block64", "dynamic_int4_block128", "dynamic_int4_block256")
+DEFAULT_LITERT_CONTEXT = 1024  # edgepack.backends.tflite.KV_CACHE_LEN
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a decoder-only model, read from its config.json."""
+
+    model_type: str
+    architecture: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    gated_mlp: bool
+    qkv_bias: bool
+    mlp_bias: bool
+    norms_per_layer: int
+    qk_norm: bool
+    max_positions: int
+    rope_dim: int  # rotary dimensions per head
+    rope_tables: int  # cos/sin tables the ONNX graph carries: 2 for LongRoPE (short/long) or local/global bases
+    window: int  # active sliding window in tokens, 0 = none
+    sliding_layers: int  # layers that attend within the window
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        cfg = dict(config.get("text_config") or config)  # multimodal wrappers keep the decoder under text_config
+
+        def num(key: str, default: int | None = None) -> int:
+            value = cfg.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelError(f"config.json has {key} = {value!r}; a plan needs a positive integer.",
+                                 hint="Pass the model's own config.json (decoder-only causal LMs).", field=key)
+            return value
+
+        model_type = str(cfg.get("model_type", "?"))
+        hidden, heads, layers = num("hidden_size"), num("num_attention_heads"), num("num_hidden_layers")
+        head_dim = cfg.get("head_dim") or hidden // heads
+        rope = rope_type(cfg)
+        window = sliding_window(cfg)
+        types = cfg.get("layer_types")
+        if not window:
+            sliding = 0
+        elif isinstance(types, list) and types:
+            sliding = sum(1 for t in types if t == "sliding_attention")
+        elif model_type in _WINDOW_PATTERN:
+            pattern = int(cfg.get("sliding_window_pattern") or _WINDOW_PATTERN[model_type])
+            sliding = sum(1 for i in range(layers) if (i + 1) % pattern)
+        else:  # Mistral-style: the window applies to every layer
+            sliding = layers
+        partial = float(cfg.get("partial_rotary_factor") or 1.0)
+        per_type_rope = isinstance(cfg.get("rope_parameters"), dict) and "full_attention" in cfg["rope_parameters"]
+        return cls(
+            model_type=model_type, architecture=str((cfg.get("architectures") or ["?"])[0]),
+            vocab=num("vocab_size"), hidden=hidden, layers=layers, heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+            intermediate=num("intermediate_size"), tied=bool(cfg.get("tie_word_embeddings", False)),
+            gated_mlp=model_type not in _UNGATED_MLP,
+            qkv_bias=model_type in _QKV_BIAS or bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)), norms_per_layer=_NORMS_PER_LAYER.get(model_type, 2),
+            qk_norm=model_type in _QK_NORM, max_positions=int(cfg.get("max_position_embeddings") or 2048),
+            rope_dim=int(head_dim * partial),
+            rope_tables=2 if rope == "longrope" or per_type_rope or "rope_local_base_freq" in cfg else 1,
+            window=window, sliding_layers=sliding)
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """Elements of K and V one token adds to one layer's cache (multiply by the element size)."""
+        return 2 * self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters by part; `total` is what `model.num_parameters()` reports (a tied head counted once)."""
+
+    embedding: int
+    attention: int  # q/k/v/o (+ biases, q/k norms), all layers
+    mlp: int  # gate/up/down (+ biases), all layers
+    norms: int  # per-layer and final norms
+    head: int  # 0 when tied to the embedding
+    total: int
+
+
+@dataclass(frozen=True)
+class _Matmul:
+    layer: int  # -1 = the lm_head
+    role: str  # qkv, o, gate_up, down, head
+    k: int  # input features
+    n: int  # output features
+
+
+def _matmuls(s: ModelShape) -> list[_Matmul]:
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    up = s.intermediate * (2 if s.gated_mlp else 1)
+    out: list[_Matmul] = []
+    for i in range(s.layers):
+        out += [_Matmul(i, "qkv", s.hidden, q + 2 * kv), _Matmul(i, "o", q, s.hidden),
+                _Matmul(i, "gate_up", s.hidden, up), _Matmul(i, "down", s.intermediate, s.hidden)]
+    return out + [_Matmul(-1, "head", s.hidden, s.vocab)]
+
+
+def count_params(s: ModelShape) -> ParamCount:
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    body = [m for m in _matmuls(s) if m.layer >= 0]
+    attn = sum(m.k * m.n for m in body if m.role in ("qkv", "o"))
+    attn += s.layers * ((q + 2 * kv if s.qkv_bias else 0) + (2 * s.head_dim if s.qk_norm else 0))
+    mlp = sum(m.k * m.n for m in body if m.role in ("gate_up", "down"))
+    if s.mlp_bias:
+        mlp += s.layers * (s.intermediate * (2 if s.gated_mlp else 1) + s.hidden)
+    norms = (s.layers * s.norms_per_layer + 1) * s.hidden
+    embedding = s.vocab * s.hidden
+    head = 0 if s.tied else embedding
+    return ParamCount(embedding, attn, mlp, norms, head, embedding + attn + mlp + norms + head)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to estimate: a config.json, the profile's quantization knobs, the context and the device's RAM."""
+
+    config: Mapping[str, Any] = field(metadata={"json": False})
+    fmt: Literal["onnx", "tflite"] = "onnx"
+    scheme: Scheme = "int4"
+    block_size: int = 32
+    symmetric: bool = True
+    algorithm: str = "default"  # quantize.algorithm; k_quant stores zero points even when symmetric
+    head_precision: Literal["int4", "int8", "fp32", "same"] = "same"
+    embedding_precision: Literal["fp32", "quantized"] = "fp32"
+    sensitive_layers_int8: bool = False
+    int8_layers: tuple[int, ...] = ()
+    recipe: str | None = None  # tflite: a litert-torch recipe (LITERT_RECIPES); None = the scheme's own
+    execution_provider: Literal["cpu", "cuda"] = "cpu"
+    context: int = 0  # prompt + reply tokens; 0 = the model's max_position_embeddings (onnx) or 1024 (tflite)
+    prompt_tokens: int = 0  # tokens prefilled at once; 0 = a prompt that fills the context (the worst case)
+    ram_mb: int = 0  # the device's RAM in MiB; 0 = unknown (the plan then fits by definition)
+    headroom_pct: float = 10.0  # RAM kept free for the OS and the estimate's error
+
+    @classmethod
+    def for_target(cls, config: Mapping[str, Any], target: TargetProfile, *, context: int = 0,
+                   fmt: str | None = None) -> PlanRequest:
+        """The request a build with `target` would make; `context` 0 = the target's runtime.context_length."""
+        q = target.quantize
+        chosen = fmt or target.export.format
+        if chosen not in ("onnx", "tflite"):
+            raise UserError(f"a plan knows the onnx and tflite formats, not '{chosen}'.", field="export.format",
+                            allowed=["onnx", "tflite"])
+        recipe = "weight_only_int8" if chosen == "tflite" and q.algorithm == "weight_only" else None
+        return cls(config=config, fmt=chosen, scheme=q.scheme,  # type: ignore[arg-type]
+                   block_size=q.block_size, symmetric=q.symmetric, algorithm=q.algorithm,
+                   head_precision=q.head_precision, embedding_precision=q.embedding_precision,
+                   sensitive_layers_int8=q.sensitive_layers_int8, int8_layers=q.int8_layers, recipe=recipe,
+                   execution_provider=target.export.execution_provider,
+                   context=context or target.runtime.context_length, ram_mb=target.device.ram_mb)
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Weight storage: on disk (the model file) and resident in RAM once the runtime has loaded it."""
+
+    embedding: int  # a separate embedding table; 0 when it shares the head's tensor
+    body: int  # every decoder layer's matmuls with their scales and zero points
+    head: int
+    other: int  # norms, biases, rotary tables
+    file: int  # the model file's weights (model.onnx.data; the .litertlm less its tokenizer)
+    resident: int  # after load: ONNX keeps a shared table twice, maps a separate float embedding from disk
+    load_transient: int  # extra at load (the largest float matrix, copied while the runtime prepacks it)
+    layout: str  # in words: bits, block, which parts are at which precision
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """The KV cache at `context` tokens, as edgepack allocates it, and what a window-sized cache would take."""
+
+    context: int
+    element_bytes: int  # 4: fp32 K/V (onnxruntime-genai on the CPU, LiteRT); 2 on CUDA
+    bytes_per_token: int  # all layers
+    window: int
+    sliding_layers: int
+    allocated: int  # full length on every layer (the builder's windowed_kv_cache=false; LiteRT's masks)
+    windowed: int  # sliding layers holding only `window` tokens
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """What would fit when the plan does not: a shorter context and/or a smaller scheme."""
+
+    max_context: int  # the largest context (a multiple of 64, at least 64) that fits as requested; 0 = none
+    scheme: str | None  # the most precise scheme no larger on disk that fits the requested context; None = none
+    recipe: str | None  # tflite: the recipe of `scheme`
+    total: int  # bytes that scheme takes at the requested context (0 when scheme is None)
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Whether a model fits a device, with the parts that add up to the estimated peak RSS."""
+
+    request: PlanRequest
+    runtime: str
+    shape: ModelShape
+    params: ParamCount
+    weights: WeightBytes
+    kv: KvCache
+    prefill: int  # activations of prefilling the prompt at once (ONNX): the whole context unless prompt_tokens
+    runtime_overhead: int  # the runtime, its tokenizer and Python, with no model weights
+    total: int  # estimated peak RSS
+    budget: int  # the device's RAM less the headroom; 0 = unknown
+    fits: bool
+    suggestion: Suggestion | None
+    notes: tuple[str, ...]
+
+
+def _io_bytes(req: PlanRequest) -> int:
+    if req.scheme == "fp32":
+        return 4
+    return 2 if req.scheme == "fp16" or req.execution_provider == "cuda" else 4
+
+
+def _nbits_bytes(m: _Matmul, bits: int, block: int, scale_bytes: int, zero_points: bool) -> int:
+    """MatMulNBits storage: packed [N, blocks, block·bits/8] + a scale per block + packed zero points."""
+    blocks = math.ceil(m.k / block)
+    data = m.n * blocks * block * bits // 8
+    scales = m.n * blocks * scale_bytes
+    zp = (m.n * math.ceil(blocks / 2) if bits == 4 else m.n * blocks) if zero_points else 0
+    return data + scales + zp
+
+
+def _mixed_layers(layers: int) -> set[int]:
+    """The builder's `mixed_layers` (llama.cpp's choice): first/last eighth and every third layer."""
+    return {i for i in range(layers) if i < layers / 8 or i >= 7 * layers / 8 or (i - round(layers / 8)) % 3 == 2}
+
+
+def _onnx_weights(s: ModelShape, req: PlanRequest) -> WeightBytes:
+    io = _io_bytes(req)
+    quantized = req.scheme in ("int4", "int8")
+    base_bits = 4 if req.scheme == "int4" else 8
+    zp = not req.symmetric or req.algorithm == "k_quant"
+    upgraded = _mixed_layers(s.layers) if req.scheme == "int4" and req.sensitive_layers_int8 else set()
+    overrides = {i + s.layers if i < 0 else i for i in req.int8_layers} if req.scheme == "int4" else set()
+
+    def bits_of(m: _Matmul) -> int:  # 0 = float
+        if not quantized:
+            return 0
+        if m.role == "head":
+            if req.head_precision == "fp32":
+                return 0
+            return 8 if req.head_precision == "int8" else base_bits
+        if m.layer in overrides or (m.layer in upgraded and m.role in ("qkv", "down")):
+            return 8
+        return base_bits
+
+    def size(m: _Matmul) -> int:
+        bits = bits_of(m)
+        if not bits:
+            return m.k * m.n * io
+        # Per-layer overrides are quantized by edgepack itself, symmetric: no zero points.
+        return _nbits_bytes(m, bits, req.block_size, io, zp and m.layer not in overrides)
+
+    mats = _matmuls(s)
+    body = sum(size(m) for m in mats if m.layer >= 0)
+    head_m = mats[-1]
+    head = size(head_m)
+    # The builder shares a tied table between the embedding Gather and the head when asked to, except for int8,
+    # where it writes a separate float table anyway (measured: SmolLM2 int8 model.onnx.data has one).
+    shared = s.tied and req.embedding_precision == "quantized" and req.scheme != "int8"
+    embedding = 0 if shared else s.vocab * s.hidden * io
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    biases = s.layers * ((q + 2 * kv if s.qkv_bias else 0)
+                         + ((s.intermediate * (2 if s.gated_mlp else 1) + s.hidden) if s.mlp_bias else 0))
+    norms = (s.layers * s.norms_per_layer + 1) * s.hidden + (s.layers * 2 * s.head_dim if s.qk_norm else 0)
+    rope = s.rope_tables * 2 * s.max_positions * (s.rope_dim // 2) * io  # cos and sin caches
+    other = (biases + norms) * io + rope
+    file = embedding + body + head + other
+    # Resident: prepacked matmul weights replace their file copies, but a table the embedding shares stays once
+    # more. Tensors nothing prepacks (a separate float embedding table, the rotary tables) stay mapped from the
+    # file and only the rows read become resident (the measured int8 and llama3 RSS lack them).
+    rope_rows = min(_context(s, req), s.max_positions)
+    resident = file - embedding - rope + rope * rope_rows // s.max_positions + (head if shared else 0)
+    floats = [m.k * m.n * io for m in mats if not bits_of(m)]
+    transient = max(floats) if floats else 0
+    parts = [f"{req.scheme}" + (f" block {req.block_size}" if quantized else "")]
+    if quantized:
+        parts.append(f"{'fp32' if io == 4 else 'fp16'} scales" + (", zero points" if zp else ""))
+        hb = bits_of(head_m)
+        parts.append(f"head {'int' + str(hb) if hb else 'float'}")
+    if upgraded:
+        parts.append(f"qkv/down of {len(upgraded)} of {s.layers} layers int8")
+    if overrides:
+        parts.append(f"{len(overrides)} layers int8")
+    parts.append("embedding shares the head" if shared else f"embedding {'fp32' if io == 4 else 'fp16'} table")
+    return WeightBytes(embedding, body, head, other, file, resident, transient, ", ".join(parts))
+
+
+def litert_recipe(req: PlanRequest) -> str:
+    """The litert-torch recipe a tflite build uses (edgepack.backends.litert_convert)."""
+    if req.recipe:
+        if req.recipe not in LITERT_RECIPES:
+            raise UserError(f"unknown LiteRT recipe '{req.recipe}'.", field="recipe", allowed=list(LITERT_RECIPES))
+        return req.recipe
+    return {"int8": "dynamic_int8", "fp16": "fp16", "fp32": "none"}.get(
+        req.scheme, f"dynamic_int4_block{req.block_size}")
+
+
+def _litert_weights(s: ModelShape, req: PlanRequest) -> WeightBytes:
+    recipe = litert_recipe(req)
+    mats = _matmuls(s)
+
+    def size(m: _Matmul) -> int:
+        if recipe == "none":
+            return m.k * m.n * 4
+        if recipe == "fp16":
+            return m.k * m.n * 2
+        if recipe.startswith("dynamic_int4"):  # blockwise: a float scale per block
+            block = int(recipe.rsplit("block", 1)[1])
+            return m.k * m.n // 2 + m.n * math.ceil(m.k / block) * 4
+        return m.k * m.n + m.n * 4  # int8 per output channel
+
+    body = sum(size(m) for m in mats if m.layer >= 0)
+    head = size(mats[-1])
+    # litert-torch's decoders read a tied embedding from the head's tensor; an untied one is its own table.
+    embedding = 0 if s.tied else size(_Matmul(-1, "embedding", s.hidden, s.vocab))
+    norms = (s.layers * s.norms_per_layer + 1) * s.hidden + (s.layers * 2 * s.head_dim if s.qk_norm else 0)
+    other = norms * 4
+    file = embedding + body + head + other
+    resident = int(file * LITERT_WEIGHT_ONLY_RESIDENT) if recipe == "weight_only_int8" else file
+    layout = recipe + (" (XNNPACK unpacks the int8 weights to float: ~20x the file in RAM)"
+                       if recipe == "weight_only_int8" else "")
+    return WeightBytes(embedding, body, head, other, file, resident, 0, layout)
+
+
+def _kv(s: ModelShape, context: int, element: int) -> KvCache:
+    per_layer_token = s.kv_bytes_per_token_layer * element
+    full_layers = s.layers - s.sliding_layers
+    windowed = per_layer_token * (full_layers * context + s.sliding_layers * min(s.window, context))
+    return KvCache(context, element, per_layer_token * s.layers, s.window, s.sliding_layers,
+                   per_layer_token * s.layers * context, windowed)
+
+
+def _context(s: ModelShape, req: PlanRequest) -> int:
+    if req.context < 0:
+        raise UserError(f"context must be 0 (the model's own) or a positive token count, not {req.context}.",
+                        field="context")
+    # ONNX bundles of models whose window the builder exports as full attention stop at the window
+    # (backends/onnx.py WINDOW_AS_FULL): that is the most they can hold.
+    own = s.window if req.fmt == "onnx" and s.window and s.architecture in WINDOW_AS_FULL else s.max_positions
+    if req.context:
+        if req.fmt == "onnx" and req.context > own:
+            raise UserError(f"context {req.context} is longer than this model's bundles hold ({own} tokens).",
+                            hint=f"Plan for at most {own} tokens.", field="context", model_context=own)
+        return req.context
+    return own if req.fmt == "onnx" else DEFAULT_LITERT_CONTEXT
+
+
+def _bare(req: PlanRequest, s: ModelShape) -> tuple[WeightBytes, KvCache, int, int, int, str]:
+    """(weights, kv, prefill, runtime overhead, total, runtime) for one request, without a suggestion."""
+    context = _context(s, req)
+    if req.fmt == "onnx":
+        weights = _onnx_weights(s, req)
+        kv = _kv(s, context, _io_bytes(req))
+        prompt = min(req.prompt_tokens or context, context)
+        prefill = prompt * (ORT_PREFILL_BYTES_PER_HIDDEN * s.hidden
+                             + s.vocab * _io_bytes(req))
+        overhead = ORT_BASE_BYTES + ORT_BYTES_PER_VOCAB * s.vocab
+        runtime = "onnxruntime-genai"
+    elif req.fmt == "tflite":
+        weights = _litert_weights(s, req)
+        kv = _kv(s, context, 4)
+        prefill = 0  # fixed 128-token prefill chunks: inside LITERT_BASE_BYTES
+        overhead = LITERT_BASE_BYTES
+        runtime = "litert-lm"
+    else:
+        raise UserError(f"a plan knows the onnx and tflite formats, not '{req.fmt}'.", field="fmt",
+                        allowed=["onnx", "tflite"])
+    loaded = weights.resident + overhead
+    total = max(loaded + weights.load_transient, loaded + kv.allocated + prefill)
+    return weights, kv, prefill, overhead, total, runtime
+
+
+def _budget(req: PlanRequest) -> int:
+    return int(req.ram_mb * MIB * (1 - req.headroom_pct / 100)) if req.ram_mb else 0
+
+
+def _candidates(req: PlanRequest) -> list[PlanRequest]:
+    """Variants of a request, most precise first (`_suggest` keeps those no larger on disk)."""
+    if req.fmt == "tflite":
+        recipes = ["none", "fp16", "dynamic_int8", f"dynamic_int4_block{req.block_size}"]
+        schemes: dict[str, Scheme] = {"none": "fp32", "fp16": "fp16", "dynamic_int8": "int8"}
+        return [replace(req, recipe=r, scheme=schemes.get(r, "int4")) for r in recipes]
+    schemes_onnx: list[Scheme] = ["fp32", "int8", "int4"]
+    if req.execution_provider == "cuda":
+        schemes_onnx.insert(1, "fp16")
+    out = [replace(req, scheme=sc) for sc in schemes_onnx]
+    # The smallest int4: every matmul int4 and the tied embedding shared with the head.
+    out.append(replace(req, scheme="int4", head_precision="same", sensitive_layers_int8=False, int8_layers=(),
+                       embedding_precision="quantized"))
+    return out
+
+
+def _describe(r: PlanRequest) -> str:
+    if r.fmt == "tflite":
+        return f"recipe {litert_recipe(r)}"
+    extras = [x for x, on in (("int8 head", r.scheme == "int4" and r.head_precision == "int8"),
+                              ("int8 sensitive layers", r.scheme == "int4" and r.sensitive_layers_int8),
+                              ("quantized embedding", r.embedding_precision == "quantized")) if on]
+    return f"scheme {r.scheme}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _suggest(req: PlanRequest, s: ModelShape, budget: int) -> Suggestion:
+    context = _context(s, req)
+    lo, hi = 0, context // 64  # multiples of 64: the smallest runtime.context_length is 64
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _bare(replace(req, context=mid * 64), s)[4] <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    max_context = lo * 64
+    best: PlanRequest | None = None
+    best_total = 0
+    file = _bare(req, s)[0].file
+    for cand in _candidates(req):
+        if cand == req:
+            continue
+        weights, *_, total, _runtime = _bare(cand, s)
+        if weights.file <= file and total <= budget:  # the most precise of the no larger files
+            best, best_total = cand, total
+            break
+    parts = []
+    if max_context:
+        parts.append(f"a context of {max_context} tokens fits ({_describe(req)})")
+    if best is not None:
+        parts.append(f"{_describe(best)} fits the full {context} tokens ({best_total / MIB:.0f} MiB)")
+    if not parts:
+        parts.append("no context of 64 tokens or more fits, at any scheme: choose a smaller model or a device "
+                     "with more RAM")
+    recipe = litert_recipe(best) if best is not None and best.fmt == "tflite" else None
+    return Suggestion(max_context, best.scheme if best is not None else None, recipe, best_total,
+                      "; or ".join(parts) + ".")
+
+
+def estimate(req: PlanRequest) -> Plan:
+    """The memory a bundle built from `req` would take on the device, and whether it fits."""
+    s = ModelShape.from_config(req.config)
+    weights, kv, prefill, overhead, total, runtime = _bare(req, s)
+    budget = _budget(req)
+    fits = not budget or total <= budget
+    notes: list[str] = []
+    if s.window and kv.windowed < kv.allocated:
+        notes.append(f"{s.sliding_layers} of {s.layers} layers use a {s.window}-token window, but edgepack "
+                     f"allocates full-length KV caches on every layer ({kv.allocated / MIB:.0f} MiB); a windowed "
+                     f"cache would take {kv.windowed / MIB:.0f} MiB ({(kv.allocated - kv.windowed) / MIB:.0f} MiB "
+                     "less).")
+    if req.fmt == "onnx" and prefill:
+        notes.append(f"a prompt that fills the context is prefilled at once: {prefill / MIB:.0f} MiB of activations "
+                     f"(fp32 logits for every position are {kv.context * s.vocab * _io_bytes(req) / MIB:.0f} MiB "
+                     "of it); shorter prompts take proportionally less.")
+    if req.fmt == "tflite" and litert_recipe(req) == "weight_only_int8":
+        notes.append("LiteRT weight-only int8 peaks at ~20x its model file in RAM (XNNPACK unpacks the weights "
+                     "to float); recipe dynamic_int8 keeps them int8.")
+    if not req.ram_mb:
+        notes.append("the device's RAM is unknown (ram_mb = 0): nothing to compare against.")
+    suggestion = None if fits else _suggest(req, s, budget)
+    return Plan(req, runtime, s, count_params(s), weights, kv, prefill, overhead, total, budget, fits, suggestion,
+                tuple(notes))
+
+
+def plan_for_target(config: Mapping[str, Any], target: TargetProfile, *, context: int = 0,
+                    fmt: str | None = None) -> Plan:
+    """`estimate` for what `edgepack build --target` would make from this config."""
+    return estimate(PlanRequest.for_target(config, target, context=context, fmt=fmt))
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:,.1f} MiB"
+
+
+def summary(plan: Plan) -> str:
+    """A few lines for people: the verdict, the parts of the total, and what to change when it does not fit."""
+    p, w, kv = plan.params, plan.weights, plan.kv
+    verdict = ("fits" if plan.fits else "does NOT fit") if plan.budget else "RAM unknown"
+    ram = (f" of {plan.request.ram_mb:,} MiB ({_mib(plan.budget)} after {plan.request.headroom_pct:g} % headroom)"
+           if plan.budget else "")
+    lines = [
+        f"{verdict}: ~{_mib(plan.total)} peak{ram}, {plan.request.fmt}/{plan.runtime}, context {kv.context} tokens",
+        f"  parameters  {p.total / 1e6:,.1f} M ({p.embedding / 1e6:,.1f} M embedding"
+        + (f", {p.head / 1e6:,.1f} M head" if p.head else ", tied head") + ")",
+        f"  weights     {_mib(w.file)} on disk, {_mib(w.resident)} in RAM: {w.layout}",
+        f"  KV cache    {_mib(kv.allocated)} ({kv.bytes_per_token:,} bytes/token, fp{kv.element_bytes * 8})",
+    ]
+    if plan.prefill:
+        lines.append(f"  prefill     {_mib(plan.prefill)} for a prompt that fills the context")
+    lines.append(f"  runtime     {_mib(plan.runtime_overhead)}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    if plan.suggestion is not None:
+        lines.append(f"  suggestion: {plan.suggestion.message}")
+    return "\n".join(lines)
