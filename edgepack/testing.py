@@ -88,14 +88,23 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _tokenizer(folder: Path, vocab: int, text: str | None) -> int:
+# Qwen2/Qwen3's own pre-tokenizer: transformers 5 rebuilds their tokenizers with this split whatever the
+# tokenizer.json says, so a tiny Qwen must use it too or the two disagree.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+
+
+def _tokenizer(folder: Path, vocab: int, text: str | None, qwen: bool = False) -> int:
     """A small byte-level BPE tokenizer trained on the held-out text; returns its vocabulary size."""
     tokenizers = require("tokenizers", "onnx", "Making a tiny test model")
     from edgepack.quality.texts import heldout
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pre = tokenizers.pre_tokenizers
+    tok.pre_tokenizer = (pre.Sequence([pre.Split(tokenizers.Regex(QWEN_SPLIT), behavior="isolated"),
+                                       pre.ByteLevel(add_prefix_space=False, use_regex=False)]) if qwen
+                         else pre.ByteLevel(add_prefix_space=False))
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
@@ -115,7 +124,7 @@ def make_tiny(family: str, folder: Path, *, vocab: int = 512, hidden: int = 64, 
     transformers = require("transformers", "onnx", "Making a tiny test model")
     cls_name, shape = TINY_CONFIGS[family]
     folder.mkdir(parents=True, exist_ok=True)
-    n_vocab = _tokenizer(folder, vocab, text)
+    n_vocab = _tokenizer(folder, vocab, text, qwen=cls_name in ("Qwen2Config", "Qwen3Config"))
     fields: dict[str, Any] = {
         "vocab_size": n_vocab, "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,

@@ -20,9 +20,8 @@ from ..conftest import FIXTURES, cli, envelope, needs_onnx, needs_tflite
 
 pytestmark = [pytest.mark.integration, needs_tflite, needs_onnx]
 
-# llama is proven by test_tflite.py; qwen2's tiny checkpoint trips the gate's tokenizer check (transformers 5
-# loads it as Qwen2Tokenizer, whose pre-tokenizer is not the tiny tokenizer.json's), which is not the converter.
-TFLITE_FAMILIES = [f.proof for f in families() if "tflite" in f.formats and f.proof not in ("", "llama", "qwen2")]
+# llama is proven by test_tflite.py (tiny Llama and SmolLM2).
+TFLITE_FAMILIES = [f.proof for f in families() if "tflite" in f.formats and f.proof not in ("", "llama")]
 
 # fp32: the LiteRT graph must be torch's model, not only close to it.
 EXACT = """
