@@ -33,11 +33,12 @@ def _longrope_factors(n: int, top: float) -> list[float]:
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # SmolLM2 / TinyLlama: plain RoPE, tied (SmolLM2) embeddings.
     "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
-    # Llama 3.2 1B: llama3 rope scaling (factor 32 over 8192), theta 500000, tied embeddings.
+    # Llama 3.2 1B: llama3 rope scaling (factor 32 over 8192 positions), tied embeddings. Scaled down like the
+    # widths (factor 8 over 64) so that the scaled frequencies matter inside the gate's 512-token windows.
     "llama3": ("LlamaConfig", {
-        "tie_word_embeddings": True, "max_position_embeddings": 131072,
-        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+        "tie_word_embeddings": True, "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     # Mistral 7B v0.3: no sliding window, untied.
     "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None, "head_dim": 16,
                                   "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),

@@ -20,6 +20,7 @@ from ..conftest import FIXTURES, cli, envelope, needs_onnx
 
 pytestmark = [pytest.mark.integration, needs_onnx]
 
+STRONG_INIT = 0.1
 ONNX_FAMILIES = [f.proof for f in families() if "onnx" in f.formats and f.proof]
 
 # fp32: the exported graph must be torch's model, not only close to it.
@@ -59,7 +60,10 @@ def tiny(family: str, work: Path) -> Path:
     from edgepack.testing import make_tiny
 
     if family not in _models:
-        _models[family] = make_tiny(family, work / "models" / f"tiny-{family}")
+        # Weights 5x the default init: at 0.02 a random model is so near uniform that an export ignoring its
+        # llama3 rope scaling still scores KL 3e-7 and top-1 1.0 against it; at 0.1 that mistake is KL 0.07,
+        # top-1 0.43, so the exact test can tell the family's features were exported.
+        _models[family] = make_tiny(family, work / "models" / f"tiny-{family}", initializer_range=STRONG_INIT)
     return _models[family]
 
 
@@ -107,17 +111,19 @@ def test_family_fp32_reproduces_torch_and_runs_past_the_window(family: str, work
     assert m["model"]["family"] in {f.id for f in families() if f.proof == family}
     context = m["runtime"]["context_length"]
     short = runner(bundle, SHORT, 4)
-    assert short["new_tokens"] == 4 and short["prompt_tokens"] + 4 < TINY_WINDOW
+    assert 1 <= short["new_tokens"] <= 4 and short["prompt_tokens"] + 4 < TINY_WINDOW
     long = runner(bundle, LONG, 24)
-    assert long["new_tokens"] == 24
+    # Decoding one token at a time past the window: the same greedy tokens as torch (to the first end-of-text:
+    # the runner stops there, as a user's app would).
+    ids = __import__("tokenizers").Tokenizer.from_file(str(bundle / "model" / "tokenizer.json")).encode(LONG).ids
+    expected = torch_greedy(tiny(family, work), ids, 24)
+    eos = json.loads((tiny(family, work) / "config.json").read_text())["eos_token_id"]
+    assert long["tokens"] == expected[:expected.index(eos) + 1 if eos in expected else 24]
     if context == TINY_CAPPED_WINDOW:  # the builder drops this family's window: the context stops there
         refused = cli("--json", "run", str(bundle), "--raw", "--prompt", LONG * 12)
         assert refused.returncode == 1 and f"context holds {context}" in envelope(refused)["error"]["message"]
     else:
         assert long["prompt_tokens"] > TINY_WINDOW
-    # Decoding one token at a time past the window: the same greedy tokens as torch.
-    ids = __import__("tokenizers").Tokenizer.from_file(str(bundle / "model" / "tokenizer.json")).encode(LONG).ids
-    assert long["tokens"] == torch_greedy(tiny(family, work), ids, 24)
 
 
 @pytest.mark.parametrize("family", ONNX_FAMILIES)
@@ -129,7 +135,7 @@ def test_family_int4_passes_the_gate_and_its_smoke_test(family: str, work: Path,
                           timeout=300)
     line = json.loads(proc.stdout.strip())
     assert proc.returncode == 0 and line["ok"], line
-    assert runner(bundle, LONG, 24)["new_tokens"] == 24
+    assert runner(bundle, LONG, 24)["new_tokens"] >= 1
 
 
 def test_a_prompt_longer_than_the_context_is_refused(work: Path, tmp_path: Path) -> None:
@@ -137,7 +143,11 @@ def test_a_prompt_longer_than_the_context_is_refused(work: Path, tmp_path: Path)
     t = tmp_path / "ctx.toml"
     t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
         "[deploy]", "[runtime]\ncontext_length = 256\nmax_new_tokens = 16\n\n[deploy]"))
-    proc = cli("--json", "build", "--target", str(t), str(tiny("gemma2", work)), "--out", str(tmp_path),
+    from edgepack.testing import make_tiny
+
+    # Default init: this random Gemma 2 repeats a few tokens and never says end-of-text before 256 (seeded).
+    model = make_tiny("gemma2", tmp_path / "tiny-gemma2")
+    proc = cli("--json", "build", "--target", str(t), str(model), "--out", str(tmp_path / "dist"),
                "--no-wheels", "--skip-validation")
     assert proc.returncode == 0, proc.stderr[-2000:]
     bundle = Path(envelope(proc)["result"]["bundle"])
