@@ -61,7 +61,9 @@ def tiny(family: str, work: Path) -> Path:
         # windowed Mistral has a 256-token window (its ONNX context is capped there); LiteRT applies windows
         # in the graph, so its test prompt runs past a 16-token one.
         window = {"sliding_window": TINY_WINDOW} if family == "mistral-window" else {}
-        make_tiny(family, folder, seed=1000 + sorted(TINY_CONFIGS).index(family), **window)
+        # Weights at 5x the default init, as in test_families.py: so that a family feature exported wrongly
+        # (rope scaling, a window, a softcap) shows in the exact test instead of vanishing in near-uniform logits.
+        make_tiny(family, folder, seed=1000 + sorted(TINY_CONFIGS).index(family), initializer_range=0.1, **window)
     return folder
 
 
@@ -98,6 +100,10 @@ def torch_greedy_text(folder: Path, prompt: str, n: int) -> str:
     return str(tok.decode(new, skip_special_tokens=False))
 
 
+def _visible(text: str) -> str:
+    return "".join(c for c in text if c != "\ufffd" and c.isprintable() and not c.isspace())
+
+
 @pytest.mark.parametrize("family", TFLITE_FAMILIES)
 def test_family_converts_to_litert_exactly_and_runs(family: str, work: Path, targets: dict[str, Path]) -> None:
     from edgepack.testing import TINY_WINDOW
@@ -112,7 +118,10 @@ def test_family_converts_to_litert_exactly_and_runs(family: str, work: Path, tar
     # LiteRT-LM decoding one token at a time, past the sliding window: torch's greedy text.
     long = runner(exact, LONG, 24)
     assert long["new_tokens"] >= 1 and long["prompt_tokens"] > TINY_WINDOW
-    assert long["text"] == torch_greedy_text(tiny(family, work), LONG, 24), long
+    # Compared as text (LiteRT-LM reports no token ids). Random weights emit lone UTF-8 byte tokens, which a
+    # streaming decoder and a whole-sequence decode render differently around replacement characters (seen:
+    # "( \ufffd" vs "(\ufffd\x0c"), so those, control characters and whitespace are left out of the comparison.
+    assert _visible(long["text"]) == _visible(torch_greedy_text(tiny(family, work), LONG, 24)), long
 
     quantized = build(family, "int8", work, targets)
     m = json.loads((quantized / "edgepack.json").read_text())
