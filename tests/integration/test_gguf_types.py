@@ -66,13 +66,20 @@ CASES = [("llama", t) for t in FILE_TYPES] + [
     for t in ("Q8_0", "Q4_K_M")] + [("phi3-longrope", "Q8_0")]
 
 
+# GGUF files keep llama3 scaling only as a rope_freqs tensor, recovered by matching the released settings; the
+# tiny llama3 of TINY_CONFIGS is scaled down (64 original positions), so these files carry Llama 3.2's own.
+RELEASED = {"llama3": {"max_position_embeddings": 131072, "rope_parameters": {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}}}
+
+
 @pytest.mark.parametrize(("family", "ftype"), CASES, ids=[f"{f}-{t}" for f, t in CASES])
 def test_conversion_is_faithful(family: str, ftype: str, tmp_path: Path) -> None:
     from edgepack.testing import make_tiny
 
     # K-quant super-blocks are 256 wide, so those files need 256-wide rows; LongRoPE's factors fit width 64.
     hidden = 64 if family == "phi3-longrope" else 256
-    src = make_tiny(family, tmp_path / "hf", hidden=hidden)
+    src = make_tiny(family, tmp_path / "hf", hidden=hidden, **RELEASED.get(family, {}))
     gguf = write_gguf(src, tmp_path / "gguf" / f"tiny-{family}.{ftype}.gguf", ftype)
     assert _quant_error(src, gguf) < QUANT_ERROR[ftype]
     _, source = _convert(gguf, tmp_path)
