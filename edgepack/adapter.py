@@ -10,9 +10,9 @@ from pathlib import Path
 
 from edgepack.errors import ModelError, require
 from edgepack.fsutil import sha256_file, staging_dir
-from edgepack.models import AdapterInfo, ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.resources import cache_root
+from edgepack.source import AdapterInfo, ModelSource, slug
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -57,13 +57,8 @@ def merge_adapter(base: ModelSource, folder: Path, *, progress: ProgressFn = sil
                        target_modules=tuple(sorted(modules)) if isinstance(modules, list) else (str(modules),),
                        base_model=str(config.get("base_model_name_or_path") or ""),
                        base_weights_sha256=base.weights_sha256)
-    return dataclasses.replace(base, name=f"{base.name}-{_slug(folder.name)}", hf_dir=target,
+    return dataclasses.replace(base, name=f"{base.name}-{slug(folder.name)}", hf_dir=target,
                                weights_sha256=merged_sha, adapter=info)
-
-
-def _slug(name: str) -> str:
-    out = "".join(c.lower() if c.isalnum() or c in "-." else "-" for c in name)
-    return "-".join(filter(None, out.split("-"))) or "adapter"
 
 
 def _merge(base_dir: Path, adapter_dir: Path, target: Path) -> None:

