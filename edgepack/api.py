@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.bundle import read_manifest, verify_bundle, write_manifest
+from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import ModelSource, resolve_model
@@ -49,6 +50,7 @@ class BuildRequest:
     eval_text: Path | None = None  # score this text of the user's domain instead of the shipped one
     adapter: Path | None = None  # a PEFT LoRA adapter folder, merged into the model before export
     checks: Path | None = None  # a JSONL file of task checks gated float vs quantized (quality.checks)
+    sign: Path | None = None  # a minisign secret key: sign the manifest (edgepack.json.minisig) before publishing
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,11 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
                     family=family.id, planned_peak_mib=round(fit.total / 2**20, 1))
     final = req.out / f"{source.name}-{target.id}"
+    check_name(final.name, f"model {source.name} + target {target.id}")
+    if req.sign is not None:
+        from edgepack.signing import check_key
+
+        check_key(req.sign)  # a missing key or a wrong password fails now, not after the export
     check_writable_parent(req.out, need_bytes=dir_bytes(source.hf_dir))
     with tempfile.TemporaryDirectory(prefix="edgepack-work-") as work_s, staging_dir(final, force=req.force) as tmp:
         work = Path(work_s)
@@ -147,11 +154,11 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                     info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct)
                 enforce(report, target)
         reqs = requirements(target, exported.runtime_versions)
-        wheel_names: list[str] = []
+        lock: list[LockedWheel] = []
         if req.vendor_wheels and reqs:
             with stages.stage("wheels", f"vendoring runtime wheels for {target.resolved_arch()}") as info:
-                wheel_names = vendor_wheels(target, reqs, tmp / "wheels", progress=progress)
-                info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=wheel_names)
+                lock = vendor_wheels(target, reqs, tmp / "wheels", progress=progress)
+                info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=[w.file for w in lock])
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
             name = final.name
             ctx = bundle_context(name, source, target, exported.options, report, reqs,
@@ -164,12 +171,18 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
-            manifest = write_manifest(tmp, manifest_for(name, source, target, exported, report, reqs, wheel_names,
+            manifest = write_manifest(tmp, manifest_for(name, source, target, exported, report, reqs, lock,
                                                      family.id) | extra)
             info.update(artifact=str(final), files=files)
+        if req.sign is not None:
+            from edgepack.signing import sign
+
+            with stages.stage("sign", f"edgepack.json with {req.sign}") as info:
+                sig = sign(tmp, req.sign, password=os.environ.get("EDGEPACK_KEY_PASSWORD"))
+                info.update(key_id=sig.key_id, artifact=sig.signature_file)
         bundle_bytes = dir_bytes(tmp)
     progress(ProgressEvent("done", f"bundle at {final}"))
-    return BuildResult(bundle=final, bundle_id=manifest["bundle_id"], target=target.id, model=source.name,
+    return BuildResult(bundle=final, bundle_id=manifest.bundle_id, target=target.id, model=source.name,
                        scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
                        tune=tune_table)
 
@@ -231,13 +244,30 @@ def _speed_meter(device: DeviceRequest | None, target: TargetProfile, progress: 
 @dataclass(frozen=True)
 class InspectResult:
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     verified: bool
+    signature: str  # "unsigned", or "signed by key <id> (not checked: pass a key to deploy)"
 
 
 def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
+    from edgepack.bundle import SIGNATURE
+
     manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
-    return InspectResult(bundle=bundle, manifest=manifest, verified=verify)
+    sig = bundle / SIGNATURE
+    signature = "unsigned"
+    if sig.is_file():
+        from edgepack.signing import signature_key_id
+
+        signature = f"signed by key {signature_key_id(sig)} (checked against a key by deploy --require-signature)"
+    return InspectResult(bundle=bundle, manifest=manifest, verified=verify, signature=signature)
+
+
+def sign(bundle: Path, key: Path) -> Any:
+    """Sign a built bundle: the files are checked against the manifest first, then the manifest is signed."""
+    from edgepack.signing import sign as sign_manifest
+
+    verify_bundle(bundle)
+    return sign_manifest(bundle, key, password=os.environ.get("EDGEPACK_KEY_PASSWORD"))
 
 
 @dataclass(frozen=True)
@@ -272,22 +302,22 @@ class RunRequest:
 
 
 def bundle_python(bundle: Path) -> str:
-    """The Python that can run a local bundle: its own .venv, else this one if it has the runtime."""
-    manifest = read_manifest(bundle)
-    arch = manifest["target"]["arch"]
-    if arch != platform.machine():
-        raise UserError(f"bundle {bundle.name} is for {arch}; this machine is {platform.machine()}.",
+    """The Python that runs a local bundle, after every file was checked against the manifest: this one when it
+    has the runtime, else the venv the bundle's own install.sh made (.venv is outside the manifest, so it is
+    only used when this Python cannot run the bundle)."""
+    manifest = verify_bundle(bundle)
+    if manifest.arch != platform.machine():
+        raise UserError(f"bundle {bundle.name} is for {manifest.arch}; this machine is {platform.machine()}.",
                         hint="Deploy it with `edgepack deploy --host <device>` (or `edgepack bench --host`), "
                              "or build for `--target host`.")
+    module = RUNTIME_MODULES[runtime_name(exporters.get(manifest.format).runtime, manifest.template)]
+    if _has_module(module):
+        return sys.executable
     venv_py = bundle / ".venv" / "bin" / "python"
-    if venv_py.exists():
+    if venv_py.is_file() and (bundle / ".venv" / ".edgepack-installed").is_file():
         return str(venv_py)
-    fmt = manifest["export"]["format"]
-    module = RUNTIME_MODULES[runtime_name(exporters.get(fmt).runtime, manifest["runtime"]["template"])]
-    if not _has_module(module):
-        raise UserError(f"this Python has no {module} to run the bundle with.",
-                        hint=f"Run `sh {bundle}/install.sh` first, or pip install 'edgepack[{fmt}]'.")
-    return sys.executable
+    raise UserError(f"this Python has no {module} to run the bundle with.",
+                    hint=f"Run `sh {bundle}/install.sh` first, or pip install 'edgepack[{manifest.format}]'.")
 
 
 def run(req: RunRequest) -> tuple[int, str]:
@@ -331,6 +361,7 @@ class DeployRequest:
     allow_network: bool = False
     keep: int | None = None
     via: str = "ssh"  # ssh | adb (push to an Android device; host = adb serial, optional)
+    require_signature: tuple[str, ...] = ()  # minisign public keys (files or base64): refuse anything else
 
 
 def latest_bundle(dist: Path) -> Path:
@@ -343,7 +374,7 @@ def latest_bundle(dist: Path) -> Path:
 
 
 def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
-    """verify locally → connect → preflight → upload → verify → install → smoke → switch → prune."""
+    """verify locally (+ signature) → connect → preflight → lock → upload → verify → install → smoke → switch."""
     from edgepack.remote.deploy import deploy as remote_deploy
     from edgepack.remote.ssh import Connection
 
@@ -352,17 +383,45 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
         progress(ProgressEvent("bundle", f"no bundle given: deploying the newest in {req.dist}/: {bundle.name}"))
     progress(ProgressEvent("bundle", f"verifying {bundle} against its manifest"))
     manifest = verify_bundle(bundle)
-    profile = manifest["target"]["profile"]
-    install_dir = req.device.install_dir or profile["deploy"]["install_dir"]
-    keep = req.keep or int(profile["deploy"]["keep_releases"])
-    device = dataclasses.replace(req.device, default_port=int(profile["deploy"].get("ssh_port", 22)))
+    trusted, signature = _check_signature(bundle, manifest, req.require_signature, progress)
+    install_dir = req.device.install_dir or manifest.deploy.install_dir
+    keep = req.keep or manifest.deploy.keep_releases
+    device = dataclasses.replace(req.device, default_port=manifest.deploy.ssh_port)
     if req.via == "adb":
         from edgepack.remote.adb import deploy_adb
 
         return deploy_adb(bundle, manifest, serial=req.device.host or None, progress=progress)
     with Connection(device) as conn:
         return remote_deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=req.allow_network,
-                             keep=keep, smoke_tokens=int(profile["deploy"]["smoke_tokens"]), progress=progress)
+                             keep=keep, smoke_tokens=manifest.deploy.smoke_tokens, trusted=trusted,
+                             signature=signature, progress=progress)
+
+
+def _check_signature(bundle: Path, manifest: Manifest, required: tuple[str, ...],
+                     progress: ProgressFn) -> tuple[tuple[tuple[str, str], ...], str]:
+    """The keys this deploy trusts: --require-signature, then `[deploy] trusted_keys` of the target file of the
+    same id on this machine (never the bundle's own copy of it: whoever can rewrite a bundle can rewrite that).
+    Returns (key id, base64) pairs for the device, and what was checked."""
+    specs = list(required)
+    try:
+        local = load_target(manifest.target_id) if manifest.target_id else None
+    except UserError:
+        local = None
+    if local is not None:
+        specs += [k if Path(k).is_absolute() or not (Path(local.source).parent / k).is_file()
+                  else str(Path(local.source).parent / k) for k in local.deploy.trusted_keys]
+    if not specs:
+        return (), "not required (no --require-signature, no trusted_keys in the target)"
+    from edgepack.signing import key_id, load_public_keys, verify
+
+    keys = load_public_keys(specs)
+    info = verify(bundle, specs)  # unsigned, wrong key or altered: a SignatureError before connecting
+    progress(ProgressEvent("bundle", f"signature verified: key {info.key_id}"))
+    return tuple((key_id(k), k.to_base64().decode()) for k in keys), f"verified (key {info.key_id})"
+
+
+def _install_dir(device: DeviceRequest) -> str:
+    return device.install_dir or "~/edgepack"
 
 
 def device_status(device: DeviceRequest) -> dict[str, Any]:
@@ -370,8 +429,7 @@ def device_status(device: DeviceRequest) -> dict[str, Any]:
     from edgepack.remote.ssh import Connection
 
     with Connection(device) as conn:
-        return Device(conn, device.install_dir or "~/edgepack").helper(
-            "status", device.install_dir or "~/edgepack", what="status") | {"host": conn.hostname}
+        return Device(conn, _install_dir(device)).helper("status", what="status") | {"host": conn.hostname}
 
 
 def rollback(device: DeviceRequest) -> dict[str, Any]:
@@ -379,8 +437,10 @@ def rollback(device: DeviceRequest) -> dict[str, Any]:
     from edgepack.remote.ssh import Connection
 
     with Connection(device) as conn:
-        res = Device(conn, device.install_dir or "~/edgepack").helper(
-            "rollback", device.install_dir or "~/edgepack", what="rollback")
+        dev = Device(conn, _install_dir(device))
+        dev.facts()  # resolves ~ in the install dir
+        with dev.locked("edgepack rollback"):
+            res = dev.helper("rollback", what="rollback")
         if not res.get("ok"):
             raise UserError(f"cannot roll back on {conn.hostname}: {res.get('error')}.",
                             hint="`edgepack status --host ...` lists the releases on the device.",
@@ -430,7 +490,6 @@ def _summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
     """Run the bundle's own runner `reps` times in fresh processes (here or on the device); medians + spread."""
     import json
-    import shlex
     import subprocess
 
     args = ["--prompt", req.prompt, "--json", "--max-tokens", str(req.max_tokens)]
@@ -438,21 +497,24 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
         args += ["--threads", str(req.threads)]
     runs: list[dict[str, Any]] = []
     if req.device is not None:
+        from edgepack.remote.deploy import Device
         from edgepack.remote.ssh import Connection
 
-        base = (req.device.install_dir or "~/edgepack").rstrip("/") + "/current"
         with Connection(req.device) as conn:
-            home_base = base.replace("~", "$HOME", 1) if base.startswith("~") else shlex.quote(base)
-            ident = conn.run(f"readlink {home_base}", what="find the current release", check=False)
-            if not ident.ok:
-                raise UserError(f"no current release under {base} on {conn.hostname}.",
+            dev = Device(conn, _install_dir(req.device))
+            dev.facts()  # the install dir, resolved on the device: no shell expansion of `~` here
+            st = dev.helper("status", what="find the current release")
+            if not st.get("current"):
+                raise UserError(f"no current release under {dev.install_dir} on {conn.hostname}.",
                                 hint="Deploy one first: edgepack deploy --host ...", host=conn.hostname)
-            for i in range(req.reps):
-                progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} on {conn.hostname}"))
-                res = conn.run(f"{home_base}/.venv/bin/python {home_base}/run.py {shlex.join(args)}",
-                               what="benchmark run", timeout=req.device.command_timeout)
-                runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            where, name = conn.hostname, ident.stdout.strip().rsplit("/", 1)[-1]
+            with dev.locked("edgepack bench"):  # no deploy switches `current` under a running benchmark
+                base = dev.path("releases", st["current"])
+                for i in range(req.reps):
+                    progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} on {conn.hostname}"))
+                    res = conn.run([f"{base}/.venv/bin/python", f"{base}/run.py", *args], what="benchmark run",
+                                   timeout=req.device.command_timeout, pidfile=dev.pidfile)
+                    runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            where, name = conn.hostname, st["current"]
     else:
         bundle = req.bundle or latest_bundle(Path("dist"))
         manifest = read_manifest(bundle)
@@ -464,7 +526,7 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
                 raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
                                 hint="See stderr_tail.", stderr_tail=proc.stderr.splitlines()[-10:])
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        where, name = f"this machine ({platform.machine()})", manifest["bundle_id"]
+        where, name = f"this machine ({platform.machine()})", manifest.bundle_id
     for r in runs:
         r.pop("text", None)
         r.pop("tokens", None)

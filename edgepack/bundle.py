@@ -1,9 +1,11 @@
-"""The bundle manifest (edgepack.json): schema, per-file sha256, write, read and verify."""
+"""The bundle manifest (edgepack.json): the typed Manifest, its schema, content-derived ids, write, read, verify."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -12,9 +14,14 @@ from edgepack.errors import BundleError
 from edgepack.fsutil import sha256_file
 
 MANIFEST = "edgepack.json"
+SIGNATURE = "edgepack.json.minisig"  # detached minisign signature of the manifest's bytes (edgepack.signing)
 SCHEMA = "edgepack.bundle/1"
 # Files a device may create inside an installed bundle; they are not part of the manifest.
 LOCAL_ONLY = (".venv", "__pycache__", ".cache")  # made on the device: venv, bytecode, XNNPACK cache
+NOT_LISTED = (MANIFEST, SIGNATURE)
+# A bundle name becomes a folder, a systemd unit name and a Python string: keep it to these characters.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -24,11 +31,124 @@ class FileEntry:
     sha256: str
 
 
+@dataclass(frozen=True)
+class LockedWheel:
+    """One vendored wheel, pinned by name, version and sha256 (install.sh installs with --require-hashes)."""
+
+    file: str
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    install_dir: str
+    keep_releases: int
+    smoke_tokens: int
+    systemd: bool
+    ssh_port: int
+    trusted_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What deploy, inspect and run may trust about a bundle; `doc` is the whole JSON document as written."""
+
+    name: str
+    bundle_id: str
+    files: tuple[FileEntry, ...]
+    content_sha256: str
+    target_id: str
+    arch: str
+    python: str
+    format: str
+    recipe: str  # litert-torch recipe, "" for ONNX
+    template: str
+    requirements: tuple[str, ...]
+    wheels: tuple[str, ...]
+    wheel_lock: tuple[LockedWheel, ...]
+    execution_provider: str
+    cpu_features: tuple[str, ...]  # what the vendored runtime needs of the device's CPU (target device.cpu_features)
+    deploy: DeploySettings
+    doc: Mapping[str, Any]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(f.bytes for f in self.files if f.path.startswith("model/"))
+
+    @property
+    def unit_name(self) -> str:
+        return f"edgepack-{self.name}.service"
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], where: Path | str = MANIFEST) -> Manifest:
+        """Parse and check: schema, safe paths, name and id grammar, id recomputed from the content."""
+        if doc.get("schema") != SCHEMA:
+            raise BundleError(f"{where} has schema {doc.get('schema')!r}; this edgepack reads {SCHEMA!r}.",
+                              hint="Rebuild the bundle with this edgepack version.", path=str(where))
+        name, bundle_id = str(doc.get("name", "")), str(doc.get("bundle_id", ""))
+        check_name(name, where)
+        if not ID_RE.match(bundle_id) or bundle_id != derive_id(doc):
+            raise BundleError(f"{where} claims bundle id {bundle_id!r}, but its content gives "
+                              f"{derive_id(doc) if NAME_RE.match(name) else '(no valid name)'!r}.",
+                              hint="The manifest was edited or tampered with; rebuild the bundle with "
+                                   "`edgepack build`.", path=str(where), bundle_id=bundle_id)
+        files = tuple(FileEntry(str(f["path"]), int(f["bytes"]), str(f["sha256"])) for f in doc.get("files", []))
+        for f in files:
+            safe_relpath(f.path)
+            if f.path in NOT_LISTED or f.path.split("/")[0] in LOCAL_ONLY:
+                raise BundleError(f"{where} lists {f.path!r}, a name edgepack reserves.",
+                                  hint="The manifest was tampered with; rebuild the bundle.", file=f.path)
+        target, runtime, export = doc.get("target", {}), doc.get("runtime", {}), doc.get("export", {})
+        dep = target.get("profile", {}).get("deploy", {})
+        return cls(
+            name=name, bundle_id=bundle_id, files=files, content_sha256=str(doc.get("content_sha256", "")),
+            target_id=str(target.get("id", "")), arch=str(target.get("arch", "")),
+            python=str(target.get("python", "")), format=str(export.get("format", "")),
+            recipe=str(export.get("builder_options", {}).get("recipe", "")),
+            template=str(runtime.get("template", "")), requirements=tuple(runtime.get("requirements", ())),
+            wheels=tuple(runtime.get("wheels", ())),
+            wheel_lock=tuple(LockedWheel(**w) for w in runtime.get("wheel_lock", ())),
+            execution_provider=str(runtime.get("execution_provider", "cpu")),
+            cpu_features=tuple(target.get("cpu_features", ())),
+            deploy=DeploySettings(install_dir=str(dep.get("install_dir", "~/edgepack")),
+                                  keep_releases=int(dep.get("keep_releases", 3)),
+                                  smoke_tokens=int(dep.get("smoke_tokens", 16)), systemd=bool(dep.get("systemd")),
+                                  ssh_port=int(dep.get("ssh_port", 22)),
+                                  trusted_keys=tuple(dep.get("trusted_keys", ()))),
+            doc=doc)
+
+
+def check_name(name: str, where: Path | str = "bundle") -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise BundleError(f"bundle name {name!r} (in {where}) is not allowed: use lower-case letters, digits, "
+                          "'.', '_' and '-', starting with a letter or digit, at most 96 characters.",
+                          hint="Rename the output folder (--out) or the target file; names become folders and "
+                               "service names on the device.", name=name)
+    return name
+
+
+def canonical(doc: Mapping[str, Any]) -> bytes:
+    """The manifest without its id, as the id is computed (the device helper computes the same bytes)."""
+    return json.dumps({k: v for k, v in doc.items() if k != "bundle_id"}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
+def derive_id(doc: Mapping[str, Any]) -> str:
+    """`<name>-<12 hex>` of the whole manifest: any change to any field or file gives another id."""
+    return f"{doc.get('name', '')}-{hashlib.sha256(canonical(doc)).hexdigest()[:12]}"
+
+
 def list_files(root: Path) -> list[FileEntry]:
     entries = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_dir() or rel == MANIFEST or rel.split("/")[0] in LOCAL_ONLY:
+        if p.is_dir() or rel in NOT_LISTED or rel.split("/")[0] in LOCAL_ONLY:
             continue
         entries.append(FileEntry(rel, p.stat().st_size, sha256_file(p)))
     return entries
@@ -41,51 +161,54 @@ def content_id(files: list[FileEntry]) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(root: Path, doc: Mapping[str, Any]) -> Manifest:
+    check_name(str(doc.get("name", "")), root)
     files = list_files(root)
-    manifest = {**manifest, "schema": SCHEMA,
-                "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files],
-                "content_sha256": content_id(files)}
-    manifest["bundle_id"] = f"{manifest['name']}-{manifest['content_sha256'][:12]}"
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return manifest
+    out = {k: v for k, v in doc.items() if k not in ("bundle_id", "files", "content_sha256", "schema")}
+    out |= {"schema": SCHEMA, "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files],
+            "content_sha256": content_id(files)}
+    out["bundle_id"] = derive_id(out)
+    (root / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (root / SIGNATURE).unlink(missing_ok=True)  # a signature of the previous manifest is no longer true
+    return Manifest.from_doc(out, root / MANIFEST)
 
 
 def safe_relpath(rel: str) -> PurePosixPath:
     p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in rel:
+    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in rel or rel != p.as_posix():
         raise BundleError(f"manifest lists an unsafe path {rel!r} (absolute or with '..').",
                           hint="The bundle is corrupt or was tampered with; rebuild it.", file=rel)
     return p
 
 
-def read_manifest(bundle: Path) -> dict[str, Any]:
+def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle} is not an edgepack bundle (no {MANIFEST}).",
                           hint="Pass a folder made by `edgepack build`.", path=bundle)
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}).", hint="Rebuild the bundle.", path=path) from exc
-    if data.get("schema") != SCHEMA:
-        raise BundleError(f"{path} has schema {data.get('schema')!r}; this edgepack reads {SCHEMA!r}.",
-                          hint="Rebuild the bundle with this edgepack version.", path=path)
-    for f in data.get("files", []):
-        safe_relpath(f["path"])
-    return data
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is not a manifest (a JSON object).", hint="Rebuild the bundle.", path=path)
+    try:
+        return Manifest.from_doc(data, path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path} is malformed ({type(exc).__name__}: {exc}).", hint="Rebuild the bundle.",
+                          path=path) from exc
 
 
-def verify_bundle(bundle: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+def verify_bundle(bundle: Path, manifest: Manifest | None = None) -> Manifest:
     """Every listed file present with its size and sha256, and nothing extra: else a BundleError."""
     manifest = manifest or read_manifest(bundle)
-    listed = {f["path"]: f for f in manifest["files"]}
+    listed = {f.path: f for f in manifest.files}
     problems: list[str] = []
     for rel, f in listed.items():
         p = bundle / safe_relpath(rel)
-        if not p.is_file():
+        if p.is_symlink() or not p.is_file():
             problems.append(f"missing {rel}")
-        elif p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]:
+        elif p.stat().st_size != f.bytes or sha256_file(p) != f.sha256:
             problems.append(f"changed {rel}")
     extra = [e.path for e in list_files(bundle) if e.path not in listed]
     problems += [f"unexpected {rel}" for rel in extra]

@@ -93,11 +93,13 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--ssh-config", type=click.Path(path_type=Path), help="With --tune-on: ssh_config file.")
 @click.option("--known-hosts", type=click.Path(path_type=Path), help="With --tune-on: known_hosts file.")
 @click.option("--install-dir", help="With --tune-on: where the device's releases live.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), metavar="KEY",
+              help="Sign the manifest with this minisign secret key (password: $EDGEPACK_KEY_PASSWORD).")
 @_json_option
 def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip_validation: bool,
           adapter: Path | None, eval_text: Path | None, checks_file: Path | None, no_wheels: bool, tune: bool,
           plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
-          install_dir: str | None) -> None:
+          install_dir: str | None, sign_key: Path | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -109,7 +111,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
         res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force, format=fmt,
                                          eval_text=eval_text, adapter=adapter, checks=checks_file,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
-                                         tune=tune, plot=plot,
+                                         tune=tune, plot=plot, sign=sign_key,
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,
                                                                    known_hosts=known_hosts, install_dir=install_dir)
                                          if tune_on else None), progress=o.progress)
@@ -222,7 +224,7 @@ def inspect(bundle: Path, no_verify: bool) -> None:
 
     def go(_o: Output) -> tuple[Any, str]:
         res = api.inspect(bundle, verify=not no_verify)
-        m = res.manifest
+        m = dict(res.manifest.doc)
         q = m["quality"]
         quality = (f"ppl {q['ppl_reference']} → {q['ppl_quantized']} ({q['ppl_delta_pct']:+.2f} %), "
                    f"KL {q['mean_kl']}, top-1 {q['top1_agreement']}" if q["validated"] else "NOT VALIDATED")
@@ -236,8 +238,9 @@ def inspect(bundle: Path, no_verify: bool) -> None:
             f"runtime  {' '.join(m['runtime']['requirements'])}  ({len(m['runtime']['wheels'])} wheels)",
             f"files    {len(m['files'])}, {total / 1e6:.1f} MB, "
             + ("all match their sha256" if res.verified else "not verified"),
+            f"signed   {res.signature}",
         ])
-        return m | {"verified": res.verified}, human
+        return m | {"verified": res.verified, "signature": res.signature}, human
 
     _run("inspect", go)
 
@@ -338,9 +341,12 @@ def _device(kw: dict[str, Any]) -> Any:
 @click.option("--via", type=click.Choice(["ssh", "adb"]), default="ssh", show_default=True,
               help="ssh: install and smoke-test over SSH. adb: push to an Android phone (no --host needed).")
 @click.option("--serial", help="With --via adb: the device serial (`adb devices`), when several are connected.")
+@click.option("--require-signature", "pubkeys", multiple=True, metavar="PUBKEY",
+              help="Refuse a bundle not signed by this minisign public key (a .pub file or its base64 line); the "
+                   "device records the key and its install step checks the signature again. Repeatable.")
 @_json_option
 def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, via: str, serial: str | None,
-           **kw: Any) -> None:
+           pubkeys: tuple[str, ...], **kw: Any) -> None:
     """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it."""
     from edgepack import api
     from edgepack.errors import UserError
@@ -355,10 +361,11 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
         if device is None:
             raise UserError("no device given.", hint="Pass --host.")
         res = api.deploy(api.DeployRequest(device=device, bundle=bundle, dist=dist, allow_network=allow_network,
-                                           keep=keep, via=via), progress=o.progress)
+                                           keep=keep, via=via, require_signature=pubkeys), progress=o.progress)
         s = res.smoke
         lines = [f"deployed {res.bundle_id} to {res.host}:{res.release_dir}",
-                 f"current → {res.bundle_id} (was {res.previous or 'nothing'})",
+                 f"current → releases/{res.release_folder} (was {res.previous or 'nothing'})",
+                 f"signature: {res.signature}",
                  f"uploaded {res.uploaded_files} files ({res.uploaded_bytes / 1e6:.1f} MB), "
                  f"{res.skipped_files} already there" + (f", re-sent {len(res.repaired_files)}" if res.repaired_files
                                                          else ""),
@@ -383,8 +390,13 @@ def status(**kw: Any) -> None:
 
     def go(_o: Output) -> tuple[Any, str]:
         st = api.device_status(_device(kw))
-        rows = [f"{'*' if r == st['current'] else ' '} {r}" for r in st["releases"]]
-        return st, "\n".join([f"{st['host']}:{st['install_dir']}  current: {st['current'] or '(none)'}", *rows])
+        rows = [f"{'*' if r == st['current'] else ('<' if r == st['rollback_target'] else ' ')} {r}"
+                for r in st["releases"]]
+        if st.get("locked_by"):
+            h = st["locked_by"]
+            rows.append(f"locked by `{h.get('command')}` from {h.get('host')} since {h.get('since')}")
+        return st, "\n".join([f"{st['host']}:{st['install_dir']}  current: {st['current'] or '(none)'}  "
+                              f"(* current, < rollback target)", *rows])
 
     _run("status", go)
 
@@ -425,6 +437,53 @@ def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: A
         return res, "\n".join(rows)
 
     _run("bench", go)
+
+
+@cli.command()
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), metavar="KEY",
+              help="Write the secret key here and the public key to KEY.pub.")
+@click.option("--password-env", metavar="VAR",
+              help="Encrypt the secret key with the password in this environment variable (default: unencrypted, "
+                   "as `minisign -W`; keep it in your CI's secret store).")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@_json_option
+def keygen(out: Path, password_env: str | None, force: bool) -> None:
+    """Make an Ed25519 signing key pair in minisign's format (checkable with the `minisign` tool)."""
+    import os
+
+    from edgepack import signing
+
+    def go(_o: Output) -> tuple[Any, str]:
+        password = None
+        if password_env:
+            password = os.environ.get(password_env)
+            if not password:
+                raise UserError(f"${password_env} is empty or not set.", hint=f"export {password_env}=...")
+        sec, pub = signing.keygen(out, password=password, force=force)
+        key = signing.load_public_keys([pub])[0]
+        kid = signing.key_id(key)
+        return {"secret_key": str(sec), "public_key": str(pub), "key_id": kid,
+                "public_key_base64": key.to_base64().decode()}, (
+            f"secret key {sec} (keep it secret)\npublic key {pub} (key id {kid})\n"
+            f"sign: edgepack sign BUNDLE --key {sec}\ndeploy: edgepack deploy --require-signature {pub} ...")
+
+    _run("keygen", go)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="minisign secret key "
+              "(password: $EDGEPACK_KEY_PASSWORD).")
+@_json_option
+def sign(bundle: Path, key: Path) -> None:
+    """Sign BUNDLE's manifest (edgepack.json, which lists every file's sha256): writes edgepack.json.minisig."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.sign(bundle, key)
+        return res, f"signed {bundle} with key {res.key_id}: {res.signature_file}"
+
+    _run("sign", go)
 
 
 def main() -> None:

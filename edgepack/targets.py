@@ -94,6 +94,9 @@ class DeploySpec:
     systemd: bool = False
     smoke_tokens: int = 16
     ssh_port: int = 22  # when neither --port nor ~/.ssh/config names one (Termux's sshd listens on 8022)
+    # minisign public keys (base64 "RW...", or .pub files relative to the target file): deploy refuses a bundle
+    # not signed by one of them, and the device's install step checks the signature again.
+    trusted_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

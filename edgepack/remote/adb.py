@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgepack.bundle import Manifest
 from edgepack.errors import RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecorder
 from edgepack.remote.deploy import DeployOutcome
@@ -58,35 +59,36 @@ class Adb:
         return self("shell", script, check=check)
 
 
-def deploy_adb(bundle: Path, manifest: dict[str, Any], *, serial: str | None,
+def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
                progress: ProgressFn) -> DeployOutcome:
     stages = StageRecorder(progress)
     adb = Adb(serial)
-    bundle_id = manifest["bundle_id"]
+    bundle_id = manifest.bundle_id  # checked against ID_RE and recomputed from the content on read
     release = f"{ROOT}/releases/{bundle_id}"
+    release_staging = f"{release}.partial"
     with stages.stage("preflight", f"adb device {adb.serial}") as info:
         state = adb("get-state", check=False).strip()
         if state != "device":
             raise UserError(f"adb sees no ready device ({state or 'none'}).",
                             hint="Connect the phone, enable USB debugging and accept the prompt; `adb devices`.")
         abi = adb.shell("getprop ro.product.cpu.abi").strip()
-        want = ABIS.get(manifest["target"]["arch"], manifest["target"]["arch"])
+        want = ABIS.get(manifest.arch, manifest.arch)
         if abi != want:
             raise UserError(f"the device's ABI is {abi}; bundle {bundle.name} is for {want}.",
                             hint="Build for a target with the phone's architecture.", abi=abi)
         info.update(abi=abi)
-    files = list(manifest["files"])
-    total = sum(int(f["bytes"]) for f in files)
+    files = list(manifest.files)
+    total = manifest.bytes
     with stages.stage("upload", f"{len(files)} files, {total / 1e6:.1f} MB to {release}") as info:
         adb.shell(f"rm -rf {shlex.quote(release)}.partial && mkdir -p {shlex.quote(release)}.partial")
         adb("push", f"{bundle}/.", f"{release}.partial")
         info.update(files=len(files), bytes=total)
     with stages.stage("verify", "sha256 of every file on the device") as info:
-        paths = " ".join(shlex.quote(f"{release}.partial/{f['path']}") for f in files)
+        paths = " ".join(shlex.quote(f"{release}.partial/{f.path}") for f in files)
         out = adb.shell(f"sha256sum {paths}")
         got = {line.split()[1][len(release) + len(".partial/"):]: line.split()[0]
                for line in out.splitlines() if len(line.split()) == 2}
-        bad = [f["path"] for f in files if got.get(f["path"]) != f["sha256"]]
+        bad = [f.path for f in files if got.get(f.path) != f.sha256]
         if bad:
             raise RemoteError(f"{len(bad)} files differ on the device after adb push: {bad[:5]}",
                               hint="Re-run the deploy; if it repeats, check the device's storage.", files=bad)
@@ -109,13 +111,21 @@ def deploy_adb(bundle: Path, manifest: dict[str, Any], *, serial: str | None,
         info.update(smoke=smoke)
     with stages.stage("switch", "CURRENT → this release (atomic rename)") as info:
         previous = adb.shell(f"cat {ROOT}/CURRENT 2>/dev/null || true").strip() or None
-        adb.shell(f"rm -rf {shlex.quote(release)} && mv {shlex.quote(release)}.partial {shlex.quote(release)} && "
-                  f"echo {shlex.quote(bundle_id)} > {ROOT}/CURRENT.new && mv -f {ROOT}/CURRENT.new {ROOT}/CURRENT")
-        info.update(previous=previous)
+        # The release CURRENT names is never deleted or rewritten: a redeploy of it goes to a fresh folder.
+        folder, n = bundle_id, 1
+        while adb.shell(f"test -e {shlex.quote(f'{ROOT}/releases/{folder}')} && echo yes || true").strip() == "yes":
+            n += 1
+            folder = f"{bundle_id}.{n}"
+        release = f"{ROOT}/releases/{folder}"
+        adb.shell(f"mv {shlex.quote(release_staging)} {shlex.quote(release)} && "
+                  f"echo {shlex.quote(folder)} > {ROOT}/CURRENT.new && mv -f {ROOT}/CURRENT.new {ROOT}/CURRENT")
+        info.update(previous=previous, folder=folder)
     progress(ProgressEvent("done", f"{bundle_id} is current on {adb.serial}"))
     return DeployOutcome(host=f"adb:{adb.serial}", bundle_id=bundle_id, install_dir=ROOT, release_dir=release,
-                         switched=True, previous=previous, smoke=smoke, uploaded_files=len(files),
+                         release_folder=folder, switched=True, previous=previous, smoke=smoke,
+                         uploaded_files=len(files),
                          uploaded_bytes=total, skipped_files=0, repaired_files=(), service="none (adb)",
-                         pruned=(), wheels_fetched_for="", stages=tuple(stages.records),
+                         pruned=(), wheels_fetched_for="", wheels_fetched=(), signature="not checked on adb",
+                         stages=tuple(stages.records),
                          commands=tuple(adb.records))
 

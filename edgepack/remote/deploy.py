@@ -1,25 +1,31 @@
-"""Deploy stages over one SSH connection: preflight → upload → verify → install → smoke → switch → prune."""
+"""Deploy stages over one SSH connection: preflight → lock → upload → verify → install → smoke → switch → prune.
+
+The device-side half (device_helper.py) keeps the invariant: `current` and the rollback target always name
+complete, verified, installed releases, and a deploy either switches to a new one or leaves both as they were.
+Every error says which release is live when it is raised."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import MANIFEST
-from edgepack.errors import RemoteError, UserError
+from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest
+from edgepack.errors import EdgepackError, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
-from edgepack.remote import preflight
-from edgepack.remote.ssh import CommandResult, Connection, quote
+from edgepack.remote import lock, preflight
+from edgepack.remote.ssh import CommandResult, Connection
 
 INSTALL_TIMEOUT = 900.0
 SMOKE_TIMEOUT = 900.0
 
 
-def _helper_source() -> str:
+def helper_source() -> str:
     return resources.files("edgepack.remote").joinpath("device_helper.py").read_text(encoding="utf-8")
 
 
@@ -29,10 +35,15 @@ class Device:
     def __init__(self, conn: Connection, install_dir: str) -> None:
         self.conn = conn
         self.install_dir = install_dir  # may start with ~ until facts() resolves it
-        self._helper = _helper_source()
+        self.source = helper_source()
+        self.op = ""  # the operation holding the lock (set by `locked`)
 
-    def helper(self, *args: str, what: str, timeout: float | None = None, check: bool = True) -> dict[str, Any]:
-        res = self.conn.run(["python3", "-", *args], stdin=self._helper, what=what, timeout=timeout, check=False)
+    def helper(self, cmd: str, *args: str, what: str, timeout: float | None = None,
+               check: bool = True) -> dict[str, Any]:
+        """One helper command on the install dir; commands that change it carry the lock's operation id."""
+        mutating = cmd in ("mkdirs", "remove_extra", "publish", "switch", "rollback", "prune", "install_unit", "trust")
+        argv = ["python3", "-", cmd, self.install_dir, *([self.op] if mutating else []), *args]
+        res = self.conn.run(argv, stdin=self.source, what=what, timeout=timeout, check=False)
         if res.exit_code == 127:
             raise UserError(f"{self.conn.hostname} has no python3.",
                             hint="Install Python 3 on the device (Debian: sudo apt install python3 python3-venv).",
@@ -44,10 +55,27 @@ class Device:
                 return {"ok": False, "error": "no JSON from the device helper"}
             raise RemoteError(f"{what} failed on {self.conn.hostname} (exit {res.exit_code}).",
                               hint="See the evidence.", evidence=res) from None
+        if data.get("refused"):
+            raise RemoteError(f"the device refused to {what}: {data.get('error')}.",
+                              hint="edgepack checks every device path and id; this is a bug or a tampered "
+                                   "manifest. Nothing more was done.", evidence=res)
         return data
 
+    @contextmanager
+    def locked(self, command: str) -> Iterator[str]:
+        with lock.held(self.conn, self.source, self.install_dir, command) as op:
+            self.op = op
+            try:
+                yield op
+            finally:
+                self.op = ""
+
+    @property
+    def pidfile(self) -> str:
+        return self.path(".ops", f"{self.op}.pids")
+
     def facts(self, provider: str = "cpu") -> dict[str, Any]:
-        facts = self.helper("facts", self.install_dir, "cuda" if provider == "cuda" else "no", what="preflight")
+        facts = self.helper("facts", "cuda" if provider == "cuda" else "no", what="preflight")
         self.install_dir = facts["install_dir"]
         return facts
 
@@ -61,6 +89,7 @@ class DeployOutcome:
     bundle_id: str
     install_dir: str
     release_dir: str
+    release_folder: str  # releases/<folder>: the bundle id, or <id>.N when a bad copy was still in use
     switched: bool
     previous: str | None
     smoke: dict[str, Any]
@@ -71,141 +100,218 @@ class DeployOutcome:
     service: str
     pruned: tuple[str, ...]
     wheels_fetched_for: str  # "" or the device's Python, when the vendored wheels did not fit it
+    wheels_fetched: tuple[LockedWheel, ...]  # those wheels, pinned to the bundle's versions, with their sha256
+    signature: str  # "verified (key …)", "not required", …
     stages: tuple[StageRecord, ...]
     commands: tuple[CommandResult, ...]
 
 
-def upload(dev: Device, bundle: Path, manifest: dict[str, Any], staging: str, progress: ProgressFn,
+def upload(dev: Device, bundle: Path, manifest: Manifest, staging: str, progress: ProgressFn,
            only: set[str] | None = None) -> tuple[int, int, int]:
     """Send what is missing or wrong in `staging` (resumable); returns (files sent, bytes sent, files skipped)."""
-    have = dev.helper("hashes", staging, what="list uploaded files")
-    files = [f for f in manifest["files"] if only is None or f["path"] in only]
-    todo = [f for f in files if have.get(f["path"]) != [f["bytes"], f["sha256"]]]
-    total = sum(f["bytes"] for f in todo)
-    dirs = sorted({posixpath.dirname(posixpath.join(staging, f["path"])) for f in manifest["files"]})
-    dev.conn.run(["mkdir", "-p", *dirs], what="create the staging folder")
+    rel = posixpath.relpath(staging, dev.install_dir)
+    have = dev.helper("hashes", rel, what="list uploaded files")
+    files = [f for f in manifest.files if only is None or f.path in only]
+    todo = [f for f in files if have.get(f.path) != [f.bytes, f.sha256]]
+    total = sum(f.bytes for f in todo)
+    dirs = sorted({posixpath.dirname(posixpath.join(rel, f.path)) for f in manifest.files} | {rel})
+    dev.helper("mkdirs", *dirs, what="create the staging folder")
     sent = 0
     for f in todo:
-        remote = posixpath.join(staging, f["path"])
+        remote = posixpath.join(staging, f.path)
 
-        def cb(done: int, _size: int, base: int = sent, name: str = f["path"]) -> None:
+        def cb(done: int, _size: int, base: int = sent, name: str = f.path) -> None:
             progress(ProgressEvent("upload", name, done=base + done, total=total or 1))
 
-        dev.conn.put(bundle / f["path"], remote, progress=cb)
-        sent += f["bytes"]
+        dev.conn.put(bundle / f.path, remote, progress=cb)
+        sent += f.bytes
     dev.conn.put(bundle / MANIFEST, posixpath.join(staging, MANIFEST))
+    if (bundle / SIGNATURE).is_file():
+        dev.conn.put(bundle / SIGNATURE, posixpath.join(staging, SIGNATURE))
     return len(todo), sent, len(files) - len(todo)
 
 
-def deploy(conn: Connection, bundle: Path, manifest: dict[str, Any], *, install_dir: str, allow_network: bool,
-           keep: int, smoke_tokens: int, progress: ProgressFn = silent) -> DeployOutcome:
+class _Live:
+    """What is live on the device, for error messages that tell the truth about it."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.previous: str | None = None
+        self.switched_to: str | None = None
+
+    def sentence(self) -> str:
+        if self.switched_to:
+            return (f"The switch was done: `current` on {self.host} points at releases/{self.switched_to} "
+                    f"(it passed its smoke test); `edgepack rollback` returns to "
+                    f"{self.previous or 'nothing (it was the first release)'}.")
+        return (f"`current` on {self.host} was not changed: it still points at "
+                f"{'releases/' + self.previous if self.previous else 'nothing (no release was live)'}.")
+
+
+def deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,
+           keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...] = (), signature: str = "not checked",
+           progress: ProgressFn = silent) -> DeployOutcome:
+    """`trusted`: (key id, base64 key) pairs the device's install step must find a signature by."""
+    live = _Live(conn.hostname)
+    try:
+        return _deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=allow_network, keep=keep,
+                       smoke_tokens=smoke_tokens, trusted=trusted, signature=signature, progress=progress, live=live)
+    except KeyboardInterrupt:
+        raise lock.Interrupted(f"interrupted. {live.sentence()}", hint="Run the same command again.",
+                               host=conn.hostname) from None
+    except EdgepackError as exc:
+        if isinstance(exc, lock.DeviceLocked) or "Nothing was written" in exc.message:
+            raise
+        exc.message = f"{exc.message} {live.sentence()}"
+        exc.args = (exc.message,)
+        exc.fields.update(current=live.switched_to or live.previous, switched=bool(live.switched_to))
+        raise
+
+
+def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,
+            keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...], signature: str,
+            progress: ProgressFn, live: _Live) -> DeployOutcome:
     t = StageRecorder(progress)
     dev = Device(conn, install_dir)
-    bundle_id = manifest["bundle_id"]
-    with t.stage("preflight", f"checking {conn.hostname} against {manifest['name']}") as d:
-        facts = dev.facts(manifest["runtime"].get("execution_provider", "cpu"))
+    bundle_id = manifest.bundle_id
+    with t.stage("preflight", f"checking {conn.hostname} against {manifest.name}") as d:
+        facts = dev.facts(manifest.execution_provider)
         problems = preflight.check(manifest, facts)
         refetch = any(p.check == "python" for p in problems) and not allow_network and bool(facts.get("glibc"))
         if allow_network or refetch:  # install.sh may use the index, or we bring wheels for this Python
             problems = [p for p in problems if p.check != "python"]
         d.update(facts=facts, problems=[p.__dict__ for p in problems])
         preflight.enforce(problems, conn.hostname)
-    wheels_dir = ""
-    if refetch:
-        with t.stage("wheels", f"the bundle's wheels are for Python {manifest['target']['python']}; fetching "
-                               f"them for the device's {facts['python']}") as d:
-            wheels_dir = _fetch_wheels_for_device(dev, manifest, facts, progress)
-            d.update(artifact=wheels_dir)
-    release = dev.path("releases", bundle_id)
-    staging = release + ".partial"
-    present = dev.helper("verify", release, what="check an existing release", check=False) \
-        if _exists(dev, release) else {"ok": False}
-    sent = sent_bytes = skipped = 0
-    repaired: list[str] = []
-    if present.get("ok"):
-        progress(ProgressEvent("upload", f"{bundle_id} is already on the device, verified; not sending it again"))
-        skipped = len(manifest["files"])
-    else:
-        with t.stage("upload", f"to {staging}") as d:
-            sent, sent_bytes, skipped = upload(dev, bundle, manifest, staging, progress)
-            d.update(files=sent, bytes=sent_bytes, skipped=skipped)
-        with t.stage("verify", "sha256 of every file on the device") as d:
-            check = dev.helper("verify", staging, what="verify the upload")
-            if not check["ok"]:
-                # One repair round: resend exactly what the device has wrong, then verify again.
-                bad = set(check["missing"]) | set(check["changed"])
-                repaired = sorted(bad)
-                progress(ProgressEvent("verify", f"re-sending {len(bad)} file(s) that arrived wrong: "
-                                                 f"{', '.join(repaired[:3])}"))
-                if check["extra"]:
-                    conn.run(["rm", "-f", *[posixpath.join(staging, p) for p in check["extra"]]],
-                             what="remove unexpected files")
-                upload(dev, bundle, manifest, staging, progress, only=bad)
-                check = dev.helper("verify", staging, what="verify the upload")
-            d.update(repaired=repaired)
-            if not check["ok"]:
-                raise RemoteError(f"the upload to {conn.hostname} does not match the manifest after a retry: "
-                                  f"missing {check['missing'][:3]}, changed {check['changed'][:3]}.",
-                                  hint="The device's storage may be failing; nothing was switched.",
-                                  host=conn.hostname, verify=check)
-            conn.run(["rm", "-rf", release], what="clear a stale release")
-            conn.run(["mv", staging, release], what="publish the release folder")
-    with t.stage("install", "install.sh (offline, from wheels/)") as d:
-        args = ["sh", posixpath.join(release, "install.sh")] + (["--allow-network"] if allow_network else [])
-        env = [f"EDGEPACK_VENV={posixpath.join(release, '.venv')}"] + ([f"EDGEPACK_WHEELS={wheels_dir}"]
-                                                                       if wheels_dir else [])
-        res = conn.run(["env", *env, *args],
-                       timeout=INSTALL_TIMEOUT, check=False, what="install")
-        d.update(exit_code=res.exit_code)
-        if not res.ok:
-            raise RemoteError(f"install.sh failed on {conn.hostname} (exit {res.exit_code}); "
-                              f"`current` was not changed.",
-                              hint="See the evidence; exit 4 means the wheels do not fit this device's Python.",
-                              evidence=res)
-    with t.stage("smoke", "smoke_test.py on the device") as d:
-        res = conn.run([posixpath.join(release, ".venv", "bin", "python"), posixpath.join(release, "smoke_test.py"),
-                        "--tokens", str(smoke_tokens)], timeout=SMOKE_TIMEOUT, check=False, what="smoke test")
-        smoke = _parse_smoke(res)
-        d.update(smoke)
-        if not (res.ok and smoke.get("ok")):
-            raise RemoteError(f"the smoke test failed on {conn.hostname}: {smoke.get('error', 'no result')}; "
-                              f"`current` was not changed.",
-                              hint="The bundle loads or generates wrongly on this device; see the evidence.",
-                              evidence=res, smoke=smoke)
-    with t.stage("switch", f"current → releases/{bundle_id}") as d:
-        sw = dev.helper("switch", dev.install_dir, bundle_id, what="switch current")
-        d.update(sw)
-    service = _service(conn, dev, manifest, facts)
-    with t.stage("prune", f"keep the last {keep} releases") as d:
-        pr = dev.helper("prune", dev.install_dir, str(keep), what="prune old releases")
-        d.update(pr)
+    with dev.locked(f"edgepack deploy {bundle_id}") as op:
+        with t.stage("lock", f"{dev.install_dir} on {conn.hostname}") as d:
+            before = dev.helper("status", what="read the device's releases")
+            live.previous = before.get("current")
+            d.update(op=op, current=live.previous)
+        wheels_dir = ""
+        fetched: tuple[LockedWheel, ...] = ()
+        if refetch:
+            with t.stage("wheels", f"the bundle's wheels are for Python {manifest.python}; fetching "
+                                   f"the same pinned versions for the device's {facts['python']}") as d:
+                wheels_dir, fetched = _fetch_wheels_for_device(dev, manifest, facts, progress)
+                d.update(artifact=wheels_dir, wheels=[w.file for w in fetched])
+        for key_id, key_b64 in trusted:
+            dev.helper("trust", key_id, key_b64, what="record a trusted signing key")
+        found = dev.helper("locate", bundle_id, what="look for this release on the device")
+        reuse = next((f for f in found["folders"] if f["ok"] and (f["installed"] or not f["in_use"])), None)
+        if reuse is not None and reuse["in_use"]:
+            # A live copy is never rewritten: only check that its runtime is whole, else send a fresh copy.
+            res = _install(conn, dev, dev.path("releases", reuse["folder"]), allow_network, wheels_dir, trusted,
+                           check_only=True)
+            if not res.ok:
+                progress(ProgressEvent("install", f"the live copy releases/{reuse['folder']} has no working runtime "
+                                                  f"(exit {res.exit_code}); sending a fresh copy instead of "
+                                                  "repairing it in place"))
+                reuse = None
+        sent = sent_bytes = skipped = 0
+        repaired: list[str] = []
+        if reuse is not None:
+            folder = reuse["folder"]
+            progress(ProgressEvent("upload", f"{bundle_id} is already on the device (releases/{folder}), verified; "
+                                             "not sending it again"))
+            skipped = len(manifest.files)
+        else:
+            staging = dev.path("releases", bundle_id + ".partial")
+            with t.stage("upload", f"to {staging}") as d:
+                sent, sent_bytes, skipped = upload(dev, bundle, manifest, staging, progress)
+                d.update(files=sent, bytes=sent_bytes, skipped=skipped)
+            with t.stage("verify", "sha256 of every file on the device") as d:
+                rel = posixpath.relpath(staging, dev.install_dir)
+                check = dev.helper("verify", rel, what="verify the upload")
+                if not check["ok"]:
+                    # One repair round: resend exactly what the device has wrong, then verify again.
+                    bad = set(check["missing"]) | set(check["changed"])
+                    repaired = sorted(bad)
+                    progress(ProgressEvent("verify", f"re-sending {len(bad)} file(s) that arrived wrong: "
+                                                     f"{', '.join(repaired[:3])}"))
+                    if check["extra"]:
+                        dev.helper("remove_extra", rel, *check["extra"], what="remove unexpected files")
+                    upload(dev, bundle, manifest, staging, progress, only=bad)
+                    check = dev.helper("verify", rel, what="verify the upload")
+                d.update(repaired=repaired)
+                if not check["ok"]:
+                    raise RemoteError(f"the upload to {conn.hostname} does not match the manifest after a retry: "
+                                      f"missing {check['missing'][:3]}, changed {check['changed'][:3]}"
+                                      f"{', ' + check['error'] if check.get('error') else ''}.",
+                                      hint="The device's storage may be failing.", host=conn.hostname, verify=check)
+                pub = dev.helper("publish", bundle_id, what="publish the release folder")
+                if not pub.get("ok"):
+                    raise RemoteError(f"could not publish the release on {conn.hostname}: {pub.get('error')}.",
+                                      hint="Run the same command again.", host=conn.hostname, publish=pub)
+                folder = pub["folder"]
+                d.update(folder=folder)
+        release = dev.path("releases", folder)
+        with t.stage("install", "install.sh (offline, hash-pinned wheels, signature check)") as d:
+            res = _install(conn, dev, release, allow_network, wheels_dir, trusted,
+                           check_only=reuse is not None and reuse["in_use"])
+            d.update(exit_code=res.exit_code, killed=res.killed)
+            if not res.ok:
+                why = {4: "the wheels do not fit this device's Python, or one does not match its pinned sha256",
+                       6: "the release does not match its manifest", 7: "the signature check failed"}
+                raise RemoteError(f"install.sh failed on {conn.hostname} (exit {res.exit_code}"
+                                  f"{': ' + why[res.exit_code] if res.exit_code in why else ''}).",
+                                  hint="See the evidence (the installer's last lines).", evidence=res)
+        with t.stage("smoke", "smoke_test.py on the device") as d:
+            res = conn.run([posixpath.join(release, ".venv", "bin", "python"), posixpath.join(release, "smoke_test.py"),
+                            "--tokens", str(smoke_tokens)], timeout=SMOKE_TIMEOUT, check=False, what="smoke test",
+                           pidfile=dev.pidfile)
+            smoke = _parse_smoke(res)
+            d.update(smoke)
+            if not (res.ok and smoke.get("ok")):
+                raise RemoteError(f"the smoke test failed on {conn.hostname}: {smoke.get('error', 'no result')}.",
+                                  hint="The bundle loads or generates wrongly on this device; see the evidence.",
+                                  evidence=res, smoke=smoke)
+        with t.stage("switch", f"current → releases/{folder}") as d:
+            sw = dev.helper("switch", folder, what="switch current")
+            if not sw.get("ok"):
+                raise RemoteError(f"the device refused the switch: {sw.get('error')}.",
+                                  hint="Run the same command again.", host=conn.hostname, switch=sw)
+            live.switched_to = folder
+            d.update(sw)
+        service = _service(conn, dev, manifest, facts)
+        with t.stage("prune", f"keep the last {keep} releases") as d:
+            pr = dev.helper("prune", str(keep), what="prune old releases")
+            d.update(pr)
     return DeployOutcome(host=conn.hostname, bundle_id=bundle_id, install_dir=dev.install_dir, release_dir=release,
-                         switched=True, previous=sw.get("previous"), smoke=smoke, uploaded_files=sent,
-                         uploaded_bytes=sent_bytes, skipped_files=skipped, repaired_files=tuple(repaired),
-                         service=service, pruned=tuple(pr.get("removed", [])),
-                         wheels_fetched_for=facts["python"] if wheels_dir else "", stages=tuple(t.records),
-                         commands=tuple(conn.records))
+                         release_folder=folder, switched=True, previous=sw.get("previous"), smoke=smoke,
+                         uploaded_files=sent, uploaded_bytes=sent_bytes, skipped_files=skipped,
+                         repaired_files=tuple(repaired), service=service, pruned=tuple(pr.get("removed", [])),
+                         wheels_fetched_for=facts["python"] if wheels_dir else "", wheels_fetched=tuple(fetched),
+                         signature=signature, stages=tuple(t.records), commands=tuple(conn.records))
 
 
-def _fetch_wheels_for_device(dev: Device, manifest: dict[str, Any], facts: dict[str, Any],
-                             progress: ProgressFn) -> str:
-    """Download the same pinned runtime for the device's Python and platform here; upload beside the releases."""
-    from edgepack.stages.wheels import download_wheels, manylinux_tags
+def _install(conn: Connection, dev: Device, release: str, allow_network: bool, wheels_dir: str,
+             trusted: tuple[tuple[str, str], ...], *, check_only: bool) -> CommandResult:
+    args = ["sh", posixpath.join(release, "install.sh")] + (["--allow-network"] if allow_network else [])
+    env = [f"EDGEPACK_VENV={posixpath.join(release, '.venv')}", f"EDGEPACK_TRUSTED_KEYS={dev.path('trusted_keys')}"]
+    env += [f"EDGEPACK_WHEELS={wheels_dir}"] if wheels_dir else []
+    env += ["EDGEPACK_REQUIRE_SIGNATURE=1"] if trusted else []
+    env += ["EDGEPACK_CHECK_ONLY=1"] if check_only else []
+    return conn.run(["env", *env, *args], timeout=INSTALL_TIMEOUT, check=False, what="install", pidfile=dev.pidfile)
+
+
+def _fetch_wheels_for_device(dev: Device, manifest: Manifest, facts: dict[str, Any],
+                             progress: ProgressFn) -> tuple[str, tuple[LockedWheel, ...]]:
+    """The bundle's locked versions for the device's Python and platform, hashed here, uploaded with their lock
+    beside the releases (install.sh installs them with --require-hashes)."""
+    from edgepack.stages.wheels import LOCK, manylinux_tags, wheels_for
 
     py = ".".join(facts["python"].split(".")[:2])
-    cache = download_wheels(list(manifest["runtime"]["requirements"]), py,
-                            manylinux_tags(facts["arch"], facts["glibc"]), what=dev.conn.hostname, progress=progress)
-    remote = dev.path("wheels", f"cp{py.replace('.', '')}-{facts['arch']}")
-    dev.conn.run(["mkdir", "-p", remote], what="create the wheels folder")
-    have = dev.helper("hashes", remote, what="list uploaded wheels")
-    for whl in sorted(cache.glob("*.whl")):
-        if have.get(whl.name, [None])[0] != whl.stat().st_size:
-            dev.conn.put(whl, posixpath.join(remote, whl.name))
-    return remote
-
-
-def _exists(dev: Device, path: str) -> bool:
-    return dev.conn.run(["test", "-d", path], check=False, what="look for a release").exit_code == 0
+    cache, entries = wheels_for(list(manifest.wheel_lock), py, manylinux_tags(facts["arch"], facts["glibc"]),
+                                what=dev.conn.hostname, progress=progress)
+    rel = posixpath.join("wheels", f"cp{py.replace('.', '')}-{facts['arch']}")
+    remote = dev.path(rel)
+    dev.helper("mkdirs", rel, what="create the wheels folder")
+    have = dev.helper("hashes", rel, what="list uploaded wheels")
+    for e in entries:
+        if have.get(e.file) != [(cache / e.file).stat().st_size, e.sha256]:
+            dev.conn.put(cache / e.file, posixpath.join(remote, e.file))
+    dev.conn.put(cache / LOCK, posixpath.join(remote, LOCK))
+    return remote, tuple(entries)
 
 
 def _parse_smoke(res: CommandResult) -> dict[str, Any]:
@@ -218,14 +324,14 @@ def _parse_smoke(res: CommandResult) -> dict[str, Any]:
     return {"ok": False, "error": f"no JSON from smoke_test.py (exit {res.exit_code})"}
 
 
-def _service(conn: Connection, dev: Device, manifest: dict[str, Any], facts: dict[str, Any]) -> str:
-    if not manifest["target"]["profile"]["deploy"]["systemd"]:
+def _service(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str, Any]) -> str:
+    if not manifest.deploy.systemd:
         return "none (target installs no unit)"
-    unit = f"edgepack-{manifest['name']}.service"
+    unit = manifest.unit_name
     if not facts.get("systemd_user"):
         return f"not installed: no systemd user session on the device ({unit} is in the release folder)"
-    unit_dir = "~/.config/systemd/user"
-    conn.run(f"mkdir -p {unit_dir} && cp {quote([posixpath.join(dev.install_dir, 'current', unit)])} {unit_dir}/ "
-             f"&& systemctl --user daemon-reload && systemctl --user enable --now {quote([unit])} "
-             f"&& systemctl --user restart {quote([unit])}", what="restart the service")
+    dev.helper("install_unit", unit, "~/.config/systemd/user", what="install the service unit")
+    conn.run(["systemctl", "--user", "daemon-reload"], what="reload systemd")
+    conn.run(["systemctl", "--user", "enable", "--now", unit], what="enable the service")
+    conn.run(["systemctl", "--user", "restart", unit], what="restart the service")
     return f"restarted {unit}"

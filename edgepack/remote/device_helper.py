@@ -1,13 +1,34 @@
-# This file runs ON THE DEVICE, fed to `python3 - <command> ...` over SSH stdin: nothing is written to the
-# device to run it. Standard library only; Python 3.7+. Every command prints exactly one JSON document.
+# This file runs ON THE DEVICE, fed to `python3 - <command> <install_dir> ...` over SSH stdin: nothing is written
+# to the device to run it. Standard library only; Python 3.7+. Every command prints exactly one JSON document.
+#
+# The invariant it keeps (docs/deploy.md): `current` and the rollback target always name complete, verified,
+# installed releases. Releases are never rewritten: a bad copy of a release is replaced only when no pointer
+# uses it, else the good copy goes to a fresh folder (<id>.2, <id>.3, ...). Every command that changes the
+# install dir runs under the lock of one operation, and every path is checked to stay inside the install dir.
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import re
+import select
 import shutil
+import signal
 import sys
+import time
 
 MANIFEST = "edgepack.json"
+SIGNATURE = "edgepack.json.minisig"
+LOCAL_ONLY = (".venv", "__pycache__", ".cache")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12}$")
+FOLDER_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12})(\.[0-9]{1,4})?$")
+OP_RE = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+INSTALLED = os.path.join(".venv", ".edgepack-installed")
+
+
+class Refused(Exception):
+    pass
 
 
 def _sha256(path):
@@ -17,6 +38,49 @@ def _sha256(path):
             h.update(block)
     return h.hexdigest()
 
+
+def _root(install_dir):
+    return os.path.abspath(os.path.expanduser(install_dir))
+
+
+def _inside(root, *parts):
+    """root/parts..., refused unless it stays inside root once symlinks are resolved."""
+    for p in parts:
+        if not p or os.path.isabs(p) or "\\" in p or ".." in p.split("/"):
+            raise Refused("unsafe path %r" % (p,))
+    path = os.path.join(root, *parts)
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise Refused("%s leaves the install dir %s" % (path, root))
+    return path
+
+
+def _bundle_id(value):
+    if not ID_RE.match(value) or ".." in value:
+        raise Refused("bad bundle id %r" % (value,))
+    return value
+
+
+def _folder(value):
+    m = FOLDER_RE.match(value)
+    if not m or ".." in value:
+        raise Refused("bad release folder %r" % (value,))
+    return value
+
+
+def _op(value):
+    if not OP_RE.match(value):
+        raise Refused("bad operation id %r" % (value,))
+    return value
+
+
+def _derive_id(manifest):
+    body = json.dumps({k: v for k, v in manifest.items() if k != "bundle_id"}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True).encode()
+    return "%s-%s" % (manifest.get("name", ""), hashlib.sha256(body).hexdigest()[:12])
+
+
+# -- facts -----------------------------------------------------------------------------------------------
 
 def _existing_parent(path):
     while path and not os.path.exists(path):
@@ -47,8 +111,48 @@ def _first_line(path):
         return None
 
 
+def _hwcap():
+    """AT_HWCAP from /proc/self/auxv (what the kernel, or qemu-user, says this CPU does), or None."""
+    try:
+        with open("/proc/self/auxv", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    import struct
+
+    size = struct.calcsize("L")
+    for i in range(0, len(data) - 2 * size + 1, 2 * size):
+        key, value = struct.unpack_from("LL", data, i)
+        if key == 16:  # AT_HWCAP
+            return value
+        if key == 0:
+            break
+    return None
+
+
+# aarch64 AT_HWCAP bits (linux/arch/arm64/include/uapi/asm/hwcap.h) the runtimes care about
+_ARM64_HWCAP = {"fp": 0, "asimd": 1, "aes": 3, "crc32": 7, "atomics": 8, "fphp": 9, "asimdhp": 10,
+                "asimdrdm": 12, "lrcpc": 15, "dcpop": 16, "asimddp": 20, "sve": 22}
+
+
+def _cpu_features():
+    """The CPU's feature flags: from AT_HWCAP on aarch64 (what the CPU does), else /proc/cpuinfo's line."""
+    hwcap = _hwcap()
+    if platform.machine() == "aarch64" and hwcap is not None:
+        return sorted(name for name, bit in _ARM64_HWCAP.items() if hwcap & (1 << bit))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("Features", "flags"):
+                    return sorted(set(value.split()))
+    except OSError:
+        pass
+    return None
+
+
 def facts(install_dir, check_cuda="no"):
-    install_dir = os.path.abspath(os.path.expanduser(install_dir))
+    install_dir = _root(install_dir)
     osr = {}
     for f in ("/etc/os-release", "/usr/lib/os-release"):
         if os.path.exists(f):
@@ -79,6 +183,7 @@ def facts(install_dir, check_cuda="no"):
         "python_executable": sys.executable,
         "has_venv": _has_venv(),
         "install_dir": install_dir,
+        "home": os.path.expanduser("~"),
         "free_bytes": st.f_bavail * st.f_frsize,
         "mem_available_bytes": mem,
         "writable": os.access(parent, os.W_OK),
@@ -86,6 +191,7 @@ def facts(install_dir, check_cuda="no"):
         "termux": "com.termux" in prefix or bool(os.environ.get("TERMUX_VERSION")),
         "nv_tegra_release": _first_line("/etc/nv_tegra_release"),
         "genai_cuda": _genai_cuda() if check_cuda == "cuda" else None,
+        "cpu_features": _cpu_features(),
     }
 
 
@@ -98,118 +204,451 @@ def _has_venv():
     return True
 
 
-def hashes(directory):
+# -- the lock --------------------------------------------------------------------------------------------
+
+def _lock_path(root):
+    return os.path.join(root, ".lock")
+
+
+def _pids_path(root, op):
+    return os.path.join(root, ".ops", op + ".pids")
+
+
+def _held_by(root, op):
+    """True when operation `op` holds the install dir's lock right now."""
+    path = _lock_path(root)
+    if not os.path.exists(path):
+        return False
+    with open(path, "r+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                return json.loads(fh.read() or "{}").get("op") == op
+            except ValueError:
+                return False
+        fcntl.flock(fh, fcntl.LOCK_UN)  # nobody held it
+        return False
+
+
+def _require_lock(root, op):
+    if not _held_by(root, _op(op)):
+        raise Refused("operation %s does not hold the lock of %s" % (op, root))
+
+
+def _kill_groups(root, op):
+    """End every process group an operation started (install.sh, the smoke test) that is still running."""
+    path = _pids_path(root, op)
+    try:
+        with open(path) as fh:
+            pgids = [int(x) for x in fh.read().split() if x.isdigit()]
+    except OSError:
+        return []
+    killed = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in pgids:
+            try:
+                os.killpg(pgid, sig)
+                if sig == signal.SIGTERM:
+                    killed.append(pgid)
+            except OSError:
+                pass
+        if sig == signal.SIGTERM and killed:
+            deadline = time.time() + 5
+            while time.time() < deadline and any(_alive(p) for p in pgids):
+                time.sleep(0.1)
+    if os.path.exists(path):
+        os.remove(path)
+    return killed
+
+
+def _alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def lock(install_dir, op, holder, ttl="60"):
+    """Hold the install dir's lock while this process lives: stdin lines are heartbeats, "release" or EOF or
+    `ttl` seconds of silence end it. The lock is an flock, so the kernel drops it if this process dies; on the
+    way out, the operation's remaining process groups are ended, so nothing it started outlives it."""
+    root = _root(install_dir)
+    _op(op)
+    os.makedirs(os.path.join(root, ".ops"), exist_ok=True)
+    fh = open(_lock_path(root), "a+")  # noqa: SIM115 (held open for the life of the process: that is the lock)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        fh.seek(0)
+        try:
+            current = json.loads(fh.read() or "{}")
+        except ValueError:
+            current = {}
+        print(json.dumps({"ok": False, "error": "locked", "holder": current}))
+        return None
+    fh.seek(0)
+    stale = fh.read()
+    fh.seek(0)
+    fh.truncate()
+    info = json.loads(holder)
+    info.update(op=op, device_pid=os.getpid(), since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    fh.write(json.dumps(info))
+    fh.flush()
+    previous = None
+    if stale.strip():
+        try:
+            previous = json.loads(stale)
+        except ValueError:
+            previous = None
+        if previous and previous.get("op"):  # a holder that died without releasing: end what it started
+            _kill_groups(root, _op(previous["op"]) if OP_RE.match(str(previous["op"])) else op)
+    print(json.dumps({"ok": True, "op": op, "stale": previous}), flush=True)
+    ttl_s = float(ttl)
+    try:
+        while True:
+            ready, _, _ = select.select([sys.stdin], [], [], ttl_s)
+            if not ready:
+                break
+            line = sys.stdin.readline()
+            if not line or line.strip() == "release":
+                break
+    finally:
+        _kill_groups(root, op)
+        fh.seek(0)
+        fh.truncate()
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+    return None
+
+
+# -- files -----------------------------------------------------------------------------------------------
+
+def _hashes(directory):
     out = {}
     if os.path.isdir(directory):
         for root, dirs, files in os.walk(directory):
-            dirs[:] = [d for d in dirs if d not in (".venv", "__pycache__", ".cache")]
+            dirs[:] = [d for d in dirs if not (root == directory and d in LOCAL_ONLY)]
             for name in files:
                 p = os.path.join(root, name)
                 rel = os.path.relpath(p, directory).replace(os.sep, "/")
-                out[rel] = [os.path.getsize(p), _sha256(p)]
+                out[rel] = [os.path.getsize(p), _sha256(p)] if not os.path.islink(p) else [-1, "symlink"]
     return out
 
 
-def verify(directory):
-    with open(os.path.join(directory, MANIFEST)) as fh:
-        manifest = json.load(fh)
-    have = hashes(directory)
+def hashes(install_dir, rel):
+    return _hashes(_inside(_root(install_dir), rel))
+
+
+def mkdirs(install_dir, op, *rels):
+    root = _root(install_dir)
+    _require_lock(root, op)
+    for rel in rels:
+        os.makedirs(_inside(root, rel), exist_ok=True)
+    return {"ok": True}
+
+
+def _verify_dir(directory):
+    try:
+        with open(os.path.join(directory, MANIFEST)) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return {"ok": False, "missing": [], "changed": [], "extra": [], "error": "no readable manifest: %s" % exc,
+                "bundle_id": None}
+    have = _hashes(directory)
     have.pop(MANIFEST, None)
-    listed = {f["path"]: f for f in manifest["files"]}
+    have.pop(SIGNATURE, None)
+    listed = {f["path"]: f for f in manifest.get("files", [])}
     missing = sorted(p for p in listed if p not in have)
     changed = sorted(p for p, f in listed.items() if p in have and have[p] != [f["bytes"], f["sha256"]])
     extra = sorted(p for p in have if p not in listed)
-    return {"ok": not (missing or changed or extra), "missing": missing, "changed": changed, "extra": extra,
-            "bundle_id": manifest.get("bundle_id")}
+    bundle_id = manifest.get("bundle_id")
+    error = None
+    if bundle_id != _derive_id(manifest) or not ID_RE.match(str(bundle_id)):
+        error = "the manifest's id %r is not the one its content gives (%s)" % (bundle_id, _derive_id(manifest))
+    return {"ok": not (missing or changed or extra or error), "missing": missing, "changed": changed,
+            "extra": extra, "bundle_id": bundle_id, "error": error,
+            "installed": os.path.isfile(os.path.join(directory, INSTALLED))}
 
 
-def _releases(install_dir):
-    rel = os.path.join(install_dir, "releases")
+def verify(install_dir, rel):
+    return _verify_dir(_inside(_root(install_dir), rel))
+
+
+def remove_extra(install_dir, op, rel, *files):
+    root = _root(install_dir)
+    _require_lock(root, op)
+    for f in files:
+        path = _inside(root, rel, f)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.remove(path)
+    return {"ok": True}
+
+
+def _releases_dir(root):
+    return os.path.join(root, "releases")
+
+
+def _folders(root):
+    rel = _releases_dir(root)
     if not os.path.isdir(rel):
         return []
-    names = [n for n in os.listdir(rel) if not n.endswith(".partial") and not n.startswith(".")]
+    names = [n for n in os.listdir(rel) if FOLDER_RE.match(n) and os.path.isdir(os.path.join(rel, n))]
     return sorted(names, key=lambda n: os.path.getmtime(os.path.join(rel, n)))
 
 
-def _current(install_dir):
-    link = os.path.join(install_dir, "current")
+def _current(root):
+    link = os.path.join(root, "current")
     if os.path.islink(link):
         return os.path.basename(os.readlink(link))
     return None
 
 
-def _history(install_dir):
-    path = os.path.join(install_dir, "history")
+def _history(root):
+    path = os.path.join(root, "history")
     if not os.path.exists(path):
         return []
     with open(path) as fh:
-        return [line.strip() for line in fh if line.strip()]
+        return [line.strip() for line in fh if FOLDER_RE.match(line.strip())]
 
 
-def switch(install_dir, bundle_id):
-    install_dir = os.path.abspath(os.path.expanduser(install_dir))
-    target = os.path.join("releases", bundle_id)
-    if not os.path.isdir(os.path.join(install_dir, target)):
-        raise SystemExit(json.dumps({"ok": False, "error": "no release %s" % bundle_id}))
-    previous = _current(install_dir)
-    tmp = os.path.join(install_dir, ".current.tmp")
+def _rollback_target(root):
+    """The release a rollback would switch to: the newest earlier history entry still on the device."""
+    current = _current(root)
+    present = set(_folders(root))
+    for folder in reversed(_history(root)):
+        if folder != current and folder in present:
+            return folder
+    return None
+
+
+def _pointers(root):
+    return {f for f in (_current(root), _rollback_target(root)) if f}
+
+
+def locate(install_dir, bundle_id):
+    """Folders holding this bundle: which verify, which are installed, which a pointer uses."""
+    root = _root(install_dir)
+    _bundle_id(bundle_id)
+    pointed = _pointers(root)
+    out = []
+    for folder in _folders(root):
+        if FOLDER_RE.match(folder).group(1) == bundle_id:
+            check = _verify_dir(os.path.join(_releases_dir(root), folder))
+            out.append({"folder": folder, "ok": check["ok"], "installed": check["installed"],
+                        "in_use": folder in pointed, "problems": (check["missing"] + check["changed"] +
+                                                                  check["extra"])[:5]})
+    return {"ok": True, "folders": out, "in_use": sorted(pointed)}
+
+
+def _fsync_tree(directory):
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not (root == directory and d in LOCAL_ONLY)]
+        for name in files:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(install_dir, op, bundle_id):
+    """Move a verified staging folder to its release folder. A bad folder of the same id is replaced only when
+    no pointer uses it; otherwise the release gets a fresh folder."""
+    root = _root(install_dir)
+    _require_lock(root, op)
+    _bundle_id(bundle_id)
+    rels = _releases_dir(root)
+    staging = _inside(root, "releases", bundle_id + ".partial")
+    check = _verify_dir(staging)
+    if not check["ok"]:
+        return {"ok": False, "error": "the staging folder does not verify", "verify": check}
+    _fsync_tree(staging)
+    pointed = _pointers(root)
+    folder = bundle_id
+    n = 1
+    while os.path.lexists(os.path.join(rels, folder)):
+        if folder not in pointed:  # a bad, unused copy: set it aside, then delete it
+            trash = os.path.join(rels, ".trash-" + op + "-" + str(n))
+            os.rename(os.path.join(rels, folder), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            break
+        n += 1
+        folder = "%s.%d" % (bundle_id, n)
+    os.rename(staging, os.path.join(rels, _folder(folder)))
+    _fsync_dir(rels)
+    return {"ok": True, "folder": folder, "replaced_unused": folder == bundle_id and n > 1}
+
+
+def switch(install_dir, op, folder):
+    root = _root(install_dir)
+    _require_lock(root, op)
+    _folder(folder)
+    target = os.path.join("releases", folder)
+    _inside(root, "releases", folder)
+    check = _verify_dir(os.path.join(root, target))
+    if not check["ok"] or not check["installed"]:
+        return {"ok": False, "error": "release %s is not complete, verified and installed" % folder,
+                "verify": check}
+    previous = _current(root)
+    tmp = os.path.join(root, ".current." + op + ".tmp")
     if os.path.lexists(tmp):
         os.remove(tmp)
     os.symlink(target, tmp)
-    os.replace(tmp, os.path.join(install_dir, "current"))  # rename(2): atomic, `current` is never missing
-    hist = _history(install_dir)
-    if not hist or hist[-1] != bundle_id:
-        hist.append(bundle_id)
-    with open(os.path.join(install_dir, "history.tmp"), "w") as fh:
-        fh.write("\n".join(hist[-50:]) + "\n")
-    os.replace(os.path.join(install_dir, "history.tmp"), os.path.join(install_dir, "history"))
-    return {"ok": True, "current": bundle_id, "previous": previous}
+    os.replace(tmp, os.path.join(root, "current"))  # rename(2): atomic, `current` is never missing
+    hist = _history(root)
+    if not hist or hist[-1] != folder:
+        hist.append(folder)
+    _write_history(root, op, hist[-50:])
+    _fsync_dir(root)
+    return {"ok": True, "current": folder, "bundle_id": FOLDER_RE.match(folder).group(1), "previous": previous}
+
+
+def _write_history(root, op, hist):
+    tmp = os.path.join(root, ".history." + op + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(hist) + ("\n" if hist else ""))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(root, "history"))
 
 
 def status(install_dir):
-    install_dir = os.path.abspath(os.path.expanduser(install_dir))
-    return {"install_dir": install_dir, "current": _current(install_dir), "releases": _releases(install_dir),
-            "history": _history(install_dir)[-10:],
-            "partial": sorted(n for n in os.listdir(os.path.join(install_dir, "releases"))
-                              if n.endswith(".partial")) if os.path.isdir(os.path.join(install_dir, "releases"))
+    root = _root(install_dir)
+    rels = _releases_dir(root)
+    holder = None
+    if os.path.exists(_lock_path(root)):
+        with open(_lock_path(root)) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except OSError:
+                try:
+                    holder = json.loads(fh.read() or "{}")
+                except ValueError:
+                    holder = {}
+    return {"install_dir": root, "current": _current(root), "rollback_target": _rollback_target(root),
+            "releases": _folders(root), "history": _history(root)[-10:], "locked_by": holder,
+            "partial": sorted(n for n in os.listdir(rels) if n.endswith(".partial")) if os.path.isdir(rels)
             else []}
 
 
-def rollback(install_dir):
-    install_dir = os.path.abspath(os.path.expanduser(install_dir))
-    current = _current(install_dir)
-    present = set(_releases(install_dir))
-    for bundle_id in reversed(_history(install_dir)):
-        if bundle_id != current and bundle_id in present:
-            result = switch(install_dir, bundle_id)
-            # Drop the rolled-back release from the tail of history so a second rollback goes further back.
-            hist = [h for h in _history(install_dir) if h != current] if current else _history(install_dir)
-            with open(os.path.join(install_dir, "history"), "w") as fh:
-                fh.write("\n".join(hist) + "\n")
-            return result
-    return {"ok": False, "error": "no earlier release on the device to roll back to", "current": current}
+def rollback(install_dir, op):
+    root = _root(install_dir)
+    _require_lock(root, op)
+    current = _current(root)
+    target = _rollback_target(root)
+    if target is None:
+        return {"ok": False, "error": "no earlier release on the device to roll back to", "current": current}
+    result = switch(install_dir, op, target)
+    if not result.get("ok"):
+        return {"ok": False, "error": "the rollback target %s does not verify, so `current` stays %s: %s"
+                % (target, current, result.get("error")), "current": current}
+    # Drop the rolled-back release from history so a second rollback goes further back.
+    _write_history(root, op, [h for h in _history(root) if h != current])
+    return result
 
 
-def prune(install_dir, keep):
-    install_dir = os.path.abspath(os.path.expanduser(install_dir))
+def prune(install_dir, op, keep):
+    root = _root(install_dir)
+    _require_lock(root, op)
     keep = max(int(keep), 1)
-    current = _current(install_dir)
-    hist = _history(install_dir)
-    protected = {current, hist[-2] if len(hist) > 1 else None}
+    protected = _pointers(root)
     removed = []
-    releases = _releases(install_dir)
-    for name in releases[: max(len(releases) - keep, 0)]:
+    folders = _folders(root)
+    for name in folders[: max(len(folders) - keep, 0)]:
         if name not in protected:
-            shutil.rmtree(os.path.join(install_dir, "releases", name), ignore_errors=True)
+            shutil.rmtree(os.path.join(_releases_dir(root), name), ignore_errors=True)
             removed.append(name)
-    return {"ok": True, "removed": removed, "kept": [r for r in releases if r not in removed]}
+    rels = _releases_dir(root)
+    stale = []
+    if os.path.isdir(rels):  # under the lock no other operation is staging: leftovers are stale
+        for n in os.listdir(rels):
+            if n.endswith(".partial") or n.startswith(".trash-"):
+                shutil.rmtree(os.path.join(rels, n), ignore_errors=True)
+                stale.append(n)
+    for n in os.listdir(root):
+        if n.startswith((".current.", ".history.")) and n.endswith(".tmp"):
+            os.remove(os.path.join(root, n))
+    return {"ok": True, "removed": removed, "stale_removed": stale, "kept": [r for r in folders if r not in removed]}
+
+
+def install_unit(install_dir, op, unit, unit_dir):
+    """Copy the current release's unit into the user's systemd folder with this install dir filled in."""
+    root = _root(install_dir)
+    _require_lock(root, op)
+    if not re.match(r"^edgepack-[a-z0-9][a-z0-9._-]{0,95}\.service$", unit):
+        raise Refused("bad unit name %r" % (unit,))
+    src = _inside(root, "current", unit)
+    with open(src) as fh:
+        text = fh.read().replace("@EDGEPACK_CURRENT@", os.path.join(root, "current"))
+    dest_dir = os.path.expanduser(unit_dir)
+    os.makedirs(dest_dir, exist_ok=True)
+    tmp = os.path.join(dest_dir, "." + unit + "." + op + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, os.path.join(dest_dir, unit))
+    return {"ok": True, "unit": os.path.join(dest_dir, unit)}
+
+
+def trust(install_dir, op, name, key_b64):
+    """Add a public key the device's install step checks signatures against (never removes one)."""
+    root = _root(install_dir)
+    _require_lock(root, op)
+    if not re.match(r"^[A-Za-z0-9]{1,40}$", name) or not re.match(r"^[A-Za-z0-9+/=]{40,80}$", key_b64):
+        raise Refused("bad trusted key %r" % (name,))
+    d = os.path.join(root, "trusted_keys")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, name + ".pub")
+    text = "untrusted comment: edgepack trusted key %s\n%s\n" % (name, key_b64)
+    old = None
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = fh.read()
+    if old != text:
+        with open(path + ".tmp", "w") as fh:
+            fh.write(text)
+        os.replace(path + ".tmp", path)
+    return {"ok": True, "trusted_keys": sorted(os.listdir(d))}
+
+
+COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "verify": verify,
+            "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
+            "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust}
 
 
 def main(argv):
     cmd, args = argv[0], argv[1:]
-    fn = {"facts": facts, "hashes": hashes, "verify": verify, "switch": switch, "status": status,
-          "rollback": rollback, "prune": prune}[cmd]
-    print(json.dumps(fn(*args)))
+    try:
+        result = COMMANDS[cmd](*args)
+    except Refused as exc:
+        print(json.dumps({"ok": False, "refused": True, "error": str(exc)}))
+        sys.exit(3)
+    if result is not None:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

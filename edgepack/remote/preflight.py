@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from edgepack.bundle import Manifest
 from edgepack.errors import UserError
 
 
@@ -30,35 +31,34 @@ def required_glibc(wheels: list[str]) -> tuple[int, int] | None:
     return need
 
 
-def model_bytes(manifest: dict[str, Any]) -> int:
-    return sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model/"))
-
-
 # Peak RSS ÷ model file size, measured on SmolLM2-135M (docs/performance.md): onnxruntime-genai int4 2.2×,
 # LiteRT-LM dynamic int8 2.5×, LiteRT-LM weight-only int8 20.7× (XNNPACK unpacks the weights to float at load).
 _LITERT_MEMORY_FACTOR = {"weight_only_int8": 21.0, "dynamic_int8": 2.6}
 
 
-def memory_needed(manifest: dict[str, Any]) -> int:
+def memory_needed(manifest: Manifest) -> int:
     """Bytes of RAM the bundle's runtime is expected to need on the device."""
-    export = manifest.get("export", {})
     factor = 1.3
-    if export.get("format") == "tflite":
-        recipe = str(export.get("builder_options", {}).get("recipe", ""))
+    if manifest.format == "tflite":
+        recipe = manifest.recipe
         factor = _LITERT_MEMORY_FACTOR.get(recipe, 2.6 if recipe.startswith("dynamic") else 4.0)
-    return int(model_bytes(manifest) * factor) + 150_000_000
+    return int(manifest.model_bytes * factor) + 150_000_000
 
 
-def check(manifest: dict[str, Any], facts: dict[str, Any]) -> list[Problem]:
+# Target files may name a feature as Arm's documents do; Linux's AT_HWCAP / cpuinfo name is on the right.
+_CPU_ALIASES = {"neon": "asimd", "lse": "atomics", "dotprod": "asimddp", "fp16": "fphp"}
+
+
+def check(manifest: Manifest, facts: dict[str, Any]) -> list[Problem]:
     problems: list[Problem] = []
-    arch = manifest["target"]["arch"]
+    arch = manifest.arch
     if facts["arch"] != arch:
         problems.append(Problem("arch", facts["arch"], arch,
                                 f"build for this device's architecture (a target with arch = \"{facts['arch']}\")"))
-    wheels = manifest["runtime"]["wheels"]
+    wheels = list(manifest.wheels)
     py_major_minor = ".".join(facts["python"].split(".")[:2])
-    if wheels and py_major_minor != manifest["target"]["python"]:
-        problems.append(Problem("python", facts["python"], f"{manifest['target']['python']}.x (the vendored wheels)",
+    if wheels and py_major_minor != manifest.python:
+        problems.append(Problem("python", facts["python"], f"{manifest.python}.x (the vendored wheels)",
                                 "build with a target whose device.python matches, or pass --allow-network"))
     need = required_glibc(wheels)
     if need and facts.get("glibc"):
@@ -77,7 +77,7 @@ def check(manifest: dict[str, Any], facts: dict[str, Any]) -> list[Problem]:
     if not facts.get("has_venv"):
         problems.append(Problem("venv", "python3 without venv/ensurepip", "python3 -m venv",
                                 "install it on the device (Debian/Raspberry Pi OS: sudo apt install python3-venv)"))
-    bundle_bytes = sum(f["bytes"] for f in manifest["files"])
+    bundle_bytes = manifest.bytes
     if facts["free_bytes"] < 2 * bundle_bytes:
         problems.append(Problem("disk", f"{facts['free_bytes'] / 1e6:.0f} MB free under {facts['install_dir']}",
                                 f">= {2 * bundle_bytes / 1e6:.0f} MB (2x the bundle)",
@@ -85,12 +85,20 @@ def check(manifest: dict[str, Any], facts: dict[str, Any]) -> list[Problem]:
     need_ram = memory_needed(manifest)
     mem = facts.get("mem_available_bytes")
     if mem is not None and mem < need_ram:
-        recipe = manifest.get("export", {}).get("builder_options", {}).get("recipe")
+        recipe = manifest.recipe
         fix = ("build with the dynamic int8 recipe (algorithm = \"default\"; 1/8 of the memory, +4 % perplexity on "
                "SmolLM2), or a smaller model" if recipe == "weight_only_int8"
                else "stop other services, or build a smaller variant (int4, a smaller model)")
         problems.append(Problem("memory", f"{mem / 1e6:.0f} MB available", f">= {need_ram / 1e6:.0f} MB", fix))
-    if manifest["runtime"].get("execution_provider") == "cuda":
+    have_cpu = facts.get("cpu_features")
+    need_cpu = [f for f in manifest.cpu_features if have_cpu is not None
+                and _CPU_ALIASES.get(f, f) not in have_cpu and f not in have_cpu]
+    if need_cpu:
+        problems.append(Problem("cpu", f"a CPU without {', '.join(need_cpu)} ({', '.join(facts['cpu_features'])})",
+                                f"CPU features {', '.join(manifest.cpu_features)} (the vendored runtime's build)",
+                                "use a device with a newer CPU (Raspberry Pi 5: Cortex-A76), or a target whose "
+                                "runtime is built for this one (docs/targets.md, `cpu_features`)"))
+    if manifest.execution_provider == "cuda":
         if not facts.get("nv_tegra_release"):
             problems.append(Problem("jetpack", "no /etc/nv_tegra_release (not a Jetson, or L4T missing)",
                                     "NVIDIA JetPack 6 (L4T R36)", "flash JetPack 6 with NVIDIA's SDK Manager"))

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ class CommandResult:
     stdout_tail: tuple[str, ...] = ()
     stderr_tail: tuple[str, ...] = ()
     stdout: str = field(default="", repr=False, compare=False, metadata={"json": False})
+    killed: bool = False  # timed out or interrupted: its process group on the device was ended
 
     @property
     def ok(self) -> bool:
@@ -59,6 +61,13 @@ def fingerprint(key: Any) -> str:
 
 def quote(args: Sequence[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
+
+
+PGID_MARK = "@edgepack-pgid "
+
+
+def _strip_mark(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith(PGID_MARK))
 
 
 def _tail(text: str) -> tuple[str, ...]:
@@ -171,8 +180,10 @@ class Connection:
 
     # -- commands --------------------------------------------------------------------------------
     def run(self, args: Sequence[str] | str, *, timeout: float | None = None, check: bool = True,
-            what: str | None = None, stdin: str | None = None) -> CommandResult:
-        """Run a command; `args` as a list is shell-quoted one by one, a string is sent as is (trusted)."""
+            what: str | None = None, stdin: str | None = None, pidfile: str | None = None) -> CommandResult:
+        """Run a command; `args` as a list is shell-quoted one by one, a string is sent as is (trusted).
+        On timeout or Ctrl-C the command's process group on the device is ended, not left running; `pidfile`
+        (a device path) also records the group, so the lock holder ends it if this connection dies."""
         command = args if isinstance(args, str) else quote(args)
         timeout = timeout or self.opts.command_timeout
         t0 = time.monotonic()
@@ -180,7 +191,7 @@ class Connection:
         if transport is None or not transport.is_active():
             raise self._dropped(f"running {command[:60]}", ConnectionError("not connected"))
         try:
-            return self._run(transport, command, timeout, check, what, stdin, t0)
+            return self._run(transport, command, timeout, check, what, stdin, t0, pidfile)
         except (OSError, EOFError) as exc:
             raise self._dropped(f"running {what or command[:60]}", exc) from exc
         except Exception as exc:
@@ -189,38 +200,48 @@ class Connection:
             raise
 
     def _run(self, transport: Any, command: str, timeout: float, check: bool, what: str | None,
-             stdin: str | None, t0: float) -> CommandResult:
+             stdin: str | None, t0: float, pidfile: str | None) -> CommandResult:
         chan = transport.open_session(timeout=self.opts.connect_timeout)
         chan.settimeout(1.0)
-        chan.exec_command(command)
+        # sshd starts each command's shell with setsid(): its pid is the process group of all the command runs.
+        prefix = f"echo {PGID_MARK}$$ >&2; " + (f"echo $$ >> {shlex.quote(pidfile)}; " if pidfile else "")
+        chan.exec_command(prefix + command)
         if stdin is not None:
             chan.sendall(stdin.encode())
             chan.shutdown_write()
         out, err = bytearray(), bytearray()
         exit_code: int | None = None
-        while True:
-            if chan.recv_ready():
-                out += chan.recv(65536)
-            if chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
-            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                exit_code = chan.recv_exit_status()
-                break
-            if time.monotonic() - t0 > timeout:
-                chan.close()
-                break
-            if not transport.is_active():
-                raise ConnectionError("connection closed by the device")
-            time.sleep(0.01)
+        killed = False
+        try:
+            while True:
+                if chan.recv_ready():
+                    out += chan.recv(65536)
+                if chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    exit_code = chan.recv_exit_status()
+                    break
+                if time.monotonic() - t0 > timeout:
+                    killed = self._end_group(err)
+                    chan.close()
+                    break
+                if not transport.is_active():
+                    raise ConnectionError("connection closed by the device")
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            self._end_group(err)
+            chan.close()
+            raise
         chan.close()
         seconds = round(time.monotonic() - t0, 3)
-        so, se = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-        result = CommandResult(command, exit_code, seconds, _tail(so), _tail(se), so)
+        so, se = out.decode("utf-8", "replace"), _strip_mark(err.decode("utf-8", "replace"))
+        result = CommandResult(command, exit_code, seconds, _tail(so), _tail(se), so, killed)
         self.records.append(result)
         if self._log:
             self._log(result)
         if exit_code is None and check:
-            raise RemoteError(f"{what or 'remote command'} timed out after {timeout:.0f}s on {self.hostname}.",
+            raise RemoteError(f"{what or 'remote command'} timed out after {timeout:.0f}s on {self.hostname}; "
+                              f"it was stopped there ({'its processes were ended' if killed else 'it may still run'}).",
                               hint="The device may be overloaded or the command hangs; see the evidence.",
                               evidence=result)
         if check and exit_code != 0:
@@ -228,6 +249,33 @@ class Connection:
                               hint="See the evidence: the command, its exit code and the last lines of its output.",
                               evidence=result)
         return result
+
+    def _end_group(self, err: bytearray) -> bool:
+        """TERM, then KILL, the process group a timed-out or interrupted command runs in. True if it was sent."""
+        m = re.search(rb"^" + PGID_MARK.encode() + rb"(\d+)$", bytes(err), re.M)
+        transport = self._client.get_transport() if self._client is not None else None
+        if m is None or transport is None or not transport.is_active():
+            return False
+        pgid = int(m.group(1))
+        script = (f"kill -TERM -- -{pgid} 2>/dev/null || kill -TERM {pgid} 2>/dev/null; i=0; "
+                  f"while kill -0 -- -{pgid} 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; "
+                  f"kill -KILL -- -{pgid} 2>/dev/null; true")
+        try:
+            chan = transport.open_session(timeout=self.opts.connect_timeout)
+            chan.settimeout(15.0)
+            chan.exec_command(script)
+            chan.recv_exit_status()
+            chan.close()
+        except Exception:  # best effort: the lock holder ends the group when this connection goes
+            return False
+        return True
+
+    def start(self, command: str) -> Any:
+        """A long-running command whose stdin stays open (the device lock); returns its paramiko channel."""
+        transport = self.client.get_transport()
+        chan = transport.open_session(timeout=self.opts.connect_timeout)
+        chan.exec_command(command)
+        return chan
 
     # -- files -----------------------------------------------------------------------------------
     @property
@@ -249,8 +297,8 @@ class Connection:
 
     def _dropped(self, doing: str, exc: BaseException) -> RemoteError:
         return RemoteError(f"the connection to {self.hostname} failed while {doing}: {exc or type(exc).__name__}.",
-                           hint="Run the same command again: the upload resumes with what is missing or wrong, "
-                                "and `current` on the device was not changed.", host=self.hostname)
+                           hint="Run the same command again: an upload resumes with what is missing or wrong.",
+                           host=self.hostname)
 
 
 class _HostKeyPolicy:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__
+from edgepack.bundle import LockedWheel
 from edgepack.errors import UnknownNameError
 from edgepack.output import to_jsonable
 from edgepack.resources import shipped_dir
@@ -52,7 +53,6 @@ class BundleContext:
     requirements: tuple[str, ...]
     import_check: str
     system_site_packages: bool
-    service_dir: str
     serve_addr: str
     quality: QualityReport
     android_litertlm_version: str = ""  # the LiteRT-LM release the bundle was scored with (android/ sample)
@@ -64,6 +64,7 @@ class BundleContext:
 
 # runtime template folder → files it renders (template name → output name, executable?)
 _SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
+_PLAIN = ("verify_bundle.py",)
 _RUNTIME = {"run.py.j2": ("run.py", True), "smoke_test.py.j2": ("smoke_test.py", True)}
 _ANDROID = {"README.md.j2": "android/README.md", "EdgepackModel.kt.j2": "android/EdgepackModel.kt",
             "build.gradle.kts.snippet.j2": "android/build.gradle.kts.snippet"}
@@ -94,6 +95,13 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, andro
         mode = 0o755 if executable else 0o644
         os.chmod(path, mode | stat.S_IRUSR)
         written.append(dst)
+    import shutil
+
+    # Plain files every bundle ships as they are (no template): the device-side manifest/signature check.
+    for plain in _PLAIN:
+        shutil.copyfile(shipped_dir("templates") / "_shared" / plain, out / plain)
+        os.chmod(out / plain, 0o755)
+        written.append(plain)
     if android:
         import jinja2
 
@@ -156,12 +164,12 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, option
         device_top1=report.device_top1, device_max_ppl_drift_pct=target.quality.device_max_ppl_drift_pct,
         device_min_top1=target.quality.device_min_top1, requirements=tuple(reqs),
         import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=system_site,
-        service_dir=f"{target.deploy.install_dir.removeprefix('~/')}/current", serve_addr="127.0.0.1:8089",
+        serve_addr="127.0.0.1:8089",
         quality=report)
 
 
 def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-              reqs: list[str], wheels: list[str], family: str) -> dict[str, Any]:
+              reqs: list[str], lock: list[LockedWheel], family: str) -> dict[str, Any]:
     import hashlib
 
 
@@ -178,13 +186,15 @@ def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported
         "name": name,
         "edgepack_version": __version__,
         "target": {"id": target.id, "arch": target.resolved_arch(), "python": target.resolved_python(),
-                   "wheel_platforms": list(target.device.wheel_platforms), "profile": profile,
+                   "wheel_platforms": list(target.device.wheel_platforms),
+                   "cpu_features": list(target.device.cpu_features), "profile": profile,
                    "profile_sha256": profile_sha},
         "model": model,
         "export": {"format": exported.format, "scheme": exported.scheme, "builder_options": exported.options,
                    "graph": to_jsonable(exported.stats)},
         "quality": quality,
-        "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": wheels,
+        "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": [w.file for w in lock],
+                    "wheel_lock": to_jsonable(lock),
                     "execution_provider": target.export.execution_provider,
                     "context_length": exported.context_length},
         "smoke": {"prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),

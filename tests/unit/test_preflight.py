@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from edgepack.bundle import SCHEMA, Manifest, derive_id
 from edgepack.errors import UserError
 from edgepack.remote.preflight import check, enforce, required_glibc
 
@@ -10,11 +11,14 @@ WHEELS = ["numpy-2.4.6-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64
           "protobuf-7.36.2-cp310-abi3-manylinux2014_aarch64.whl", "packaging-26.3-py3-none-any.whl"]
 
 
-def manifest(**kw: object) -> dict:
-    m = {"target": {"arch": "aarch64", "python": "3.11"}, "runtime": {"wheels": WHEELS},
-         "files": [{"path": "model/model.onnx.data", "bytes": 100_000_000}, {"path": "run.py", "bytes": 1000}]}
+def manifest(**kw: object) -> Manifest:
+    m = {"schema": SCHEMA, "name": "m-rpi5", "target": {"arch": "aarch64", "python": "3.11"},
+         "runtime": {"wheels": WHEELS},
+         "files": [{"path": "model/model.onnx.data", "bytes": 100_000_000, "sha256": "0" * 64},
+                   {"path": "run.py", "bytes": 1000, "sha256": "0" * 64}]}
     m.update(kw)
-    return m
+    m["bundle_id"] = derive_id(m)
+    return Manifest.from_doc(m)
 
 
 def facts(**kw: object) -> dict:
@@ -67,8 +71,19 @@ def test_plain_termux_is_told_to_use_a_glibc_userland() -> None:
 
 def test_litert_weight_only_needs_the_memory_it_unpacks_to() -> None:
     m = manifest(export={"format": "tflite", "builder_options": {"recipe": "weight_only_int8"}},
-                 files=[{"path": "model/model.litertlm", "bytes": 142_000_000}])
+                 files=[{"path": "model/model.litertlm", "bytes": 142_000_000, "sha256": "0" * 64}])
     problems = check(m, facts(mem_available_bytes=2_000_000_000))
     assert [p.check for p in problems] == ["memory"] and "3132 MB" in problems[0].expected
-    dynamic = dict(m, export={"format": "tflite", "builder_options": {"recipe": "dynamic_int8"}})
+    dynamic = manifest(export={"format": "tflite", "builder_options": {"recipe": "dynamic_int8"}},
+                       files=[{"path": "model/model.litertlm", "bytes": 142_000_000, "sha256": "0" * 64}])
     assert check(dynamic, facts(mem_available_bytes=2_000_000_000)) == []
+
+
+def test_a_runtime_needing_lse_atomics_is_refused_on_a_cortex_a72() -> None:
+    """Pi 4 (Cortex-A72) has no LSE atomics; LiteRT-LM's aarch64 build dies with SIGILL there (issue #11)."""
+    m = manifest(target={"arch": "aarch64", "python": "3.11", "cpu_features": ["neon", "atomics"]})
+    a72 = ["aes", "asimd", "crc32", "fp"]
+    problems = check(m, facts(cpu_features=a72))
+    assert [p.check for p in problems] == ["cpu"] and "atomics" in problems[0].found
+    assert check(m, facts(cpu_features=[*a72, "atomics"])) == []
+    assert check(m, facts(cpu_features=None)) == []  # unknown: not refused on a guess

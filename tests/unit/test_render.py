@@ -30,13 +30,14 @@ def context(**kw: object) -> BundleContext:
         golden_tokens=(10, 11, 12, 13), golden_checked=(True, False, True, True), device_ids=(5, 6, 7),
         device_ppl=12.5, device_top1=(6, 7), device_max_ppl_drift_pct=3.0, device_min_top1=0.9,
         requirements=("onnxruntime-genai==0.18.0", "onnxruntime==1.32.0"), import_check="onnxruntime_genai",
-        system_site_packages=False, service_dir="edgepack/current", serve_addr="127.0.0.1:8089", quality=q)
+        system_site_packages=False, serve_addr="127.0.0.1:8089", quality=q)
     return dataclasses.replace(ctx, **kw)  # type: ignore[arg-type]
 
 
 def test_render_writes_valid_python_and_shell(tmp_path: Path) -> None:
     files = render(context(), "onnxruntime-genai", tmp_path, systemd=True)
-    assert set(files) == {"run.py", "smoke_test.py", "install.sh", "README.md", "edgepack-demo-rpi5.service"}
+    assert set(files) == {"run.py", "smoke_test.py", "install.sh", "README.md", "edgepack-demo-rpi5.service",
+                          "verify_bundle.py"}
     for py in ("run.py", "smoke_test.py"):
         compile((tmp_path / py).read_text(), py, "exec")
         assert os.access(tmp_path / py, os.X_OK)
