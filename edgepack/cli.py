@@ -33,7 +33,7 @@ def _run(command: str, fn: Callable[[Output], tuple[Any, str]]) -> None:
         out.failure(UserError("interrupted; nothing was left half-written.", hint="Run the command again."))
         sys.exit(130)
     except EdgepackError as exc:
-        code = out.failure(exc, traceback_text=traceback.format_exc() if exc.exit_code != 1 else None)
+        code = out.failure(exc, traceback_text=None if isinstance(exc, UserError) else traceback.format_exc())
         sys.exit(code)
     except Exception as exc:  # a bug: show the traceback, exit 2
         sys.exit(out.failure(exc, traceback_text=traceback.format_exc()))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, UserError
 from edgepack.progress import ProgressEvent
 
 ENVELOPE_VERSION = 1
@@ -104,12 +104,12 @@ class Output:
         if self.json_mode:
             self.out.write(json.dumps(envelope(self.command, error=error), indent=2, sort_keys=True) + "\n")
             self.out.flush()
-        if isinstance(error, EdgepackError) and error.exit_code == 1:
+        if isinstance(error, UserError):  # exit 1, or 130 for an interrupted device operation
             if not self.json_mode or not self.quiet:
                 self.err.write(f"error: {error.message}\n")
                 if error.hint:
                     self.err.write(f"  hint: {error.hint}\n")
-            return 1
+            return error.exit_code
         if traceback_text:
             self.err.write(traceback_text)
         if isinstance(error, EdgepackError):  # a tool crashed on checked input: say what, with its own log

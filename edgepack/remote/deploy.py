@@ -301,8 +301,11 @@ def _fetch_wheels_for_device(dev: Device, manifest: Manifest, facts: dict[str, A
     from edgepack.stages.wheels import LOCK, manylinux_tags, wheels_for
 
     py = ".".join(facts["python"].split(".")[:2])
-    cache, entries = wheels_for(list(manifest.wheel_lock), py, manylinux_tags(facts["arch"], facts["glibc"]),
-                                what=dev.conn.hostname, progress=progress)
+    cache, entries, differ = wheels_for(list(manifest.wheel_lock), list(manifest.requirements), py,
+                                        manylinux_tags(facts["arch"], facts["glibc"]), what=dev.conn.hostname,
+                                        progress=progress)
+    if differ:
+        progress(ProgressEvent("wheels", f"for Python {py}, these differ from the bundle's lock: {', '.join(differ)}"))
     rel = posixpath.join("wheels", f"cp{py.replace('.', '')}-{facts['arch']}")
     remote = dev.path(rel)
     dev.helper("mkdirs", rel, what="create the wheels folder")

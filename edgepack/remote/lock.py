@@ -106,3 +106,4 @@ class Interrupted(UserError):
     """Ctrl-C or a cancelled CI job during a device operation (exit 1: the device is in a stated, safe state)."""
 
     kind = "interrupted"
+    exit_code = 130

@@ -111,11 +111,20 @@ def vendor_wheels(target: TargetProfile, reqs: list[str], dest: Path, *,
     return entries
 
 
-def wheels_for(lock: list[LockedWheel], python: str, platforms: list[str], *, what: str,
-               progress: ProgressFn = silent) -> tuple[Path, list[LockedWheel]]:
-    """The same pinned versions as a bundle's lock, for another Python: downloaded, hashed, locked."""
-    cache = download_wheels([f"{e.name}=={e.version}" for e in lock], python, platforms, what=what,
-                            progress=progress, no_deps=True)
+def wheels_for(lock: list[LockedWheel], reqs: list[str], python: str, platforms: list[str], *, what: str,
+               progress: ProgressFn = silent) -> tuple[Path, list[LockedWheel], list[str]]:
+    """The bundle's lock for another Python: the same version of every wheel where that Python has it, else
+    (a dependency that dropped this Python, like numpy 2.3+ for 3.11) the top-level pins resolved again.
+    Downloaded, hashed and locked here; returns (folder, lock, the versions that differ from the bundle's)."""
+    try:
+        cache = download_wheels([f"{e.name}=={e.version}" for e in lock], python, platforms, what=what,
+                                progress=progress, no_deps=True)
+    except UserError:
+        progress(ProgressEvent("wheels", f"not every locked version has a wheel for Python {python}; resolving "
+                                         f"the pinned runtime ({', '.join(reqs)}) for it instead"))
+        cache = download_wheels(reqs, python, platforms, what=what, progress=progress)
     entries = [lock_entry(w) for w in sorted(cache.glob("*.whl"))]
     write_lock(entries, cache / LOCK)
-    return cache, entries
+    was = {e.name: e.version for e in lock}
+    differ = [f"{e.name} {was[e.name]} -> {e.version}" for e in entries if was.get(e.name, e.version) != e.version]
+    return cache, entries, differ

@@ -39,7 +39,7 @@ def test_deploy_status_redeploy_rollback(tiny_bundles: tuple[Path, Path], device
     cmds = res["commands"]
     assert cmds and all({"command", "exit_code", "seconds", "stdout_tail", "stderr_tail"} <= set(c) for c in cmds)
     assert any("smoke_test.py" in c["command"] for c in cmds)
-    assert [s["name"] for s in res["stages"]] == ["preflight", "upload", "verify", "install", "smoke", "switch",
+    assert [s["name"] for s in res["stages"]] == ["preflight", "lock", "upload", "verify", "install", "smoke", "switch",
                                                   "prune"]
     # Second deploy of the same bundle: nothing is uploaded again, it still smoke-tests and stays current.
     proc, doc = deploy(device, str(a))
@@ -204,7 +204,9 @@ def test_command_timeout_carries_evidence(ssh_server, device: dict) -> None:  # 
             conn.run(["sleep", "30"], timeout=1, what="a hanging command")
         assert time.monotonic() - t0 < 10
         ev = err.value.fields["evidence"]
-        assert ev.exit_code is None and ev.command == "sleep 30"
+        assert ev.exit_code is None and ev.command == "sleep 30" and ev.killed
+        # The timed-out command was ended on the device, not left running.
+        assert subprocess.run(["pgrep", "-x", "-f", "sleep 30"], capture_output=True).returncode == 1
         # Arguments are quoted: a hostile file name is data, not shell.
         res = conn.run(["echo", "a; touch /tmp/edgepack-pwned"])
         assert res.stdout.strip() == "a; touch /tmp/edgepack-pwned" and not Path("/tmp/edgepack-pwned").exists()
@@ -284,7 +286,9 @@ def test_cuda_bundle_preflight_names_what_to_install(tiny_model: Path, device: d
         "[quantize]", '[export]\nexecution_provider = "cuda"\n\n[runtime]\npackages = []\n\n[quantize]'))
     bundle = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
     m = json.loads((bundle / "edgepack.json").read_text())
-    assert m["runtime"]["wheels"] == [] and m["quality"]["scored_on"].startswith("cpu (the target's cuda")
+    # Only the signature verifier's wheels: the CUDA runtime comes from the device's JetPack.
+    assert not any("onnxruntime" in w for w in m["runtime"]["wheels"])
+    assert m["quality"]["scored_on"].startswith("cpu (the target's cuda")
     proc, doc = deploy(device, str(bundle))
     assert proc.returncode == 1
     checks = [p["check"] for p in doc["error"]["problems"]]
