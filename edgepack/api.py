@@ -408,8 +408,9 @@ def _check_signature(bundle: Path, manifest: Manifest, required: tuple[str, ...]
     except UserError:
         local = None
     if local is not None:
-        specs += [k if Path(k).is_absolute() or not (Path(local.source).parent / k).is_file()
-                  else str(Path(local.source).parent / k) for k in local.deploy.trusted_keys]
+        base = Path(local.source).parent
+        specs += [str(base / Path(k).expanduser()) if (base / Path(k).expanduser()).is_file() else k
+                  for k in local.deploy.trusted_keys]
     if not specs:
         return (), "not required (no --require-signature, no trusted_keys in the target)"
     from edgepack.signing import key_id, load_public_keys, verify

@@ -28,6 +28,14 @@ CPUINFO_A76 = "".join(
     for i in range(4))
 
 
+# A Raspberry Pi 4's kernel reports only these (no LSE atomics, no dotprod, no fp16 arithmetic).
+CPUINFO_A72 = "".join(
+    f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n"
+    for i in range(4))
+CPUINFO = {"cortex-a76": CPUINFO_A76, "cortex-a72": CPUINFO_A72}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGEPACK_PI_CACHE", "/var/cache/edgepack-tests"))
 
@@ -68,11 +76,21 @@ def rootfs_tarball() -> Path:
     return tar
 
 
+def _with_qemu_cpu(sshd_extra: str, cpu: str) -> str:
+    """sshd takes the first SetEnv line only: add QEMU_CPU to it, or make one."""
+    if "SetEnv " in sshd_extra:
+        return "".join(line.rstrip("\n") + f" QEMU_CPU={cpu}\n" if line.startswith("SetEnv ") else line
+                       for line in sshd_extra.splitlines(keepends=True))
+    return sshd_extra + f"SetEnv QEMU_CPU={cpu}\n"
+
+
 @contextlib.contextmanager
-def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int,
-                sshd_extra: str = "") -> Iterator[subprocess.Popen[bytes]]:
+def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int, sshd_extra: str = "",
+                cpu: str = "cortex-a76") -> Iterator[subprocess.Popen[bytes]]:
     """Unpack the rootfs into `root`, mount what sshd and Python need, run sshd inside on 127.0.0.1:port.
-    sshd_extra: more sshd_config lines (e.g. SetEnv to make sessions look like Termux's)."""
+    sshd_extra: more sshd_config lines (e.g. SetEnv to make sessions look like Termux's). cpu: the CPU qemu-user
+    emulates for every process of the device (QEMU_CPU, also set in each SSH session, so AT_HWCAP and the
+    instructions that trap are that CPU's; without it qemu emulates "max", which has every feature)."""
     subprocess.run(["tar", "xzf", str(rootfs_tarball()), "-C", str(root)], check=True)
     mounts: list[Path] = []
 
@@ -83,8 +101,8 @@ def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int,
     try:
         subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
         mounts.append(root / "proc")
-        (root / "cpuinfo.a76").write_text(CPUINFO_A76)
-        bind(str(root / "cpuinfo.a76"), root / "proc" / "cpuinfo")
+        (root / "cpuinfo.emulated").write_text(CPUINFO[cpu])
+        bind(str(root / "cpuinfo.emulated"), root / "proc" / "cpuinfo")
         bind("/dev", root / "dev")
         # LiteRT-LM's tcmalloc counts CPUs from /sys and aborts without it (a real device has it).
         (root / "sys").mkdir(exist_ok=True)
@@ -99,9 +117,10 @@ def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int,
         (root / "etc/ssh/sshd_edgepack").write_text(
             f"Port {port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/edgepack_host_key\nUsePAM no\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\n" + sshd_extra)
+            "Subsystem sftp internal-sftp\n" + _with_qemu_cpu(sshd_extra, cpu))
         proc = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/sshd_edgepack"],
-                                stdout=(root / "sshd.log").open("wb"), stderr=subprocess.STDOUT)
+                                stdout=(root / "sshd.log").open("wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, "QEMU_CPU": cpu})
         try:
             yield proc
         finally:

@@ -152,3 +152,21 @@ def test_prune_keeps_both_pointers_and_removes_stale_partials(tmp_path: Path) ->
         res = h.prune(root, "op-1", "1")
         assert res["removed"] == [ids[0]] and set(res["kept"]) == set(ids[1:])
         assert res["stale_removed"] == ["b-x-000000000000.partial"]
+
+
+def test_the_unit_serves_the_install_dir_it_was_deployed_to(tmp_path: Path) -> None:
+    """The bundle's unit has a placeholder, not the target's default install dir: --install-dir deploys work."""
+    root = tmp_path / "opt" / "models"
+    bundle_id, staging = release(root, "a")
+    unit = "edgepack-b-a.service"
+    (staging / unit).write_text("ExecStart=@EDGEPACK_CURRENT@/.venv/bin/python @EDGEPACK_CURRENT@/run.py\n")
+    os.remove(staging / "edgepack.json")
+    write_manifest(staging, {"name": "b-a"})
+    bundle_id = json.loads((staging / "edgepack.json").read_text())["bundle_id"]
+    os.rename(staging, root / "releases" / f"{bundle_id}.partial")
+    with holding(root, "op-1"):
+        h.publish(str(root), "op-1", bundle_id)
+        h.switch(str(root), "op-1", bundle_id)
+        out = h.install_unit(str(root), "op-1", unit, str(tmp_path / "units"))
+    text = Path(out["unit"]).read_text()
+    assert text == f"ExecStart={root}/current/.venv/bin/python {root}/current/run.py\n"
