@@ -190,7 +190,7 @@ class TfliteExporter:
                             f"{stats.float_matmuls} float 2-D weight tensors in the .tflite.",
                             hint="The litert-torch recipe did not apply; report it with the model id.")
         options = {"recipe": result["recipe"], "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
-                   "package": package, "convert_s": result["convert_s"], "ignored": ignored}
+                   "package": package, "ignored": ignored}  # no timings: the manifest (and so the id) is reproducible
         return ExportedModel(dir=out_dir, format="tflite", scheme=q.scheme, options=options,
                              bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions(),
                              context_length=kv_len)

@@ -158,3 +158,38 @@ def test_a_model_that_cannot_fit_is_refused_before_export(tiny_model: Path, tmp_
     assert_nothing_written(out)
     plan = envelope(cli("--json", "plan", str(tiny_model), "--target", str(small)))["result"]
     assert plan["fits"] is False and plan["kv"]["context"] == 2048 and plan["params"]["total"] > 0
+
+
+def test_a_target_name_that_is_not_a_safe_name_is_refused_before_export(tiny_model: Path, tiny_target: Path,
+                                                                        tmp_path: Path) -> None:
+    """Target file names become bundle names: folders, unit names and Python string literals on the device."""
+    evil = tmp_path / 'x"; import os; os.system("id") #.toml'
+    evil.write_text(tiny_target.read_text())
+    proc = cli("--json", "build", "--target", str(evil), str(tiny_model), "--out", str(tmp_path / "d"), "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and "is not allowed" in err["message"] and "--out" in err["hint"]
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
+
+
+def test_build_sign_checks_the_key_first_and_signs_what_minisign_verifies(tiny_model: Path, tiny_target: Path,
+                                                                          tmp_path: Path) -> None:
+    key = tmp_path / "k" / "ci.key"
+    out = tmp_path / "d"
+    args = ["--json", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(out), "--no-wheels"]
+    proc = cli(*args, "--sign", str(key))  # no such key: refused before any export
+    assert proc.returncode == 1 and "cannot read secret key" in envelope(proc)["error"]["message"]
+    assert not out.exists() or not list(out.iterdir())
+    assert cli("keygen", "--out", str(key), "--password-env", "KEYPW", env={"KEYPW": "s3cret"}).returncode == 0
+    proc = cli(*args, "--sign", str(key))  # encrypted, no EDGEPACK_KEY_PASSWORD
+    assert proc.returncode == 1 and "EDGEPACK_KEY_PASSWORD" in envelope(proc)["error"]["hint"]
+    proc = cli(*args, "--sign", str(key), env={"EDGEPACK_KEY_PASSWORD": "s3cret"})
+    doc = envelope(proc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = Path(doc["result"]["bundle"])
+    assert [s["name"] for s in doc["result"]["stages"]][-1] == "sign"
+    shown = envelope(cli("--json", "inspect", str(bundle)))["result"]
+    assert shown["signature"].startswith("signed by key ") and shown["verified"]
+    if shutil.which("minisign"):
+        m = subprocess.run(["minisign", "-V", "-p", f"{key}.pub", "-m", str(bundle / "edgepack.json")],
+                           capture_output=True, text=True)
+        assert m.returncode == 0 and doc["result"]["bundle_id"] in m.stdout

@@ -65,16 +65,19 @@ def test_rpi5_bundle_vendors_aarch64_wheels_that_resolve_offline(smollm2_rpi5_bu
     assert any(w.startswith("onnxruntime_genai-") and "aarch64" in w for w in wheels)
     assert any(w.startswith("onnxruntime-") and "aarch64" in w for w in wheels)
     assert not any("x86_64" in w for w in wheels)
-    # pip, offline, resolving exactly what install.sh asks for, for the Pi's platform and Python.
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--find-links",
-           str(rpi5_bundle / "wheels"), "--only-binary=:all:", "--python-version", "3.11",
-           "--implementation", "cp", "--abi", "cp311", "--platform", "manylinux_2_36_aarch64",
-           "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
-           "--target", str(tmp_path / "t"), "--report", str(tmp_path / "r.json"), *m["runtime"]["requirements"]]
+    # pip, offline, installing exactly what install.sh installs (the hash-pinned lock), for the Pi's platform.
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--require-hashes", "--no-deps",
+           "--find-links", str(rpi5_bundle / "wheels"), "--only-binary=:all:", "--python-version", "3.11",
+           "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+           "--platform", "manylinux_2_36_aarch64", "--platform", "manylinux_2_34_aarch64",
+           "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",
+           "--platform", "manylinux2014_aarch64", "--target", str(tmp_path / "t"), "--report", str(tmp_path / "r.json"),
+           "-r", str(rpi5_bundle / "wheels" / "requirements.lock")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     installed = {i["metadata"]["name"] for i in json.loads((tmp_path / "r.json").read_text())["install"]}
-    assert {"onnxruntime-genai", "onnxruntime", "numpy"} <= installed
+    assert {"onnxruntime-genai", "onnxruntime", "numpy", "py-minisign", "cryptography"} <= installed
+    assert len(installed) == len(m["runtime"]["wheel_lock"])  # the lock is the whole closure, nothing else
     # The same model bytes as the host bundle would have: only the wheels and templates differ by target.
     assert m["export"]["scheme"] == "int4"
     assert "systemd" in (rpi5_bundle / f"edgepack-{m['name']}.service").read_text() or \
