@@ -38,7 +38,7 @@ def _minisign() -> Any:
 def _id_hex(raw: bytes) -> str:
     # minisign prints the 8-byte key number as a little-endian integer, so the hex is the bytes reversed
     # (py-minisign's own default key comment prints them unreversed, which no minisign user would recognise).
-    return raw[::-1].hex().upper()
+    return format(int.from_bytes(raw, "little"), "X")  # as minisign prints it: no leading zeros
 
 
 def key_id(pubkey: Any) -> str:

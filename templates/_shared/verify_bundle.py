@@ -113,7 +113,7 @@ def check_id(manifest: dict[str, Any], problems: list[str]) -> None:
 
 
 def id_hex(raw: bytes) -> str:
-    return raw[::-1].hex().upper()  # minisign prints the key number as a little-endian integer
+    return format(int.from_bytes(raw, "little"), "X")  # as minisign prints the key number: no leading zeros
 
 
 def check_signature(root: str, manifest_bytes: bytes, bundle_id: Any, keys_dir: str, required: bool,
