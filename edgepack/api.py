@@ -345,6 +345,38 @@ def run(req: RunRequest) -> tuple[int, str]:
     return proc.returncode, proc.stdout
 
 
+@dataclass(frozen=True)
+class ServeRequest:
+    bundle: Path
+    addr: str = "127.0.0.1:8089"  # HOST:PORT or unix:PATH
+    api_key_file: Path | None = None
+    insecure_no_auth: bool = False
+    metrics: bool = False
+    threads: int = 0
+
+
+def serve(req: ServeRequest) -> int:
+    """The bundle's own OpenAI-compatible server (its runner core) on this machine, until it is stopped."""
+    import subprocess
+
+    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--serve", req.addr]
+    if req.api_key_file is not None:
+        cmd += ["--api-key-file", str(req.api_key_file)]
+    if req.insecure_no_auth:
+        cmd.append("--insecure-no-auth")
+    if req.metrics:
+        cmd.append("--metrics")
+    if req.threads:
+        cmd += ["--threads", str(req.threads)]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+
+
 def _has_module(name: str) -> bool:
     import importlib.util
 

@@ -440,6 +440,32 @@ def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: A
 
 
 @cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--addr", default="127.0.0.1:8089", show_default=True, help="HOST:PORT, or unix:PATH for a socket.")
+@click.option("--api-key-file", type=click.Path(path_type=Path),
+              help="Require this bearer token (needed to bind beyond loopback; or set EDGEPACK_API_KEY).")
+@click.option("--insecure-no-auth", is_flag=True, help="Bind beyond loopback without an API key.")
+@click.option("--metrics", is_flag=True, help="Serve GET /metrics (Prometheus text format).")
+@click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
+def serve(bundle: Path, addr: str, api_key_file: Path | None, insecure_no_auth: bool, metrics: bool,
+          threads: int) -> None:
+    """Serve BUNDLE's OpenAI-compatible API here (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    from edgepack import api
+
+    try:
+        code = api.serve(api.ServeRequest(bundle=bundle, addr=addr, api_key_file=api_key_file,
+                                          insecure_no_auth=insecure_no_auth, metrics=metrics, threads=threads))
+    except KeyboardInterrupt:
+        code = 130
+    except UserError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"  hint: {exc.hint}", err=True)
+        code = 1
+    sys.exit(code)
+
+
+@cli.command()
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), metavar="KEY",
               help="Write the secret key here and the public key to KEY.pub.")
 @click.option("--password-env", metavar="VAR",

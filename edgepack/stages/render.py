@@ -64,7 +64,7 @@ class BundleContext:
 
 # runtime template folder → files it renders (template name → output name, executable?)
 _SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
-_PLAIN = ("verify_bundle.py",)
+_PLAIN = ("verify_bundle.py", "edgepack_runner.py")
 _RUNTIME = {"run.py.j2": ("run.py", True), "smoke_test.py.j2": ("smoke_test.py", True)}
 _ANDROID = {"README.md.j2": "android/README.md", "EdgepackModel.kt.j2": "android/EdgepackModel.kt",
             "build.gradle.kts.snippet.j2": "android/build.gradle.kts.snippet"}

@@ -1,0 +1,66 @@
+"""The shared runner core's request rules, with a stand-in runtime (the real ones: tests/integration/test_serve.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parents[2] / "templates" / "_shared" / "edgepack_runner.py"
+spec = importlib.util.spec_from_file_location("edgepack_runner", CORE)
+assert spec and spec.loader
+core = importlib.util.module_from_spec(spec)
+sys.modules["edgepack_runner"] = core
+spec.loader.exec_module(core)
+
+
+class Words:
+    """One token per word, 2 per message of markup; a context of 32."""
+
+    name, threads, max_new_tokens, context_length = "w", 0, 8, 32
+
+    def prepare(self, messages, text):  # type: ignore[no-untyped-def]
+        if messages is None:
+            return text, len(text.split())
+        return messages, sum(len(m["content"].split()) + 2 for m in messages)
+
+
+def turn(role: str, words: int) -> dict[str, str]:
+    return {"role": role, "content": " ".join(["w"] * words)}
+
+
+def test_old_turns_are_dropped_but_the_system_prompt_and_the_last_turn_stay() -> None:
+    msgs = [turn("system", 4), turn("user", 10), turn("assistant", 10), turn("user", 6)]
+    kept, n, dropped = core.fit_messages(Words(), msgs)
+    assert dropped == 1 and kept == [msgs[0], msgs[2], msgs[3]] and n == 26
+    kept, n, dropped = core.fit_messages(Words(), [*msgs[:3], turn("user", 16)])
+    assert dropped == 2 and kept == [msgs[0], turn("user", 16)] and n == 24
+
+
+def test_a_last_turn_that_alone_does_not_fit_is_a_400() -> None:
+    with pytest.raises(core.ApiError) as err:
+        core.fit_messages(Words(), [turn("system", 2), turn("user", 40)])
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"messages": [turn("user", 1)], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [turn("user", 1)], "max_tokens": 33}, "max_tokens"),
+    ({"messages": [turn("user", 1)], "temperature": 3}, "temperature"),
+    ({"messages": [turn("user", 1)], "n": 2}, "n"), ({"messages": [turn("user", 1)], "stop": ["a"] * 5}, "stop"),
+    ({"prompt": 3}, "prompt"),
+])
+def test_bad_fields_name_the_parameter(body: dict, param: str) -> None:
+    with pytest.raises(core.ApiError) as err:
+        core.Request(body, "messages" in body, Words())
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_greedy_unless_a_temperature_is_asked_for() -> None:
+    assert core.Request({"messages": [turn("user", 1)]}, True, Words()).sampling == core.GREEDY
+    assert core.Request({"messages": [turn("user", 1)], "temperature": 0}, True, Words()).sampling == core.GREEDY
+    s = core.Request({"messages": [turn("user", 1)], "temperature": 0.8, "seed": 3}, True, Words()).sampling
+    assert s["sample"] and s["temperature"] == 0.8 and s["seed"] == 3
