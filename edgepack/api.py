@@ -394,6 +394,7 @@ class DeployRequest:
     keep: int | None = None
     via: str = "ssh"  # ssh | adb (push to an Android device; host = adb serial, optional)
     require_signature: tuple[str, ...] = ()  # minisign public keys (files or base64): refuse anything else
+    serve_addr: str = ""  # the service's address on the device; "" = the target's deploy.serve_addr
 
 
 def latest_bundle(dist: Path) -> Path:
@@ -426,7 +427,7 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
     with Connection(device) as conn:
         return remote_deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=req.allow_network,
                              keep=keep, smoke_tokens=manifest.deploy.smoke_tokens, trusted=trusted,
-                             signature=signature, progress=progress)
+                             signature=signature, serve_addr=req.serve_addr, progress=progress)
 
 
 def _check_signature(bundle: Path, manifest: Manifest, required: tuple[str, ...],
@@ -462,7 +463,15 @@ def device_status(device: DeviceRequest) -> dict[str, Any]:
     from edgepack.remote.ssh import Connection
 
     with Connection(device) as conn:
-        return Device(conn, _install_dir(device)).helper("status", what="status") | {"host": conn.hostname}
+        dev = Device(conn, _install_dir(device))
+        st = dev.helper("status", what="status")
+        service = dev.helper("service_status", what="service status")
+        if service.get("unit") and not service["running"]:
+            res = conn.run(["systemctl", "--user", "is-active", service["unit"]], check=False, what="unit state")
+            if res.stdout.strip() in ("active", "activating", "failed", "inactive") and res.exit_code != 127:
+                service = {"supervisor": "systemd", "unit": service["unit"], "state": res.stdout.strip(),
+                           "running": res.stdout.strip() == "active"}
+        return st | {"host": conn.hostname, "service": service}
 
 
 def rollback(device: DeviceRequest) -> dict[str, Any]:

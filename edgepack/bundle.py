@@ -49,6 +49,7 @@ class DeploySettings:
     systemd: bool
     ssh_port: int
     trusted_keys: tuple[str, ...]
+    serve_addr: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Manifest:
         return sum(f.bytes for f in self.files if f.path.startswith("model/"))
 
     @property
-    def unit_name(self) -> str:
+    def unit_file(self) -> str:
+        """The unit template in the bundle (deploy installs it under a name of the install dir)."""
         return f"edgepack-{self.name}.service"
 
     @classmethod
@@ -120,7 +122,8 @@ class Manifest:
                                   keep_releases=int(dep.get("keep_releases", 3)),
                                   smoke_tokens=int(dep.get("smoke_tokens", 16)), systemd=bool(dep.get("systemd")),
                                   ssh_port=int(dep.get("ssh_port", 22)),
-                                  trusted_keys=tuple(dep.get("trusted_keys", ()))),
+                                  trusted_keys=tuple(dep.get("trusted_keys", ())),
+                                  serve_addr=str(dep.get("serve_addr", "127.0.0.1:8089"))),
             doc=doc)
 
 

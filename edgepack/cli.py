@@ -344,9 +344,11 @@ def _device(kw: dict[str, Any]) -> Any:
 @click.option("--require-signature", "pubkeys", multiple=True, metavar="PUBKEY",
               help="Refuse a bundle not signed by this minisign public key (a .pub file or its base64 line); the "
                    "device records the key and its install step checks the signature again. Repeatable.")
+@click.option("--serve-addr", default="", help="Where the device's service serves the API (HOST:PORT or unix:PATH; "
+                                                "default: the target's deploy.serve_addr).")
 @_json_option
 def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, via: str, serial: str | None,
-           pubkeys: tuple[str, ...], **kw: Any) -> None:
+           pubkeys: tuple[str, ...], serve_addr: str, **kw: Any) -> None:
     """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it."""
     from edgepack import api
     from edgepack.errors import UserError
@@ -361,7 +363,8 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
         if device is None:
             raise UserError("no device given.", hint="Pass --host.")
         res = api.deploy(api.DeployRequest(device=device, bundle=bundle, dist=dist, allow_network=allow_network,
-                                           keep=keep, via=via, require_signature=pubkeys), progress=o.progress)
+                                           keep=keep, via=via, require_signature=pubkeys,
+                                           serve_addr=serve_addr), progress=o.progress)
         s = res.smoke
         lines = [f"deployed {res.bundle_id} to {res.host}:{res.release_dir}",
                  f"current → releases/{res.release_folder} (was {res.previous or 'nothing'})",
@@ -392,6 +395,10 @@ def status(**kw: Any) -> None:
         st = api.device_status(_device(kw))
         rows = [f"{'*' if r == st['current'] else ('<' if r == st['rollback_target'] else ' ')} {r}"
                 for r in st["releases"]]
+        svc = st.get("service") or {}
+        rows.append(f"service: {'running' if svc.get('running') else 'not running'} ({svc.get('supervisor')}"
+                    f"{', pid ' + str(svc['pid']) if svc.get('pid') else ''}"
+                    f"{', ' + svc['addr'] if svc.get('addr') else ''})")
         if st.get("locked_by"):
             h = st["locked_by"]
             rows.append(f"locked by `{h.get('command')}` from {h.get('host')} since {h.get('since')}")

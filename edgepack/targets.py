@@ -97,6 +97,8 @@ class DeploySpec:
     # minisign public keys (base64 "RW...", or .pub files relative to the target file): deploy refuses a bundle
     # not signed by one of them, and the device's install step checks the signature again.
     trusted_keys: tuple[str, ...] = ()
+    # Where the service serves the OpenAI-compatible API (HOST:PORT or unix:PATH); deploy --serve-addr overrides.
+    serve_addr: str = "127.0.0.1:8089"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ class Device:
     def helper(self, cmd: str, *args: str, what: str, timeout: float | None = None,
                check: bool = True) -> dict[str, Any]:
         """One helper command on the install dir; commands that change it carry the lock's operation id."""
-        mutating = cmd in ("mkdirs", "remove_extra", "publish", "switch", "rollback", "prune", "install_unit", "trust")
+        mutating = cmd in ("mkdirs", "remove_extra", "publish", "switch", "rollback", "prune", "install_unit", "trust",
+                           "service_start", "service_stop")
         argv = ["python3", "-", cmd, self.install_dir, *([self.op] if mutating else []), *args]
         res = self.conn.run(argv, stdin=self.source, what=what, timeout=timeout, check=False)
         if res.exit_code == 127:
@@ -150,12 +151,13 @@ class _Live:
 
 def deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,
            keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...] = (), signature: str = "not checked",
-           progress: ProgressFn = silent) -> DeployOutcome:
+           serve_addr: str = "", progress: ProgressFn = silent) -> DeployOutcome:
     """`trusted`: (key id, base64 key) pairs the device's install step must find a signature by."""
     live = _Live(conn.hostname)
     try:
         return _deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=allow_network, keep=keep,
-                       smoke_tokens=smoke_tokens, trusted=trusted, signature=signature, progress=progress, live=live)
+                       smoke_tokens=smoke_tokens, trusted=trusted, signature=signature, serve_addr=serve_addr,
+                       progress=progress, live=live)
     except KeyboardInterrupt:
         raise lock.Interrupted(f"interrupted. {live.sentence()}", hint="Run the same command again.",
                                host=conn.hostname) from None
@@ -169,7 +171,7 @@ def deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: s
 
 
 def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,
-            keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...], signature: str,
+            keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...], signature: str, serve_addr: str,
             progress: ProgressFn, live: _Live) -> DeployOutcome:
     t = StageRecorder(progress)
     dev = Device(conn, install_dir)
@@ -272,7 +274,7 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
                                   hint="Run the same command again.", host=conn.hostname, switch=sw)
             live.switched_to = folder
             d.update(sw)
-        service = _service(conn, dev, manifest, facts)
+        service = _service(conn, dev, manifest, facts, serve_addr or manifest.deploy.serve_addr, live, t)
         with t.stage("prune", f"keep the last {keep} releases") as d:
             pr = dev.helper("prune", str(keep), what="prune old releases")
             d.update(pr)
@@ -327,14 +329,44 @@ def _parse_smoke(res: CommandResult) -> dict[str, Any]:
     return {"ok": False, "error": f"no JSON from smoke_test.py (exit {res.exit_code})"}
 
 
-def _service(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str, Any]) -> str:
+def _restart(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str, Any], addr: str) -> str:
+    """(Re)start the install dir's service on `current`: systemd's user manager where the session has one, else a
+    supervised process with a pid file (what a device without systemd, or an emulated one, has)."""
+    if facts.get("systemd_user"):
+        unit = dev.helper("install_unit", manifest.unit_file, "~/.config/systemd/user", addr,
+                          what="install the service unit")["unit"]
+        conn.run(["systemctl", "--user", "daemon-reload"], what="reload systemd")
+        conn.run(["systemctl", "--user", "enable", unit], what="enable the service")
+        conn.run(["systemctl", "--user", "restart", unit], what="restart the service")
+        # Without lingering, a user unit stops at logout; best effort (some images forbid it).
+        conn.run("loginctl enable-linger \"$(id -un)\"", check=False, what="enable lingering")
+        return f"systemd user unit {unit}"
+    started = dev.helper("service_start", addr, what="start the service")
+    return f"supervised process (pid {started['pid']}; no systemd user session on the device)"
+
+
+def _service(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str, Any], addr: str,
+             live: _Live, t: StageRecorder) -> str:
+    """Restart the service on the new release, wait for /health, run one completion through it; if that fails,
+    switch back to the previous release and restart it there, and say so with the evidence."""
     if not manifest.deploy.systemd:
-        return "none (target installs no unit)"
-    unit = manifest.unit_name
-    if not facts.get("systemd_user"):
-        return f"not installed: no systemd user session on the device ({unit} is in the release folder)"
-    dev.helper("install_unit", unit, "~/.config/systemd/user", what="install the service unit")
-    conn.run(["systemctl", "--user", "daemon-reload"], what="reload systemd")
-    conn.run(["systemctl", "--user", "enable", "--now", unit], what="enable the service")
-    conn.run(["systemctl", "--user", "restart", unit], what="restart the service")
-    return f"restarted {unit}"
+        return "none (the target runs no service)"
+    with t.stage("service", f"restart on {addr}, wait for /health, one completion") as d:
+        how = _restart(conn, dev, manifest, facts, addr)
+        check = dev.helper("service_check", addr, "120", what="check the service", timeout=200)
+        d.update(how=how, check=check)
+        if check.get("ok"):
+            return f"{how}, healthy on {addr}"
+        back = live.previous
+        if back:
+            sw = dev.helper("switch", back, what="switch back to the previous release")
+            if sw.get("ok"):
+                live.switched_to, live.previous = None, back
+                _restart(conn, dev, manifest, facts, addr)
+                again = dev.helper("service_check", addr, "120", what="check the previous release's service",
+                                   timeout=200)
+                d.update(switched_back=back, previous_check=again)
+        raise RemoteError(f"the new release's service failed its check on {conn.hostname}: {check.get('error')}"
+                          + (f"; switched back to releases/{back}" if back and not live.switched_to else "") + ".",
+                          hint="See log_tail (the service's own log on the device).", host=conn.hostname,
+                          service=check, log_tail=check.get("log_tail"))

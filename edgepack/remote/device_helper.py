@@ -5,6 +5,7 @@
 # installed releases. Releases are never rewritten: a bad copy of a release is replaced only when no pointer
 # uses it, else the good copy goes to a fresh folder (<id>.2, <id>.3, ...). Every command that changes the
 # install dir runs under the lock of one operation, and every path is checked to stay inside the install dir.
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -596,22 +597,176 @@ def prune(install_dir, op, keep):
     return {"ok": True, "removed": removed, "stale_removed": stale, "kept": [r for r in folders if r not in removed]}
 
 
-def install_unit(install_dir, op, unit, unit_dir):
-    """Copy the current release's unit into the user's systemd folder with this install dir filled in."""
+def unit_name(root):
+    return "edgepack-%s.service" % hashlib.sha256(root.encode()).hexdigest()[:8]
+
+
+def _check_addr(addr):
+    if not re.match(r"^(unix:/[A-Za-z0-9._/-]{1,200}|\[?[0-9A-Za-z.:-]{1,100}\]?:[0-9]{1,5})$", addr):
+        raise Refused("bad serve address %r" % (addr,))
+    return addr
+
+
+def install_unit(install_dir, op, unit_file, unit_dir, addr):
+    """Install the current release's unit as this install dir's unit (one per install dir, whatever the bundle),
+    with the install dir and address filled in."""
     root = _root(install_dir)
     _require_lock(root, op)
-    if not re.match(r"^edgepack-[a-z0-9][a-z0-9._-]{0,95}\.service$", unit):
-        raise Refused("bad unit name %r" % (unit,))
-    src = _inside(root, "current", unit)
+    if not re.match(r"^edgepack-[a-z0-9][a-z0-9._-]{0,95}\.service$", unit_file):
+        raise Refused("bad unit name %r" % (unit_file,))
+    src = _inside(root, "current", unit_file)
     with open(src) as fh:
         text = fh.read().replace("@EDGEPACK_CURRENT@", os.path.join(root, "current"))
+    text = text.replace("@EDGEPACK_SERVE@", _check_addr(addr))
     dest_dir = os.path.expanduser(unit_dir)
     os.makedirs(dest_dir, exist_ok=True)
+    unit = unit_name(root)
     tmp = os.path.join(dest_dir, "." + unit + "." + op + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, os.path.join(dest_dir, unit))
-    return {"ok": True, "unit": os.path.join(dest_dir, unit)}
+    return {"ok": True, "unit": unit, "path": os.path.join(dest_dir, unit)}
+
+
+# -- the service without systemd: a supervised process with a pid file ----------------------------------
+
+def _service_pid(root):
+    try:
+        with open(os.path.join(root, "service.pid")) as fh:
+            pid = int(fh.read().split()[0])
+        os.kill(pid, 0)
+        with open("/proc/%d/stat" % pid) as fh:  # a zombie nobody reaped is not a running service
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def service_stop(install_dir, op):
+    root = _root(install_dir)
+    _require_lock(root, op)
+    pid = _service_pid(root)
+    if pid:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    return {"ok": True, "stopped": pid}
+
+
+def service_start(install_dir, op, addr):
+    """(Re)start `current`'s server in its own session (it outlives this operation), logging to service.log."""
+    root = _root(install_dir)
+    _require_lock(root, op)
+    _check_addr(addr)
+    service_stop(install_dir, op)
+    current = os.path.join(root, "current")
+    python = os.path.join(current, ".venv", "bin", "python")
+    log = open(os.path.join(root, "service.log"), "ab")  # noqa: SIM115 (handed to the child)
+    pid = os.fork()
+    if pid == 0:  # child: a new session, detached from this SSH command
+        os.setsid()
+        os.chdir(current)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            os.execv(python, [python, os.path.join(current, "run.py"), "--serve", addr])
+        finally:
+            os._exit(127)
+    log.close()
+    with open(os.path.join(root, "service.pid.tmp"), "w") as fh:
+        fh.write("%d %s\n" % (pid, addr))
+    os.replace(os.path.join(root, "service.pid.tmp"), os.path.join(root, "service.pid"))
+    return {"ok": True, "pid": pid, "addr": addr}
+
+
+def _http(addr, method, path, body=None, timeout=10.0):
+    import http.client
+
+    if addr.startswith("unix:"):
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self):
+                import socket
+
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(addr[5:])
+
+        conn = UnixConnection("localhost", timeout=timeout)
+    else:
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        conn = http.client.HTTPConnection("127.0.0.1" if host in ("0.0.0.0", "") else host, int(port), timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("EDGEPACK_API_KEY")
+    if key:
+        headers["Authorization"] = "Bearer " + key
+    conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    r = conn.getresponse()
+    data = r.read().decode("utf-8", "replace")
+    conn.close()
+    return r.status, data
+
+
+def service_check(install_dir, addr, wait_s="120"):
+    """Wait for GET /health to say ok, then run one short completion through the service."""
+    root = _root(install_dir)
+    _check_addr(addr)
+    deadline = time.time() + float(wait_s)
+    last = None
+    supervised = os.path.exists(os.path.join(root, "service.pid"))
+    while time.time() < deadline:
+        if supervised and _service_pid(root) is None:
+            return {"ok": False, "error": "the service exited on start", "log_tail": _log_tail(root)}
+        try:
+            status, data = _http(addr, "GET", "/health", timeout=5)
+            last = "GET /health: %d %s" % (status, data.strip()[:200])
+            if status == 200:
+                break
+        except OSError as exc:
+            last = "GET /health: %s" % exc
+        time.sleep(0.5)
+    else:
+        return {"ok": False, "error": "the service did not become healthy in %s s (%s)" % (wait_s, last),
+                "log_tail": _log_tail(root)}
+    try:
+        status, data = _http(addr, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 4}, timeout=120)
+    except OSError as exc:
+        return {"ok": False, "error": "POST /v1/completions: %s" % exc, "log_tail": _log_tail(root)}
+    if status != 200:
+        return {"ok": False, "error": "POST /v1/completions: %d %s" % (status, data.strip()[:300]),
+                "log_tail": _log_tail(root)}
+    reply = json.loads(data)
+    return {"ok": True, "health": last, "completion_tokens": reply.get("usage", {}).get("completion_tokens")}
+
+
+def _log_tail(root):
+    try:
+        with open(os.path.join(root, "service.log"), "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(fh.tell() - 4000, 0))
+            return fh.read().decode("utf-8", "replace").splitlines()[-15:]
+    except OSError:
+        return []
+
+
+def service_status(install_dir):
+    root = _root(install_dir)
+    pid = _service_pid(root)
+    addr = None
+    try:
+        with open(os.path.join(root, "service.pid")) as fh:
+            addr = fh.read().split()[1]
+    except (OSError, IndexError):
+        pass
+    return {"supervisor": "pidfile", "running": pid is not None, "pid": pid, "addr": addr,
+            "unit": unit_name(root)}
 
 
 def trust(install_dir, op, name, key_b64):
@@ -637,7 +792,9 @@ def trust(install_dir, op, name, key_b64):
 
 COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "verify": verify,
             "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
-            "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust}
+            "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust,
+            "service_start": service_start, "service_stop": service_stop, "service_check": service_check,
+            "service_status": service_status}
 
 
 def main(argv):

@@ -217,3 +217,53 @@ def test_install_refuses_a_swapped_wheel(tiny_bundles: tuple[Path, Path], tmp_pa
                        env={**os.environ, "EDGEPACK_VENV": str(tmp_path / "venv")})
     assert r.returncode == 4, r.stderr[-2000:]
     assert "DO NOT MATCH THE HASHES" in r.stderr and "packaging" in r.stderr
+
+
+def test_the_service_serves_current_and_a_failing_one_is_switched_back(tiny_model: Path, device: dict,
+                                                                       tmp_path: Path) -> None:
+    """No systemd user session over this SSH: the same restart → /health → one completion → switch back logic runs
+    with the supervisor the device has (a supervised process with a pid file)."""
+    import http.client
+    import socket as sock_mod
+
+    from ..conftest import FIXTURES, tiny_bundle_for
+
+    with sock_mod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = tmp_path / "svc.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        "[deploy]", f'[deploy]\nsystemd = true\nserve_addr = "127.0.0.1:{port}"'))
+    good = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
+    install = Path(device["install_dir"])
+    try:
+        proc, doc = deploy(device, str(good))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "supervised process" in doc["result"]["service"] and "healthy" in doc["result"]["service"]
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/v1/completions", body=json.dumps({"prompt": "Hi", "max_tokens": 3}),
+                  headers={"Content-Type": "application/json"})
+        assert c.getresponse().status == 200
+        st = envelope(cli("--json", "status", *device["args"]))["result"]
+        assert st["service"]["running"] and st["service"]["addr"] == f"127.0.0.1:{port}"
+        # A release that passes its smoke test but whose server dies on start (a missing system library, say).
+        def break_server(d: Path) -> None:
+            core = d / "edgepack_runner.py"
+            core.write_text(core.read_text().replace("def serve(rt: Any, args: Any) -> int:\n",
+                                                     "def serve(rt: Any, args: Any) -> int:\n"
+                                                     "    raise SystemExit('libfoo.so.1: cannot open')\n", 1))
+
+        bad = rewritten(good, tmp_path / "bad-server", break_server)
+        proc, doc = deploy(device, str(bad))
+        err = doc["error"]
+        assert proc.returncode == 1 and "failed its check" in err["message"], err
+        assert f"switched back to releases/{bundle_id(good)}" in err["message"]
+        assert any("libfoo.so.1" in line for line in err["log_tail"])
+        assert current(device) == f"releases/{bundle_id(good)}" and err["switched"] is False
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/health")
+        assert c.getresponse().status == 200  # the previous release serves again
+    finally:
+        pid = (install / "service.pid").read_text().split()[0] if (install / "service.pid").exists() else None
+        if pid:
+            subprocess.run(["kill", pid], check=False)

@@ -86,7 +86,7 @@ def test_rpi5_bundle_runs_on_the_emulated_pi(pi: dict, smollm2_rpi5_bundle: Path
     smoke = res["smoke"]
     # The ARM kernels reproduce every golden token the x86 build picked with a clear margin.
     assert smoke["ok"] and smoke["golden_match"] == smoke["golden_required"] >= 4, smoke
-    assert "no systemd user session" in res["service"]
+    assert "supervised process" in res["service"] and "healthy" in res["service"]  # no systemd under qemu-user
     manifest = json.loads((smollm2_rpi5_bundle / "edgepack.json").read_text())
     current = pi["root"] / "root" / "edgepack" / "current"
     assert current.is_symlink() and current.resolve().name == manifest["bundle_id"]

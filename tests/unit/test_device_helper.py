@@ -159,7 +159,8 @@ def test_the_unit_serves_the_install_dir_it_was_deployed_to(tmp_path: Path) -> N
     root = tmp_path / "opt" / "models"
     bundle_id, staging = release(root, "a")
     unit = "edgepack-b-a.service"
-    (staging / unit).write_text("ExecStart=@EDGEPACK_CURRENT@/.venv/bin/python @EDGEPACK_CURRENT@/run.py\n")
+    (staging / unit).write_text("ExecStart=@EDGEPACK_CURRENT@/.venv/bin/python @EDGEPACK_CURRENT@/run.py "
+                                "--serve @EDGEPACK_SERVE@\n")
     os.remove(staging / "edgepack.json")
     write_manifest(staging, {"name": "b-a"})
     bundle_id = json.loads((staging / "edgepack.json").read_text())["bundle_id"]
@@ -167,6 +168,9 @@ def test_the_unit_serves_the_install_dir_it_was_deployed_to(tmp_path: Path) -> N
     with holding(root, "op-1"):
         h.publish(str(root), "op-1", bundle_id)
         h.switch(str(root), "op-1", bundle_id)
-        out = h.install_unit(str(root), "op-1", unit, str(tmp_path / "units"))
-    text = Path(out["unit"]).read_text()
-    assert text == f"ExecStart={root}/current/.venv/bin/python {root}/current/run.py\n"
+        out = h.install_unit(str(root), "op-1", unit, str(tmp_path / "units"), "127.0.0.1:8090")
+        with pytest.raises(h.Refused, match="bad serve address"):
+            h.install_unit(str(root), "op-1", unit, str(tmp_path / "units"), "127.0.0.1:8090; rm -rf ~")
+    text = Path(out["path"]).read_text()
+    assert text == f"ExecStart={root}/current/.venv/bin/python {root}/current/run.py --serve 127.0.0.1:8090\n"
+    assert out["unit"] == h.unit_name(str(root))  # one unit per install dir, whatever the bundle's name
