@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 MAX_BODY = 1 << 20  # bytes of request body
 HEADER_TIMEOUT_S = 20.0  # a client that sends nothing for this long is dropped (slow clients cannot pin threads)
 QUEUE = 8  # requests waiting for the model beyond the one generating; more get 429 + Retry-After
-CONNECTIONS = 32  # open connections served at once; more get 503 + Retry-After at once
+CONNECTIONS = 64  # open connections served at once; more get 503 + Retry-After at once
 
 
 class ContextError(ValueError):
@@ -543,19 +543,36 @@ class _Bounded:
 
     slots = threading.BoundedSemaphore(CONNECTIONS)
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: socketserver's 5 resets clients that connect in a burst
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
-            try:
-                msg = json.dumps({"error": {"message": "too many connections", "type": "server_error",
-                                            "param": None, "code": "overloaded"}}).encode()
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
-                                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(msg) + msg)
-            except OSError:
-                pass
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
             return
         super().process_request(request, client_address)  # type: ignore[misc]
+
+    def _refuse(self, request: Any) -> None:
+        """503 + Retry-After, after reading what the client sent (closing on unread data would be a reset)."""
+        try:
+            request.settimeout(2.0)
+            request.recv(MAX_BODY)
+            msg = json.dumps({"error": {"message": "too many connections", "type": "server_error",
+                                        "param": None, "code": "overloaded"}}).encode()
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(msg) + msg)
+            request.shutdown(socket.SHUT_WR)
+            while request.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-request is not news; anything else goes to stderr, one line."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout)):
+            sys.stderr.write("edgepack: request failed: %s: %s\n" % (type(exc).__name__, exc))
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
