@@ -137,7 +137,8 @@ def main() -> None:
         p = free_port()
         rows.append(bench("llama-cpp-python server (Q4_1 GGUF)",
                           [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                           "--port", str(p), "--n_threads", str(args.threads), "--n_ctx", "4096"],
+                           "--port", str(p), "--n_threads", str(args.threads), "--n_ctx", "4096",
+                           "--interrupt_requests", "False"],  # its default cancels a stream when another arrives
                           p, "/v1/models", args.tokens, args.reps))
     doc = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "tokens": args.tokens,
            "reps_per_client": args.reps, "results": rows}
