@@ -281,12 +281,19 @@ class Sampling:
     seed: int | None = None
 
     def args(self) -> list[str]:
-        out = ["--sample"] if self.sample else []
-        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
-                            ("--top-k", self.top_k), ("--seed", self.seed)):
-            if value is not None:
-                out += [flag, str(value)]
-        return out
+        return runner_flags(("--sample", self.sample), ("--temperature", self.temperature), ("--top-p", self.top_p),
+                            ("--top-k", self.top_k), ("--seed", self.seed))
+
+
+def runner_flags(*pairs: tuple[str, object]) -> list[str]:
+    """A bundle runner's options: True gives the bare flag, None or False nothing, anything else flag + value."""
+    out: list[str] = []
+    for flag, value in pairs:
+        if value is True:
+            out.append(flag)
+        elif value is not None and value is not False:
+            out += [flag, str(value)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -324,16 +331,9 @@ def run(req: RunRequest) -> tuple[int, str]:
     """Run the bundle's own runner here (same arch only)."""
     import subprocess
 
-    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--prompt", req.prompt]
-    if req.max_tokens is not None:
-        cmd += ["--max-tokens", str(req.max_tokens)]
-    if req.json_output:
-        cmd.append("--json")
-    if req.raw:
-        cmd.append("--raw")
-    if req.system is not None:
-        cmd += ["--system", req.system]
-    cmd += req.sampling.args() + list(req.extra_args)
+    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--prompt", req.prompt,
+           *runner_flags(("--max-tokens", req.max_tokens), ("--json", req.json_output), ("--raw", req.raw),
+                         ("--system", req.system)), *req.sampling.args(), *req.extra_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.splitlines()[-10:]
@@ -359,15 +359,9 @@ def serve(req: ServeRequest) -> int:
     """The bundle's own OpenAI-compatible server (its runner core) on this machine, until it is stopped."""
     import subprocess
 
-    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--serve", req.addr]
-    if req.api_key_file is not None:
-        cmd += ["--api-key-file", str(req.api_key_file)]
-    if req.insecure_no_auth:
-        cmd.append("--insecure-no-auth")
-    if req.metrics:
-        cmd.append("--metrics")
-    if req.threads:
-        cmd += ["--threads", str(req.threads)]
+    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--serve", req.addr,
+           *runner_flags(("--api-key-file", req.api_key_file), ("--insecure-no-auth", req.insecure_no_auth),
+                         ("--metrics", req.metrics), ("--threads", req.threads or None))]
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
@@ -416,7 +410,9 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
         progress(ProgressEvent("bundle", f"no bundle given: deploying the newest in {req.dist}/: {bundle.name}"))
     progress(ProgressEvent("bundle", f"verifying {bundle} against its manifest"))
     manifest = verify_bundle(bundle)
-    trusted, signature = _check_signature(bundle, manifest, req.require_signature, progress)
+    from edgepack.signing import check_for_deploy
+
+    trusted, signature = check_for_deploy(bundle, manifest, req.require_signature, progress)
     install_dir = req.device.install_dir or manifest.deploy.install_dir
     keep = req.keep or manifest.deploy.keep_releases
     device = dataclasses.replace(req.device, default_port=manifest.deploy.ssh_port)
@@ -430,64 +426,24 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
                              signature=signature, serve_addr=req.serve_addr, progress=progress)
 
 
-def _check_signature(bundle: Path, manifest: Manifest, required: tuple[str, ...],
-                     progress: ProgressFn) -> tuple[tuple[tuple[str, str], ...], str]:
-    """The keys this deploy trusts: --require-signature, then `[deploy] trusted_keys` of the target file of the
-    same id on this machine (never the bundle's own copy of it: whoever can rewrite a bundle can rewrite that).
-    Returns (key id, base64) pairs for the device, and what was checked."""
-    specs = list(required)
-    try:
-        local = load_target(manifest.target_id) if manifest.target_id else None
-    except UserError:
-        local = None
-    if local is not None:
-        base = Path(local.source).parent
-        specs += [str(base / Path(k).expanduser()) if (base / Path(k).expanduser()).is_file() else k
-                  for k in local.deploy.trusted_keys]
-    if not specs:
-        return (), "not required (no --require-signature, no trusted_keys in the target)"
-    from edgepack.signing import key_id, load_public_keys, verify
-
-    keys = load_public_keys(specs)
-    info = verify(bundle, specs)  # unsigned, wrong key or altered: a SignatureError before connecting
-    progress(ProgressEvent("bundle", f"signature verified: key {info.key_id}"))
-    return tuple((key_id(k), k.to_base64().decode()) for k in keys), f"verified (key {info.key_id})"
-
-
 def _install_dir(device: DeviceRequest) -> str:
     return device.install_dir or "~/edgepack"
 
 
 def device_status(device: DeviceRequest) -> dict[str, Any]:
-    from edgepack.remote.deploy import Device
+    from edgepack.remote.deploy import status
     from edgepack.remote.ssh import Connection
 
     with Connection(device) as conn:
-        dev = Device(conn, _install_dir(device))
-        st = dev.helper("status", what="status")
-        service = dev.helper("service_status", what="service status")
-        if service.get("unit") and not service["running"]:
-            res = conn.run(["systemctl", "--user", "is-active", service["unit"]], check=False, what="unit state")
-            if res.stdout.strip() in ("active", "activating", "failed", "inactive") and res.exit_code != 127:
-                service = {"supervisor": "systemd", "unit": service["unit"], "state": res.stdout.strip(),
-                           "running": res.stdout.strip() == "active"}
-        return st | {"host": conn.hostname, "service": service}
+        return status(conn, _install_dir(device))
 
 
 def rollback(device: DeviceRequest) -> dict[str, Any]:
-    from edgepack.remote.deploy import Device
+    from edgepack.remote.deploy import rollback as remote_rollback
     from edgepack.remote.ssh import Connection
 
     with Connection(device) as conn:
-        dev = Device(conn, _install_dir(device))
-        dev.facts()  # resolves ~ in the install dir
-        with dev.locked("edgepack rollback"):
-            res = dev.helper("rollback", what="rollback")
-        if not res.get("ok"):
-            raise UserError(f"cannot roll back on {conn.hostname}: {res.get('error')}.",
-                            hint="`edgepack status --host ...` lists the releases on the device.",
-                            host=conn.hostname)
-        return res | {"host": conn.hostname}
+        return remote_rollback(conn, _install_dir(device))
 
 
 # -- bench ------------------------------------------------------------------------------------------
@@ -534,29 +490,17 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
     import json
     import subprocess
 
-    args = ["--prompt", req.prompt, "--json", "--max-tokens", str(req.max_tokens)]
-    if req.threads:
-        args += ["--threads", str(req.threads)]
+    args = ["--prompt", req.prompt, *runner_flags(("--json", True), ("--max-tokens", req.max_tokens),
+                                                  ("--threads", req.threads or None))]
     runs: list[dict[str, Any]] = []
     if req.device is not None:
-        from edgepack.remote.deploy import Device
+        from edgepack.remote.speed import bench_current
         from edgepack.remote.ssh import Connection
 
         with Connection(req.device) as conn:
-            dev = Device(conn, _install_dir(req.device))
-            dev.facts()  # the install dir, resolved on the device: no shell expansion of `~` here
-            st = dev.helper("status", what="find the current release")
-            if not st.get("current"):
-                raise UserError(f"no current release under {dev.install_dir} on {conn.hostname}.",
-                                hint="Deploy one first: edgepack deploy --host ...", host=conn.hostname)
-            with dev.locked("edgepack bench"):  # no deploy switches `current` under a running benchmark
-                base = dev.path("releases", st["current"])
-                for i in range(req.reps):
-                    progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} on {conn.hostname}"))
-                    res = conn.run([f"{base}/.venv/bin/python", f"{base}/run.py", *args], what="benchmark run",
-                                   timeout=req.device.command_timeout, pidfile=dev.pidfile)
-                    runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            where, name = conn.hostname, st["current"]
+            where, name, remote_runs = bench_current(conn, _install_dir(req.device), args, req.reps,
+                                                     req.device.command_timeout, progress)
+            runs += remote_runs
     else:
         bundle = req.bundle or latest_bundle(Path("dist"))
         manifest = read_manifest(bundle)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import MANIFEST
+from edgepack.bundle import MANIFEST, Manifest
 from edgepack.errors import OutputExistsError, UserError, require
+from edgepack.progress import ProgressEvent, ProgressFn, silent
 
 SIGNATURE = "edgepack.json.minisig"  # detached, next to edgepack.json; the same format `minisign -S` writes
 PASSWORD_ENV = "EDGEPACK_KEY_PASSWORD"
@@ -238,3 +239,28 @@ def verify(bundle: Path, trusted: Sequence[str | Path]) -> SignatureInfo:
                              f"it says {sig.trusted_comment!r}, expected {expected!r}.",
                              hint=SIGN_HINT, path=bundle, key_id=sig_id)
     return SignatureInfo(key_id=sig_id, trusted_comment=sig.trusted_comment, signature_file=str(sig_path))
+
+
+def check_for_deploy(bundle: Path, manifest: Manifest, required: Sequence[str],
+                     progress: ProgressFn = silent) -> tuple[tuple[tuple[str, str], ...], str]:
+    """The keys a deploy trusts: --require-signature, then `[deploy] trusted_keys` of the target file of the same
+    id on this machine (never the bundle's own copy of it: whoever can rewrite a bundle can rewrite that).
+    Verifies the bundle against them before anything connects; returns (key id, base64) pairs for the device,
+    and what was checked."""
+    from edgepack.targets import load_target
+
+    specs = list(required)
+    try:
+        local = load_target(manifest.target_id) if manifest.target_id else None
+    except UserError:
+        local = None
+    if local is not None:
+        base = Path(local.source).parent
+        specs += [str(base / Path(k).expanduser()) if (base / Path(k).expanduser()).is_file() else k
+                  for k in local.deploy.trusted_keys]
+    if not specs:
+        return (), "not required (no --require-signature, no trusted_keys in the target)"
+    keys = load_public_keys(specs)
+    info = verify(bundle, specs)  # unsigned, wrong key or altered: a SignatureError before connecting
+    progress(ProgressEvent("bundle", f"signature verified: key {info.key_id}"))
+    return tuple((key_id(k), k.to_base64().decode()) for k in keys), f"verified (key {info.key_id})"

@@ -370,3 +370,28 @@ def _service(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str,
                           + (f"; switched back to releases/{back}" if back and not live.switched_to else "") + ".",
                           hint="See log_tail (the service's own log on the device).", host=conn.hostname,
                           service=check, log_tail=check.get("log_tail"))
+
+
+def status(conn: Connection, install_dir: str) -> dict[str, Any]:
+    """Releases, pointers, the lock's holder and the service, read from the device (nothing is changed)."""
+    dev = Device(conn, install_dir)
+    st = dev.helper("status", what="status")
+    service = dev.helper("service_status", what="service status")
+    if service.get("unit") and not service["running"]:
+        res = conn.run(["systemctl", "--user", "is-active", service["unit"]], check=False, what="unit state")
+        if res.stdout.strip() in ("active", "activating", "failed", "inactive") and res.exit_code != 127:
+            service = {"supervisor": "systemd", "unit": service["unit"], "state": res.stdout.strip(),
+                       "running": res.stdout.strip() == "active"}
+    return st | {"host": conn.hostname, "service": service}
+
+
+def rollback(conn: Connection, install_dir: str) -> dict[str, Any]:
+    """Switch `current` to the rollback target, under the device lock; the target is verified first."""
+    dev = Device(conn, install_dir)
+    dev.facts()  # resolves ~ in the install dir
+    with dev.locked("edgepack rollback"):
+        res = dev.helper("rollback", what="rollback")
+    if not res.get("ok"):
+        raise UserError(f"cannot roll back on {conn.hostname}: {res.get('error')}.",
+                        hint="`edgepack status --host ...` lists the releases on the device.", host=conn.hostname)
+    return res | {"host": conn.hostname}

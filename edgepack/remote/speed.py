@@ -57,3 +57,26 @@ class RemoteSpeedMeter:
     def close(self) -> None:
         self.conn.run(["rm", "-rf", self.root], check=False, what="remove the tune folder")
         self.conn.close()
+
+
+def bench_current(conn: Connection, install_dir: str, args: list[str], reps: int, timeout: float,
+                  progress: ProgressFn = silent) -> tuple[str, str, list[dict[str, Any]]]:
+    """Run the device's current release's runner `reps` times in fresh processes, under the device lock so no
+    deploy switches `current` meanwhile; returns (where, release folder, one JSON document per run)."""
+    from edgepack.progress import ProgressEvent
+
+    dev = Device(conn, install_dir)
+    dev.facts()  # the install dir, resolved on the device: no shell expansion of `~` here
+    st = dev.helper("status", what="find the current release")
+    if not st.get("current"):
+        raise UserError(f"no current release under {dev.install_dir} on {conn.hostname}.",
+                        hint="Deploy one first: edgepack deploy --host ...", host=conn.hostname)
+    runs = []
+    with dev.locked("edgepack bench"):
+        base = dev.path("releases", st["current"])
+        for i in range(reps):
+            progress(ProgressEvent("bench", f"run {i + 1}/{reps} on {conn.hostname}"))
+            res = conn.run([f"{base}/.venv/bin/python", f"{base}/run.py", *args], what="benchmark run",
+                           timeout=timeout, pidfile=dev.pidfile)
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return conn.hostname, st["current"], runs
