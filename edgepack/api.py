@@ -22,7 +22,7 @@ from edgepack.models import ModelSource, resolve_model
 from edgepack.output import to_jsonable
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
-from edgepack.stages.render import RUNTIME_MODULES, bundle_context, device_checks, manifest_for, render
+from edgepack.stages.render import RUNTIME_MODULES, bundle_context, manifest_for, render
 from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
 from edgepack.stages.wheels import requirements, vendor_wheels
 from edgepack.targets import TargetProfile, load_target
@@ -164,9 +164,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             ctx = bundle_context(name, source, target, exported.options, report, reqs,
                            runtime_name(exporter.runtime, target.runtime.template),
                            system_site=not target.runtime.packages)
-            ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1), golden_logp=report.golden_logp,
+            ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1),
                                       context_length=exported.context_length,
-                                      checks_json=device_checks(report),
                                       android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)

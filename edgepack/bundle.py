@@ -221,3 +221,55 @@ def verify_bundle(bundle: Path, manifest: Manifest | None = None) -> Manifest:
                           hint="Rebuild it with `edgepack build`; do not edit a built bundle.",
                           path=bundle, problems=problems)
     return manifest
+
+
+# -- what a bundle's smoke_test.py prints -----------------------------------------------------------------
+
+SMOKE_SCHEMA = 1
+# Exit codes of smoke_test.py: 0 ok, 1 loads but misbehaves, 2 does not load (or no readable smoke section).
+SMOKE_EXIT = {0: "passed", 1: "the model loads but misbehaves", 2: "the model does not load"}
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    """One smoke test's result, read by the contract in docs/bundle-format.md ("The smoke result"): `ok` only when
+    the JSON says so and the process exited 0. `doc` is every key as printed (deploy's JSON output carries it)."""
+
+    ok: bool
+    exit_code: int
+    error: str
+    problems: tuple[str, ...]
+    golden_match: int | None
+    golden_required: int | None
+    tokens_per_s: float | None
+    peak_rss_mb: float | None
+    doc: dict[str, Any]
+
+    @classmethod
+    def parse(cls, stdout: str, exit_code: int) -> SmokeResult:
+        """The last JSON object line of stdout (runtimes may print their own lines first)."""
+        doc: dict[str, Any] | None = None
+        for line in reversed(stdout.strip().splitlines()):
+            try:
+                got = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(got, dict) and isinstance(got.get("ok"), bool):
+                doc = got
+                break
+        if doc is None:
+            why = SMOKE_EXIT.get(exit_code, "it was stopped or crashed")
+            doc = {"schema": SMOKE_SCHEMA, "ok": False,
+                   "error": f"smoke_test.py printed no result (exit {exit_code}: {why})"}
+        ok = doc["ok"] is True and exit_code == 0
+        error = str(doc.get("error") or ("" if ok else f"smoke_test.py exited {exit_code} "
+                                                     f"({SMOKE_EXIT.get(exit_code, 'stopped or crashed')})"))
+        doc = {**doc, "ok": ok, "exit_code": exit_code} | ({"error": error} if error else {})
+
+        def num(key: str) -> Any:
+            v = doc.get(key)
+            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        return cls(ok=ok, exit_code=exit_code, error=error, problems=tuple(str(p) for p in doc.get("problems", ())),
+                   golden_match=num("golden_match"), golden_required=num("golden_required"),
+                   tokens_per_s=num("tokens_per_s"), peak_rss_mb=num("peak_rss_mb"), doc=doc)

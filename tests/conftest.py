@@ -49,6 +49,35 @@ def envelope(proc: subprocess.CompletedProcess[str]) -> dict:
     return doc
 
 
+def runner_core(module: str):  # type: ignore[no-untyped-def]
+    """A module of the runner core every bundle ships (templates/_shared), imported as a bundle's run.py would."""
+    import importlib
+
+    shared = str(ROOT / "templates" / "_shared")
+    if shared not in sys.path:
+        sys.path.insert(0, shared)
+    return importlib.import_module(module)
+
+
+def with_smoke(bundle: Path, dest: Path, **changes: object) -> Path:
+    """A copy of `bundle` whose manifest's smoke section (what the device re-checks) has `changes`, the manifest
+    rewritten to stay consistent: as if the build machine had recorded other numbers than this machine reproduces."""
+    import shutil
+
+    from edgepack.bundle import write_manifest
+
+    shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns(".cache"))
+    doc = json.loads((bundle / "edgepack.json").read_text())
+    doc["smoke"].update(changes)
+    write_manifest(dest, {k: v for k, v in doc.items() if k not in ("files", "content_sha256", "bundle_id", "schema")})
+    return dest
+
+
+def smoke_line(proc: subprocess.CompletedProcess[str]) -> dict:
+    """The smoke result: the last line of smoke_test.py's stdout."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def build_smollm2(target: str, out: Path) -> Path:
     proc = cli("build", "--target", target, "smollm2-135m", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -96,14 +96,16 @@ def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
     with stages.stage("smoke", "smoke test where the device has a python3") as info:
         has_py = adb.shell("command -v python3 || true").strip()
         if has_py:
-            import json
+            from edgepack.bundle import SmokeResult
 
-            out = adb.shell(f"cd {shlex.quote(release)}.partial && python3 smoke_test.py", check=False)
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            smoke: dict[str, Any] = json.loads(lines[-1]) if lines else {"ok": False, "error": out[-300:]}
-            if not smoke.get("ok"):
+            out = adb.shell(f"cd {shlex.quote(release)}.partial && python3 smoke_test.py; echo \"@exit $?\"",
+                            check=False)
+            code = int(out.rsplit("@exit ", 1)[1].split()[0]) if "@exit " in out else 1
+            result = SmokeResult.parse(out.rsplit("@exit ", 1)[0], code)
+            smoke: dict[str, Any] = result.doc
+            if not result.ok:
                 adb.shell(f"rm -rf {shlex.quote(release)}.partial", check=False)
-                raise RemoteError(f"the smoke test failed on the device: {smoke.get('error')}",
+                raise RemoteError(f"the smoke test failed on the device: {result.error}",
                                   hint="CURRENT still names the previous release.", smoke=smoke)
         else:
             smoke = {"ok": None, "skipped": "no python3 on the device's adb shell: the app in android/ loads "

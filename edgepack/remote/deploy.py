@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest
+from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest, SmokeResult
 from edgepack.errors import EdgepackError, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote import lock, preflight
@@ -261,10 +261,11 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
             res = conn.run([posixpath.join(release, ".venv", "bin", "python"), posixpath.join(release, "smoke_test.py"),
                             "--tokens", str(smoke_tokens)], timeout=SMOKE_TIMEOUT, check=False, what="smoke test",
                            pidfile=dev.pidfile)
-            smoke = _parse_smoke(res)
+            result = SmokeResult.parse(res.stdout, -1 if res.exit_code is None else res.exit_code)
+            smoke = result.doc
             d.update(smoke)
-            if not (res.ok and smoke.get("ok")):
-                raise RemoteError(f"the smoke test failed on {conn.hostname}: {smoke.get('error', 'no result')}.",
+            if not result.ok:
+                raise RemoteError(f"the smoke test failed on {conn.hostname}: {result.error}.",
                                   hint="The bundle loads or generates wrongly on this device; see the evidence.",
                                   evidence=res, smoke=smoke)
         with t.stage("switch", f"current → releases/{folder}") as d:
@@ -319,28 +320,25 @@ def _fetch_wheels_for_device(dev: Device, manifest: Manifest, facts: dict[str, A
     return remote, tuple(entries)
 
 
-def _parse_smoke(res: CommandResult) -> dict[str, Any]:
-    for line in reversed(res.stdout.strip().splitlines()):
-        try:
-            data: dict[str, Any] = json.loads(line)
-            return data
-        except json.JSONDecodeError:
-            continue
-    return {"ok": False, "error": f"no JSON from smoke_test.py (exit {res.exit_code})"}
-
-
 def _restart(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str, Any], addr: str) -> str:
-    """(Re)start the install dir's service on `current`: systemd's user manager where the session has one, else a
+    """(Re)start the install dir's service on `current`: a system unit when deploying as root to a systemd-booted
+    device; systemd's user manager where the session has one (with lingering, so it outlives the login); else a
     supervised process with a pid file (what a device without systemd, or an emulated one, has)."""
-    if facts.get("systemd_user"):
-        unit = dev.helper("install_unit", manifest.unit_file, "~/.config/systemd/user", addr,
-                          what="install the service unit")["unit"]
-        conn.run(["systemctl", "--user", "daemon-reload"], what="reload systemd")
-        conn.run(["systemctl", "--user", "enable", unit], what="enable the service")
-        conn.run(["systemctl", "--user", "restart", unit], what="restart the service")
-        # Without lingering, a user unit stops at logout; best effort (some images forbid it).
-        conn.run("loginctl enable-linger \"$(id -un)\"", check=False, what="enable lingering")
-        return f"systemd user unit {unit}"
+    scope = "system" if facts.get("systemd_system") else "user" if facts.get("systemd_user") else None
+    if scope:
+        unit = dev.helper("install_unit", manifest.unit_file, scope, addr, what="install the service unit")["unit"]
+        ctl = ["systemctl"] + (["--user"] if scope == "user" else [])
+        conn.run([*ctl, "daemon-reload"], what="reload systemd")
+        conn.run([*ctl, "enable", unit], what="enable the service")
+        conn.run([*ctl, "restart", unit], what="restart the service")
+        if scope == "system":
+            return f"systemd system unit {unit}"
+        # Without lingering, a user unit stops at logout; some images forbid it, and then the result says so.
+        linger = conn.run("loginctl enable-linger \"$(id -un)\" && loginctl show-user \"$(id -un)\" -p Linger",
+                          check=False, what="enable lingering")
+        lingering = linger.ok and "Linger=yes" in linger.stdout
+        return f"systemd user unit {unit}" + ("" if lingering else " (lingering could not be enabled: it stops when "
+                                                                   "the user's last session ends)")
     started = dev.helper("service_start", addr, what="start the service")
     return f"supervised process (pid {started['pid']}; no systemd user session on the device)"
 
@@ -377,11 +375,12 @@ def status(conn: Connection, install_dir: str) -> dict[str, Any]:
     dev = Device(conn, install_dir)
     st = dev.helper("status", what="status")
     service = dev.helper("service_status", what="service status")
-    if service.get("unit") and not service["running"]:
-        res = conn.run(["systemctl", "--user", "is-active", service["unit"]], check=False, what="unit state")
+    if service.get("unit_scope") and not service["running"]:
+        ctl = ["systemctl"] + (["--user"] if service["unit_scope"] == "user" else [])
+        res = conn.run([*ctl, "is-active", service["unit"]], check=False, what="unit state")
         if res.stdout.strip() in ("active", "activating", "failed", "inactive") and res.exit_code != 127:
-            service = {"supervisor": "systemd", "unit": service["unit"], "state": res.stdout.strip(),
-                       "running": res.stdout.strip() == "active"}
+            service = {"supervisor": f"systemd ({service['unit_scope']})", "unit": service["unit"],
+                       "state": res.stdout.strip(), "running": res.stdout.strip() == "active"}
     return st | {"host": conn.hostname, "service": service}
 
 

@@ -189,6 +189,9 @@ def facts(install_dir, check_cuda="no"):
         "mem_available_bytes": mem,
         "writable": os.access(parent, os.W_OK),
         "systemd_user": bool(shutil.which("systemctl")) and bool(os.environ.get("XDG_RUNTIME_DIR")),
+        # root on a systemd-booted device: a system unit (starts at boot, no user session or lingering needed)
+        "systemd_system": (os.getuid() == 0 and bool(shutil.which("systemctl"))
+                           and os.path.isdir("/run/systemd/system")),
         "termux": "com.termux" in prefix or bool(os.environ.get("TERMUX_VERSION")),
         "nv_tegra_release": _first_line("/etc/nv_tegra_release"),
         "genai_cuda": _genai_cuda() if check_cuda == "cuda" else None,
@@ -607,25 +610,46 @@ def _check_addr(addr):
     return addr
 
 
-def install_unit(install_dir, op, unit_file, unit_dir, addr):
+UNIT_DIRS = {"user": "~/.config/systemd/user", "system": "/etc/systemd/system"}
+# A system unit runs as root: it gets what a model server needs and no more (the release is read-only to it, its
+# install dir writable for LiteRT-LM's cache; no new privileges, a private /tmp).
+SYSTEM_HARDENING = ("NoNewPrivileges=yes\nPrivateTmp=yes\nProtectSystem=full\nProtectKernelTunables=yes\n"
+                    "ProtectControlGroups=yes\n")
+
+
+def install_unit(install_dir, op, unit_file, scope, addr):
     """Install the current release's unit as this install dir's unit (one per install dir, whatever the bundle),
-    with the install dir and address filled in."""
+    with the install dir and address filled in: a user unit, or (root on a systemd device) a system unit."""
     root = _root(install_dir)
     _require_lock(root, op)
     if not re.match(r"^edgepack-[a-z0-9][a-z0-9._-]{0,95}\.service$", unit_file):
         raise Refused("bad unit name %r" % (unit_file,))
+    if scope not in UNIT_DIRS and not scope.startswith("/"):  # an absolute folder: the tests' stand-in
+        raise Refused("bad unit scope %r" % (scope,))
     src = _inside(root, "current", unit_file)
     with open(src) as fh:
         text = fh.read().replace("@EDGEPACK_CURRENT@", os.path.join(root, "current"))
     text = text.replace("@EDGEPACK_SERVE@", _check_addr(addr))
-    dest_dir = os.path.expanduser(unit_dir)
+    if scope == "system":
+        text = text.replace("WantedBy=default.target", "WantedBy=multi-user.target")
+        text = text.replace("\n[Install]", SYSTEM_HARDENING + "\n[Install]", 1)
+    dest_dir = os.path.expanduser(UNIT_DIRS.get(scope, scope))
     os.makedirs(dest_dir, exist_ok=True)
     unit = unit_name(root)
     tmp = os.path.join(dest_dir, "." + unit + "." + op + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, os.path.join(dest_dir, unit))
-    return {"ok": True, "unit": unit, "path": os.path.join(dest_dir, unit)}
+    return {"ok": True, "unit": unit, "path": os.path.join(dest_dir, unit), "scope": scope}
+
+
+def unit_scope(root):
+    """Which systemd manager has this install dir's unit: "system", "user" or None."""
+    unit = unit_name(root)
+    for scope in ("system", "user"):
+        if os.path.exists(os.path.join(os.path.expanduser(UNIT_DIRS[scope]), unit)):
+            return scope
+    return None
 
 
 # -- the service without systemd: a supervised process with a pid file ----------------------------------
@@ -667,23 +691,75 @@ def service_start(install_dir, op, addr):
     current = os.path.join(root, "current")
     python = os.path.join(current, ".venv", "bin", "python")
     log = open(os.path.join(root, "service.log"), "ab")  # noqa: SIM115 (handed to the child)
+    state = os.path.join(root, "service.state")
+    with contextlib.suppress(OSError):
+        os.remove(state)
     pid = os.fork()
-    if pid == 0:  # child: a new session, detached from this SSH command
-        os.setsid()
-        os.chdir(current)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+    if pid == 0:  # child: a new session, detached from this SSH command, that supervises the server
         try:
-            os.execv(python, [python, os.path.join(current, "run.py"), "--serve", addr])
+            os.setsid()
+            os.chdir(current)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            _supervise([python, os.path.join(current, "run.py"), "--serve", addr], state)
         finally:
-            os._exit(127)
+            os._exit(0)
     log.close()
     with open(os.path.join(root, "service.pid.tmp"), "w") as fh:
         fh.write("%d %s\n" % (pid, addr))
     os.replace(os.path.join(root, "service.pid.tmp"), os.path.join(root, "service.pid"))
     return {"ok": True, "pid": pid, "addr": addr}
+
+
+RESTART_S = 5  # as the unit's RestartSec
+RESTART_BURST = (5, 60.0)  # more restarts than this in that many seconds: give up (systemd's StartLimitBurst)
+
+
+def _write_state(path, doc):
+    with open(path + ".tmp", "w") as fh:
+        json.dump(doc, fh)
+    os.replace(path + ".tmp", path)
+
+
+def _supervise(argv, state):
+    """Run the server; when it fails (not a clean exit, not our SIGTERM), restart it after RESTART_S, as the systemd
+    unit's Restart=on-failure does. The state file says how often and why."""
+    restarts, recent = 0, []
+    while True:
+        child = os.fork()
+        if child == 0:
+            try:
+                os.execv(argv[0], argv)
+            finally:
+                os._exit(127)
+        _write_state(state, {"server_pid": child, "restarts": restarts, "last_exit": None})
+        _, status = os.waitpid(child, 0)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+        if code == 0 or code == -signal.SIGTERM:
+            _write_state(state, {"server_pid": None, "restarts": restarts, "last_exit": code})
+            return
+        now = time.time()
+        recent = [t for t in recent if now - t < RESTART_BURST[1]] + [now]
+        gave_up = len(recent) > RESTART_BURST[0]
+        _write_state(state, {"server_pid": None, "restarts": restarts, "last_exit": code, "gave_up": gave_up})
+        sys.stderr.write("edgepack supervisor: the server exited with %d; %s\n"
+                         % (code, "restarted too often, giving up" if gave_up else
+                            "restarting in %d s" % RESTART_S))
+        sys.stderr.flush()
+        if gave_up:
+            return
+        time.sleep(RESTART_S)
+        restarts += 1
+
+
+def _service_state(root):
+    try:
+        with open(os.path.join(root, "service.state")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
 
 
 def _http(addr, method, path, body=None, timeout=10.0):
@@ -722,8 +798,10 @@ def service_check(install_dir, addr, wait_s="120"):
     last = None
     supervised = os.path.exists(os.path.join(root, "service.pid"))
     while time.time() < deadline:
-        if supervised and _service_pid(root) is None:
-            return {"ok": False, "error": "the service exited on start", "log_tail": _log_tail(root)}
+        st = _service_state(root) if supervised else {}
+        if supervised and (_service_pid(root) is None or st.get("last_exit") is not None):
+            return {"ok": False, "error": "the service exited on start (exit %s)" % st.get("last_exit"),
+                    "log_tail": _log_tail(root)}
         try:
             status, data = _http(addr, "GET", "/health", timeout=5)
             last = "GET /health: %d %s" % (status, data.strip()[:200])
@@ -765,8 +843,10 @@ def service_status(install_dir):
             addr = fh.read().split()[1]
     except (OSError, IndexError):
         pass
-    return {"supervisor": "pidfile", "running": pid is not None, "pid": pid, "addr": addr,
-            "unit": unit_name(root)}
+    st = _service_state(root) if pid else {}
+    return {"supervisor": "pidfile", "running": pid is not None and bool(st.get("server_pid")), "pid": pid,
+            "server_pid": st.get("server_pid"), "restarts": st.get("restarts", 0), "last_exit": st.get("last_exit"),
+            "addr": addr, "unit": unit_name(root), "unit_scope": unit_scope(root)}
 
 
 def trust(install_dir, op, name, key_b64):

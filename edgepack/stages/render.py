@@ -41,15 +41,6 @@ class BundleContext:
     architecture: str
     threads: int
     max_new_tokens: int
-    smoke_tokens: int
-    prompt_ids: tuple[int, ...]
-    golden_tokens: tuple[int, ...]
-    golden_checked: tuple[bool, ...]
-    device_ids: tuple[int, ...]
-    device_ppl: float | None
-    device_top1: tuple[int, ...]
-    device_max_ppl_drift_pct: float
-    device_min_top1: float
     requirements: tuple[str, ...]
     import_check: str
     system_site_packages: bool
@@ -57,15 +48,14 @@ class BundleContext:
     quality: QualityReport
     android_litertlm_version: str = ""  # the LiteRT-LM release the bundle was scored with (android/ sample)
     model_mb: float = 0.0
-    golden_logp: tuple[float, ...] = ()
     context_length: int = 0  # prompt + reply tokens the bundle holds; the runner enforces it
-    checks_json: str = "null"  # the task checks the smoke test re-runs (see device_checks())
 
 
 # runtime template folder → files it renders (template name → output name, executable?)
 _SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
-_PLAIN = ("verify_bundle.py", "edgepack_runner.py")
-_RUNTIME = {"run.py.j2": ("run.py", True), "smoke_test.py.j2": ("smoke_test.py", True)}
+# the runner core (the same files in every bundle): command line, server, smoke test; and the manifest check
+_PLAIN = ("edgepack_runner.py", "edgepack_server.py", "smoke_test.py", "verify_bundle.py")
+_RUNTIME = {"run.py.j2": ("run.py", True)}
 _ANDROID = {"README.md.j2": "android/README.md", "EdgepackModel.kt.j2": "android/EdgepackModel.kt",
             "build.gradle.kts.snippet.j2": "android/build.gradle.kts.snippet"}
 
@@ -136,17 +126,25 @@ def scheme_summary(target: TargetProfile, options: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def device_checks(report: QualityReport) -> str:
-    """What the smoke test needs to re-run the task checks: prompts as ids, the rule, the float reply."""
-    import json
+GOLDEN_LOGP_TOL = 0.5  # nats, for runtimes without logits: dynamic int8 on ARM vs x86 moved some by 0.35 (measured)
 
+
+def smoke_spec(report: QualityReport, target: TargetProfile) -> dict[str, Any]:
+    """The manifest's "smoke" section: everything the bundle's smoke_test.py re-checks on the device
+    (docs/bundle-format.md, "The smoke test")."""
     c = report.checks
-    if c is None:
-        return "null"
-    return json.dumps({"file": c.file, "build_passed": c.quantized_passed, "allowed_drop": c.allowed_drop,
-                       "items": [{"id": r.id, "kind": r.kind, "value": r.value, "prompt_ids": list(r.prompt_ids),
-                                  "max_tokens": r.max_tokens, "float_text": r.float_text} for r in c.results]},
-                      sort_keys=True)
+    checks = None if c is None else {
+        "file": c.file, "build_passed": c.quantized_passed, "allowed_drop": c.allowed_drop,
+        "items": [{"id": r.id, "kind": r.kind, "value": r.value, "prompt_ids": list(r.prompt_ids),
+                   "max_tokens": r.max_tokens, "float_text": r.float_text} for r in c.results]}
+    return {"schema": 1, "tokens": target.deploy.smoke_tokens,
+            "prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),
+            "golden_checked": list(report.golden_checked), "golden_logp": list(report.golden_logp),
+            "golden_logp_tol": GOLDEN_LOGP_TOL,
+            "check_ids": list(report.device_ids), "build_ppl": report.device_ppl,
+            "build_top1": list(report.device_top1),
+            "max_ppl_drift_pct": target.quality.device_max_ppl_drift_pct, "min_top1": target.quality.device_min_top1,
+            "task_checks": checks}
 
 
 def bundle_context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],
@@ -158,11 +156,7 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, option
         execution_provider=target.export.execution_provider, scheme_summary=scheme_summary(target, options),
         model_origin=source.origin, model_revision=source.revision, weights_sha256=source.weights_sha256,
         architecture=source.architecture, threads=target.runtime.threads,
-        max_new_tokens=target.runtime.max_new_tokens, smoke_tokens=target.deploy.smoke_tokens,
-        prompt_ids=report.prompt_ids, golden_tokens=report.golden_tokens,
-        golden_checked=report.golden_checked, device_ids=report.device_ids, device_ppl=report.device_ppl,
-        device_top1=report.device_top1, device_max_ppl_drift_pct=target.quality.device_max_ppl_drift_pct,
-        device_min_top1=target.quality.device_min_top1, requirements=tuple(reqs),
+        max_new_tokens=target.runtime.max_new_tokens, requirements=tuple(reqs),
         import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=system_site,
         serve_addr="127.0.0.1:8089",
         quality=report)
@@ -197,10 +191,7 @@ def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported
                     "wheel_lock": to_jsonable(lock),
                     "execution_provider": target.export.execution_provider,
                     "context_length": exported.context_length},
-        "smoke": {"prompt_ids": list(report.prompt_ids), "golden_tokens": list(report.golden_tokens),
-                  "golden_checked": list(report.golden_checked), "device_ppl": report.device_ppl,
-                  "device_tokens": len(report.device_ids),
-                  "tokens": target.deploy.smoke_tokens},
+        "smoke": smoke_spec(report, target),
         "tools": tool_versions(),
         "validated": report.validated,
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import cli, envelope, needs_onnx, needs_sshd
+from ..conftest import cli, envelope, needs_onnx, needs_sshd, with_smoke
 
 pytestmark = [pytest.mark.integration, needs_onnx, needs_sshd]
 
@@ -139,7 +139,6 @@ def test_full_disk_fails_preflight(tiny_bundles: tuple[Path, Path], device: dict
 
 def test_smoke_failure_keeps_previous_current(tiny_bundles: tuple[Path, Path], device: dict,
                                               tmp_path: Path) -> None:
-    from edgepack.bundle import write_manifest
 
     a, b = tiny_bundles
     proc, _ = deploy(device, str(a))
@@ -147,16 +146,9 @@ def test_smoke_failure_keeps_previous_current(tiny_bundles: tuple[Path, Path], d
     before = current(device)
     # A bundle that loads but whose output on this device differs from what the build recorded (as when a
     # kernel misbehaves on one instruction set): the recorded golden tokens are not what the model picks.
-    wrong = tmp_path / "wrong"
-    shutil.copytree(a, wrong)
-    smoke = (wrong / "smoke_test.py").read_text()
     golden = json.loads((a / "edgepack.json").read_text())["smoke"]["golden_tokens"]
-    bogus = [(t + 1) % 500 for t in golden]
-    smoke = smoke.replace(f"GOLDEN = {golden}", f"GOLDEN = {bogus}")
-    smoke = smoke.replace("CHECKED = [", "CHECKED = [True, True, True, True, True, True, True, True] or [", 1)
-    (wrong / "smoke_test.py").write_text(smoke)
-    write_manifest(wrong, {k: v for k, v in json.loads((a / "edgepack.json").read_text()).items()
-                           if k not in ("files", "content_sha256", "bundle_id", "schema")})
+    wrong = with_smoke(a, tmp_path / "wrong", golden_tokens=[(t + 1) % 500 for t in golden],
+                       golden_checked=[True] * len(golden))
     proc, doc = deploy(device, str(wrong))
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = doc["error"]

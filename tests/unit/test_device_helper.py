@@ -174,3 +174,33 @@ def test_the_unit_serves_the_install_dir_it_was_deployed_to(tmp_path: Path) -> N
     text = Path(out["path"]).read_text()
     assert text == f"ExecStart={root}/current/.venv/bin/python {root}/current/run.py --serve 127.0.0.1:8090\n"
     assert out["unit"] == h.unit_name(str(root))  # one unit per install dir, whatever the bundle's name
+
+
+def test_root_on_a_systemd_device_gets_a_hardened_system_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.bundle import write_manifest
+    from edgepack.stages.render import shipped_dir
+
+    monkeypatch.setitem(h.UNIT_DIRS, "system", str(tmp_path / "etc-systemd"))
+    monkeypatch.setitem(h.UNIT_DIRS, "user", str(tmp_path / "user-units"))
+    root = tmp_path / "edgepack"
+    bundle_id, staging = release(root, "a")
+    unit = "edgepack-b-a.service"
+    (staging / unit).write_text((shipped_dir("templates") / "_shared" / "edgepack.service.j2").read_text()
+                                .replace("{{ ctx.name }}", "b-a"))
+    os.remove(staging / "edgepack.json")
+    write_manifest(staging, {"name": "b-a"})
+    bundle_id = json.loads((staging / "edgepack.json").read_text())["bundle_id"]
+    os.rename(staging, root / "releases" / f"{bundle_id}.partial")
+    assert h.service_status(str(root))["unit_scope"] is None
+    with holding(root, "op-1"):
+        h.publish(str(root), "op-1", bundle_id)
+        h.switch(str(root), "op-1", bundle_id)
+        out = h.install_unit(str(root), "op-1", unit, "system", "127.0.0.1:8090")
+        with pytest.raises(h.Refused, match="bad unit scope"):
+            h.install_unit(str(root), "op-1", unit, "../etc", "127.0.0.1:8090")
+    text = Path(out["path"]).read_text()
+    assert Path(out["path"]).parent == tmp_path / "etc-systemd" and out["scope"] == "system"
+    assert "WantedBy=multi-user.target" in text and "default.target" not in text
+    assert "NoNewPrivileges=yes" in text and text.index("ProtectSystem=full") < text.index("[Install]")
+    assert f"ExecStart={root}/current/.venv/bin/python {root}/current/run.py --serve 127.0.0.1:8090" in text
+    assert h.service_status(str(root))["unit_scope"] == "system"

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-CORE = Path(__file__).resolve().parents[2] / "templates" / "_shared" / "edgepack_runner.py"
-spec = importlib.util.spec_from_file_location("edgepack_runner", CORE)
-assert spec and spec.loader
-core = importlib.util.module_from_spec(spec)
-sys.modules["edgepack_runner"] = core
-spec.loader.exec_module(core)
+from ..conftest import runner_core
+
+core = runner_core("edgepack_server")
 
 
 class Words:
