@@ -57,3 +57,22 @@ def test_greedy_unless_a_temperature_is_asked_for() -> None:
     assert core.Request({"messages": [turn("user", 1)], "temperature": 0}, True, Words()).sampling == core.GREEDY
     s = core.Request({"messages": [turn("user", 1)], "temperature": 0.8, "seed": 3}, True, Words()).sampling
     assert s["sample"] and s["temperature"] == 0.8 and s["seed"] == 3
+
+
+def test_pick_token_greedy_top_k_top_p_and_seed() -> None:
+    import numpy as np
+
+    runner = runner_core("edgepack_runner")
+    logits = np.array([0.0, 3.0, 2.9, -1.0, 1.0], np.float32)
+    rng = np.random.default_rng(0)
+    assert runner.pick_token(logits, runner.GREEDY, rng) == 1
+    sample = {"sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 2, "seed": 7}
+    picks = {runner.pick_token(logits, sample, rng) for _ in range(200)}
+    assert picks == {1, 2}  # top-k 2: only the two best, both drawn
+    narrow = {**sample, "top_k": 0, "top_p": 0.01}
+    assert {runner.pick_token(logits, narrow, rng) for _ in range(50)} == {1}  # nucleus of one token
+    hot = {**sample, "top_k": 0, "temperature": 2.0}
+    a = [runner.pick_token(logits, hot, np.random.default_rng(42)) for _ in range(1)]
+    runs = [[runner.pick_token(logits, hot, g) for _ in range(30)] for g in (np.random.default_rng(42),
+                                                                             np.random.default_rng(42))]
+    assert runs[0] == runs[1] and len(set(runs[0])) >= 3 and a[0] == runs[0][0]  # a seed reproduces the draw
