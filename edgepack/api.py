@@ -170,8 +170,9 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
-            manifest = write_manifest(tmp, manifest_for(name, source, target, exported, report, reqs, lock,
-                                                     family.id) | extra)
+            doc = manifest_for(name, source, target, exported, report, reqs, lock, family.id) | extra
+            files.append(write_bom(tmp, doc, lock, target))
+            manifest = write_manifest(tmp, doc)
             info.update(artifact=str(final), files=files)
         if req.sign is not None:
             from edgepack.signing import sign
@@ -246,27 +247,77 @@ class InspectResult:
     manifest: Manifest
     verified: bool
     signature: str  # "unsigned", or "signed by key <id> (not checked: pass a key to deploy)"
+    licenses: dict[str, list[str]]  # license -> the components under it (from the SBOM)
 
 
 def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
+    """A bundle folder or its packed archive: the manifest, whether its files verify, its signature."""
     from edgepack.bundle import SIGNATURE
+    from edgepack.stages.pack import opened
 
-    manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
-    sig = bundle / SIGNATURE
-    signature = "unsigned"
-    if sig.is_file():
-        from edgepack.signing import signature_key_id
+    with opened(bundle) as folder:
+        manifest = verify_bundle(folder) if verify else read_manifest(folder)
+        sig = folder / SIGNATURE
+        signature = "unsigned"
+        if sig.is_file():
+            from edgepack.signing import signature_key_id
 
-        signature = f"signed by key {signature_key_id(sig)} (checked against a key by deploy --require-signature)"
-    return InspectResult(bundle=bundle, manifest=manifest, verified=verify, signature=signature)
+            signature = f"signed by key {signature_key_id(sig)} (checked against a key by deploy --require-signature)"
+        licenses = license_summary(folder)
+    return InspectResult(bundle=bundle, manifest=manifest, verified=verify, signature=signature, licenses=licenses)
+
+
+def write_bom(folder: Path, doc: dict[str, Any], lock: list[LockedWheel], target: Any) -> str:
+    """sbom.cdx.json into the bundle being built; a license the target denies fails the build here."""
+    from edgepack.stages.pack import source_date_epoch
+    from edgepack.stages.sbom import SBOM, build_sbom, check_denied, licenses
+
+    text = build_sbom(doc, lock, folder / "wheels", source_date_epoch())
+    (folder / SBOM).write_text(text, encoding="utf-8")
+    check_denied(licenses(text), target.bundle.deny_licenses, target.id)
+    return SBOM
+
+
+def license_summary(folder: Path) -> dict[str, list[str]]:
+    from edgepack.stages.sbom import SBOM, licenses
+
+    sbom = folder / SBOM
+    return licenses(sbom.read_text(encoding="utf-8")) if sbom.is_file() else {}
 
 
 def sign(bundle: Path, key: Path) -> Any:
-    """Sign a built bundle: the files are checked against the manifest first, then the manifest is signed."""
+    """Sign a built bundle (folder or archive): the files are checked against the manifest first, then the
+    manifest is signed; an archive is packed again with the signature in it."""
     from edgepack.signing import sign as sign_manifest
+    from edgepack.stages.pack import archive_format, opened, write_archive
 
-    verify_bundle(bundle)
-    return sign_manifest(bundle, key, password=os.environ.get("EDGEPACK_KEY_PASSWORD"))
+    with opened(bundle) as folder:
+        verify_bundle(folder)
+        info = sign_manifest(folder, key, password=os.environ.get("EDGEPACK_KEY_PASSWORD"))
+        fmt = archive_format(bundle)
+        if fmt and bundle.is_file():
+            write_archive(folder, bundle, fmt)
+    return info
+
+
+@dataclass(frozen=True)
+class PackResult:
+    archive: Path
+    bundle_id: str
+    bytes: int
+    sha256: str
+    format: str  # "gz" or "zst"
+    entries: int
+
+
+def pack(bundle: Path, out: Path | None = None, fmt: str | None = None) -> PackResult:
+    """One reproducible archive of a verified bundle (stages/pack.py)."""
+    from edgepack.fsutil import sha256_file
+    from edgepack.stages.pack import pack as pack_bundle
+
+    archive, manifest, entries, size, got = pack_bundle(bundle, out, fmt)
+    return PackResult(archive=archive, bundle_id=manifest.bundle_id, bytes=size, sha256=sha256_file(archive),
+                      format=got, entries=entries)
 
 
 @dataclass(frozen=True)
@@ -327,7 +378,14 @@ def bundle_python(bundle: Path) -> str:
 
 
 def run(req: RunRequest) -> tuple[int, str]:
-    """Run the bundle's own runner here (same arch only)."""
+    """Run the bundle's own runner here (same arch only); a packed archive is unpacked (checked) into a temp dir."""
+    from edgepack.stages.pack import opened
+
+    with opened(req.bundle) as folder:
+        return _run_folder(dataclasses.replace(req, bundle=folder))
+
+
+def _run_folder(req: RunRequest) -> tuple[int, str]:
     import subprocess
 
     cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--prompt", req.prompt,
@@ -401,13 +459,23 @@ def latest_bundle(dist: Path) -> Path:
 
 
 def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
-    """verify locally (+ signature) → connect → preflight → lock → upload → verify → install → smoke → switch."""
+    """verify locally (+ signature) → connect → preflight → lock → upload → verify → install → smoke → switch.
+    A packed archive is unpacked (every entry checked) into a temp folder first."""
+    from edgepack.stages.pack import opened
+
+    given = req.bundle or latest_bundle(req.dist)
+    if req.bundle is None:
+        progress(ProgressEvent("bundle", f"no bundle given: deploying the newest in {req.dist}/: {given.name}"))
+    with opened(given) as bundle:
+        if bundle != given:
+            progress(ProgressEvent("bundle", f"unpacked {given.name} (every entry checked) into a temp folder"))
+        return _deploy_folder(req, bundle, progress)
+
+
+def _deploy_folder(req: DeployRequest, bundle: Path, progress: ProgressFn) -> Any:
     from edgepack.remote.deploy import deploy as remote_deploy
     from edgepack.remote.ssh import Connection
 
-    bundle = req.bundle or latest_bundle(req.dist)
-    if req.bundle is None:
-        progress(ProgressEvent("bundle", f"no bundle given: deploying the newest in {req.dist}/: {bundle.name}"))
     progress(ProgressEvent("bundle", f"verifying {bundle} against its manifest"))
     manifest = verify_bundle(bundle)
     from edgepack.signing import check_for_deploy

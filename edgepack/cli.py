@@ -239,8 +239,10 @@ def inspect(bundle: Path, no_verify: bool) -> None:
             f"files    {len(m['files'])}, {total / 1e6:.1f} MB, "
             + ("all match their sha256" if res.verified else "not verified"),
             f"signed   {res.signature}",
+            "licenses " + ("; ".join(f"{lic}: {len(c)}" for lic, c in res.licenses.items()) if res.licenses
+                           else "(no sbom.cdx.json: built by an older edgepack)"),
         ])
-        return m | {"verified": res.verified, "signature": res.signature}, human
+        return m | {"verified": res.verified, "signature": res.signature, "licenses": res.licenses}, human
 
     _run("inspect", go)
 
@@ -501,6 +503,25 @@ def keygen(out: Path, password_env: str | None, force: bool) -> None:
             f"sign: edgepack sign BUNDLE --key {sec}\ndeploy: edgepack deploy --require-signature {pub} ...")
 
     _run("keygen", go)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="The archive: NAME.tar.gz or NAME.tar.zst (default: <bundle id>.tar.gz beside the bundle).")
+@click.option("--format", "fmt", type=click.Choice(["gz", "zst"]), help="With no --out: gz (default) or zst.")
+@_json_option
+def pack(bundle: Path, out: Path | None, fmt: str | None) -> None:
+    """Pack a verified BUNDLE into one reproducible archive (same bundle, same bytes; SOURCE_DATE_EPOCH sets the
+    entries' time). deploy, inspect, run and sign take the archive wherever they take the folder."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.pack(bundle, out, fmt)
+        return res, (f"packed {res.bundle_id}: {res.archive} ({res.bytes / 1e6:.1f} MB, {res.entries} entries)\n"
+                     f"sha256 {res.sha256}")
+
+    _run("pack", go)
 
 
 @cli.command()

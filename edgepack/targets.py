@@ -102,6 +102,13 @@ class DeploySpec:
 
 
 @dataclass(frozen=True)
+class BundleSpec:
+    # SPDX license ids this team refuses to ship (e.g. ["GPL-3.0-only", "AGPL-3.0-only"]; "UNKNOWN" refuses
+    # components whose license cannot be read): a build with one fails, naming the component (the SBOM lists all).
+    deny_licenses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TuneCandidate:
     name: str
     quantize: QuantizeSpec
@@ -127,6 +134,7 @@ class TargetProfile:
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     deploy: DeploySpec = field(default_factory=DeploySpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
+    bundle: BundleSpec = field(default_factory=BundleSpec)
 
     def resolved_arch(self) -> str:
         return platform.machine() if self.device.arch == "native" else self.device.arch
@@ -148,6 +156,7 @@ _SECTIONS: dict[str, type] = {
     "quality": QualitySpec,
     "runtime": RuntimeSpec,
     "deploy": DeploySpec,
+    "bundle": BundleSpec,
 }
 
 

@@ -39,7 +39,7 @@ def documented_codes() -> set[str]:
 def documented_keys(command: str) -> list[str]:
     row = re.search(rf"^\| `{re.escape(command)}` \| (.*) \|$", DOC, re.M)
     assert row, command
-    return re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)\)?", "", row.group(1)))
+    return re.findall(r"`([a-z_0-9]+)`", re.sub(r"\([^)]*\)\)?", "", row.group(1)))
 
 
 def test_every_raised_code_is_documented_and_every_documented_code_is_raised() -> None:
@@ -53,7 +53,7 @@ def test_result_keys_are_the_result_types_fields() -> None:
     from edgepack.remote.deploy import DeployOutcome
     from edgepack.signing import SignatureInfo
 
-    types = {"build": api.BuildResult, "inspect": api.InspectResult, "deploy": DeployOutcome,
+    types = {"build": api.BuildResult, "deploy": DeployOutcome,
              "bench": api.BenchResult, "sign": SignatureInfo, "pack": api.PackResult}
     for command, cls in types.items():
         fields = [f.name for f in dataclasses.fields(cls) if f.metadata.get("json", True)]
