@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from edgepack.errors import ModelError, require
-from edgepack.fsutil import sha256_file, staging_dir
+from edgepack.fsutil import cache_entry, sha256_file
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.resources import cache_root
 from edgepack.source import AdapterInfo, ModelSource, slug
@@ -83,7 +83,7 @@ def _merge(base_dir: Path, adapter_dir: Path, target: Path) -> None:
                          adapter_tensors=saved, matched=loaded)
     merged = wrapped.merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with staging_dir(target, force=True) as tmp:
+    with cache_entry(target) as tmp:
         merged.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             src = adapter_dir / name if (adapter_dir / name).is_file() else base_dir / name

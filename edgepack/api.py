@@ -16,6 +16,8 @@ from typing import Any
 
 from edgepack.backends import exporters
 from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
+from edgepack.cache import Cache, export_key, exported_from, gate_key, report_from
+from edgepack.cache import enabled as cache_enabled
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import ModelSource, resolve_model
@@ -51,6 +53,7 @@ class BuildRequest:
     adapter: Path | None = None  # a PEFT LoRA adapter folder, merged into the model before export
     checks: Path | None = None  # a JSONL file of task checks gated float vs quantized (quality.checks)
     sign: Path | None = None  # a minisign secret key: sign the manifest (edgepack.json.minisig) before publishing
+    use_cache: bool = True  # reuse a cached export and gate measurements (cache.py); EDGEPACK_NO_CACHE=1 also off
 
 
 @dataclass(frozen=True)
@@ -139,9 +142,18 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             if req.plot:
                 plot(tune_table, req.plot, f"{source.name} for {target.id}: speed vs quality ({tuned_on})")
         else:
+            cache = Cache() if req.use_cache and cache_enabled() else None
+            key = export_key(source, target) if cache else {}
             with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
-                exported = exporter.export(source, target, model_dir, work, progress)
-                info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme)
+                hit = cache.get_export(key, model_dir) if cache else None
+                if hit is not None:
+                    exported = exported_from(hit, model_dir)
+                    progress(ProgressEvent("export", "reused from the build cache (same model, profile and tools)"))
+                else:
+                    exported = exporter.export(source, target, model_dir, work, progress)
+                    if cache:
+                        cache.put_export(key, model_dir, exported, f"{source.name} for {target.id}: {exported.scheme}")
+                info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme, cached=hit is not None)
             with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
                 info.update(bytes=exported.bytes, nodes=exported.stats.nodes,
                             quantized_matmuls=exported.stats.quantized_matmuls, bits=list(exported.stats.bits))
@@ -150,8 +162,18 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 progress(ProgressEvent("validate", "SKIPPED (--skip-validation): the manifest records it"))
             else:
                 with stages.stage("validate", "quality gate against the fp32 reference") as info:
-                    report = validate(source, model_dir, target, context=exported.context_length, progress=progress)
-                    info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct)
+                    gkey = _gate_key(key, target, exported.context_length) if cache else {}
+                    measured = cache.get_gate(gkey) if cache else None
+                    if measured is not None:
+                        report = report_from(measured, target)
+                        progress(ProgressEvent("validate", "measurements reused from the build cache; judged "
+                                                           "against this target's tolerances"))
+                    else:
+                        report = validate(source, model_dir, target, context=exported.context_length,
+                                          progress=progress)
+                        if cache:
+                            cache.put_gate(gkey, report, f"{source.name} for {target.id}: {exported.scheme}")
+                    info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct, cached=measured is not None)
                 enforce(report, target)
         reqs = requirements(target, exported.runtime_versions)
         lock: list[LockedWheel] = []
@@ -185,6 +207,17 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     return BuildResult(bundle=final, bundle_id=manifest.bundle_id, target=target.id, model=source.name,
                        scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
                        tune=tune_table)
+
+
+def _gate_key(export: dict[str, Any], target: TargetProfile, context: int) -> dict[str, Any]:
+    from edgepack.quality import checks as task_checks
+    from edgepack.quality import texts
+
+    checks_sha = None
+    if target.quality.checks:
+        checks_sha = task_checks.load(task_checks.resolve_path(target.quality.checks, target.source))[1]
+    return gate_key(export, target, texts.for_target(target.quality.eval_text, target.source).sha256, checks_sha,
+                    context)
 
 
 def _fit(source: ModelSource, target: TargetProfile, context: int = 0) -> Any:
@@ -265,6 +298,25 @@ def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
             signature = f"signed by key {signature_key_id(sig)} (checked against a key by deploy --require-signature)"
         licenses = license_summary(folder)
     return InspectResult(bundle=bundle, manifest=manifest, verified=verify, signature=signature, licenses=licenses)
+
+
+def cache_ls(kind: str | None = None) -> dict[str, Any]:
+    c = Cache()
+    return {"root": str(c.root), "entries": c.entries(kind)}
+
+
+def cache_du() -> dict[str, Any]:
+    c = Cache()
+    by_kind: dict[str, int] = {}
+    for e in c.entries():
+        by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + e["bytes"]
+    return {"root": str(c.root), "bytes": sum(by_kind.values()), "by_kind": by_kind}
+
+
+def cache_clear(kind: str | None = None) -> dict[str, Any]:
+    c = Cache()
+    removed, freed = c.clear(kind)
+    return {"root": str(c.root), "removed": removed, "bytes_freed": freed}
 
 
 def write_bom(folder: Path, doc: dict[str, Any], lock: list[LockedWheel], target: Any) -> str:

@@ -95,11 +95,13 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--install-dir", help="With --tune-on: where the device's releases live.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), metavar="KEY",
               help="Sign the manifest with this minisign secret key (password: $EDGEPACK_KEY_PASSWORD).")
+@click.option("--no-cache", is_flag=True, help="Export and score again even when the build cache has this build "
+                                               "(also EDGEPACK_NO_CACHE=1).")
 @_json_option
 def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip_validation: bool,
           adapter: Path | None, eval_text: Path | None, checks_file: Path | None, no_wheels: bool, tune: bool,
           plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
-          install_dir: str | None, sign_key: Path | None) -> None:
+          install_dir: str | None, sign_key: Path | None, no_cache: bool) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -111,7 +113,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
         res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force, format=fmt,
                                          eval_text=eval_text, adapter=adapter, checks=checks_file,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
-                                         tune=tune, plot=plot, sign=sign_key,
+                                         tune=tune, plot=plot, sign=sign_key, use_cache=not no_cache,
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,
                                                                    known_hosts=known_hosts, install_dir=install_dir)
                                          if tune_on else None), progress=o.progress)
@@ -129,10 +131,64 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
                          f"  [PASS within target '{res.target}' tolerances]")
         else:
             lines.append("quality: NOT VALIDATED (--skip-validation)")
-        lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" for s in res.stages))
+        lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" + (" (cached)" if s.detail.get("cached")
+                                                                            else "") for s in res.stages))
         return res, "\n".join(lines)
 
     _run("build", go)
+
+
+@cli.group()
+def cache() -> None:
+    """The build cache: exports, gate measurements, model checkpoints, reference scores, wheels
+    ($EDGEPACK_CACHE, else $XDG_CACHE_HOME/edgepack, else ~/.cache/edgepack)."""
+
+
+_KIND = click.option("--kind", type=click.Choice(["exports", "gates", "checkpoints", "reference", "wheels"]),
+                     help="Only this kind of entry.")
+
+
+@cache.command("ls")
+@_KIND
+@_json_option
+def cache_ls(kind: str | None) -> None:
+    """List the cache's entries."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.cache_ls(kind)
+        rows = [f"{e['kind']:<12} {e['key'][:24]:<24} {e['bytes'] / 1e6:>9.1f} MB  {e['what']}" for e in res["entries"]]
+        return res, "\n".join([f"{res['root']}:", *rows] if rows else [f"{res['root']}: empty"])
+
+    _run("cache ls", go)
+
+
+@cache.command("du")
+@_json_option
+def cache_du() -> None:
+    """Bytes the cache holds, by kind."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.cache_du()
+        return res, "\n".join([f"{res['root']}: {res['bytes'] / 1e6:.1f} MB",
+                               *(f"  {k:<12} {v / 1e6:>9.1f} MB" for k, v in res["by_kind"].items())])
+
+    _run("cache du", go)
+
+
+@cache.command("clear")
+@_KIND
+@_json_option
+def cache_clear(kind: str | None) -> None:
+    """Remove the cache's entries (a build that is reading one keeps its copy)."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.cache_clear(kind)
+        return res, f"removed {len(res['removed'])} entries, {res['bytes_freed'] / 1e6:.1f} MB from {res['root']}"
+
+    _run("cache clear", go)
 
 
 @cli.group()

@@ -72,6 +72,25 @@ def staging_dir(final: Path, *, force: bool) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def cache_entry(final: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `final`, published by one rename when the block succeeds. Made for caches that
+    parallel builds share: when another build published `final` first, its copy stays (a build may be reading it)
+    and this one is dropped. The contents are the same either way."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import ModelError, require
-from edgepack.fsutil import staging_dir
+from edgepack.fsutil import cache_entry
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.source import TokenizerFacts
 
@@ -113,7 +113,7 @@ def convert_gguf(path: Path, target: Path, *, progress: ProgressFn = silent) -> 
         plain.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         plain.config.eos_token_id = facts.eos_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
-    with staging_dir(target, force=True) as tmp:
+    with cache_entry(target) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _drop_tokens_past(tmp, len(meta["tokens"]))

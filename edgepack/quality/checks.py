@@ -183,3 +183,9 @@ def failures(report: ChecksReport) -> tuple[str, ...]:
     lost = [r.id for r in report.results if r.float_passed and not r.quantized_passed]
     return (f"task checks: quantized passes {report.quantized_passed}/{report.total}, float "
             f"{report.float_passed}/{report.total} (allowed drop {report.allowed_drop}; lost: {', '.join(lost)})",)
+
+
+def report_from(fields: dict[str, Any], max_drop: float) -> ChecksReport:
+    """A cached ChecksReport (its JSON), with the allowed drop of today's target."""
+    results = tuple(CheckResult(**{**r, "prompt_ids": tuple(r["prompt_ids"])}) for r in fields["results"])
+    return ChecksReport(**{**fields, "results": results, "allowed_drop": int(max_drop * fields["total"])})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def score_reference(source: ModelSource, *, text: texts.EvalText | None = None, 
         arrays.update({f"t{i}": w.target_ids, f"n{i}": w.nll, f"k{i}": w.topk_ids.astype(np.int32),
                        f"l{i}": w.topk_logp.astype(np.float32)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # unique: parallel builds score the same model
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
     return Reference(text.name, text.sha256, ids, p_ids, greedy, wins, scored,

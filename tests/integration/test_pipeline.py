@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -142,3 +143,50 @@ def test_a_packed_archive_deploys_as_the_folder_does(tiny_bundles: tuple[Path, P
     assert shown["signature"].startswith("signed by key " + signed["result"]["key_id"])
     proc = cli("--json", "deploy", str(archive), *device["args"], "--require-signature", f"{key}.pub")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cold_twice_in_parallel_then_warm_give_one_archive_and_the_cache_says_so(tiny_model: Path, tiny_target: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Two builds race on an empty cache (both publish the same entries; neither sees half of one), a third reuses
+    them: three output folders, one archive sha256. A changed tolerance re-judges without exporting again."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "EDGEPACK_CACHE": str(cache)}
+
+    def build(out: str, *extra: str, target: Path = tiny_target) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "edgepack", "-q", "--json", "build", "--target", str(target),
+                                 str(tiny_model), "--out", str(tmp_path / out), "--no-wheels", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def done(p: subprocess.Popen[str]) -> dict:
+        stdout, stderr = p.communicate(timeout=900)
+        doc = json.loads(stdout)
+        assert p.returncode == 0 or doc["error"], stderr[-2000:]
+        return doc
+
+    def cached(doc: dict) -> dict[str, bool]:
+        return {s["name"]: bool(s["detail"].get("cached")) for s in doc["result"]["stages"]}
+
+    racers = [done(p) for p in [build("cold1"), build("cold2")]]
+    assert all(d["ok"] for d in racers), racers
+    warm = done(build("warm"))
+    assert cached(warm)["export"] and cached(warm)["validate"], warm["result"]["stages"]
+    shas = {envelope(cli("--json", "pack", d["result"]["bundle"], "--out", str(tmp_path / f"{i}.tar.gz")))["result"]
+            ["sha256"] for i, d in enumerate([*racers, warm])}
+    assert len(shas) == 1
+    assert not list((cache / "exports").glob(".*")) and len(list((cache / "exports").iterdir())) == 1
+    # A tolerance changed: the cached measurements are judged again, nothing is exported or scored again.
+    strict = tmp_path / "strict.toml"
+    strict.write_text(tiny_target.read_text().replace("max_ppl_increase_pct = 50.0", "max_ppl_increase_pct = 0.001"))
+    refused = done(build("strict", target=strict))
+    assert refused["error"]["code"] == "quality_gate_failed" and "perplexity" in refused["error"]["message"]
+    assert "> allowed +0.0%" in refused["error"]["message"]
+    fresh = done(build("fresh", "--no-cache"))
+    assert not any(cached(fresh).values())
+    listed = envelope(cli("--json", "cache", "ls", "--kind", "exports", env={"EDGEPACK_CACHE": str(cache)}))
+    assert [e["kind"] for e in listed["result"]["entries"]] == ["exports"]
+    cleared = envelope(cli("--json", "cache", "clear", "--kind", "exports", env={"EDGEPACK_CACHE": str(cache)}))
+    assert len(cleared["result"]["removed"]) == 1 and cleared["result"]["bytes_freed"] > 0
+    assert not any((cache / "exports").iterdir()) and any((cache / "gates").iterdir())
