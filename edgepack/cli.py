@@ -16,14 +16,27 @@ from edgepack.output import Output
 
 
 class _State:
-    def __init__(self, json_mode: bool, quiet: bool) -> None:
+    def __init__(self, json_mode: bool, quiet: bool, verbose: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
+        self.verbose = verbose
 
 
-def _run(command: str, fn: Callable[[Output], tuple[Any, str]]) -> None:
+def _run(command: str, fn: Callable[[Output], tuple[Any, str]], *, tool_log: bool = False) -> None:
+    """`tool_log`: the command drives converters and runtimes; what they print goes to a log file (output.tool_log)
+    unless --verbose, and an error names the log."""
+    import contextlib
+
+    from edgepack.output import tool_log as capture
+
     state: _State = click.get_current_context().find_object(_State) or _State(False, False)
-    out = Output(command, json_mode=state.json_mode, quiet=state.quiet)
+    with capture(command) if tool_log and not state.verbose else contextlib.nullcontext((sys.stderr, None)) as (
+            err, log):
+        _attempt(command, fn, state, err, log)
+
+
+def _attempt(command: str, fn: Callable[[Output], tuple[Any, str]], state: _State, err: Any, log: Any) -> None:
+    out = Output(command, json_mode=state.json_mode, quiet=state.quiet, stderr=err)
     try:
         result, human = fn(out)
     except KeyboardInterrupt:
@@ -33,9 +46,14 @@ def _run(command: str, fn: Callable[[Output], tuple[Any, str]]) -> None:
         out.failure(UserError("interrupted; nothing was left half-written.", hint="Run the command again."))
         sys.exit(130)
     except EdgepackError as exc:
+        if log is not None and log.exists() and log.stat().st_size:
+            exc.fields.setdefault("log", str(log))
+            exc.hint = (exc.hint + " " if exc.hint else "") + f"What the tools printed: {log}"
         code = out.failure(exc, traceback_text=None if isinstance(exc, UserError) else traceback.format_exc())
         sys.exit(code)
     except Exception as exc:  # a bug: show the traceback, exit 2
+        if log is not None and log.exists() and log.stat().st_size:
+            err.write(f"what the tools printed: {log}\n")
         sys.exit(out.failure(exc, traceback_text=traceback.format_exc()))
     out.success(result, human)
 
@@ -44,15 +62,17 @@ def _run(command: str, fn: Callable[[Output], tuple[Any, str]]) -> None:
 @click.version_option(__version__, prog_name="edgepack")
 @click.option("--json", "json_mode", is_flag=True, help="Print exactly one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Show what the converters and runtimes print (by default a build "
+                                                    "sends it to a log file under the cache dir).")
 @click.pass_context
-def cli(ctx: click.Context, json_mode: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, json_mode: bool, quiet: bool, verbose: bool) -> None:
     """Turn a small language model into a verified, quantized bundle for an edge device, and deploy it.
 
     \b
     edgepack build --target rpi5 smollm2-135m
     edgepack deploy --host pi.local dist/smollm2-135m-rpi5
     """
-    ctx.obj = _State(json_mode, quiet)
+    ctx.obj = _State(json_mode, quiet, verbose)
 
 
 def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,7 +155,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
                                                                             else "") for s in res.stages))
         return res, "\n".join(lines)
 
-    _run("build", go)
+    _run("build", go, tool_log=True)
 
 
 @cli.group()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -120,3 +123,43 @@ class Output:
             "error: internal error in edgepack (this is a bug). Please report it with the traceback above.\n"
         )
         return 2
+
+
+KEEP_LOGS = 20
+
+
+@contextlib.contextmanager
+def tool_log(command: str) -> Iterator[tuple[TextIO, Path | None]]:
+    """While a command runs, what the libraries it drives print (warnings, tqdm bars, C++ runtimes' own lines) goes
+    to a log file under the cache dir, not to the terminal: yields (the real stderr for edgepack's own lines, the
+    log's path). Only when stderr is the process's fd 2 (not under a test runner's capture); an empty log is
+    removed, and the last KEEP_LOGS are kept."""
+    try:
+        real_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        real_fd = -1
+    if real_fd != 2:
+        yield sys.stderr, None
+        return
+    from edgepack.resources import cache_root
+
+    logs = cache_root() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{command.replace(' ', '-')}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    saved = os.dup(2)
+    real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield real, path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        real.close()
+        if path.stat().st_size == 0:
+            path.unlink(missing_ok=True)
+        for old in sorted(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
+            old.unlink(missing_ok=True)

@@ -190,3 +190,22 @@ def test_cold_twice_in_parallel_then_warm_give_one_archive_and_the_cache_says_so
     cleared = envelope(cli("--json", "cache", "clear", "--kind", "exports", env={"EDGEPACK_CACHE": str(cache)}))
     assert len(cleared["result"]["removed"]) == 1 and cleared["result"]["bytes_freed"] > 0
     assert not any((cache / "exports").iterdir()) and any((cache / "gates").iterdir())
+
+
+def test_a_build_prints_only_its_own_progress_and_logs_the_tools(tiny_model: Path, tiny_target: Path,
+                                                                 tmp_path: Path) -> None:
+    """A cold build imports torch and transformers and runs the builder: their warnings and bars go to a log under
+    the cache dir, stderr has edgepack's stage lines only (and --verbose shows the tools' output)."""
+    import re
+
+    env = {"EDGEPACK_CACHE": str(tmp_path / "cache")}
+    proc = cli("build", "--target", str(tiny_target), str(tiny_model), "--out", str(tmp_path / "d"), "--no-wheels",
+               env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert lines and all(re.match(r"^\[ *\d+\.\ds\] [a-z-]+: ", line) for line in lines), lines
+    logs = list((tmp_path / "cache" / "logs").glob("build-*.log"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0
+    loud = cli("-v", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(tmp_path / "v"),
+               "--no-wheels", "--no-cache", env={"EDGEPACK_CACHE": str(tmp_path / "cache2")})
+    assert loud.returncode == 0 and any(not re.match(r"^\[ *\d+\.\ds\] ", line) for line in loud.stderr.splitlines())
