@@ -124,10 +124,16 @@ def _read_manifest_bytes(bundle: Path) -> tuple[bytes, str]:
     return data, bundle_id
 
 
+def _key_bytes(path: Path) -> bytes:
+    """A key file's two lines, whatever surrounds them: CI secret stores add or strip newlines and CRs."""
+    lines = [ln.strip() for ln in path.read_bytes().splitlines() if ln.strip()]
+    return b"\n".join(lines) + b"\n"
+
+
 def _load_secret_key(key: Path, password: str | None) -> Any:
     ms = _minisign()
     try:
-        sk = ms.SecretKey.from_file(key)
+        sk = ms.SecretKey.from_bytes(_key_bytes(key))
     except OSError as exc:
         raise SignatureError(f"cannot read secret key {key}: {exc.strerror}.",
                              hint="Make one with `edgepack keygen KEY`.", path=key) from exc
@@ -190,7 +196,7 @@ def load_public_keys(specs: Sequence[str | Path]) -> list[Any]:
             if isinstance(spec, str) and text.startswith("RW") and not Path(text).exists():
                 keys.append(ms.PublicKey.from_base64(text.strip()))
             else:
-                keys.append(ms.PublicKey.from_file(text))
+                keys.append(ms.PublicKey.from_bytes(_key_bytes(Path(text))))
         except OSError as exc:
             raise SignatureError(f"trusted key {text!r} is neither a readable .pub file nor a base64 public key "
                                  f"({exc.strerror}).",

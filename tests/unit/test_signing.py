@@ -153,6 +153,17 @@ def test_sign_then_verify(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     assert verify(b, [str(pub)]) == info
 
 
+def test_keys_pasted_through_a_ci_secret_store_still_load(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """Secret stores add a trailing newline (printf '%s\\n' "$SECRET"), or CRs from a Windows clipboard."""
+    sk, pub = keys
+    pasted_sk, pasted_pub = tmp_path / "pasted.key", tmp_path / "pasted.pub"
+    pasted_sk.write_bytes(sk.read_bytes() + b"\n\n")
+    pasted_pub.write_bytes(pub.read_bytes().replace(b"\n", b"\r\n") + b"\r\n")
+    b = make_bundle(tmp_path)
+    info = sign(b, pasted_sk)
+    assert verify(b, [pasted_pub]) == info
+
+
 @needs_minisign
 def test_minisign_tool_verifies_our_signature(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     sk, pub = keys
