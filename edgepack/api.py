@@ -8,26 +8,27 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
 from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
-from edgepack.cache import Cache, export_key, exported_from, gate_key, report_from
-from edgepack.cache import enabled as cache_enabled
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
-from edgepack.models import ModelSource, resolve_model
+from edgepack.models import resolve_model
 from edgepack.output import to_jsonable
+from edgepack.plan import check_fits
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
-from edgepack.stages.render import RUNTIME_MODULES, bundle_context, manifest_for, render
-from edgepack.stages.validate import QualityReport, enforce, unvalidated, validate
+from edgepack.stages.export import export as export_stage
+from edgepack.stages.export import gate, with_format
+from edgepack.stages.render import RUNTIME_MODULES, bundle_context, manifest_for, render, runtime_name
+from edgepack.stages.sbom import license_summary
+from edgepack.stages.sbom import write as write_sbom
+from edgepack.stages.validate import QualityReport, enforce, unvalidated
 from edgepack.stages.wheels import requirements, vendor_wheels
-from edgepack.targets import TargetProfile, load_target
+from edgepack.targets import load_target
 
 
 @dataclass(frozen=True)
@@ -71,24 +72,6 @@ class BuildResult:
 
 
 
-def runtime_name(default: str, template: str) -> str:
-    """The runtime a bundle uses: its template's, where that is a known runtime (tflite: litert-lm or litert)."""
-    return template if template in RUNTIME_MODULES else default
-
-
-def with_format(target: TargetProfile, fmt: str | None) -> TargetProfile:
-    """`--format` overrides the target's export format, and with it the runtime template and packages."""
-    if fmt is None or fmt == target.export.format:
-        return target
-    exporter = exporters.get(fmt)
-    export = dataclasses.replace(target.export, format=fmt)
-    runtime = dataclasses.replace(target.runtime, template=exporter.template, packages=exporter.packages)
-    quantize = target.quantize
-    if fmt == "onnx" and quantize.algorithm == "weight_only":  # ONNX int8 is weight-only already
-        quantize = dataclasses.replace(quantize, algorithm="default")
-    return dataclasses.replace(target, export=export, runtime=runtime, quantize=quantize)
-
-
 def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     """resolve → export → quantize (checked) → validate → wheels → render → publish."""
     stages = StageRecorder(progress)
@@ -107,7 +90,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
 
             source = merge_adapter(source, req.adapter, progress=progress)
         family = exporter.check_supported(source, target)
-        fit = _fit(source, target)
+        fit = check_fits(source, target)
         info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
                     family=family.id, planned_peak_mib=round(fit.total / 2**20, 1))
     final = req.out / f"{source.name}-{target.id}"
@@ -126,10 +109,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         if req.tune:
             if req.skip_validation:
                 raise UserError("--tune needs the quality gate; it cannot be combined with --skip-validation.")
-            from edgepack.stages.tune import plot, tune
+            from edgepack.stages.tune import plot, speed_meter, tune
 
             with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info, \
-                    _speed_meter(req.tune_on, target, progress) as meter:
+                    speed_meter(req.tune_on, target, progress) as meter:
                 outcome = tune(source, target, work, progress=progress, meter=meter,
                                meter_where=getattr(meter, "where", None))
                 model_dir.rmdir()
@@ -142,18 +125,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             if req.plot:
                 plot(tune_table, req.plot, f"{source.name} for {target.id}: speed vs quality ({tuned_on})")
         else:
-            cache = Cache() if req.use_cache and cache_enabled() else None
-            key = export_key(source, target) if cache else {}
             with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
-                hit = cache.get_export(key, model_dir) if cache else None
-                if hit is not None:
-                    exported = exported_from(hit, model_dir)
-                    progress(ProgressEvent("export", "reused from the build cache (same model, profile and tools)"))
-                else:
-                    exported = exporter.export(source, target, model_dir, work, progress)
-                    if cache:
-                        cache.put_export(key, model_dir, exported, f"{source.name} for {target.id}: {exported.scheme}")
-                info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme, cached=hit is not None)
+                made = export_stage(source, target, model_dir, work, progress, use_cache=req.use_cache)
+                exported = made.model
+                info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme, cached=made.cached)
             with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
                 info.update(bytes=exported.bytes, nodes=exported.stats.nodes,
                             quantized_matmuls=exported.stats.quantized_matmuls, bits=list(exported.stats.bits))
@@ -162,18 +137,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 progress(ProgressEvent("validate", "SKIPPED (--skip-validation): the manifest records it"))
             else:
                 with stages.stage("validate", "quality gate against the fp32 reference") as info:
-                    gkey = _gate_key(key, target, exported.context_length) if cache else {}
-                    measured = cache.get_gate(gkey) if cache else None
-                    if measured is not None:
-                        report = report_from(measured, target)
-                        progress(ProgressEvent("validate", "measurements reused from the build cache; judged "
-                                                           "against this target's tolerances"))
-                    else:
-                        report = validate(source, model_dir, target, context=exported.context_length,
-                                          progress=progress)
-                        if cache:
-                            cache.put_gate(gkey, report, f"{source.name} for {target.id}: {exported.scheme}")
-                    info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct, cached=measured is not None)
+                    report, cached = gate(source, target, made, progress)
+                    info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct, cached=cached)
                 enforce(report, target)
         reqs = requirements(target, exported.runtime_versions)
         lock: list[LockedWheel] = []
@@ -193,7 +158,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
             doc = manifest_for(name, source, target, exported, report, reqs, lock, family.id) | extra
-            files.append(write_bom(tmp, doc, lock, target))
+            files.append(write_sbom(tmp, doc, lock, target))
             manifest = write_manifest(tmp, doc)
             info.update(artifact=str(final), files=files)
         if req.sign is not None:
@@ -207,35 +172,6 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     return BuildResult(bundle=final, bundle_id=manifest.bundle_id, target=target.id, model=source.name,
                        scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
                        tune=tune_table)
-
-
-def _gate_key(export: dict[str, Any], target: TargetProfile, context: int) -> dict[str, Any]:
-    from edgepack.quality import checks as task_checks
-    from edgepack.quality import texts
-
-    checks_sha = None
-    if target.quality.checks:
-        checks_sha = task_checks.load(task_checks.resolve_path(target.quality.checks, target.source))[1]
-    return gate_key(export, target, texts.for_target(target.quality.eval_text, target.source).sha256, checks_sha,
-                    context)
-
-
-def _fit(source: ModelSource, target: TargetProfile, context: int = 0) -> Any:
-    """The memory plan of what this build would make; refused before exporting when it cannot fit."""
-    import json
-
-    from edgepack.plan import plan_for_target, summary
-
-    config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
-    fit = plan_for_target(config, target, context=context)
-    if not fit.fits:
-        raise UserError(
-            f"{source.name} would not fit target '{target.id}': about {fit.total / 2**20:,.0f} MiB at its peak "
-            f"against {target.device.ram_mb:,} MiB of RAM ({fit.kv.context}-token context); nothing was exported.",
-            hint=(fit.suggestion.message if fit.suggestion else "Pick a smaller model or scheme.")
-            + " `edgepack plan` shows the parts; device.ram_mb = 0 in the target turns the check off.",
-            planned_peak_mib=round(fit.total / 2**20, 1), ram_mb=target.device.ram_mb, plan=summary(fit))
-    return fit
 
 
 @dataclass(frozen=True)
@@ -256,20 +192,6 @@ def plan(req: PlanRequest, progress: ProgressFn = silent) -> Any:
     source = resolve_model(req.model, progress=progress)
     config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
     return plan_for_target(config, target, context=req.context)
-
-
-@contextmanager
-def _speed_meter(device: DeviceRequest | None, target: TargetProfile, progress: ProgressFn) -> Iterator[Any]:
-    if device is None:
-        yield None
-        return
-    from edgepack.remote.speed import RemoteSpeedMeter
-
-    meter = RemoteSpeedMeter(device, device.install_dir or target.deploy.install_dir, progress)
-    try:
-        yield meter
-    finally:
-        meter.close()
 
 
 # -- read-only helpers ------------------------------------------------------------------------------
@@ -301,40 +223,24 @@ def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
 
 
 def cache_ls(kind: str | None = None) -> dict[str, Any]:
+    from edgepack.cache import Cache
+
     c = Cache()
     return {"root": str(c.root), "entries": c.entries(kind)}
 
 
 def cache_du() -> dict[str, Any]:
-    c = Cache()
-    by_kind: dict[str, int] = {}
-    for e in c.entries():
-        by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + e["bytes"]
-    return {"root": str(c.root), "bytes": sum(by_kind.values()), "by_kind": by_kind}
+    from edgepack.cache import Cache
+
+    return Cache().usage()
 
 
 def cache_clear(kind: str | None = None) -> dict[str, Any]:
+    from edgepack.cache import Cache
+
     c = Cache()
     removed, freed = c.clear(kind)
     return {"root": str(c.root), "removed": removed, "bytes_freed": freed}
-
-
-def write_bom(folder: Path, doc: dict[str, Any], lock: list[LockedWheel], target: Any) -> str:
-    """sbom.cdx.json into the bundle being built; a license the target denies fails the build here."""
-    from edgepack.stages.pack import source_date_epoch
-    from edgepack.stages.sbom import SBOM, build_sbom, check_denied, licenses
-
-    text = build_sbom(doc, lock, folder / "wheels", source_date_epoch())
-    (folder / SBOM).write_text(text, encoding="utf-8")
-    check_denied(licenses(text), target.bundle.deny_licenses, target.id)
-    return SBOM
-
-
-def license_summary(folder: Path) -> dict[str, list[str]]:
-    from edgepack.stages.sbom import SBOM, licenses
-
-    sbom = folder / SBOM
-    return licenses(sbom.read_text(encoding="utf-8")) if sbom.is_file() else {}
 
 
 def sign(bundle: Path, key: Path) -> Any:

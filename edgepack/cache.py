@@ -156,6 +156,12 @@ class Cache:
                             "created": meta.get("created", int(p.stat().st_mtime)), "what": meta.get("what", "")})
         return out
 
+    def usage(self) -> dict[str, Any]:
+        by_kind: dict[str, int] = {}
+        for e in self.entries():
+            by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + e["bytes"]
+        return {"root": str(self.root), "bytes": sum(by_kind.values()), "by_kind": by_kind}
+
     def clear(self, kind: str | None = None) -> tuple[list[str], int]:
         """Remove every entry (of one kind): renamed aside first, so a build that is reading one keeps its copy."""
         removed, freed = [], 0

@@ -12,7 +12,7 @@ import click
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError, UserError
-from edgepack.output import Output
+from edgepack.output import Output, build_summary, deploy_summary, inspect_summary, status_summary
 
 
 class _State:
@@ -137,23 +137,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,
                                                                    known_hosts=known_hosts, install_dir=install_dir)
                                          if tune_on else None), progress=o.progress)
-        q = res.quality
-        lines = [f"built {res.bundle}  ({res.bytes / 1e6:.1f} MB, {res.scheme}, id {res.bundle_id})"]
-        if res.tune:
-            lines.append(f"{'candidate':<24} {'gate':<5} {'Δppl %':>8} {'KL':>7} {'top-1':>6} {'tok/s':>8} {'MB':>6}")
-            for r in res.tune:
-                lines.append(f"{('* ' if r.chosen else '  ') + r.name:<24} {'pass' if r.passed else 'FAIL':<5} "
-                             f"{r.ppl_delta_pct:>+8.2f} {r.mean_kl:>7.3f} {r.top1_agreement:>6.3f} "
-                             f"{r.decode_tok_s if r.decode_tok_s is not None else '-':>8} {r.bytes / 1e6:>6.1f}")
-        if q.validated:
-            lines.append(f"quality: ppl {q.ppl_reference} → {q.ppl_quantized} ({q.ppl_delta_pct:+.2f} %), "
-                         f"KL {q.mean_kl}, top-1 {q.top1_agreement}, greedy {q.greedy_match}/{q.greedy_tokens}"
-                         f"  [PASS within target '{res.target}' tolerances]")
-        else:
-            lines.append("quality: NOT VALIDATED (--skip-validation)")
-        lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" + (" (cached)" if s.detail.get("cached")
-                                                                            else "") for s in res.stages))
-        return res, "\n".join(lines)
+        return res, build_summary(res)
 
     _run("build", go, tool_log=True)
 
@@ -300,25 +284,8 @@ def inspect(bundle: Path, no_verify: bool) -> None:
 
     def go(_o: Output) -> tuple[Any, str]:
         res = api.inspect(bundle, verify=not no_verify)
-        m = dict(res.manifest.doc)
-        q = m["quality"]
-        quality = (f"ppl {q['ppl_reference']} → {q['ppl_quantized']} ({q['ppl_delta_pct']:+.2f} %), "
-                   f"KL {q['mean_kl']}, top-1 {q['top1_agreement']}" if q["validated"] else "NOT VALIDATED")
-        total = sum(f["bytes"] for f in m["files"])
-        human = "\n".join([
-            f"bundle   {m['name']}  (id {m['bundle_id']})",
-            f"target   {m['target']['id']}  ({m['target']['arch']}, Python {m['target']['python']})",
-            f"model    {m['model']['origin']}  sha256 {m['model']['weights_sha256'][:16]}…",
-            f"export   {m['export']['format']} {m['export']['scheme']}  {m['export']['builder_options']}",
-            f"quality  {quality}",
-            f"runtime  {' '.join(m['runtime']['requirements'])}  ({len(m['runtime']['wheels'])} wheels)",
-            f"files    {len(m['files'])}, {total / 1e6:.1f} MB, "
-            + ("all match their sha256" if res.verified else "not verified"),
-            f"signed   {res.signature}",
-            "licenses " + ("; ".join(f"{lic}: {len(c)}" for lic, c in res.licenses.items()) if res.licenses
-                           else "(no sbom.cdx.json: built by an older edgepack)"),
-        ])
-        return m | {"verified": res.verified, "signature": res.signature, "licenses": res.licenses}, human
+        return {**res.manifest.doc, "verified": res.verified, "signature": res.signature,
+                "licenses": res.licenses}, inspect_summary(res)
 
     _run("inspect", go)
 
@@ -443,21 +410,7 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
         res = api.deploy(api.DeployRequest(device=device, bundle=bundle, dist=dist, allow_network=allow_network,
                                            keep=keep, via=via, require_signature=pubkeys,
                                            serve_addr=serve_addr), progress=o.progress)
-        s = res.smoke
-        lines = [f"deployed {res.bundle_id} to {res.host}:{res.release_dir}",
-                 f"current → releases/{res.release_folder} (was {res.previous or 'nothing'})",
-                 f"signature: {res.signature}",
-                 f"uploaded {res.uploaded_files} files ({res.uploaded_bytes / 1e6:.1f} MB), "
-                 f"{res.skipped_files} already there" + (f", re-sent {len(res.repaired_files)}" if res.repaired_files
-                                                         else ""),
-                 f"smoke test on the device: golden {s.get('golden_match')}/{s.get('golden_required')}, "
-                 f"{s.get('tokens_per_s')} tok/s, prefill {s.get('prefill_ms')} ms, peak RSS {s.get('peak_rss_mb')} MB",
-                 f"service: {res.service}"]
-        if res.wheels_fetched_for:
-            lines.append(f"wheels: fetched for the device's Python {res.wheels_fetched_for} (the bundle's did not fit)")
-        if res.pruned:
-            lines.append(f"pruned: {', '.join(res.pruned)}")
-        return res, "\n".join(lines)
+        return res, deploy_summary(res)
 
     _run("deploy", go)
 
@@ -471,17 +424,7 @@ def status(**kw: Any) -> None:
 
     def go(_o: Output) -> tuple[Any, str]:
         st = api.device_status(_device(kw))
-        rows = [f"{'*' if r == st['current'] else ('<' if r == st['rollback_target'] else ' ')} {r}"
-                for r in st["releases"]]
-        svc = st.get("service") or {}
-        rows.append(f"service: {'running' if svc.get('running') else 'not running'} ({svc.get('supervisor')}"
-                    f"{', pid ' + str(svc['pid']) if svc.get('pid') else ''}"
-                    f"{', ' + svc['addr'] if svc.get('addr') else ''})")
-        if st.get("locked_by"):
-            h = st["locked_by"]
-            rows.append(f"locked by `{h.get('command')}` from {h.get('host')} since {h.get('since')}")
-        return st, "\n".join([f"{st['host']}:{st['install_dir']}  current: {st['current'] or '(none)'}  "
-                              f"(* current, < rollback target)", *rows])
+        return st, status_summary(st)
 
     _run("status", go)
 

@@ -163,3 +163,78 @@ def tool_log(command: str) -> Iterator[tuple[TextIO, Path | None]]:
             path.unlink(missing_ok=True)
         for old in sorted(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
             old.unlink(missing_ok=True)
+
+
+# -- human summaries of results (what the CLI prints on stdout without --json) ----------------------------
+
+def build_summary(res: Any) -> str:
+    q = res.quality
+    lines = [f"built {res.bundle}  ({res.bytes / 1e6:.1f} MB, {res.scheme}, id {res.bundle_id})"]
+    if res.tune:
+        lines.append(f"{'candidate':<24} {'gate':<5} {'Δppl %':>8} {'KL':>7} {'top-1':>6} {'tok/s':>8} {'MB':>6}")
+        for r in res.tune:
+            lines.append(f"{('* ' if r.chosen else '  ') + r.name:<24} {'pass' if r.passed else 'FAIL':<5} "
+                         f"{r.ppl_delta_pct:>+8.2f} {r.mean_kl:>7.3f} {r.top1_agreement:>6.3f} "
+                         f"{r.decode_tok_s if r.decode_tok_s is not None else '-':>8} {r.bytes / 1e6:>6.1f}")
+    if q.validated:
+        lines.append(f"quality: ppl {q.ppl_reference} → {q.ppl_quantized} ({q.ppl_delta_pct:+.2f} %), "
+                     f"KL {q.mean_kl}, top-1 {q.top1_agreement}, greedy {q.greedy_match}/{q.greedy_tokens}"
+                     f"  [PASS within target '{res.target}' tolerances]")
+    else:
+        lines.append("quality: NOT VALIDATED (--skip-validation)")
+    lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" + (" (cached)" if s.detail.get("cached")
+                                                                        else "") for s in res.stages))
+    return "\n".join(lines)
+
+
+def inspect_summary(res: Any) -> str:
+    m = dict(res.manifest.doc)
+    q = m["quality"]
+    quality = (f"ppl {q['ppl_reference']} → {q['ppl_quantized']} ({q['ppl_delta_pct']:+.2f} %), "
+               f"KL {q['mean_kl']}, top-1 {q['top1_agreement']}" if q["validated"] else "NOT VALIDATED")
+    total = sum(f["bytes"] for f in m["files"])
+    return "\n".join([
+        f"bundle   {m['name']}  (id {m['bundle_id']})",
+        f"target   {m['target']['id']}  ({m['target']['arch']}, Python {m['target']['python']})",
+        f"model    {m['model']['origin']}  sha256 {m['model']['weights_sha256'][:16]}…",
+        f"export   {m['export']['format']} {m['export']['scheme']}  {m['export']['builder_options']}",
+        f"quality  {quality}",
+        f"runtime  {' '.join(m['runtime']['requirements'])}  ({len(m['runtime']['wheels'])} wheels)",
+        f"files    {len(m['files'])}, {total / 1e6:.1f} MB, "
+        + ("all match their sha256" if res.verified else "not verified"),
+        f"signed   {res.signature}",
+        "licenses " + ("; ".join(f"{lic}: {len(c)}" for lic, c in res.licenses.items()) if res.licenses
+                       else "(no sbom.cdx.json: built by an older edgepack)"),
+    ])
+
+
+def deploy_summary(res: Any) -> str:
+    s = res.smoke
+    lines = [f"deployed {res.bundle_id} to {res.host}:{res.release_dir}",
+             f"current → releases/{res.release_folder} (was {res.previous or 'nothing'})",
+             f"signature: {res.signature}",
+             f"uploaded {res.uploaded_files} files ({res.uploaded_bytes / 1e6:.1f} MB), "
+             f"{res.skipped_files} already there" + (f", re-sent {len(res.repaired_files)}" if res.repaired_files
+                                                     else ""),
+             f"smoke test on the device: golden {s.get('golden_match')}/{s.get('golden_required')}, "
+             f"{s.get('tokens_per_s')} tok/s, prefill {s.get('prefill_ms')} ms, peak RSS {s.get('peak_rss_mb')} MB",
+             f"service: {res.service}"]
+    if res.wheels_fetched_for:
+        lines.append(f"wheels: fetched for the device's Python {res.wheels_fetched_for} (the bundle's did not fit)")
+    if res.pruned:
+        lines.append(f"pruned: {', '.join(res.pruned)}")
+    return "\n".join(lines)
+
+
+def status_summary(st: dict[str, Any]) -> str:
+    rows = [f"{'*' if r == st['current'] else ('<' if r == st['rollback_target'] else ' ')} {r}"
+            for r in st["releases"]]
+    svc = st.get("service") or {}
+    rows.append(f"service: {'running' if svc.get('running') else 'not running'} ({svc.get('supervisor')}"
+                f"{', pid ' + str(svc['pid']) if svc.get('pid') else ''}"
+                f"{', ' + svc['addr'] if svc.get('addr') else ''})")
+    if st.get("locked_by"):
+        h = st["locked_by"]
+        rows.append(f"locked by `{h.get('command')}` from {h.get('host')} since {h.get('since')}")
+    return "\n".join([f"{st['host']}:{st['install_dir']}  current: {st['current'] or '(none)'}  "
+                      f"(* current, < rollback target)", *rows])

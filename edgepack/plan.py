@@ -423,3 +423,21 @@ def summary(plan: Plan) -> str:
     if plan.suggestion is not None:
         lines.append(f"  suggestion: {plan.suggestion.message}")
     return "\n".join(lines)
+
+
+def check_fits(source: Any, target: Any, context: int = 0) -> Any:
+    """The memory plan of what this build would make; refused before exporting when it cannot fit."""
+    import json
+
+    from edgepack.errors import UserError
+
+    config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
+    fit = plan_for_target(config, target, context=context)
+    if not fit.fits:
+        raise UserError(
+            f"{source.name} would not fit target '{target.id}': about {fit.total / 2**20:,.0f} MiB at its peak "
+            f"against {target.device.ram_mb:,} MiB of RAM ({fit.kv.context}-token context); nothing was exported.",
+            hint=(fit.suggestion.message if fit.suggestion else "Pick a smaller model or scheme.")
+            + " `edgepack plan` shows the parts; device.ram_mb = 0 in the target turns the check off.",
+            planned_peak_mib=round(fit.total / 2**20, 1), ram_mb=target.device.ram_mb, plan=summary(fit))
+    return fit

@@ -23,6 +23,11 @@ from edgepack.versions import installed_versions
 RUNTIME_MODULES = {"onnxruntime-genai": "onnxruntime_genai", "litert-lm": "litert_lm", "litert": "ai_edge_litert"}
 
 
+def runtime_name(default: str, template: str) -> str:
+    """The runtime a bundle uses: its template's, where that is a known runtime (tflite: litert-lm or litert)."""
+    return template if template in RUNTIME_MODULES else default
+
+
 @dataclass(frozen=True)
 class BundleContext:
     name: str

@@ -154,3 +154,19 @@ def check_denied(summary: dict[str, list[str]], deny: Iterable[str], target: str
                             hint="Remove it from the runtime's requirements, or from deny_licenses if it is "
                                  "acceptable; `sbom.cdx.json` in a bundle lists every component's license.",
                             code="license_denied", component=comps[0], license=license_, components=comps)
+
+
+def write(folder: Path, doc: dict[str, Any], lock: list[LockedWheel], target: Any) -> str:
+    """sbom.cdx.json into the bundle being built; a license the target denies fails the build here."""
+    from edgepack.stages.pack import source_date_epoch
+
+    text = build_sbom(doc, lock, folder / "wheels", source_date_epoch())
+    (folder / SBOM).write_text(text, encoding="utf-8")
+    check_denied(licenses(text), target.bundle.deny_licenses, target.id)
+    return SBOM
+
+
+def license_summary(folder: Path) -> dict[str, list[str]]:
+    """inspect's license -> components, from a bundle's SBOM ({} for bundles built before there was one)."""
+    sbom = folder / SBOM
+    return licenses(sbom.read_text(encoding="utf-8")) if sbom.is_file() else {}

@@ -9,9 +9,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from edgepack.backends import exporters
 from edgepack.backends.base import ExportedModel
@@ -147,3 +149,18 @@ def plot(table: tuple[CandidateResult, ...], path: Path, title: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+@contextmanager
+def speed_meter(device: Any, target: TargetProfile, progress: ProgressFn) -> Iterator[Any]:
+    """With --tune-on: a meter that times candidates on that device; else None (timed here)."""
+    if device is None:
+        yield None
+        return
+    from edgepack.remote.speed import RemoteSpeedMeter
+
+    meter = RemoteSpeedMeter(device, device.install_dir or target.deploy.install_dir, progress)
+    try:
+        yield meter
+    finally:
+        meter.close()

@@ -125,7 +125,7 @@ def test_gptq_needs_symmetric_int4_and_calibration_text_needs_gptq(tmp_path: Pat
 
 
 def test_format_override_switches_runtime_and_drops_knobs_the_other_format_lacks() -> None:
-    from edgepack.api import with_format
+    from edgepack.stages.export import with_format
 
     onnx = with_format(load_target("android-arm64"), "onnx")
     assert (onnx.export.format, onnx.runtime.template, onnx.quantize.algorithm) == (
