@@ -56,9 +56,13 @@ def export_key(source: Any, target: Any) -> dict[str, Any]:
     calibration = target.quantize.calibration_text
     cal_sha = None
     if calibration:
+        from edgepack.errors import UserError
         from edgepack.quality import texts
 
-        cal_sha = texts.for_target(calibration, target.source).sha256
+        try:
+            cal_sha = texts.for_target(calibration, target.source).sha256
+        except UserError:  # the exporter says what is wrong with it, naming quantize.calibration_text
+            cal_sha = f"unreadable:{calibration}"
     return {"edgepack": __version__, "model": model_files_sha(source.hf_dir, source.weights_sha256),
             "export": to_jsonable(target.export),
             "quantize": to_jsonable(target.quantize) | {"calibration_text": cal_sha},
