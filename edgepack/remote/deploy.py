@@ -41,8 +41,8 @@ class Device:
     def helper(self, cmd: str, *args: str, what: str, timeout: float | None = None,
                check: bool = True) -> dict[str, Any]:
         """One helper command on the install dir; commands that change it carry the lock's operation id."""
-        mutating = cmd in ("mkdirs", "remove_extra", "publish", "switch", "rollback", "prune", "install_unit", "trust",
-                           "service_start", "service_stop")
+        mutating = cmd in ("mkdirs", "reuse", "remove_extra", "publish", "switch", "rollback", "prune", "install_unit",
+                           "trust", "service_start", "service_stop")
         argv = ["python3", "-", cmd, self.install_dir, *([self.op] if mutating else []), *args]
         res = self.conn.run(argv, stdin=self.source, what=what, timeout=timeout, check=False)
         if res.exit_code == 127:
@@ -114,9 +114,16 @@ def upload(dev: Device, bundle: Path, manifest: Manifest, staging: str, progress
     have = dev.helper("hashes", rel, what="list uploaded files")
     files = [f for f in manifest.files if only is None or f.path in only]
     todo = [f for f in files if have.get(f.path) != [f.bytes, f.sha256]]
-    total = sum(f.bytes for f in todo)
     dirs = sorted({posixpath.dirname(posixpath.join(rel, f.path)) for f in manifest.files} | {rel})
     dev.helper("mkdirs", *dirs, what="create the staging folder")
+    if todo and only is None:  # what a release on the device already has is linked there, not sent again
+        got = dev.helper("reuse", rel, json.dumps([[f.path, f.bytes, f.sha256] for f in todo]),
+                         what="reuse files of releases on the device")
+        if got.get("reused"):
+            progress(ProgressEvent("upload", f"{len(got['reused'])} files ({got['bytes'] / 1e6:.1f} MB) are already "
+                                             "on the device in another release: linked there, not sent"))
+            todo = [f for f in todo if f.path not in set(got["reused"])]
+    total = sum(f.bytes for f in todo)
     sent = 0
     for f in todo:
         remote = posixpath.join(staging, f.path)

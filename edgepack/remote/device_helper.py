@@ -358,6 +358,49 @@ def mkdirs(install_dir, op, *rels):
     return {"ok": True}
 
 
+def reuse(install_dir, op, rel, wanted_json):
+    """Put into the staging folder `rel` every wanted file (path, bytes, sha256) that a release already on the device
+    has with the same sha256: hard-linked (releases are never rewritten), else copied. Only what no release has is
+    left to upload; the verify step checks every file afterwards either way."""
+    root = _root(install_dir)
+    _require_lock(root, op)
+    _inside(root, rel)
+    wanted = json.loads(wanted_json)
+    have = {}  # sha256 -> a file of an existing release
+    releases = os.path.join(root, "releases")
+    for name in sorted(os.listdir(releases)) if os.path.isdir(releases) else []:
+        folder = os.path.join(releases, name)
+        if name.startswith(".") or name.endswith(".partial") or not os.path.isdir(folder):
+            continue
+        try:
+            with open(os.path.join(folder, MANIFEST)) as fh:
+                files = json.load(fh).get("files", [])
+        except (OSError, ValueError):
+            continue
+        for f in files:
+            src = os.path.join(folder, f["path"])
+            if f["sha256"] not in have and os.path.isfile(src) and os.path.getsize(src) == f["bytes"]:
+                have[f["sha256"]] = _inside(root, "releases", name, f["path"])
+    reused, linked, copied = [], 0, 0
+    for path, _size, sha in wanted:
+        src = have.get(sha)
+        if not src:
+            continue
+        dst = _inside(root, rel, path)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = dst + "." + op + ".tmp"
+        try:
+            os.link(src, tmp)
+            linked += 1
+        except OSError:
+            shutil.copyfile(src, tmp)
+            copied += 1
+        os.replace(tmp, dst)
+        reused.append(path)
+    return {"ok": True, "reused": reused, "linked": linked, "copied": copied,
+            "bytes": sum(size for path, size, sha in wanted if path in set(reused))}
+
+
 def _verify_dir(directory):
     try:
         with open(os.path.join(directory, MANIFEST)) as fh:
@@ -870,7 +913,7 @@ def trust(install_dir, op, name, key_b64):
     return {"ok": True, "trusted_keys": sorted(os.listdir(d))}
 
 
-COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "verify": verify,
+COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "reuse": reuse, "verify": verify,
             "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
             "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust,
             "service_start": service_start, "service_stop": service_stop, "service_check": service_check,

@@ -353,3 +353,32 @@ def test_deploy_to_a_board_on_its_own_network(tiny_bundles: tuple[Path, Path], t
     finally:
         server.stop()
         lan.down()
+
+
+def test_a_release_that_changes_only_the_runner_sends_kilobytes(tiny_bundles: tuple[Path, Path], device: dict,
+                                                                 tmp_path: Path) -> None:
+    """Boards on metered links: files a release on the device already has (same sha256) are linked there from it,
+    not sent again; the device still verifies every file of the new release."""
+    from edgepack.bundle import write_manifest
+
+    a = tiny_bundles[0]
+    proc, doc = deploy(device, str(a))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = doc["result"]["uploaded_bytes"]
+    patched = tmp_path / "patched"
+    shutil.copytree(a, patched)
+    run = patched / "run.py"
+    run.write_text(run.read_text().replace('"""Run ', '"""(patched runner) Run ', 1))
+    write_manifest(patched, {k: v for k, v in json.loads((a / "edgepack.json").read_text()).items()
+                             if k not in ("files", "content_sha256", "bundle_id", "schema")})
+    total = sum(f["bytes"] for f in json.loads((patched / "edgepack.json").read_text())["files"])
+    proc, doc = deploy(device, str(patched))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = doc["result"]
+    assert res["smoke"]["ok"] and current(device) == f"releases/{res['release_folder']}"
+    assert res["uploaded_files"] == 1 and res["uploaded_bytes"] < 0.01 * total, (res["uploaded_bytes"], total)
+    assert first > 0.5 * total
+    new = Path(device["install_dir"]) / "releases" / res["release_folder"]
+    old = Path(device["install_dir"]) / "releases" / json.loads((a / "edgepack.json").read_text())["bundle_id"]
+    weights = next(p.relative_to(new) for p in (new / "model").iterdir() if p.name.endswith(".data"))
+    assert os.path.samefile(new / weights, old / weights)  # linked, not copied
