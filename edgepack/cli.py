@@ -12,7 +12,7 @@ import click
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError, UserError
-from edgepack.output import Output, build_summary, deploy_summary, inspect_summary, status_summary
+from edgepack.output import Output, build_summary, deploy_summary, fleet_summary, inspect_summary, status_summary
 
 
 class _State:
@@ -368,7 +368,7 @@ def _device_options(*, required: bool = True) -> Callable[[Callable[..., Any]], 
 def _device(kw: dict[str, Any]) -> Any:
     from edgepack import api
 
-    if kw["host"] is None:
+    if kw["host"] is None:  # "" is a template for fleet hosts
         return None
     return api.DeviceRequest(host=kw["host"], user=kw["user"], port=kw["port"], identity=kw["identity"],
                              accept_new_host_key=kw["accept_new_host_key"], known_hosts=kw["known_hosts"],
@@ -416,13 +416,25 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
 
 
 @cli.command()
-@_device_options()
+@_device_options(required=False)
+@click.option("--inventory", type=click.Path(path_type=Path), help="An Ansible inventory (INI or YAML): every host's "
+              "status (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file, edgepack_install_dir).")
+@click.option("--limit", help="With --inventory: an Ansible host pattern.")
+@click.option("--forks", type=click.IntRange(min=1), default=10, show_default=True,
+              help="With --inventory: hosts read at once.")
 @_json_option
-def status(**kw: Any) -> None:
-    """Releases on a device and which one is current."""
+def status(inventory: Path | None, limit: str | None, forks: int, **kw: Any) -> None:
+    """Releases on a device (or every device of an inventory) and which one is current."""
     from edgepack import api
 
+    if (inventory is None) == (kw["host"] is None):
+        raise click.UsageError("pass --host for one device or --inventory for a fleet.")
+
     def go(_o: Output) -> tuple[Any, str]:
+        if inventory is not None:
+            res = api.fleet_status(api.FleetRequest(inventory=inventory, limit=limit, forks=forks,
+                                                    ssh=_device({**kw, "host": ""})))
+            return res, fleet_summary(res["hosts"])
         st = api.device_status(_device(kw))
         return st, status_summary(st)
 

@@ -238,3 +238,15 @@ def status_summary(st: dict[str, Any]) -> str:
         rows.append(f"locked by `{h.get('command')}` from {h.get('host')} since {h.get('since')}")
     return "\n".join([f"{st['host']}:{st['install_dir']}  current: {st['current'] or '(none)'}  "
                       f"(* current, < rollback target)", *rows])
+
+
+def fleet_summary(rows: list[dict[str, Any]]) -> str:
+    out = [f"{'HOST':<20} {'CURRENT':<40} SERVICE"]
+    for r in rows:
+        if not r["ok"]:
+            out.append(f"{r['name']:<20} {'(unreachable)':<40} {r['error'].get('code')}: {r['error']['message']}")
+            continue
+        svc = r.get("service") or {}
+        out.append(f"{r['name']:<20} {str(r.get('current') or '(none)'):<40} "
+                   f"{'running' if svc.get('running') else 'not running'}")
+    return "\n".join(out)
