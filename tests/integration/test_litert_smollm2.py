@@ -72,30 +72,17 @@ def test_litert_lm_serves_a_multi_turn_chat_longer_than_its_context(smollm2_andr
     """LiteRT-LM applies the chat template itself, so the runner estimates each turn's markup (8 tokens): a
     conversation longer than the KV cache is trimmed to fit and answered (not a runtime error), and the reply
     still uses the turns it kept."""
-    import http.client
-    import socket
-    import time
-
     import openai
+
+    from .test_serve import free_port, wait_healthy
 
     m = json.loads((smollm2_android_bundle / "edgepack.json").read_text())
     context = m["runtime"]["context_length"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(smollm2_android_bundle / "run.py"), "--serve", f"127.0.0.1:{port}",
                              "--threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for _ in range(240):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(port, proc)  # type: ignore[arg-type]
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
         filler = "The weather report said it would rain all week in the mountains. " * 6  # ~80 tokens a turn
         history: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
