@@ -84,6 +84,20 @@ def _with_qemu_cpu(sshd_extra: str, cpu: str) -> str:
     return sshd_extra + f"SetEnv QEMU_CPU={cpu}\n"
 
 
+def _kill_chrooted(root: Path) -> None:
+    """Every process whose root is this device's rootfs (a supervised service outlives its SSH session)."""
+    import signal
+
+    real = os.path.realpath(root)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.path.realpath(f"/proc/{pid}/root") == real:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 @contextlib.contextmanager
 def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int, sshd_extra: str = "",
                 cpu: str = "cortex-a76") -> Iterator[subprocess.Popen[bytes]]:
@@ -127,6 +141,7 @@ def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int, sshd_e
             proc.kill()
             proc.wait()
             subprocess.run(["pkill", "-9", "-f", "sshd_edgepack"], check=False)
+            _kill_chrooted(root)  # what the device started in its own session: the model service, say
     finally:
         for m in reversed(mounts):
             subprocess.run(["umount", "-l", str(m)], check=False)
