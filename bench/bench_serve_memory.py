@@ -17,13 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import free_port, wait_ready  # noqa: E402
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post(port: int, body: dict) -> int:
@@ -47,14 +44,7 @@ def one(bundle: Path, env: dict[str, str], clients: int, requests: int) -> dict[
     proc = subprocess.Popen([sys.executable, str(bundle / "run.py"), "--serve", f"127.0.0.1:{port}"],
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_ready(port, "/health", proc)
         post(port, {"messages": QUESTION, "max_tokens": 48})
         single = status_mb(proc.pid, "VmHWM")
         codes: list[int] = []

@@ -34,7 +34,7 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    format: str = "onnx"
+    format: str = "onnx"  # one of EXPORT_FORMATS
     execution_provider: Literal["cpu", "cuda"] = "cpu"
 
 
@@ -285,11 +285,14 @@ def _parse_tune(section: Any, base_quantize: dict[str, Any], source: str) -> Tun
     return TuneSpec(tuple(candidates), speed_tokens, reps)
 
 
-def _check_consistency(p: TargetProfile) -> None:
-    from edgepack.backends import exporters  # registry of export formats
+# The export formats a profile may name: the exporters registered in edgepack/backends under these names (a unit
+# test keeps the two equal). Data here, so that profiles are checked without importing the exporters.
+EXPORT_FORMATS = ("onnx", "tflite")
 
-    if p.export.format not in exporters:
-        raise UnknownNameError("export format", p.export.format, exporters.names(),
+
+def _check_consistency(p: TargetProfile) -> None:
+    if p.export.format not in EXPORT_FORMATS:
+        raise UnknownNameError("export format", p.export.format, EXPORT_FORMATS,
                                hint=f"Fix export.format in {p.source}.")
     if p.quantize.scheme == "fp16" and p.export.execution_provider == "cpu" and p.export.format == "onnx":
         raise TargetError(

@@ -59,7 +59,7 @@ class BundleContext:
 # runtime template folder → files it renders (template name → output name, executable?)
 _SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
 # the runner core (the same files in every bundle): command line, server, smoke test; and the manifest check
-_PLAIN = ("edgepack_runner.py", "edgepack_server.py", "smoke_test.py", "verify_bundle.py")
+_PLAIN = ("edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py", "smoke_test.py", "verify_bundle.py")
 _RUNTIME = {"run.py.j2": ("run.py", True)}
 _ANDROID = {"README.md.j2": "android/README.md", "EdgepackModel.kt.j2": "android/EdgepackModel.kt",
             "build.gradle.kts.snippet.j2": "android/build.gradle.kts.snippet"}

@@ -1,6 +1,7 @@
-"""The runner core every edgepack bundle ships (copied as is, not a template): the command line, peak RSS, sampling
-and the context bound. Its siblings: edgepack_server.py (the OpenAI-compatible HTTP server) and smoke_test.py (the
-on-device checks and their result JSON). Each runtime's run.py supplies only a Runtime:
+"""The runner core every edgepack bundle ships (copied as is, not a template): peak RSS, sampling and the context
+bound, which everything else builds on. Its siblings: edgepack_cli.py (the command line run.py hands over to),
+edgepack_server.py (the OpenAI-compatible HTTP server) and smoke_test.py (the on-device checks and their result
+JSON). Each runtime's run.py supplies only a Runtime:
 
     load(threads)                                    the model, once
     prepare(messages, text) -> (prepared, n)         a chat (with the model's template) or raw text, and its tokens
@@ -17,11 +18,7 @@ Standard library only; Python 3.8+.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import sys
-import time
 from typing import Any, Dict, List, Optional
 
 QUEUE = 8  # requests waiting for the model beyond the one generating; more get 429 + Retry-After
@@ -83,61 +80,3 @@ def pick_token(logits: Any, sampling: Dict[str, Any], rng: Any) -> int:
 
 def chat_messages(prompt: str, system: Optional[str]) -> List[Dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-# -- the command line ------------------------------------------------------------------------------------
-
-def main(rt: Any, doc: str) -> int:
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt", help="the user message (or raw text with --raw)")
-    ap.add_argument("--system", help="an optional system message")
-    ap.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
-    ap.add_argument("--max-tokens", type=int, default=rt.max_new_tokens)
-    ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--threads", type=int, default=rt.threads, help="0 = the runtime's default")
-    ap.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
-    ap.add_argument("--serve", metavar="ADDR", help="serve the OpenAI-compatible API on HOST:PORT or unix:PATH")
-    ap.add_argument("--api-key-file", help="with --serve: require this bearer token (a file holding it; or set "
-                                           "EDGEPACK_API_KEY). Needed to bind beyond loopback")
-    ap.add_argument("--insecure-no-auth", action="store_true", help="with --serve: allow binding beyond loopback "
-                                                                     "without an API key")
-    ap.add_argument("--metrics", action="store_true", help="with --serve: GET /metrics in Prometheus text format")
-    ap.add_argument("--queue", type=int, default=QUEUE, help="with --serve: requests that may wait for the model")
-    args = ap.parse_args()
-    if args.serve:
-        from edgepack_server import serve
-
-        return serve(rt, args)
-    if args.prompt is None:
-        ap.error("--prompt is required (or use --serve)")
-    t0 = time.perf_counter()
-    rt.load(args.threads)
-    load_s = time.perf_counter() - t0
-    try:
-        prepared, n_prompt = rt.prepare(None if args.raw else chat_messages(args.prompt, args.system),
-                                        args.prompt if args.raw else None)
-        fit_context(rt.context_length, n_prompt, args.max_tokens)
-    except ValueError as exc:
-        sys.stderr.write("error: %s\n" % exc)
-        return 1
-
-    def echo(piece: str) -> None:
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    out = rt.generate(prepared, n_prompt, args.max_tokens, sampling_of(args), echo)
-    out.update(load_s=round(load_s, 3), peak_rss_mb=peak_rss_mb(), bundle=rt.name)
-    if out.get("stopped") == "context_length":
-        sys.stderr.write("[stopped at the bundle's context of %d tokens]\n" % rt.context_length)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        sys.stdout.write("\n")
-        sys.stderr.write("[%s tokens, prefill %s ms, %s tok/s, peak RSS %s MB]\n" % (
-            out["new_tokens"], out["prefill_ms"], out["decode_tokens_per_s"], out["peak_rss_mb"]))
-    return 0

@@ -35,8 +35,8 @@ def context(**kw: object) -> BundleContext:
 def test_render_writes_valid_python_and_shell(tmp_path: Path) -> None:
     files = render(context(), "onnxruntime-genai", tmp_path, systemd=True)
     assert set(files) == {"run.py", "smoke_test.py", "install.sh", "README.md", "edgepack-demo-rpi5.service",
-                          "verify_bundle.py", "edgepack_runner.py", "edgepack_server.py"}
-    for py in ("run.py", "smoke_test.py", "edgepack_runner.py", "edgepack_server.py"):
+                          "verify_bundle.py", "edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py"}
+    for py in ("run.py", "smoke_test.py", "edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py"):
         compile((tmp_path / py).read_text(), py, "exec")
         assert os.access(tmp_path / py, os.X_OK)
     assert subprocess.run(["sh", "-n", str(tmp_path / "install.sh")]).returncode == 0

@@ -135,3 +135,10 @@ def test_format_override_switches_runtime_and_drops_knobs_the_other_format_lacks
     assert (lite.export.format, lite.runtime.template, lite.runtime.packages) == ("tflite", "litert-lm",
                                                                                    ("litert-lm-api",))
     assert with_format(load_target("rpi5"), None) == load_target("rpi5")
+
+
+def test_the_export_formats_profiles_may_name_are_the_registered_exporters() -> None:
+    from edgepack.backends import exporters
+    from edgepack.targets import EXPORT_FORMATS
+
+    assert sorted(EXPORT_FORMATS) == exporters.names()

@@ -1,0 +1,178 @@
+"""The CLI's device commands: deploy, status, rollback, bench, serve, and the SSH options they share."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgepack.console import _json_option, _run, cli
+from edgepack.errors import UserError
+from edgepack.output import Output, deploy_summary, fleet_summary, status_summary
+
+
+def _device_options(*, required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The SSH options every device command takes; without `required`, no --host means 'here'."""
+    opts = [
+        click.option("--host", required=required, help="Device host name or ~/.ssh/config alias."),
+        click.option("--user", help="SSH user (default: ~/.ssh/config, then $USER)."),
+        click.option("--port", type=int, help="SSH port (default: ~/.ssh/config, then 22)."),
+        click.option("--identity", type=click.Path(path_type=Path), help="Private key file."),
+        click.option("--accept-new-host-key", is_flag=True,
+                     help="Trust and save an unknown host key (a changed key is always refused)."),
+        click.option("--known-hosts", type=click.Path(path_type=Path), help="known_hosts file to check and update."),
+        click.option("--ssh-config", type=click.Path(path_type=Path), help="ssh_config file (default ~/.ssh/config)."),
+        click.option("--install-dir", help="Where releases live on the device (default: the target's)."),
+        click.option("--connect-timeout", type=float, default=15.0, show_default=True),
+        click.option("--command-timeout", type=float, default=300.0, show_default=True),
+    ]
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _device(kw: dict[str, Any]) -> Any:
+    from edgepack import api
+
+    if kw["host"] is None:  # "" is a template for fleet hosts
+        return None
+    return api.DeviceRequest(host=kw["host"], user=kw["user"], port=kw["port"], identity=kw["identity"],
+                             accept_new_host_key=kw["accept_new_host_key"], known_hosts=kw["known_hosts"],
+                             ssh_config=kw["ssh_config"], install_dir=kw["install_dir"],
+                             connect_timeout=kw["connect_timeout"], command_timeout=kw["command_timeout"])
+
+
+@cli.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@_device_options(required=False)
+@click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Where to look for the newest bundle when BUNDLE is not given.")
+@click.option("--allow-network", is_flag=True, help="Let the device's pip use a package index if wheels/ does not fit.")
+@click.option("--keep", type=int, help="Releases to keep on the device (default: the target's).")
+@click.option("--via", type=click.Choice(["ssh", "adb"]), default="ssh", show_default=True,
+              help="ssh: install and smoke-test over SSH. adb: push to an Android phone (no --host needed).")
+@click.option("--serial", help="With --via adb: the device serial (`adb devices`), when several are connected.")
+@click.option("--require-signature", "pubkeys", multiple=True, metavar="PUBKEY",
+              help="Refuse a bundle not signed by this minisign public key (a .pub file or its base64 line); the "
+                   "device records the key and its install step checks the signature again. Repeatable.")
+@click.option("--serve-addr", default="", help="Where the device's service serves the API (HOST:PORT or unix:PATH; "
+                                                "default: the target's deploy.serve_addr).")
+@_json_option
+def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, via: str, serial: str | None,
+           pubkeys: tuple[str, ...], serve_addr: str, **kw: Any) -> None:
+    """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it."""
+    from edgepack import api
+    from edgepack.errors import UserError
+
+    if via == "ssh" and kw["host"] is None:
+        raise click.UsageError("--host is required (or --via adb for an Android phone over USB).")
+    if via == "adb" and kw["host"] is not None:
+        raise click.UsageError("--via adb takes --serial, not --host.")
+
+    def go(o: Output) -> tuple[Any, str]:
+        device = _device(kw) if via == "ssh" else api.DeviceRequest(host=serial or "")
+        if device is None:
+            raise UserError("no device given.", hint="Pass --host.")
+        res = api.deploy(api.DeployRequest(device=device, bundle=bundle, dist=dist, allow_network=allow_network,
+                                           keep=keep, via=via, require_signature=pubkeys,
+                                           serve_addr=serve_addr), progress=o.progress)
+        return res, deploy_summary(res)
+
+    _run("deploy", go)
+
+
+@cli.command()
+@_device_options(required=False)
+@click.option("--inventory", type=click.Path(path_type=Path), help="An Ansible inventory (INI or YAML): every host's "
+              "status (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file, edgepack_install_dir).")
+@click.option("--limit", help="With --inventory: an Ansible host pattern.")
+@click.option("--forks", type=click.IntRange(min=1), default=10, show_default=True,
+              help="With --inventory: hosts read at once.")
+@_json_option
+def status(inventory: Path | None, limit: str | None, forks: int, **kw: Any) -> None:
+    """Releases on a device (or every device of an inventory) and which one is current."""
+    from edgepack import api
+
+    if (inventory is None) == (kw["host"] is None):
+        raise click.UsageError("pass --host for one device or --inventory for a fleet.")
+
+    def go(_o: Output) -> tuple[Any, str]:
+        if inventory is not None:
+            res = api.fleet_status(api.FleetRequest(inventory=inventory, limit=limit, forks=forks,
+                                                    ssh=_device({**kw, "host": ""})))
+            return res, fleet_summary(res["hosts"])
+        st = api.device_status(_device(kw))
+        return st, status_summary(st)
+
+    _run("status", go)
+
+
+@cli.command()
+@_device_options()
+@_json_option
+def rollback(**kw: Any) -> None:
+    """Switch a device back to its previous release."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.rollback(_device(kw))
+        return res, f"{res['host']}: current → {res['current']} (was {res['previous']})"
+
+    _run("rollback", go)
+
+
+@cli.command("bench")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@_device_options(required=False)
+@click.option("--reps", type=int, default=5, show_default=True, help="Fresh-process runs; the median is reported.")
+@click.option("--tokens", type=int, default=64, show_default=True, help="New tokens per run.")
+@click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
+@_json_option
+def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: Any) -> None:
+    """Prefill, decode speed, peak RSS and load time of a bundle, here or on a device's current release (--host)."""
+    from edgepack import api
+
+    device = _device(kw)
+
+    def go(o: Output) -> tuple[Any, str]:
+        res = api.bench(api.BenchRequest(bundle=bundle, device=device, reps=reps, max_tokens=tokens,
+                                         threads=threads), progress=o.progress)
+        rows = [f"{res.bundle} on {res.where}, {res.reps} runs (median, min–max)"]
+        for key, v in res.summary.items():
+            rows.append(f"  {key:<20} {v['median']:>10}   ({v['min']} – {v['max']})")
+        return res, "\n".join(rows)
+
+    _run("bench", go)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--addr", default="127.0.0.1:8089", show_default=True, help="HOST:PORT, or unix:PATH for a socket.")
+@click.option("--api-key-file", type=click.Path(path_type=Path),
+              help="Require this bearer token (needed to bind beyond loopback; or set EDGEPACK_API_KEY).")
+@click.option("--insecure-no-auth", is_flag=True, help="Bind beyond loopback without an API key.")
+@click.option("--metrics", is_flag=True, help="Serve GET /metrics (Prometheus text format).")
+@click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
+def serve(bundle: Path, addr: str, api_key_file: Path | None, insecure_no_auth: bool, metrics: bool,
+          threads: int) -> None:
+    """Serve BUNDLE's OpenAI-compatible API here (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    from edgepack import api
+
+    try:
+        code = api.serve(api.ServeRequest(bundle=bundle, addr=addr, api_key_file=api_key_file,
+                                          insecure_no_auth=insecure_no_auth, metrics=metrics, threads=threads))
+    except KeyboardInterrupt:
+        code = 130
+    except UserError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"  hint: {exc.hint}", err=True)
+        code = 1
+    sys.exit(code)
