@@ -276,14 +276,12 @@ def _alive(pgid):
         return False
 
 
-def lock(install_dir, op, holder, ttl="60"):
-    """Hold the install dir's lock while this process lives: stdin lines are heartbeats, "release" or EOF or
-    `ttl` seconds of silence end it. The lock is an flock, so the kernel drops it if this process dies; on the
-    way out, the operation's remaining process groups are ended, so nothing it started outlives it."""
-    root = _root(install_dir)
+def _acquire(root, op, holder_json):
+    """Take the install dir's flock for operation `op`, without waiting. Returns (the open lock file, None), after
+    ending what a holder that died had left running; or (None, the holder's info) when another operation holds it."""
     _op(op)
     os.makedirs(os.path.join(root, ".ops"), exist_ok=True)
-    fh = open(_lock_path(root), "a+")  # noqa: SIM115 (held open for the life of the process: that is the lock)
+    fh = open(_lock_path(root), "a+")  # noqa: SIM115 (held open while the operation lives: that is the lock)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -294,13 +292,13 @@ def lock(install_dir, op, holder, ttl="60"):
             current = json.loads(fh.read() or "{}")
         except ValueError:
             current = {}
-        print(json.dumps({"ok": False, "error": "locked", "holder": current}))
-        return None
+        fh.close()
+        return None, current
     fh.seek(0)
     stale = fh.read()
     fh.seek(0)
     fh.truncate()
-    info = json.loads(holder)
+    info = json.loads(holder_json)
     info.update(op=op, device_pid=os.getpid(), since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     fh.write(json.dumps(info))
     fh.flush()
@@ -312,7 +310,29 @@ def lock(install_dir, op, holder, ttl="60"):
             previous = None
         if previous and previous.get("op"):  # a holder that died without releasing: end what it started
             _kill_groups(root, _op(previous["op"]) if OP_RE.match(str(previous["op"])) else op)
-    print(json.dumps({"ok": True, "op": op, "stale": previous}), flush=True)
+    return fh, previous
+
+
+def _release(root, op, fh):
+    """End the operation's remaining process groups, then unlock."""
+    _kill_groups(root, op)
+    fh.seek(0)
+    fh.truncate()
+    fh.flush()
+    fcntl.flock(fh, fcntl.LOCK_UN)
+    fh.close()
+
+
+def lock(install_dir, op, holder, ttl="60"):
+    """Hold the install dir's lock while this process lives: stdin lines are heartbeats, "release" or EOF or
+    `ttl` seconds of silence end it. The lock is an flock, so the kernel drops it if this process dies; on the
+    way out, the operation's remaining process groups are ended, so nothing it started outlives it."""
+    root = _root(install_dir)
+    fh, other = _acquire(root, op, holder)
+    if fh is None:
+        print(json.dumps({"ok": False, "error": "locked", "holder": other}))
+        return None
+    print(json.dumps({"ok": True, "op": op, "stale": other}), flush=True)
     ttl_s = float(ttl)
     try:
         while True:
@@ -323,12 +343,7 @@ def lock(install_dir, op, holder, ttl="60"):
             if not line or line.strip() == "release":
                 break
     finally:
-        _kill_groups(root, op)
-        fh.seek(0)
-        fh.truncate()
-        fh.flush()
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        _release(root, op, fh)
     return None
 
 
@@ -913,11 +928,286 @@ def trust(install_dir, op, name, key_b64):
     return {"ok": True, "trusted_keys": sorted(os.listdir(d))}
 
 
+# -- a whole deploy in one process on the device: what the bundle's Ansible role runs ---------------------
+
+INSTALL_WHY = {4: "the wheels do not fit this device's Python, or one does not match its pinned sha256",
+               6: "the release does not match its manifest", 7: "the signature check failed"}
+SMOKE_WHY = {1: "the model loads but misbehaves", 2: "the model does not load"}  # as bundle.SMOKE_EXIT
+
+
+class Failed(Exception):
+    """A step of `apply` failed: a stable code (as edgepack's own errors), a sentence and the evidence."""
+
+    def __init__(self, code, message, **evidence):
+        Exception.__init__(self, message)
+        self.code, self.message, self.evidence = code, message, evidence
+
+
+def _new_op(kind):
+    return _op("%s-%s-%d-%s" % (kind, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), os.getpid(),
+                               hashlib.sha256(os.urandom(8)).hexdigest()[:8]))
+
+
+def _locked_answer(root, holder):
+    return {"ok": False, "code": "device_locked", "holder": holder, "current": _current(root), "switched": False,
+            "error": "%s is locked by another edgepack operation: `%s` (since %s). Nothing was changed."
+                     % (root, (holder or {}).get("command", "?"), (holder or {}).get("since", "?"))}
+
+
+def _usable(root, bundle_id):
+    """A verified copy of the release already on the device that may be used as it is, or None."""
+    found = locate(root, bundle_id)["folders"]
+    return next((f for f in found if f["ok"] and (f["installed"] or not f["in_use"])), None)
+
+
+def stage(install_dir, bundle_id, files_json, holder_json='{"command": "stage"}'):
+    """Ready releases/<id>.partial for an upload (the role's copy tasks): under the lock for a moment, create its
+    folders and link in every file a release on the device already has (same sha256), then say which files are
+    still to send (path, bytes). A verified copy of the release already on the device means nothing to send."""
+    root = _root(install_dir)
+    _bundle_id(bundle_id)
+    files = [[f["path"], int(f["bytes"]), f["sha256"]] for f in json.loads(files_json)]  # the manifest's entries
+    op = _new_op("stage")
+    fh, holder = _acquire(root, op, holder_json)
+    if fh is None:
+        return _locked_answer(root, holder)
+    try:
+        present = _usable(root, bundle_id)
+        out = {"ok": True, "install_dir": root, "bundle_id": bundle_id, "current": _current(root)}
+        if present is not None:
+            return dict(out, present=present["folder"], staging=None, missing=[], missing_bytes=0, reused=0,
+                        reused_bytes=0, staged=len(files))
+        rel = "releases/%s.partial" % bundle_id
+        mkdirs(root, op, rel, *sorted({os.path.dirname(rel + "/" + f[0]) for f in files}))
+        have = hashes(root, rel)
+        todo = [f for f in files if have.get(f[0]) != [f[1], f[2]]]
+        got = reuse(root, op, rel, json.dumps(todo)) if todo else {"reused": [], "bytes": 0}
+        linked = set(got["reused"])
+        missing = [{"path": f[0], "bytes": f[1]} for f in todo if f[0] not in linked]
+        return dict(out, present=None, staging=os.path.join(root, rel), missing=missing,
+                    missing_bytes=sum(m["bytes"] for m in missing), reused=len(linked), reused_bytes=got["bytes"],
+                    staged=len(files) - len(todo))
+    finally:
+        _release(root, op, fh)
+
+
+def _run_step(root, op, argv, env, timeout):
+    """Run one step (install.sh, the smoke test) in its own process group, recorded for the lock: if this
+    process dies, the next holder ends it. Returns its exit code and the tails of its output."""
+    import subprocess
+
+    t0 = time.time()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, **env), start_new_session=True)
+    with open(_pids_path(root, op), "a") as fh:
+        fh.write("%d\n" % proc.pid)
+    killed = False
+    try:
+        out, err = proc.communicate(timeout=float(timeout))
+    except subprocess.TimeoutExpired:
+        killed = True
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    text = out.decode("utf-8", "replace")
+    return {"command": " ".join(argv), "exit_code": None if killed else proc.returncode, "killed": killed,
+            "seconds": round(time.time() - t0, 2), "stdout": text[-20000:],
+            "stderr_tail": err.decode("utf-8", "replace").splitlines()[-20:]}
+
+
+def _smoke_doc(stdout, exit_code):
+    """The smoke result by its contract (docs/bundle-format.md): the last JSON line with a boolean "ok"; ok only
+    when it says so and the process exited 0."""
+    doc = None
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            got = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(got, dict) and isinstance(got.get("ok"), bool):
+            doc = got
+            break
+    why = SMOKE_WHY.get(exit_code, "it was stopped or crashed")
+    if doc is None:
+        doc = {"schema": 1, "ok": False, "error": "smoke_test.py printed no result (exit %s: %s)" % (exit_code, why)}
+    ok = doc["ok"] is True and exit_code == 0
+    doc = dict(doc, ok=ok, exit_code=exit_code)
+    if not ok and not doc.get("error"):
+        doc["error"] = "smoke_test.py exited %s (%s)" % (exit_code, why)
+    return doc
+
+
+def _restart_service(root, op, unit_file, addr, log):
+    """(Re)start the install dir's service on `current`, as `edgepack deploy` does: a system unit for root on a
+    systemd-booted device, systemd's user manager where the session has one, else a supervised process."""
+    import subprocess
+
+    f = facts(root)
+    scope = "system" if f["systemd_system"] else "user" if f["systemd_user"] else None
+    if not scope:
+        return "supervised process (pid %d; no systemd on the device)" % service_start(root, op, addr)["pid"]
+    unit = install_unit(root, op, unit_file, scope, addr)["unit"]
+    ctl = ["systemctl"] + (["--user"] if scope == "user" else [])
+    for args in (["daemon-reload"], ["enable", unit], ["restart", unit]):
+        res = subprocess.run(ctl + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        log.append({"command": " ".join(ctl + args), "exit_code": res.returncode,
+                    "output": res.stdout.decode("utf-8", "replace")[-2000:]})
+        if res.returncode != 0:
+            raise Failed("service_check_failed", "`%s` failed (exit %d)" % (" ".join(ctl + args), res.returncode),
+                         commands=log)
+    if scope == "user":
+        res = subprocess.run('loginctl enable-linger "$(id -un)" && loginctl show-user "$(id -un)" -p Linger',
+                             shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        if b"Linger=yes" not in res.stdout:
+            return ("systemd user unit %s (lingering could not be enabled: it stops when the user's last session "
+                    "ends)" % unit)
+    return "systemd %s unit %s" % (scope, unit)
+
+
+def _service(root, op, spec, live):
+    """Restart the service on the new release and check it (/health, one completion); when the check fails,
+    switch back to the previous release, restart it there, and fail with the service's log."""
+    addr, log = spec["serve_addr"], []
+    how = _restart_service(root, op, spec["unit_file"], addr, log)
+    check = service_check(root, addr, "120")
+    if check.get("ok"):
+        return "%s, healthy on %s" % (how, addr), check
+    back, again = live["previous"], None
+    if back and switch(root, op, back).get("ok"):
+        live["switched_to"] = None
+        _restart_service(root, op, spec["unit_file"], addr, log)
+        again = service_check(root, addr, "120")
+    raise Failed("service_check_failed", "the new release's service failed its check: %s%s"
+                 % (check.get("error"), "; switched back to releases/%s" % back if live["switched_to"] is None
+                    and back else ""), service=check, log_tail=check.get("log_tail"), previous_check=again)
+
+
+def _apply(root, op, bundle_id, spec, live, steps):
+    for key_b64 in spec.get("trusted", []):  # minisign public keys ("RW..."); the id is minisign's key number
+        import base64
+
+        try:
+            raw = base64.b64decode(key_b64, validate=True)
+        except ValueError:
+            raw = b""
+        if len(raw) != 42 or raw[:2] != b"Ed":
+            raise Failed("invalid_input", "%r is not a minisign public key (base64 \"RW...\", 56 characters)"
+                         % (key_b64[:60],))
+        trust(root, op, format(int.from_bytes(raw[2:10], "little"), "X"), key_b64)
+    env = {"EDGEPACK_TRUSTED_KEYS": os.path.join(root, "trusted_keys")}
+    if spec.get("require_signature") or spec.get("trusted"):
+        env["EDGEPACK_REQUIRE_SIGNATURE"] = "1"
+    usable = _usable(root, bundle_id)
+    check_only = bool(usable and usable["in_use"])
+    if check_only:  # a live copy is never rewritten: only check that its runtime is whole
+        release = os.path.join(_releases_dir(root), usable["folder"])
+        res = _run_step(root, op, ["sh", os.path.join(release, "install.sh")],
+                        dict(env, EDGEPACK_VENV=os.path.join(release, ".venv"), EDGEPACK_CHECK_ONLY="1"), 900)
+        if res["exit_code"] != 0:
+            raise Failed("install_failed", "the live copy releases/%s has no working runtime (exit %s) and no fresh "
+                         "copy was uploaded" % (usable["folder"], res["exit_code"]), install=res)
+    if usable is not None:
+        folder = usable["folder"]
+        steps.append({"name": "verify", "reused": folder})
+    else:
+        rel = "releases/%s.partial" % bundle_id
+        check = verify(root, rel)
+        if check["extra"] and not (check["missing"] or check["changed"] or check["error"]):
+            remove_extra(root, op, rel, *check["extra"])  # an interrupted copy's temp files
+            check = verify(root, rel)
+        steps.append({"name": "verify", "ok": check["ok"]})
+        if not check["ok"]:
+            raise Failed("upload_mismatch", "the upload does not match the manifest: missing %s, changed %s%s"
+                         % (check["missing"][:3], check["changed"][:3],
+                            ", " + check["error"] if check.get("error") else ""), verify=check)
+        pub = publish(root, op, bundle_id)
+        if not pub.get("ok"):
+            raise Failed("device_refused", "could not publish the release: %s" % pub.get("error"), publish=pub)
+        folder = pub["folder"]
+    release = os.path.join(_releases_dir(root), folder)
+    argv = ["sh", os.path.join(release, "install.sh")] + (["--allow-network"] if spec.get("allow_network") else [])
+    res = _run_step(root, op, argv, dict(env, EDGEPACK_VENV=os.path.join(release, ".venv"),
+                                         **({"EDGEPACK_CHECK_ONLY": "1"} if check_only else {})), 900)
+    steps.append({"name": "install", "exit_code": res["exit_code"], "seconds": res["seconds"]})
+    if res["exit_code"] != 0:
+        raise Failed("signature_invalid" if res["exit_code"] == 7 else "install_failed",
+                     "install.sh failed (exit %s%s)" % (res["exit_code"], ": " + INSTALL_WHY[res["exit_code"]]
+                                                        if res["exit_code"] in INSTALL_WHY else ""), install=res)
+    res = _run_step(root, op, [os.path.join(release, ".venv", "bin", "python"), os.path.join(release, "smoke_test.py"),
+                               "--tokens", str(int(spec.get("smoke_tokens", 16)))], {}, 900)
+    smoke = _smoke_doc(res["stdout"], -1 if res["exit_code"] is None else res["exit_code"])
+    steps.append({"name": "smoke", "ok": smoke["ok"], "seconds": res["seconds"]})
+    if not smoke["ok"]:
+        raise Failed("smoke_test_failed", "the smoke test failed: %s" % smoke.get("error"), smoke=smoke,
+                     evidence={"command": res["command"], "exit_code": res["exit_code"],
+                               "stderr_tail": res["stderr_tail"]})
+    sw = switch(root, op, folder)
+    if not sw.get("ok"):
+        raise Failed("device_refused", "the device refused the switch: %s" % sw.get("error"), switch=sw)
+    live["switched_to"] = folder
+    steps.append({"name": "switch", "current": folder, "previous": sw.get("previous")})
+    service, check = "none (the target runs no service)", None
+    if spec.get("service"):
+        service, check = _service(root, op, spec, live)
+        steps.append({"name": "service", "how": service})
+    pr = prune(root, op, spec.get("keep", 3))
+    steps.append({"name": "prune", "removed": pr["removed"]})
+    return {"ok": True, "bundle_id": bundle_id, "release_folder": folder, "smoke": smoke, "service": service,
+            "service_check": check, "pruned": pr["removed"]}
+
+
+def _live_sentence(root, live):
+    if live["switched_to"]:
+        return ("The switch was done: `current` points at releases/%s (it passed its smoke test); a rollback "
+                "returns to %s." % (live["switched_to"], live["previous"] or "nothing (it was the first release)"))
+    return "`current` was not changed: it still points at %s." % (
+        "releases/" + live["previous"] if live["previous"] else "nothing (no release was live)")
+
+
+def apply(install_dir, spec_json):
+    """Everything after the upload, in this one process under the install dir's lock: verify every sha256 (or
+    reuse a verified copy) → publish → install.sh (offline, hash-pinned, signature check) → smoke test → atomic
+    switch → service restart and check (switch back on failure) → keep N. The same helper functions as `edgepack
+    deploy` runs over SSH, so the same invariant: `current` names a complete, verified, installed release."""
+    spec = json.loads(spec_json)
+    root = _root(install_dir)
+    bundle_id = _bundle_id(spec["bundle_id"])
+    op = _new_op("apply")
+    fh, holder = _acquire(root, op, json.dumps(spec.get("holder") or {"command": "apply " + bundle_id}))
+    if fh is None:
+        return _locked_answer(root, holder)
+    live = {"previous": _current(root), "switched_to": None}
+    steps = []
+    try:
+        out = _apply(root, op, bundle_id, spec, live, steps)
+    except Failed as exc:
+        out = dict(exc.evidence, ok=False, code=exc.code, error="%s. %s" % (exc.message, _live_sentence(root, live)))
+    finally:
+        _release(root, op, fh)
+    return dict(out, install_dir=root, current=_current(root), previous=live["previous"],
+                switched=bool(live["switched_to"]), steps=steps)
+
+
+def rollback_now(install_dir, holder_json='{"command": "rollback"}'):
+    """`rollback` under the install dir's lock, taken and released in this process (the role's rollback)."""
+    root = _root(install_dir)
+    op = _new_op("rollback")
+    fh, holder = _acquire(root, op, holder_json)
+    if fh is None:
+        return _locked_answer(root, holder)
+    try:
+        res = rollback(root, op)
+    finally:
+        _release(root, op, fh)
+    return dict(res, code=None if res.get("ok") else "rollback_unavailable", install_dir=root)
+
+
 COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "reuse": reuse, "verify": verify,
             "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
             "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust,
             "service_start": service_start, "service_stop": service_stop, "service_check": service_check,
-            "service_status": service_status}
+            "service_status": service_status, "stage": stage, "apply": apply,
+            "rollback_now": rollback_now}
 
 
 def main(argv):
@@ -929,6 +1219,8 @@ def main(argv):
         sys.exit(3)
     if result is not None:
         print(json.dumps(result))
+        if cmd in ("stage", "apply", "rollback_now") and not result.get("ok"):
+            sys.exit(1)  # Ansible's task fails; the JSON says why
 
 
 if __name__ == "__main__":
