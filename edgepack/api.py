@@ -14,7 +14,7 @@ from typing import Any
 
 from edgepack.backends import exporters
 from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
-from edgepack.errors import UserError
+from edgepack.errors import BundleError, UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import resolve_model
 from edgepack.output import to_jsonable
@@ -492,6 +492,67 @@ def fleet_status(req: FleetRequest) -> dict[str, Any]:
                         hint="Each host's row has its error and code; the other rows are complete.",
                         code="fleet_hosts_failed", hosts=rows, failed=failed)
     return {"inventory": str(req.inventory), "hosts": rows}
+
+
+@dataclass(frozen=True)
+class FleetDeployRequest:
+    fleet: FleetRequest
+    bundle: Path | None = None  # None: the newest bundle under dist/
+    dist: Path = Path("dist")
+    batches: Any = None  # fleet.Batches (None: canary 1, then 10% batches, no failure tolerated)
+    allow_network: bool = False
+    keep: int | None = None
+    require_signature: tuple[str, ...] = ()
+    serve_addr: str = ""
+
+
+def fleet_deploy(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict[str, Any]:
+    """The bundle's own playbook (ansible/deploy.yml) on every inventory host through ansible-runner, in
+    batches: canary first, halting as Ansible's max_fail_percentage says. Checked here first as for one device."""
+    from edgepack.bundle import MANIFEST, SIGNATURE
+    from edgepack.fleet import Batches, check_rollout, run_playbook
+    from edgepack.signing import check_for_deploy
+    from edgepack.stages.pack import opened
+
+    batches = req.batches or Batches()
+    serial, max_fail = batches.serial(), batches.max_fail_percentage()
+    given = req.bundle or latest_bundle(req.dist)
+    with opened(given) as bundle:
+        manifest = verify_bundle(bundle)
+        trusted, signature = check_for_deploy(bundle, manifest, req.require_signature, progress)
+        playbook = bundle / "ansible" / "deploy.yml"
+        if not playbook.is_file():
+            raise BundleError(f"{given} has no ansible/deploy.yml: an edgepack from before fleets built it.",
+                              hint="Rebuild it with this edgepack (the build cache makes that quick).")
+        extra: dict[str, Any] = {"edgepack_allow_network": req.allow_network,
+                                 "edgepack_trusted_keys": [key for _, key in trusted],
+                                 "edgepack_require_signature": bool(trusted)}
+        extra |= {"edgepack_keep": req.keep} if req.keep else {}
+        extra |= {"edgepack_serve_addr": req.serve_addr} if req.serve_addr else {}
+        extra |= {"edgepack_default_install_dir": req.fleet.ssh.install_dir} if req.fleet.ssh.install_dir else {}
+        sent = [p for p in (bundle / MANIFEST, bundle / SIGNATURE) if p.is_file()]
+        out = run_playbook(playbook, req.fleet.inventory, limit=req.fleet.limit, forks=req.fleet.forks,
+                           serial=serial, max_fail=max_fail, extravars=extra, ssh=req.fleet.ssh, progress=progress,
+                           always_sent=(len(sent), sum(p.stat().st_size for p in sent)))
+    out = {"inventory": str(req.fleet.inventory), "bundle_id": manifest.bundle_id, "signature": signature} | out
+    return check_rollout(out, "rollout")
+
+
+def fleet_rollback(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict[str, Any]:
+    """Every inventory host back to its previous release, in the same batches (edgepack's own copy of the role)."""
+    import tempfile
+
+    from edgepack.fleet import Batches, check_rollout, run_playbook
+    from edgepack.stages.render import ansible_files
+
+    batches = req.batches or Batches()
+    with tempfile.TemporaryDirectory(prefix="edgepack-rollback-") as tmp:
+        ansible_files(Path(tmp))
+        out = run_playbook(Path(tmp) / "ansible" / "rollback.yml", req.fleet.inventory, limit=req.fleet.limit,
+                           forks=req.fleet.forks, serial=batches.serial(), max_fail=batches.max_fail_percentage(),
+                           extravars={"edgepack_default_install_dir": req.fleet.ssh.install_dir or "~/edgepack"},
+                           ssh=req.fleet.ssh, progress=progress)
+    return check_rollout({"inventory": str(req.fleet.inventory)} | out, "rollback")
 
 
 def rollback(device: DeviceRequest) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import click
 
 from edgepack.console import _json_option, _run, cli
 from edgepack.errors import UserError
-from edgepack.output import Output, deploy_summary, fleet_summary, status_summary
+from edgepack.output import Output, deploy_summary, fleet_summary, rollout_summary, status_summary
 
 
 def _device_options(*, required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -49,9 +49,48 @@ def _device(kw: dict[str, Any]) -> Any:
                              connect_timeout=kw["connect_timeout"], command_timeout=kw["command_timeout"])
 
 
+def _fleet_options(*, rollout: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--inventory, --limit, --forks; with `rollout`, the batches: --canary, --batch, --max-fail."""
+    opts = [
+        click.option("--inventory", type=click.Path(path_type=Path),
+                     help="An Ansible inventory (INI or YAML) instead of --host: every host (ansible_host, "
+                          "ansible_port, ansible_user, ansible_ssh_private_key_file, edgepack_install_dir)."),
+        click.option("--limit", help="With --inventory: an Ansible host pattern."),
+        click.option("--forks", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="With --inventory: hosts worked on at once."),
+    ]
+    if rollout:
+        opts += [
+            click.option("--canary", type=click.IntRange(min=0), default=1, show_default=True,
+                         help="With --inventory: hosts in the first batch (the first in inventory order)."),
+            click.option("--batch", default="10%", show_default=True,
+                         help="With --inventory: hosts per later batch, a count or a percentage of the hosts."),
+            click.option("--max-fail", default="0%", show_default=True,
+                         help="With --inventory: a batch with MORE failed hosts than this percentage of it ends "
+                              "the rollout (Ansible's max_fail_percentage: per batch, exceeded, not reached)."),
+        ]
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _fleet(kw: dict[str, Any], inventory: Path) -> Any:
+    from edgepack import api
+    from edgepack.fleet import Batches
+
+    fleet = api.FleetRequest(inventory=inventory, limit=kw.pop("limit"), forks=kw.pop("forks"),
+                             ssh=_device({**kw, "host": ""}))
+    return fleet, Batches(canary=kw.get("canary", 1), batch=kw.get("batch", "10%"), max_fail=kw.get("max_fail", "0%"))
+
+
 @cli.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @_device_options(required=False)
+@_fleet_options(rollout=True)
 @click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Where to look for the newest bundle when BUNDLE is not given.")
 @click.option("--allow-network", is_flag=True, help="Let the device's pip use a package index if wheels/ does not fit.")
@@ -66,11 +105,25 @@ def _device(kw: dict[str, Any]) -> Any:
                                                 "default: the target's deploy.serve_addr).")
 @_json_option
 def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, via: str, serial: str | None,
-           pubkeys: tuple[str, ...], serve_addr: str, **kw: Any) -> None:
-    """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it."""
+           pubkeys: tuple[str, ...], serve_addr: str, inventory: Path | None, **kw: Any) -> None:
+    """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it; with --inventory,
+    to every host of an Ansible inventory in batches (the bundle's own playbook, through ansible-runner)."""
     from edgepack import api
     from edgepack.errors import UserError
 
+    if inventory is not None:
+        if kw["host"] is not None or via != "ssh":
+            raise click.UsageError("--inventory replaces --host (and works over SSH only).")
+        fleet, batches = _fleet(kw, inventory)
+
+        def rollout(o: Output) -> tuple[Any, str]:
+            res = api.fleet_deploy(api.FleetDeployRequest(
+                fleet=fleet, bundle=bundle, dist=dist, batches=batches, allow_network=allow_network, keep=keep,
+                require_signature=pubkeys, serve_addr=serve_addr), progress=o.progress)
+            return res, rollout_summary(res)
+
+        _run("deploy", rollout)
+        return
     if via == "ssh" and kw["host"] is None:
         raise click.UsageError("--host is required (or --via adb for an Android phone over USB).")
     if via == "adb" and kw["host"] is not None:
@@ -90,11 +143,7 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
 
 @cli.command()
 @_device_options(required=False)
-@click.option("--inventory", type=click.Path(path_type=Path), help="An Ansible inventory (INI or YAML): every host's "
-              "status (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file, edgepack_install_dir).")
-@click.option("--limit", help="With --inventory: an Ansible host pattern.")
-@click.option("--forks", type=click.IntRange(min=1), default=10, show_default=True,
-              help="With --inventory: hosts read at once.")
+@_fleet_options(rollout=False)
 @_json_option
 def status(inventory: Path | None, limit: str | None, forks: int, **kw: Any) -> None:
     """Releases on a device (or every device of an inventory) and which one is current."""
@@ -115,11 +164,24 @@ def status(inventory: Path | None, limit: str | None, forks: int, **kw: Any) -> 
 
 
 @cli.command()
-@_device_options()
+@_device_options(required=False)
+@_fleet_options(rollout=True)
 @_json_option
-def rollback(**kw: Any) -> None:
-    """Switch a device back to its previous release."""
+def rollback(inventory: Path | None, **kw: Any) -> None:
+    """Switch a device (or, with --inventory, every host in batches) back to its previous release."""
     from edgepack import api
+
+    if (inventory is None) == (kw["host"] is None):
+        raise click.UsageError("pass --host for one device or --inventory for a fleet.")
+    if inventory is not None:
+        fleet, batches = _fleet(kw, inventory)
+
+        def rollout(o: Output) -> tuple[Any, str]:
+            res = api.fleet_rollback(api.FleetDeployRequest(fleet=fleet, batches=batches), progress=o.progress)
+            return res, rollout_summary(res)
+
+        _run("rollback", rollout)
+        return
 
     def go(_o: Output) -> tuple[Any, str]:
         res = api.rollback(_device(kw))

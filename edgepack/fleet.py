@@ -9,12 +9,14 @@ strictly as for one device: known_hosts, nothing accepted silently.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from edgepack.errors import EdgepackError, UserError, require
+from edgepack.progress import ProgressEvent, ProgressFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,3 +70,211 @@ def each_host(hosts: list[FleetHost], fn: Callable[[FleetHost], dict[str, Any]],
 
     with ThreadPoolExecutor(max_workers=max(1, forks)) as pool:
         return list(pool.map(one, hosts))
+
+
+# -- rollouts: the bundle's own playbook, driven through ansible-runner -------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """Ansible's `serial` and `max_fail_percentage` as `--canary`, `--batch`, `--max-fail` give them."""
+
+    canary: int = 1
+    batch: str = "10%"  # hosts per batch after the canary: a count or a percentage of the hosts in the play
+    max_fail: str = "0%"  # a batch with MORE failures than this (per batch; exceeded, not reached) ends the rollout
+
+    def serial(self) -> list[int | str]:
+        batch = self.batch.strip()
+        if not (batch.rstrip("%").isdigit() and int(batch.rstrip("%")) > 0):
+            raise UserError(f"--batch {self.batch!r} is not a host count or a percentage.",
+                            hint="e.g. --batch 10 or --batch 10%", code="invalid_input")
+        if self.canary < 0:
+            raise UserError("--canary must be 0 (no canary batch) or more hosts.", code="invalid_input")
+        rest: int | str = batch if batch.endswith("%") else int(batch)
+        return ([self.canary] if self.canary else []) + [rest]
+
+    def max_fail_percentage(self) -> float:
+        text = self.max_fail.strip().rstrip("%")
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 100:
+            raise UserError(f"--max-fail {self.max_fail!r} is not a percentage from 0 to 100.",
+                            hint="e.g. --max-fail 5%", code="invalid_input")
+        return value
+
+
+def plan_batches(names: list[str], serial: list[int | str]) -> list[list[str]]:
+    """The batches Ansible makes of the play's hosts (its PlaybookExecutor._get_serialized_batches)."""
+    from ansible.utils.helpers import pct_to_int
+
+    out: list[list[str]] = []
+    rest, i = list(names), 0
+    while rest:
+        n = pct_to_int(serial[min(i, len(serial) - 1)], len(names))
+        n = len(rest) if n <= 0 else n
+        out.append(rest[:n])
+        rest, i = rest[n:], i + 1
+    return out
+
+
+def ansible_env(ssh: Any) -> dict[str, str]:
+    """Ansible's OpenSSH as strict as edgepack's own connection: known_hosts checked, nothing accepted silently
+    (ansible-runner turns host key checking OFF unless it is set)."""
+    import shlex
+
+    args = ["-o", "StrictHostKeyChecking=" + ("accept-new" if ssh.accept_new_host_key else "yes")]
+    if ssh.known_hosts:
+        args += ["-o", f"UserKnownHostsFile={Path(ssh.known_hosts).resolve()}"]
+    if ssh.ssh_config:
+        args += ["-F", str(Path(ssh.ssh_config).resolve())]
+    return {"ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_SSH_COMMON_ARGS": shlex.join(args),
+            "ANSIBLE_TIMEOUT": str(int(ssh.connect_timeout)), "ANSIBLE_RETRY_FILES_ENABLED": "False",
+            "ANSIBLE_NOCOLOR": "1"}
+
+
+def _unreachable_code(msg: str) -> str:
+    return "host_key_unknown" if "Host key verification failed" in msg else \
+        "host_key_changed" if "REMOTE HOST IDENTIFICATION HAS CHANGED" in msg else "ssh_unreachable"
+
+
+class _Tracker:
+    """Turns ansible-runner's events into one row per host, and progress lines."""
+
+    def __init__(self, hosts: list[FleetHost], batches: list[list[str]], progress: ProgressFn,
+                 always_sent: tuple[int, int]) -> None:
+        self.progress = progress
+        self.always_sent = always_sent  # (files, bytes) sent with every upload: the manifest and its signature
+        self.batch_of = {name: i + 1 for i, batch in enumerate(batches) for name in batch}
+        self.batches = batches
+        self.rows: dict[str, dict[str, Any]] = {
+            h.name: {"name": h.name, "host": h.host, "batch": self.batch_of.get(h.name), "state": "not_started",
+                     "ok": False} for h in hosts}
+        self.plays = 0
+        self.t0 = time.monotonic()
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        kind, data = event.get("event", ""), event.get("event_data") or {}
+        if kind == "playbook_on_play_start":
+            self.plays += 1
+            names = self.batches[self.plays - 1] if self.plays <= len(self.batches) else []
+            self.progress(ProgressEvent("rollout", f"batch {self.plays} of {len(self.batches)}: {', '.join(names)}"))
+        row = self.rows.get(str(data.get("host")))
+        if row is None or kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable"):
+            return True
+        res = data.get("res") or {}
+        if row["state"] == "not_started":
+            row.update(state="running", started_s=round(time.monotonic() - self.t0, 1))
+        if kind == "runner_on_unreachable":
+            msg = str(res.get("msg", "unreachable"))
+            row.update(state="unreachable", error={"code": _unreachable_code(msg), "message": msg.strip()})
+            self.progress(ProgressEvent("rollout", f"{row['name']}: unreachable ({row['error']['code']})"))
+            return True
+        cmd: list[Any] = res["cmd"] if isinstance(res.get("cmd"), list) else []
+        step = cmd[2] if len(cmd) > 2 and cmd[:2] == ["python3", "-"] else None
+        doc = _last_json(str(res.get("stdout", ""))) if step else None
+        if step == "stage" and doc and doc.get("ok"):
+            extra_files, extra_bytes = self.always_sent if doc["staging"] else (0, 0)
+            row.update(uploaded_files=len(doc["missing"]) + extra_files, uploaded_bytes=doc["missing_bytes"] +
+                       extra_bytes, reused_files=doc["reused"], reused_bytes=doc["reused_bytes"],
+                       already_there=doc["present"])
+            self.progress(ProgressEvent("rollout", f"{row['name']}: {row['uploaded_files']} files "
+                                                   f"({row['uploaded_bytes'] / 1e6:.2f} MB) to send, "
+                                                   f"{doc['reused']} linked from releases on the device"))
+        elif step in ("apply", "rollback_now") and doc is not None:
+            keep = ("release_folder", "bundle_id", "previous", "current", "switched", "smoke", "service", "pruned",
+                    "steps", "install", "verify", "log_tail", "evidence")
+            row.update({k: doc[k] for k in keep if k in doc})
+            if doc.get("ok"):
+                row.update(state="done", ok=True, seconds=round(time.monotonic() - self.t0 - row["started_s"], 1))
+                self.progress(ProgressEvent("rollout", f"{row['name']}: current → releases/{doc.get('current')}"))
+            else:
+                row.update(state="failed", error={"code": doc.get("code") or "remote_failed",
+                                                  "message": doc.get("error")})
+                self.progress(ProgressEvent("rollout", f"{row['name']}: FAILED {row['error']['code']}: "
+                                                       f"{doc.get('error')}"))
+        elif kind == "runner_on_failed" and row["state"] != "failed":
+            msg = str(res.get("msg", ""))
+            code, _, rest = msg.partition(": ")
+            row.update(state="failed", error={"code": code if code.isidentifier() else "remote_failed",
+                                              "message": rest if code.isidentifier() else msg})
+            self.progress(ProgressEvent("rollout", f"{row['name']}: FAILED {msg[:300]}"))
+        return True
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    import json
+
+    for line in reversed(text.strip().splitlines()):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return None
+
+
+def run_playbook(playbook: Path, inventory: Path, *, limit: str | None, forks: int, serial: list[int | str],
+                 max_fail: float, extravars: dict[str, Any], ssh: Any, progress: ProgressFn,
+                 always_sent: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Run one of a bundle's playbooks on the inventory with ansible-runner; one row per host in inventory order:
+    state done, failed, unreachable or not_started (the rollout halted before its batch)."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    require("ansible_runner", "fleet", "Rolling out to an inventory")
+    import ansible_runner
+
+    hosts = load_inventory(inventory, limit)
+    batches = plan_batches([h.name for h in hosts], serial)
+    track = _Tracker(hosts, batches, progress, always_sent)
+    env = ansible_env(ssh)
+    if not shutil.which("ansible-playbook"):  # a venv's edgepack run without activating the venv
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    with tempfile.TemporaryDirectory(prefix="edgepack-ansible-") as tmp:
+        runner = ansible_runner.run(
+            private_data_dir=tmp, playbook=str(playbook.resolve()), inventory=str(inventory.resolve()),
+            limit=limit, forks=forks, quiet=True, event_handler=track, envvars=env,
+            extravars={**extravars, "edgepack_serial": serial, "edgepack_max_fail_percentage": max_fail})
+        stdout = runner.stdout.read() if runner.stdout else ""
+    rows = [track.rows[h.name] for h in hosts]
+    for r in rows:
+        if r["state"] == "running":  # the host ran some tasks and then the play ended for it
+            r.update(state="failed", error={"code": "remote_failed", "message": "stopped before the release step"})
+    halted = any(r["state"] == "not_started" for r in rows)
+    started = [r for r in rows if r["state"] != "not_started"]
+    if runner.status not in ("successful", "failed") or (runner.status == "failed" and (
+            not started or all(r["state"] == "done" for r in rows))):
+        raise UserError(f"ansible-playbook ended with {runner.status} (exit {runner.rc}).",
+                        hint="See log_tail (Ansible's own output).", code="fleet_ansible_failed",
+                        hosts=rows, log_tail=stdout.splitlines()[-30:])
+    return {"hosts": rows, "batches": batches, "halted": halted, "ansible_rc": runner.rc,
+            "seconds": round(time.monotonic() - track.t0, 1), "serial": serial, "max_fail_percentage": max_fail}
+
+
+def check_rollout(out: dict[str, Any], what: str) -> dict[str, Any]:
+    """A rollout where every host is done passes through; else an error carrying every row: halted (hosts were
+    left unstarted) or completed with failures within --max-fail."""
+    rows = out["hosts"]
+    failed = [r for r in rows if r["state"] in ("failed", "unreachable")]
+    if not failed and not out["halted"]:
+        return out
+    waiting = [r["name"] for r in rows if r["state"] == "not_started"]
+    first = failed[0] if failed else None
+    why = f"{', '.join(r['name'] for r in failed[:5])} failed" + (
+        f" ({first['error']['code']}: {str(first['error']['message'])[:300]})" if first else "")
+    if out["halted"]:
+        at = max((r["batch"] or 0 for r in failed), default=0)
+        message = (f"the {what} halted in batch {at} of {len(out['batches'])}: {why}. {len(waiting)} host(s) were "
+                   f"not started and keep the release they had: {', '.join(waiting[:5])}.")
+        code = "fleet_rollout_halted"
+    else:
+        message = f"the {what} went through every batch, but {len(failed)} of {len(rows)} host(s) failed: {why}."
+        code = "fleet_hosts_failed"
+    raise UserError(message, hint="Each host's row has its state and evidence. A failed host is on the release it "
+                                  "had, never half-updated. Fix it and run the same command again: hosts already "
+                                  "on the release are checked, not sent it again.", code=code,
+                    failed=[r["name"] for r in failed], not_started=waiting, **out)

@@ -250,3 +250,21 @@ def fleet_summary(rows: list[dict[str, Any]]) -> str:
         out.append(f"{r['name']:<20} {str(r.get('current') or '(none)'):<40} "
                    f"{'running' if svc.get('running') else 'not running'}")
     return "\n".join(out)
+
+
+def rollout_summary(res: dict[str, Any]) -> str:
+    """One line per host of a rollout (or fleet rollback): its batch, what happened, and what was sent."""
+    out = [f"{'HOST':<16} {'BATCH':>5}  {'STATE':<12} {'CURRENT':<40} {'SENT':>10}  SMOKE"]
+    for r in res["hosts"]:
+        sent = f"{r['uploaded_bytes'] / 1e6:.2f} MB" if "uploaded_bytes" in r else "-"
+        smoke = r.get("smoke") or {}
+        speed = f"ok, {smoke['tokens_per_s']:.1f} tok/s" if smoke.get("ok") and smoke.get("tokens_per_s") else \
+            "ok" if smoke.get("ok") else "-"
+        line = f"{r['name']:<16} {r.get('batch') or '-':>5}  {r['state']:<12} {str(r.get('current') or '-'):<40} " \
+               f"{sent:>10}  {speed}"
+        if r.get("error"):
+            line += f"\n{'':<16} {r['error'].get('code')}: {str(r['error'].get('message'))[:200]}"
+        out.append(line)
+    out.append(f"{len(res['batches'])} batch(es) (serial {res['serial']}, max_fail_percentage "
+               f"{res['max_fail_percentage']}), {res['seconds']} s")
+    return "\n".join(out)

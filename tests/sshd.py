@@ -98,7 +98,9 @@ class SSHServer:
         return cfg, kh
 
 
-def make_server(root: Path, address: str = "127.0.0.1", netns: str | None = None) -> SSHServer:
+def make_server(root: Path, address: str = "127.0.0.1", netns: str | None = None,
+                env: dict[str, str] | None = None) -> SSHServer:
+    """`env`: set in every session (sshd's SetEnv), e.g. to give one board a broken runtime."""
     root.mkdir(parents=True, exist_ok=True)
     host_key, user_key = root / "ssh_host_ed25519_key", root / "id_ed25519"
     keygen(host_key)
@@ -119,7 +121,8 @@ PermitRootLogin prohibit-password
 Subsystem sftp internal-sftp
 ClientAliveInterval 5
 LogLevel VERBOSE
-""")
+""" + ("SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()) + "\n" if env else ""))  # one line: sshd
+    # takes the first SetEnv only
     return SSHServer(root, port, host_key, user_key, address=address, netns=netns)
 
 

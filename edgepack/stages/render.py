@@ -97,7 +97,7 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, andro
         shutil.copyfile(shipped_dir("templates") / "_shared" / plain, out / plain)
         os.chmod(out / plain, 0o755)
         written.append(plain)
-    written += _ansible(out)
+    written += ansible_files(out)
     if android:
         import jinja2
 
@@ -111,7 +111,7 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, andro
     return written
 
 
-def _ansible(out: Path) -> list[str]:
+def ansible_files(out: Path) -> list[str]:
     """The Ansible role and playbooks (templates/_shared/ansible, plain files: Ansible templates them itself) with
     the device helper `edgepack deploy` runs, so a fleet runs the same device-side code (docs/fleet.md)."""
     import shutil

@@ -1,9 +1,15 @@
-"""Fleets (issue #14, started): several real sshd "devices" on loopback, an Ansible inventory read by ansible-core,
-`status --inventory` across them; host keys as strict as for one device."""
+"""Fleets (issue #14): real sshd "devices" on loopback, an Ansible inventory read by ansible-core, `status
+--inventory` across them, rollouts of the bundle's own playbook through ansible-runner and by plain
+ansible-playbook, canary halts and --max-fail, rollback in batches; host keys as strict as for one device."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,4 +94,212 @@ def test_inventory_errors_are_clear(tmp_path: Path) -> None:
     proc = cli("--json", "status", "--inventory", str(tmp_path / "nope.ini"))
     assert proc.returncode == 1 and "does not exist" in envelope(proc)["error"]["message"]
     proc = cli("--json", "status")
+    assert proc.returncode == 1 and envelope(proc)["error"]["code"] == "usage"
+
+
+# -- rollouts ---------------------------------------------------------------------------------------------
+
+# One board's runtime dies running one bundle's smoke test, as on a CPU that lacks an instruction the runtime
+# uses: its sshd sessions import this sitecustomize (PYTHONPATH, set by the server), nothing else differs.
+BROKEN_RUNTIME = """import os, sys
+if sys.argv and sys.argv[0].endswith("smoke_test.py") and os.environ.get("EDGEPACK_TEST_BROKEN", "?") in sys.argv[0]:
+    sys.stderr.write("Illegal instruction (core dumped)\\n")
+    sys.stderr.flush()
+    os._exit(132)
+"""
+ANSIBLE_PYTHON = os.path.realpath(sys.executable)  # an interpreter for Ansible's modules (discovery can pick a shim)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_bundles: tuple[Path, Path]) -> Iterator[list]:
+    """Five boards; dev4's runtime dies on bundle B's smoke test (and passes A's)."""
+    from ..sshd import make_server
+
+    root = tmp_path_factory.mktemp("fleet")
+    broken = root / "broken-runtime"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(BROKEN_RUNTIME)
+    b_id = json.loads((tiny_bundles[1] / "edgepack.json").read_text())["bundle_id"]
+    servers = [make_server(root / f"dev{i}", env={"PYTHONPATH": str(broken), "EDGEPACK_TEST_BROKEN": b_id}
+                           if i == 4 else None) for i in range(5)]
+    for s in servers:
+        s.start()
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def fleet_inventory(servers: list, order: list[int], where: Path, name: str = "inventory.ini") -> tuple[Path, Path]:
+    """An INI inventory of the boards in `order` (the first is the canary), install dirs under `where`."""
+    lines = ["[boards]"] + [
+        f"dev{i} ansible_host={servers[i].address} ansible_port={servers[i].port} ansible_user=root "
+        f"ansible_ssh_private_key_file={servers[i].user_key} ansible_python_interpreter={ANSIBLE_PYTHON} "
+        f"edgepack_install_dir={where}/dev{i}/edgepack" for i in order]
+    inv = where / name
+    inv.write_text("\n".join(lines) + "\n")
+    kh = where / "known_hosts"
+    kh.write_text("".join(s.host_key_line() for s in servers))
+    return inv, kh
+
+
+def rollout(inv: Path, kh: Path, bundle: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    proc = cli("--json", "deploy", "--inventory", str(inv), "--known-hosts", str(kh), str(bundle), *args)
+    return proc, envelope(proc)
+
+
+def rows(doc: dict) -> dict[str, dict]:
+    body = doc["result"] if doc["ok"] else doc["error"]
+    return {r["name"]: r for r in body["hosts"]}
+
+
+def current_of(where: Path, i: int) -> str | None:
+    link = where / f"dev{i}" / "edgepack" / "current"
+    return os.readlink(link).split("/")[-1] if link.is_symlink() else None
+
+
+def bundle_id(bundle: Path) -> str:
+    return str(json.loads((bundle / "edgepack.json").read_text())["bundle_id"])
+
+
+def test_a_failing_canary_halts_the_rollout_and_a_later_failure_within_max_fail_does_not(
+        fleet: list, tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = tiny_bundles
+    inv, kh = fleet_inventory(fleet, [4, 0, 1, 2, 3], tmp_path)
+    proc, doc = rollout(inv, kh, a, "--canary", "1", "--batch", "2", "--forks", "2")
+    assert proc.returncode == 0, doc["error"]
+    assert [r["state"] for r in rows(doc).values()] == ["done"] * 5
+    assert [r["batch"] for r in rows(doc).values()] == [1, 2, 2, 3, 3]
+    assert all(current_of(tmp_path, i) == bundle_id(a) for i in range(5))
+    assert "batch 1 of 3: dev4" in proc.stderr and "dev4: current → releases/" in proc.stderr
+
+    # B's canary (dev4) fails its smoke test: the rollout halts, dev4 keeps A, nobody else is touched.
+    proc, doc = rollout(inv, kh, b, "--canary", "1", "--batch", "2")
+    err = doc["error"]
+    assert proc.returncode == 1 and err["code"] == "fleet_rollout_halted" and err["halted"] is True
+    assert "dev4 failed" in err["message"] and err["failed"] == ["dev4"]
+    dev4 = rows(doc)["dev4"]
+    assert dev4["state"] == "failed" and dev4["error"]["code"] == "smoke_test_failed"
+    assert "Illegal instruction" in json.dumps(dev4["evidence"])  # the device's own evidence
+    assert dev4["current"] == bundle_id(a) and dev4["switched"] is False
+    assert [rows(doc)[f"dev{i}"]["state"] for i in range(4)] == ["not_started"] * 4
+    assert all(current_of(tmp_path, i) == bundle_id(a) for i in range(5))
+    assert not any((tmp_path / f"dev{i}" / "edgepack" / "releases" / bundle_id(b)).exists() for i in range(4))
+
+    # dev4 in the second batch of two, --max-fail 50%: one failure of two is 50%, not more, so the rollout goes
+    # on through the last batch and ends non-zero, naming dev4.
+    inv2, _ = fleet_inventory(fleet, [0, 4, 1, 2, 3], tmp_path, name="inventory2.ini")
+    proc, doc = rollout(inv2, kh, b, "--canary", "1", "--batch", "2", "--max-fail", "50%")
+    err = doc["error"]
+    assert proc.returncode == 1 and err["code"] == "fleet_hosts_failed" and err["halted"] is False, err["message"]
+    assert err["failed"] == ["dev4"] and rows(doc)["dev4"]["batch"] == 2
+    assert [current_of(tmp_path, i) for i in range(5)] == [bundle_id(b)] * 4 + [bundle_id(a)]
+    assert all(r["smoke"]["ok"] for n, r in rows(doc).items() if n != "dev4")
+    # B shares its wheels with A: only its model and the files that differ went over the link
+    sent = rows(doc)["dev0"]["uploaded_bytes"]
+    assert 0 < sent < 0.1 * sum(f["bytes"] for f in json.loads((b / "edgepack.json").read_text())["files"])
+
+    # Roll the four back in batches: A again; dev4 (on A, with nothing before it) has nothing to go back to.
+    proc = cli("--json", "rollback", "--inventory", str(inv2), "--known-hosts", str(kh),
+               "--limit", "dev0:dev1:dev2:dev3", "--batch", "3")
+    doc = envelope(proc)
+    assert proc.returncode == 0, doc["error"]
+    assert [current_of(tmp_path, i) for i in range(5)] == [bundle_id(a)] * 5
+    st = envelope(cli("--json", "status", "--inventory", str(inv2), "--known-hosts", str(kh)))
+    assert [r["current"] for r in st["result"]["hosts"]] == [bundle_id(a)] * 5
+
+
+def device_state(install: Path) -> dict:
+    """What a deploy leaves on a device, comparable across install dirs: pointers, history, releases and the
+    sha256 of every file of the current release (its venv's own files aside)."""
+    cur = install / "current"
+    files = {}
+    for f in sorted(cur.resolve().rglob("*")):
+        rel = f.relative_to(cur.resolve()).as_posix()
+        if f.is_file() and not rel.startswith((".venv/", ".cache/")) and "__pycache__" not in rel:
+            files[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return {"current": os.readlink(cur), "history": (install / "history").read_text(),
+            "releases": sorted(p.name for p in (install / "releases").iterdir()),
+            "installed": (cur / ".venv" / ".edgepack-installed").is_file(), "files": files}
+
+
+def test_plain_ansible_playbook_leaves_the_same_state_and_a_runner_change_sends_under_one_percent(
+        fleet: list, tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
+    a = tiny_bundles[0]
+    inv, kh = fleet_inventory(fleet, [0, 1, 2, 3], tmp_path)
+    # No edgepack on the controller beyond the bundle: ansible-playbook from the venv, the operator's own flags.
+    env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_SSH_COMMON_ARGS": f"-o UserKnownHostsFile={kh} -o StrictHostKeyChecking=yes"}
+    playbook = shutil.which("ansible-playbook") or str(Path(sys.executable).parent / "ansible-playbook")
+    plain = subprocess.run([playbook, "-i", str(inv), str(a / "ansible" / "deploy.yml"), "--limit", "dev0:dev1",
+                            "-e", '{"edgepack_serial": [1, "50%"]}'], capture_output=True, text=True, env=env,
+                           check=False, timeout=900)
+    assert plain.returncode == 0, plain.stdout[-3000:]
+    assert "smoke test passed" in plain.stdout
+    proc, doc = rollout(inv, kh, a, "--limit", "dev2:dev3")
+    assert proc.returncode == 0, doc["error"]
+    states = [device_state(tmp_path / f"dev{i}" / "edgepack") for i in range(4)]
+    assert states[0]["installed"] and states[0]["files"]
+    assert all(s == states[0] for s in states), "plain ansible-playbook and edgepack left different devices"
+
+    # A release whose runner changed and nothing else: what the devices have is linked, not sent.
+    a2 = tmp_path / "a2"
+    shutil.copytree(a, a2)
+    runner = a2 / "edgepack_runner.py"
+    runner.write_text(runner.read_text() + "\n# a runner fix\n")
+    from edgepack.bundle import write_manifest
+
+    write_manifest(a2, json.loads((a / "edgepack.json").read_text()))
+    proc, doc = rollout(inv, kh, a2, "--limit", "dev2:dev3", "--batch", "100%")
+    assert proc.returncode == 0, doc["error"]
+    total = sum(f["bytes"] for f in json.loads((a2 / "edgepack.json").read_text())["files"])
+    for r in doc["result"]["hosts"]:
+        assert r["current"] == bundle_id(a2) and r["uploaded_files"] == 2  # the runner and the manifest
+        assert r["uploaded_bytes"] < 0.01 * total, (r["uploaded_bytes"], total)
+    human = cli("deploy", "--inventory", str(inv), "--known-hosts", str(kh), str(a2), "--limit", "dev3")
+    assert human.returncode == 0 and "dev3" in human.stdout and "done" in human.stdout
+
+
+def test_a_rollout_never_accepts_an_unknown_host_key(fleet: list, tiny_bundles: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    from ..sshd import make_server
+
+    stranger = make_server(tmp_path / "stranger")
+    stranger.start()
+    try:
+        inv, kh = fleet_inventory(fleet, [0], tmp_path)
+        inv.write_text(inv.read_text().replace("[boards]\n", f"[boards]\nstranger ansible_host=127.0.0.1 "
+                                                              f"ansible_port={stranger.port} ansible_user=root "
+                                                              f"ansible_ssh_private_key_file={stranger.user_key}\n"))
+        before = kh.read_text()
+        proc, doc = rollout(inv, kh, tiny_bundles[0])
+        err = doc["error"]
+        assert proc.returncode == 1 and err["code"] == "fleet_rollout_halted"
+        assert rows(doc)["stranger"]["state"] == "unreachable"
+        assert rows(doc)["stranger"]["error"]["code"] == "host_key_unknown"
+        assert rows(doc)["dev0"]["state"] == "not_started" and current_of(tmp_path, 0) is None
+        assert kh.read_text() == before
+    finally:
+        stranger.stop()
+
+
+ANSIBLE_LINT = shutil.which("ansible-lint") or str(Path(sys.executable).parent / "ansible-lint")
+
+
+@pytest.mark.skipif(not Path(ANSIBLE_LINT).exists(), reason="needs ansible-lint ([dev] extra)")
+def test_the_bundles_role_passes_ansible_lint(tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
+    shutil.copytree(tiny_bundles[0] / "ansible", tmp_path / "ansible")
+    proc = subprocess.run([ANSIBLE_LINT, "--profile", "production", "--offline", "ansible"], cwd=tmp_path,
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_rollout_options_are_checked_before_anything_connects(tiny_bundles: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    inv = tmp_path / "inventory.ini"
+    inv.write_text("[boards]\nghost ansible_host=127.0.0.1 ansible_port=1\n")
+    for args, what in ((["--batch", "ten"], "--batch"), (["--max-fail", "150%"], "--max-fail")):
+        proc = cli("--json", "deploy", "--inventory", str(inv), str(tiny_bundles[0]), *args)
+        err = envelope(proc)["error"]
+        assert proc.returncode == 1 and err["code"] == "invalid_input" and what in err["message"]
+    proc = cli("--json", "deploy", "--inventory", str(inv), "--host", "x", str(tiny_bundles[0]))
     assert proc.returncode == 1 and envelope(proc)["error"]["code"] == "usage"
