@@ -266,15 +266,12 @@ def check_rollout(out: dict[str, Any], what: str) -> dict[str, Any]:
     first = failed[0] if failed else None
     why = f"{', '.join(r['name'] for r in failed[:5])} failed" + (
         f" ({first['error']['code']}: {str(first['error']['message'])[:300]})" if first else "")
-    if out["halted"]:
-        at = max((r["batch"] or 0 for r in failed), default=0)
-        message = (f"the {what} halted in batch {at} of {len(out['batches'])}: {why}. {len(waiting)} host(s) were "
-                   f"not started and keep the release they had: {', '.join(waiting[:5])}.")
-        code = "fleet_rollout_halted"
-    else:
-        message = f"the {what} went through every batch, but {len(failed)} of {len(rows)} host(s) failed: {why}."
-        code = "fleet_hosts_failed"
+    at, halted = max((r["batch"] or 0 for r in failed), default=0), bool(out["halted"])
+    message = (f"the {what} halted in batch {at} of {len(out['batches'])}: {why}. {len(waiting)} host(s) were not "
+               f"started and keep the release they had: {', '.join(waiting[:5])}." if halted else
+               f"the {what} went through every batch, but {len(failed)} of {len(rows)} host(s) failed: {why}.")
     raise UserError(message, hint="Each host's row has its state and evidence. A failed host is on the release it "
                                   "had, never half-updated. Fix it and run the same command again: hosts already "
-                                  "on the release are checked, not sent it again.", code=code,
+                                  "on the release are checked, not sent it again.",
+                    code="fleet_rollout_halted" if halted else "fleet_hosts_failed",
                     failed=[r["name"] for r in failed], not_started=waiting, **out)

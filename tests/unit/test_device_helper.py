@@ -204,3 +204,134 @@ def test_root_on_a_systemd_device_gets_a_hardened_system_unit(tmp_path: Path, mo
     assert "NoNewPrivileges=yes" in text and text.index("ProtectSystem=full") < text.index("[Install]")
     assert f"ExecStart={root}/current/.venv/bin/python {root}/current/run.py --serve 127.0.0.1:8090" in text
     assert h.service_status(str(root))["unit_scope"] == "system"
+
+
+def fake_bundle(root: Path, tag: str, smoke_ok: bool = True) -> tuple[str, Path]:
+    """A bundle whose install.sh makes a venv pointing at this Python and whose smoke test passes or fails."""
+    src = root / f"bundle-{tag}"
+    src.mkdir(parents=True)
+    (src / "install.sh").write_text(f'set -e\nmkdir -p "$EDGEPACK_VENV/bin"\nln -sf {sys.executable} '
+                                    f'"$EDGEPACK_VENV/bin/python"\ntouch "$EDGEPACK_VENV/.edgepack-installed"\n')
+    (src / "smoke_test.py").write_text(f"import json, sys\nprint(json.dumps({{'ok': {smoke_ok}, 'tag': {tag!r}}}))\n"
+                                       f"sys.exit({0 if smoke_ok else 1})\n")
+    (src / "weights.bin").write_bytes(b"w" * 4096)  # the same in every tag: a second release links it
+    return write_manifest(src, {"name": f"b-{tag}"}).bundle_id, src
+
+
+def stage_and_copy(root: Path, bundle: Path, bundle_id: str) -> dict:
+    """What the Ansible role does before `apply`: stage, then send what the device said it lacks."""
+    manifest = json.loads((bundle / "edgepack.json").read_text())
+    staged = h.stage(str(root), bundle_id, json.dumps(manifest["files"]))
+    assert staged["ok"], staged
+    for m in staged["missing"]:
+        (Path(staged["staging"]) / m["path"]).write_bytes((bundle / m["path"]).read_bytes())
+    if staged["staging"]:
+        (Path(staged["staging"]) / "edgepack.json").write_bytes((bundle / "edgepack.json").read_bytes())
+    return staged
+
+
+def apply_cli(root: Path, bundle_id: str, **spec: object) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, str(HELPER), "apply", str(root),
+                           json.dumps({"bundle_id": bundle_id, "keep": 3, "smoke_tokens": 4, **spec})],
+                          capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_apply_switches_only_to_a_release_that_passes_and_stage_sends_only_what_is_new(tmp_path: Path) -> None:
+    root = tmp_path / "device"
+    a_id, a = fake_bundle(tmp_path, "a")
+    staged = stage_and_copy(root, a, a_id)
+    assert {m["path"] for m in staged["missing"]} == {"install.sh", "smoke_test.py", "weights.bin"}
+    code, res = apply_cli(root, a_id)
+    assert code == 0 and res["ok"] and res["current"] == a_id and res["switched"] and res["smoke"]["tag"] == "a"
+    assert [s["name"] for s in res["steps"]] == ["verify", "install", "smoke", "switch", "prune"]
+
+    b_id, b = fake_bundle(tmp_path, "b", smoke_ok=False)
+    staged = stage_and_copy(root, b, b_id)
+    assert {m["path"] for m in staged["missing"]} == {"smoke_test.py"}  # the rest is linked from releases/<a>
+    assert staged["reused"] == 2 and staged["reused_bytes"] == 4096 + (b / "install.sh").stat().st_size
+    code, res = apply_cli(root, b_id)
+    assert code == 1 and res["code"] == "smoke_test_failed" and res["switched"] is False
+    assert res["current"] == a_id and f"still points at releases/{a_id}" in res["error"]
+    assert os.readlink(root / "current") == f"releases/{a_id}"
+
+    again = stage_and_copy(root, a, a_id)  # a verified copy is there: nothing to send
+    assert again["present"] == a_id and again["missing"] == [] and again["staging"] is None
+    code, res = apply_cli(root, a_id)
+    assert code == 0 and res["current"] == a_id
+
+
+def test_apply_refuses_a_wrong_upload_and_a_held_lock_and_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "device"
+    a_id, a = fake_bundle(tmp_path, "a")
+    staged = stage_and_copy(root, a, a_id)
+    (Path(staged["staging"]) / "weights.bin").write_bytes(b"x" * 4096)  # arrived wrong
+    code, res = apply_cli(root, a_id)
+    assert code == 1 and res["code"] == "upload_mismatch" and "weights.bin" in res["error"]
+    assert res["current"] is None and not (root / "current").exists()
+    stage_and_copy(root, a, a_id)  # the rerun sends what is wrong again
+    with holding(root, "op-x"):
+        code, res = apply_cli(root, a_id)
+        assert code == 1 and res["code"] == "device_locked" and res["holder"]["op"] == "op-x"
+    code, res = apply_cli(root, a_id)
+    assert code == 0 and res["current"] == a_id
+    code, res = apply_cli(root, a_id, trusted=["not-a-key"])
+    assert code == 1 and res["code"] == "invalid_input" and res["current"] == a_id
+
+
+FAKE_SERVER = """import http.server, json, sys
+if {broken}:
+    sys.exit("libfoo.so.1: cannot open shared object file")
+addr = sys.argv[sys.argv.index("--serve") + 1]
+host, port = addr.rsplit(":", 1)
+
+class H(http.server.BaseHTTPRequestHandler):
+    def reply(self, doc):
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.reply({{"status": "ok", "tag": {tag!r}}})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.reply({{"usage": {{"completion_tokens": 4}}}})
+
+http.server.HTTPServer((host, int(port)), H).serve_forever()
+"""
+
+
+def test_apply_restarts_the_service_and_switches_back_when_the_new_one_fails(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)  # no systemd user manager: the supervised process
+    root = tmp_path / "device"
+    ids = []
+    for tag, broken in (("a", False), ("b", True)):
+        bundle_id, src = fake_bundle(tmp_path, tag)
+        (src / "run.py").write_text(FAKE_SERVER.format(broken=broken, tag=tag))
+        (src / "edgepack-b.service").write_text("[Service]\nExecStart=@EDGEPACK_CURRENT@/run.py\n[Install]\n")
+        bundle_id = write_manifest(src, {"name": f"b-{tag}"}).bundle_id
+        ids.append(bundle_id)
+        stage_and_copy(root, src, bundle_id)
+        code, res = apply_cli(root, bundle_id, service=True, serve_addr=addr, unit_file="edgepack-b.service")
+        if not broken:
+            assert code == 0 and res["service"].startswith("supervised process") and "healthy" in res["service"]
+    try:
+        assert code == 1 and res["code"] == "service_check_failed", res
+        assert f"switched back to releases/{ids[0]}" in res["error"] and res["switched"] is False
+        assert any("libfoo.so.1" in line for line in res["log_tail"])
+        assert os.readlink(root / "current") == f"releases/{ids[0]}" and res["previous_check"]["ok"]
+        with urllib.request.urlopen(f"http://{addr}/health", timeout=10) as r:
+            assert json.loads(r.read())["tag"] == "a"  # the previous release serves again
+    finally:
+        pid = (root / "service.pid").read_text().split()[0]
+        subprocess.run(["kill", "--", f"-{pid}"], check=False)
