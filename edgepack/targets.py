@@ -44,8 +44,10 @@ class QuantizeSpec:
     block_size: Literal[16, 32, 64, 128, 256] = 32
     symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
-    algorithm: Literal["default", "rtn", "k_quant", "gptq", "weight_only"] = "default"
-    calibration_text: str = ""  # gptq: a UTF-8 text file of the device's domain; empty = sampled from the model
+    # default/rtn/k_quant: the builder's; gptq, imatrix: edgepack's, rewriting the builder's symmetric int4 weights
+    # (imatrix: activation-weighted scale search, the same graph and speed as RTN); weight_only: TFLite's
+    algorithm: Literal["default", "rtn", "k_quant", "gptq", "imatrix", "weight_only"] = "default"
+    calibration_text: str = ""  # gptq, imatrix: a UTF-8 text of the device's domain; empty = sampled from the model
     head_precision: Precision = "same"  # lm_head MatMul: int8 keeps the tied head accurate
     embedding_precision: Literal["fp32", "quantized"] = "fp32"
     sensitive_layers_int8: bool = False  # first/last eighth + every third block's qkv/v/down at int8
@@ -301,9 +303,9 @@ def _check_consistency(p: TargetProfile) -> None:
             hint="On the CPU use int4, int8 or fp32.", path=p.source, field="quantize.scheme",
             allowed=["int4", "int8", "fp32"])
     q = p.quantize
-    if q.algorithm == "gptq" and (q.scheme != "int4" or not q.symmetric or q.sensitive_layers_int8):
+    if q.algorithm in ("gptq", "imatrix") and (q.scheme != "int4" or not q.symmetric or q.sensitive_layers_int8):
         raise TargetError(
-            f"{p.source}: quantize.algorithm = \"gptq\" works on symmetric int4 weights only "
+            f"{p.source}: quantize.algorithm = \"{q.algorithm}\" works on symmetric int4 weights only "
             f"(scheme={q.scheme}, symmetric={q.symmetric}, sensitive_layers_int8={q.sensitive_layers_int8}).",
             hint="Use scheme = \"int4\", symmetric = true, sensitive_layers_int8 = false (int8_layers and "
                  "head_precision still apply).", path=p.source, field="quantize.algorithm")
@@ -312,9 +314,9 @@ def _check_consistency(p: TargetProfile) -> None:
                           "activations (export.format = \"tflite\", scheme = \"int8\").",
                           hint="ONNX int8 is weight-only already; remove the field.", path=p.source,
                           field="quantize.algorithm")
-    if q.calibration_text and q.algorithm != "gptq":
-        raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\" only.",
-                          hint="Remove it, or set algorithm = \"gptq\".", path=p.source,
+    if q.calibration_text and q.algorithm not in ("gptq", "imatrix"):
+        raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\" or \"imatrix\" "
+                          "only.", hint="Remove it, or set algorithm = \"imatrix\".", path=p.source,
                           field="quantize.calibration_text")
     if not 0 <= p.quality.min_greedy_match <= 32:
         raise TargetError(f"{p.source}: quality.min_greedy_match must be between 0 and 32 (of 32 greedy tokens).",

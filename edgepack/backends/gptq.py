@@ -125,6 +125,42 @@ def gptq(weight: Any, hessian: Any, block: int, *, damp: float = 0.01, lazy: int
     return Quantized(codes=codes, scales=scales.float())
 
 
+def search_scales(weight: Any, importance: Any, block: int, *, lo: float = 0.7, hi: float = 1.1,
+                  steps: int = 41) -> Quantized:
+    """Activation-aware RTN: per group, the symmetric int4 scale that minimises the importance-weighted error
+    sum_j a_j (w_j - s q_j)^2, where a_j is input channel j's mean squared activation over the calibration tokens
+    (llama.cpp's importance matrix). Candidates are the builder's scale times a grid of factors, each refined to
+    the weighted least-squares scale of its codes. Only codes and scales change: the graph, kernels and speed are
+    RTN's."""
+    import torch
+
+    W = weight.detach().double()
+    n, k = W.shape
+    if k % block:
+        raise UserError(f"block size {block} does not divide the input size {k} of a weight.",
+                        hint="Use a quantize.block_size that divides every matmul's input size.")
+    g = W.reshape(n, k // block, block)
+    a = importance.detach().double().reshape(1, k // block, block)
+    a = a + 1e-6 * a.mean().clamp(min=1e-30)  # channels never active still count a little
+    idx = torch.argmax(g.abs(), dim=2, keepdim=True)
+    m = torch.gather(g, 2, idx)
+    s0 = torch.where(m == 0, torch.ones_like(m), m / -8.0)
+    best_err = torch.full(s0.shape, float("inf"), dtype=W.dtype)
+    best_q = torch.zeros_like(g)
+    best_s = s0.clone()
+    for f in torch.linspace(lo, hi, steps, dtype=W.dtype):
+        q = torch.clamp(torch.round(g / (s0 * f)), -8, 7)
+        den = (a * q * q).sum(2, keepdim=True)
+        s = torch.where(den > 0, (a * g * q).sum(2, keepdim=True) / den.clamp(min=1e-30), s0 * f)
+        q = torch.clamp(torch.round(g / s), -8, 7)
+        err = (a * (g - q * s) ** 2).sum(2, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_q = torch.where(better, q, best_q)
+    return Quantized(codes=(best_q + 8).reshape(n, k).to(torch.uint8), scales=best_s.squeeze(2).float())
+
+
 def rtn(weight: Any, block: int) -> Quantized:
     import torch
 
@@ -261,9 +297,16 @@ def _layer_out(layer: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
     return out[0] if isinstance(out, tuple) else out
 
 
-def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: bool,
-                   progress: ProgressFn) -> Iterator[tuple[str, Quantized]]:
-    """Yield (builder MatMul name, quantized weights) for every decoder matmul, and /lm_head/MatMul if head."""
+def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: bool, progress: ProgressFn,
+                   method: str = "gptq") -> Iterator[tuple[str, Quantized]]:
+    """Yield (builder MatMul name, quantized weights) for every decoder matmul, and /lm_head/MatMul if head.
+    method: "gptq" (error feedback through the inverse Hessian) or "imatrix" (search_scales on its diagonal)."""
+
+    def quantize(weight: Any, hessian: Any) -> Quantized:
+        if method == "imatrix":
+            return search_scales(weight, torch.diagonal(hessian), block)
+        return gptq(weight, hessian, block, damp=cal.damp)
+
     torch = require("torch", "onnx", "GPTQ quantization")
     transformers = require("transformers", "onnx", "GPTQ quantization")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(source.hf_dir), dtype=torch.float32)
@@ -272,13 +315,13 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
     hidden, kwargs = _layer_inputs(model, ids)
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        progress(ProgressEvent("quantize", f"GPTQ: layer {i + 1}/{len(layers)}"))
+        progress(ProgressEvent("quantize", f"{method}: layer {i + 1}/{len(layers)}"))
         first = {fused: parts[0] for fused, parts in _FUSED.items()}
         hs = _hessians(layer, hidden, kwargs, sorted(set(first.values())))
         for fused, parts in _FUSED.items():
             mods = [layer.get_submodule(p) for p in parts]
             weight = torch.cat([m.weight.data for m in mods], dim=0)
-            q = gptq(weight, hs[first[fused]], block, damp=cal.damp)
+            q = quantize(weight, hs[first[fused]])
             deq = dequantize(q, block)
             row = 0
             for m in mods:
@@ -291,14 +334,14 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
         with torch.no_grad():
             normed = model.model.norm(hidden)
         x = normed.reshape(-1, normed.shape[-1]).double()
-        progress(ProgressEvent("quantize", "GPTQ: lm_head"))
-        yield "/lm_head/MatMul", gptq(model.lm_head.weight.data, x.T @ x, block, damp=cal.damp)
+        progress(ProgressEvent("quantize", f"{method}: lm_head"))
+        yield "/lm_head/MatMul", quantize(model.lm_head.weight.data, x.T @ x)
 
 
 def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *, head: bool,
-          progress: ProgressFn) -> int:
-    """Replace the weights of the builder's symmetric int4 MatMulNBits nodes with GPTQ's, in place.
-    Returns the number of matmuls rewritten."""
+          progress: ProgressFn, method: str = "gptq") -> int:
+    """Replace the weights of the builder's symmetric int4 MatMulNBits nodes with GPTQ's (or imatrix's), in
+    place. Returns the number of matmuls rewritten."""
     onnx = require("onnx", "onnx", "GPTQ quantization")
     from onnx import numpy_helper
 
@@ -306,11 +349,13 @@ def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name.rsplit("_Q4", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     done = 0
-    for name, q in quantize_model(source, block, cal, head=head, progress=progress):
+    for name, q in quantize_model(source, block, cal, head=head, progress=progress, method=method):
         node = nodes.get(name)
         if node is None:
             continue  # left at int8/float by a per-layer override or the head knob
         attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("bits") == 8:
+            continue  # left at int8 by head_precision or int8_layers
         if attrs.get("bits") != 4 or attrs.get("block_size") != block or len(node.input) > 3 and node.input[3]:
             raise ModelError(f"GPTQ expected a symmetric 4-bit MatMulNBits for {name}, found {attrs}.",
                              hint="GPTQ needs quantize.symmetric = true and algorithm-compatible settings.")

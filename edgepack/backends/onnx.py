@@ -58,7 +58,7 @@ def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0,
         opts["block_size"] = str(q.block_size)
         opts["is_symmetric"] = "true" if q.symmetric else "false"
         opts["accuracy_level"] = str(q.accuracy_level)
-        if q.algorithm not in ("default", "gptq"):  # gptq rewrites the builder's RTN weights afterwards
+        if q.algorithm not in ("default", "gptq", "imatrix"):  # those rewrite the builder's RTN weights afterwards
             opts["algo_config"] = q.algorithm
         mixed = []
         if q.scheme == "int4" and q.head_precision == "int8":
@@ -226,13 +226,14 @@ class OnnxExporter:
         if target.quantize.scheme == "int4" and target.quantize.int8_layers:
             _int8_overrides(out_dir / "model.onnx", target.quantize,
                             layer_indices(target.quantize, int(config.get("num_hidden_layers", 0))))
-        if target.quantize.algorithm == "gptq":
+        if target.quantize.algorithm in ("gptq", "imatrix"):
             from edgepack.backends import gptq
 
             cal = gptq.Calibration(text=gptq.calibration_path(target))
-            # The tied head stays RTN: it is also the embedding table, and GPTQ on it measured worse.
-            gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal, head=False,
-                       progress=progress)
+            # GPTQ leaves the tied head RTN: it is also the embedding table, and GPTQ on it measured worse.
+            gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal,
+                       head=target.quantize.algorithm == "imatrix", progress=progress,
+                       method=target.quantize.algorithm)
         _make_reproducible(out_dir / "model.onnx")
         cap = window_cap(shape_of(source.hf_dir / "config.json"))
         context = set_context_length(out_dir / "genai_config.json", target.runtime.context_length or cap)

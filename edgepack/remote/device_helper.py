@@ -943,9 +943,26 @@ class Failed(Exception):
         self.code, self.message, self.evidence = code, message, evidence
 
 
-def _new_op(kind):
-    return _op("%s-%s-%d-%s" % (kind, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), os.getpid(),
-                               hashlib.sha256(os.urandom(8)).hexdigest()[:8]))
+class Busy(Exception):
+    """Another operation holds the install dir's lock: answered as `device_locked`, nothing changed."""
+
+    def __init__(self, root, holder):
+        Exception.__init__(self, "locked")
+        self.root, self.holder = root, holder
+
+
+@contextlib.contextmanager
+def _operation(root, kind, holder_json):
+    """This process holds the install dir's lock for the block (yields the operation id); Busy if another does."""
+    op = _op("%s-%s-%d-%s" % (kind, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), os.getpid(),
+                             hashlib.sha256(os.urandom(8)).hexdigest()[:8]))
+    fh, holder = _acquire(root, op, holder_json)
+    if fh is None:
+        raise Busy(root, holder)
+    try:
+        yield op
+    finally:
+        _release(root, op, fh)
 
 
 def _locked_answer(root, holder):
@@ -967,11 +984,7 @@ def stage(install_dir, bundle_id, files_json, holder_json='{"command": "stage"}'
     root = _root(install_dir)
     _bundle_id(bundle_id)
     files = [[f["path"], int(f["bytes"]), f["sha256"]] for f in json.loads(files_json)]  # the manifest's entries
-    op = _new_op("stage")
-    fh, holder = _acquire(root, op, holder_json)
-    if fh is None:
-        return _locked_answer(root, holder)
-    try:
+    with _operation(root, "stage", holder_json) as op:
         present = _usable(root, bundle_id)
         out = {"ok": True, "install_dir": root, "bundle_id": bundle_id, "current": _current(root)}
         if present is not None:
@@ -987,8 +1000,6 @@ def stage(install_dir, bundle_id, files_json, holder_json='{"command": "stage"}'
         return dict(out, present=None, staging=os.path.join(root, rel), missing=missing,
                     missing_bytes=sum(m["bytes"] for m in missing), reused=len(linked), reused_bytes=got["bytes"],
                     staged=len(files) - len(todo))
-    finally:
-        _release(root, op, fh)
 
 
 def _run_step(root, op, argv, env, timeout):
@@ -1172,18 +1183,15 @@ def apply(install_dir, spec_json):
     spec = json.loads(spec_json)
     root = _root(install_dir)
     bundle_id = _bundle_id(spec["bundle_id"])
-    op = _new_op("apply")
-    fh, holder = _acquire(root, op, json.dumps(spec.get("holder") or {"command": "apply " + bundle_id}))
-    if fh is None:
-        return _locked_answer(root, holder)
     live = {"previous": _current(root), "switched_to": None}
     steps = []
-    try:
-        out = _apply(root, op, bundle_id, spec, live, steps)
-    except Failed as exc:
-        out = dict(exc.evidence, ok=False, code=exc.code, error="%s. %s" % (exc.message, _live_sentence(root, live)))
-    finally:
-        _release(root, op, fh)
+    with _operation(root, "apply", json.dumps(spec.get("holder") or {"command": "apply " + bundle_id})) as op:
+        live["previous"] = _current(root)
+        try:
+            out = _apply(root, op, bundle_id, spec, live, steps)
+        except Failed as exc:
+            out = dict(exc.evidence, ok=False, code=exc.code,
+                       error="%s. %s" % (exc.message, _live_sentence(root, live)))
     return dict(out, install_dir=root, current=_current(root), previous=live["previous"],
                 switched=bool(live["switched_to"]), steps=steps)
 
@@ -1191,14 +1199,8 @@ def apply(install_dir, spec_json):
 def rollback_now(install_dir, holder_json='{"command": "rollback"}'):
     """`rollback` under the install dir's lock, taken and released in this process (the role's rollback)."""
     root = _root(install_dir)
-    op = _new_op("rollback")
-    fh, holder = _acquire(root, op, holder_json)
-    if fh is None:
-        return _locked_answer(root, holder)
-    try:
+    with _operation(root, "rollback", holder_json) as op:
         res = rollback(root, op)
-    finally:
-        _release(root, op, fh)
     return dict(res, code=None if res.get("ok") else "rollback_unavailable", install_dir=root)
 
 
@@ -1217,6 +1219,9 @@ def main(argv):
     except Refused as exc:
         print(json.dumps({"ok": False, "refused": True, "error": str(exc)}))
         sys.exit(3)
+    except Busy as exc:
+        print(json.dumps(_locked_answer(exc.root, exc.holder)))
+        sys.exit(1)
     if result is not None:
         print(json.dumps(result))
         if cmd in ("stage", "apply", "rollback_now") and not result.get("ok"):

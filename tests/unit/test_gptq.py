@@ -49,3 +49,19 @@ def test_block_must_divide_the_input_size() -> None:
     w, h = _case(k=96)
     with pytest.raises(UserError, match="does not divide"):
         gptq.gptq(w, h[:96, :96], 64)
+
+
+def test_imatrix_scale_search_lowers_the_activation_weighted_error_in_rtns_layout() -> None:
+    w, h = _case()
+    importance = torch.diagonal(h)
+    q_rtn, q_im = gptq.rtn(w, 32), gptq.search_scales(w, importance, 32)
+
+    def weighted(q: gptq.Quantized) -> float:
+        return float((((gptq.dequantize(q, 32) - w).double() ** 2) * importance).sum())
+
+    assert weighted(q_im) < 0.9 * weighted(q_rtn)
+    assert q_im.codes.dtype == torch.uint8 and int(q_im.codes.max()) <= 15
+    assert q_im.scales.shape == q_rtn.scales.shape  # the same MatMulNBits initializers: RTN's graph and speed
+    # with no activation information (flat importance) it is a plain scale search: never worse than RTN
+    flat = gptq.search_scales(w, torch.ones(128), 32)
+    assert float(((gptq.dequantize(flat, 32) - w) ** 2).sum()) <= float(((gptq.dequantize(q_rtn, 32) - w) ** 2).sum())
