@@ -39,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--sizes", default="1,2,4,8")
+    ap.add_argument("--forks", default="1,n", help="forks to try per size: numbers, and n for the size itself")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet.json")
     args = ap.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -53,7 +54,7 @@ def main() -> None:
             kh.write_text("".join(s.host_key_line() for s in servers))
             python = os.path.realpath(sys.executable)
             for n in sizes:
-                for forks in sorted({1, n}):
+                for forks in sorted({n if f == "n" else int(f) for f in args.forks.split(",")}):
                     where = root / f"n{n}-f{forks}"
                     inv = where / "inventory.ini"
                     where.mkdir()
@@ -72,6 +73,9 @@ def main() -> None:
             for s in servers:
                 s.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []  # other sizes' rows stay
+    keep = [r for r in old if (r["devices"], r["forks"]) not in {(r2["devices"], r2["forks"]) for r2 in rows}]
+    rows = sorted(keep + rows, key=lambda r: (r["devices"], r["forks"]))
     args.out.write_text(json.dumps({"bundle": args.bundle.name, "cpus": os.cpu_count(), "rows": rows}, indent=2)
                         + "\n")
 

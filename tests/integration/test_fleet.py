@@ -165,12 +165,12 @@ def test_a_failing_canary_halts_the_rollout_and_a_later_failure_within_max_fail_
         fleet: list, tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = tiny_bundles
     inv, kh = fleet_inventory(fleet, [4, 0, 1, 2, 3], tmp_path)
-    proc, doc = rollout(inv, kh, a, "--canary", "1", "--batch", "2", "--forks", "2")
+    proc, doc = rollout(inv, kh, a, "--canary", "0", "--batch", "100%", "--forks", "5")  # one batch, all at once
     assert proc.returncode == 0, doc["error"]
-    assert [r["state"] for r in rows(doc).values()] == ["done"] * 5
-    assert [r["batch"] for r in rows(doc).values()] == [1, 2, 2, 3, 3]
+    assert [r["state"] for r in rows(doc).values()] == ["done"] * 5 and doc["result"]["batches"] == [
+        ["dev4", "dev0", "dev1", "dev2", "dev3"]]
     assert all(current_of(tmp_path, i) == bundle_id(a) for i in range(5))
-    assert "batch 1 of 3: dev4" in proc.stderr and "dev4: current → releases/" in proc.stderr
+    assert "batch 1 of 1: dev4, dev0" in proc.stderr and "dev4: current → releases/" in proc.stderr
 
     # B's canary (dev4) fails its smoke test: the rollout halts, dev4 keeps A, nobody else is touched.
     proc, doc = rollout(inv, kh, b, "--canary", "1", "--batch", "2")
