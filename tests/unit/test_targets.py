@@ -112,12 +112,13 @@ def test_example_target_files_validate() -> None:
 
 
 def test_gptq_needs_symmetric_int4_and_calibration_text_needs_gptq(tmp_path: Path) -> None:
-    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "gptq"\nsymmetric = false\n')
-    with pytest.raises(TargetError, match="symmetric int4 weights only") as err:
-        load_target(str(p))
-    assert err.value.fields["field"] == "quantize.algorithm"
+    for algorithm in ("gptq", "imatrix"):
+        p = write(tmp_path, f'[device]\narch = "x"\n[quantize]\nalgorithm = "{algorithm}"\nsymmetric = false\n')
+        with pytest.raises(TargetError, match=f"\"{algorithm}\" works on symmetric int4 weights only") as err:
+            load_target(str(p))
+        assert err.value.fields["field"] == "quantize.algorithm"
     p = write(tmp_path, '[device]\narch = "x"\n[quantize]\ncalibration_text = "c.txt"\n')
-    with pytest.raises(TargetError, match="read by algorithm = \"gptq\" only"):
+    with pytest.raises(TargetError, match="read by algorithm = \"gptq\" or \"imatrix\" only"):
         load_target(str(p))
     p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "k_quant_mixed"\n')
     with pytest.raises(TargetError, match="'default', 'rtn', 'k_quant', 'gptq'"):
