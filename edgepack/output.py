@@ -180,6 +180,7 @@ def build_summary(res: Any) -> str:
         lines.append(f"quality: ppl {q.ppl_reference} → {q.ppl_quantized} ({q.ppl_delta_pct:+.2f} %), "
                      f"KL {q.mean_kl}, top-1 {q.top1_agreement}, greedy {q.greedy_match}/{q.greedy_tokens}"
                      f"  [PASS within target '{res.target}' tolerances]")
+        lines.append(f"  against {q.reference or 'the float model'}, on {q.text}")
     else:
         lines.append("quality: NOT VALIDATED (--skip-validation)")
     lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" + (" (cached)" if s.detail.get("cached")
@@ -191,7 +192,8 @@ def inspect_summary(res: Any) -> str:
     m = dict(res.manifest.doc)
     q = m["quality"]
     quality = (f"ppl {q['ppl_reference']} → {q['ppl_quantized']} ({q['ppl_delta_pct']:+.2f} %), "
-               f"KL {q['mean_kl']}, top-1 {q['top1_agreement']}" if q["validated"] else "NOT VALIDATED")
+               f"KL {q['mean_kl']}, top-1 {q['top1_agreement']}, against "
+               f"{q.get('reference') or 'the float model'}, on {q['text']}" if q["validated"] else "NOT VALIDATED")
     total = sum(f["bytes"] for f in m["files"])
     return "\n".join([
         f"bundle   {m['name']}  (id {m['bundle_id']})",

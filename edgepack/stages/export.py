@@ -62,7 +62,9 @@ def gate(source: ModelSource, target: TargetProfile, exp: Exported, progress: Pr
     if measured is not None:
         progress(ProgressEvent("validate", "measurements reused from the build cache; judged against this "
                                            "target's tolerances"))
-        return report_from(measured, target), True
+        from edgepack.stages.validate import reference_of
+
+        return dataclasses.replace(report_from(measured, target), reference=reference_of(source)), True
     report = validate(source, model.dir, target, context=model.context_length, progress=progress)
     if exp.cache:
         exp.cache.put_gate(gkey, report, f"{source.name} for {target.id}: {model.scheme}")

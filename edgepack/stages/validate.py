@@ -45,6 +45,17 @@ class QualityReport:
     scored_on: str = "cpu"  # the execution provider the gate ran the bundle's graph with
     golden_logp: tuple[float, ...] = ()  # log p(golden token | prefix) at build: runtimes without logits compare these
     checks: ChecksReport | None = None  # the user's task checks (quality.checks), float vs quantized
+    reference: str = ""  # what every delta is measured against (reference_of): says when that is already quantized
+
+
+def reference_of(source: Any) -> str:
+    """The float model the gate compares with, in words. A GGUF's "float" reference is its quantized weights
+    dequantized, so every delta is against an already-quantized model, not the original checkpoint."""
+    merged = " with its LoRA adapter merged" if getattr(source, "adapter", None) else ""
+    if source.kind in ("pypi-gguf", "gguf"):
+        return (f"{source.origin}{merged}: the GGUF's quantized weights dequantized to float32 (already quantized: "
+                "deltas are against that model, not the original float checkpoint)")
+    return f"{source.origin}{merged} at float32"
 
 
 def unvalidated(target: TargetProfile) -> QualityReport:
@@ -129,7 +140,8 @@ def _score(source: ModelSource, model_dir: Path, target: TargetProfile, ref: Any
         prompt_ids=tuple(ref.prompt_ids), golden_tokens=tuple(golden), golden_checked=checked,
         device_ids=tuple(dev_ids), device_ppl=round(perplexity(float(dev_nll.sum()), len(dev_nll)), 4),
         device_top1=tuple(int(t) for t in dev_lp.argmax(axis=-1)), scored_on=getattr(scorer, "scored_on", "cpu"),
-        reference_cached=ref.cached, golden_logp=tuple(round(float(x), 4) for x in golden_lp), checks=checks)
+        reference_cached=ref.cached, golden_logp=tuple(round(float(x), 4) for x in golden_lp), checks=checks,
+        reference=reference_of(source))
     return report
 
 
@@ -152,10 +164,11 @@ def enforce(report: QualityReport, target: TargetProfile) -> None:
         raise QualityGateError(
             f"quality gate failed for target '{target.id}': " + "; ".join(report.failures)
             + f" (ppl {report.ppl_reference} → {report.ppl_quantized}, KL {report.mean_kl}, "
-              f"top-1 {report.top1_agreement}, greedy {report.greedy_match}/{report.greedy_tokens}).",
-            hint="No bundle was written. Use a gentler quantize scheme in the target (int8, head_precision = "
-                 "\"int8\", block_size = 16), or loosen [quality] if you accept the loss.",
+              f"top-1 {report.top1_agreement}, greedy {report.greedy_match}/{report.greedy_tokens}; against "
+              f"{report.reference or 'the float model'}, on {report.text}).",
+            hint="No bundle was written. Use a gentler quantize scheme in the target (algorithm = \"imatrix\", "
+                 "int8, head_precision = \"int8\", block_size = 16), or loosen [quality] if you accept the loss.",
             report={"ppl_reference": report.ppl_reference, "ppl_quantized": report.ppl_quantized,
                     "ppl_delta_pct": report.ppl_delta_pct, "mean_kl": report.mean_kl,
                     "top1_agreement": report.top1_agreement, "greedy_match": report.greedy_match,
-                    "failures": list(report.failures)})
+                    "failures": list(report.failures), "reference": report.reference, "text": report.text})

