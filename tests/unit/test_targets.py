@@ -143,3 +143,12 @@ def test_the_export_formats_profiles_may_name_are_the_registered_exporters() -> 
     from edgepack.targets import EXPORT_FORMATS
 
     assert sorted(EXPORT_FORMATS) == exporters.names()
+
+
+def test_asymmetric_int4_with_quantized_embeddings_is_refused_before_the_builder_breaks(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nsymmetric = false\nembedding_precision = "quantized"\n')
+    with pytest.raises(TargetError, match="invalid graph") as err:
+        load_target(str(p))
+    assert err.value.fields["field"] == "quantize.embedding_precision"
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nsymmetric = false\nembedding_precision = "fp32"\n')
+    assert load_target(str(p)).quantize.symmetric is False
