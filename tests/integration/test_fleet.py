@@ -303,3 +303,24 @@ def test_rollout_options_are_checked_before_anything_connects(tiny_bundles: tupl
         assert proc.returncode == 1 and err["code"] == "invalid_input" and what in err["message"]
     proc = cli("--json", "deploy", "--inventory", str(inv), "--host", "x", str(tiny_bundles[0]))
     assert proc.returncode == 1 and envelope(proc)["error"]["code"] == "usage"
+
+
+def test_a_yaml_inventory_with_groups_reads_like_the_ini_one(boards: list, tmp_path: Path) -> None:
+    """The same boards as YAML, in two groups with a group variable: ansible-core reads it, inventory order holds."""
+    import yaml
+
+    hosts = {f"board{i}": {"ansible_host": s.address, "ansible_port": s.port,
+                           "ansible_ssh_private_key_file": str(s.user_key),
+                           "edgepack_install_dir": f"{tmp_path}/home{i}/edgepack"} for i, s in enumerate(boards)}
+    doc = {"all": {"children": {
+        "lab": {"hosts": {"board0": hosts["board0"]}, "vars": {"ansible_user": "root"}},
+        "field": {"hosts": {n: hosts[n] for n in ("board1", "board2")}, "vars": {"ansible_user": "root"}}}}}
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(yaml.safe_dump(doc, sort_keys=False))
+    kh = tmp_path / "known_hosts"
+    kh.write_text("".join(s.host_key_line() for s in boards))
+    proc = cli("--json", "status", "--inventory", str(inv), "--known-hosts", str(kh), "--limit", "field")
+    doc = envelope(proc)
+    assert proc.returncode == 0, doc["error"]
+    assert [r["name"] for r in doc["result"]["hosts"]] == ["board1", "board2"]
+    assert all(r["ok"] and r["current"] is None for r in doc["result"]["hosts"])
