@@ -78,6 +78,17 @@ def _fleet_options(*, rollout: bool) -> Callable[[Callable[..., Any]], Callable[
     return deco
 
 
+def _with_table(o: Output, go: Callable[[], Any]) -> tuple[Any, str]:
+    """A rollout's result and its table; when it fails, the table of every host still goes to stderr (humans)."""
+    try:
+        res = go()
+    except UserError as exc:
+        if "batches" in exc.fields and not o.json_mode:
+            o.err.write(rollout_summary(exc.fields) + "\n")
+        raise
+    return res, rollout_summary(res)
+
+
 def _fleet(kw: dict[str, Any], inventory: Path) -> Any:
     from edgepack import api
     from edgepack.fleet import Batches
@@ -117,10 +128,9 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
         fleet, batches = _fleet(kw, inventory)
 
         def rollout(o: Output) -> tuple[Any, str]:
-            res = api.fleet_deploy(api.FleetDeployRequest(
+            return _with_table(o, lambda: api.fleet_deploy(api.FleetDeployRequest(
                 fleet=fleet, bundle=bundle, dist=dist, batches=batches, allow_network=allow_network, keep=keep,
-                require_signature=pubkeys, serve_addr=serve_addr), progress=o.progress)
-            return res, rollout_summary(res)
+                require_signature=pubkeys, serve_addr=serve_addr), progress=o.progress))
 
         _run("deploy", rollout)
         return
@@ -177,8 +187,8 @@ def rollback(inventory: Path | None, **kw: Any) -> None:
         fleet, batches = _fleet(kw, inventory)
 
         def rollout(o: Output) -> tuple[Any, str]:
-            res = api.fleet_rollback(api.FleetDeployRequest(fleet=fleet, batches=batches), progress=o.progress)
-            return res, rollout_summary(res)
+            return _with_table(o, lambda: api.fleet_rollback(api.FleetDeployRequest(fleet=fleet, batches=batches),
+                                                             progress=o.progress))
 
         _run("rollback", rollout)
         return

@@ -278,6 +278,11 @@ def test_a_rollout_never_accepts_an_unknown_host_key(fleet: list, tiny_bundles: 
         assert rows(doc)["stranger"]["error"]["code"] == "host_key_unknown"
         assert rows(doc)["dev0"]["state"] == "not_started" and current_of(tmp_path, 0) is None
         assert kh.read_text() == before
+        human = cli("deploy", "--inventory", str(inv), "--known-hosts", str(kh), str(tiny_bundles[0]))
+        assert human.returncode == 1 and "halted in batch 1" in human.stderr
+        table = {line.split()[0]: line.split()[2] for line in human.stderr.splitlines()
+                 if line.startswith(("stranger ", "dev0 "))}
+        assert table == {"stranger": "unreachable", "dev0": "not_started"}  # every host's row, for people too
     finally:
         stranger.stop()
 
