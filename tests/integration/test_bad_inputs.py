@@ -126,9 +126,10 @@ def wait_for_line(stream, needle: str, timeout: float = 120) -> list[str]:  # ty
 def test_ctrl_c_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(tiny_model), "--target",
-                             str(tiny_target), "--out", str(out), "--no-wheels"],
+                             str(tiny_target), "--out", str(out), "--no-wheels", "--no-cache"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                             start_new_session=True)
+    # --no-cache: an earlier test of the run may have cached this export, and then no builder runs to interrupt.
     # Interrupt while the model builder runs: the staging folder exists by then, and the builder (a child
     # process importing torch) cannot finish before the signal lands, however fast the machine.
     seen = wait_for_line(proc.stderr, "onnxruntime-genai builder:")
