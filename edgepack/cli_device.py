@@ -89,6 +89,11 @@ def _with_table(o: Output, go: Callable[[], Any]) -> tuple[Any, str]:
     return res, rollout_summary(res)
 
 
+def _host_or_inventory(inventory: Path | None, kw: dict[str, Any]) -> None:
+    if (inventory is None) == (kw["host"] is None):
+        raise click.UsageError("pass --host for one device or --inventory for a fleet.")
+
+
 def _fleet(kw: dict[str, Any], inventory: Path) -> Any:
     from edgepack import api
     from edgepack.fleet import Batches
@@ -155,17 +160,15 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
 @_device_options(required=False)
 @_fleet_options(rollout=False)
 @_json_option
-def status(inventory: Path | None, limit: str | None, forks: int, **kw: Any) -> None:
+def status(inventory: Path | None, **kw: Any) -> None:
     """Releases on a device (or every device of an inventory) and which one is current."""
     from edgepack import api
 
-    if (inventory is None) == (kw["host"] is None):
-        raise click.UsageError("pass --host for one device or --inventory for a fleet.")
+    _host_or_inventory(inventory, kw)
 
     def go(_o: Output) -> tuple[Any, str]:
         if inventory is not None:
-            res = api.fleet_status(api.FleetRequest(inventory=inventory, limit=limit, forks=forks,
-                                                    ssh=_device({**kw, "host": ""})))
+            res = api.fleet_status(_fleet(kw, inventory)[0])
             return res, fleet_summary(res["hosts"])
         st = api.device_status(_device(kw))
         return st, status_summary(st)
@@ -181,8 +184,7 @@ def rollback(inventory: Path | None, **kw: Any) -> None:
     """Switch a device (or, with --inventory, every host in batches) back to its previous release."""
     from edgepack import api
 
-    if (inventory is None) == (kw["host"] is None):
-        raise click.UsageError("pass --host for one device or --inventory for a fleet.")
+    _host_or_inventory(inventory, kw)
     if inventory is not None:
         fleet, batches = _fleet(kw, inventory)
 
