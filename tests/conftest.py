@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+_OWN_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,8 +23,18 @@ def pytest_configure(config: pytest.Config) -> None:
         import tempfile
 
         os.environ["EDGEPACK_CACHE"] = tempfile.mkdtemp(prefix="edgepack-test-cache-")
+        config.stash[_OWN_CACHE] = os.environ["EDGEPACK_CACHE"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # A bare pytest run's cache is ~1 GB of GGUF conversions and wheels: it goes with the run.
+    own = config.stash.get(_OWN_CACHE, None)
+    if own:
+        import shutil
+
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def has(module: str) -> bool:
