@@ -15,6 +15,24 @@ from edgepack.resources import shipped_dir
 
 Scheme = Literal["int4", "int8", "fp16", "fp32"]
 Precision = Literal["int4", "int8", "fp32", "same"]
+# quantize.litert_layers: the parts of a LiteRT decoder a rule can name, and what it can make of them
+# (edgepack/backends/litert_recipe.py matches them to the exported op names).
+LITERT_PARTS = ("embedding", "attention.qkv", "attention.output", "feedforward.gate", "feedforward.up",
+                "feedforward.down", "head")
+LITERT_MODES = ("dynamic", "weight_only", "fp16", "float")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """quantize.litert_layers entry: `mode` for `parts` in `blocks` (None: every block); later rules win."""
+
+    parts: tuple[str, ...]
+    mode: str
+    blocks: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        where = "every block" if self.blocks is None else f"blocks {list(self.blocks)}"
+        return f"{', '.join(self.parts)} in {where} → {self.mode}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,9 @@ class QuantizeSpec:
     embedding_precision: Literal["fp32", "quantized"] = "fp32"
     sensitive_layers_int8: bool = False  # first/last eighth + every third block's qkv/v/down at int8
     int8_layers: tuple[int, ...] = ()  # per-layer override: these decoder blocks' matmuls at int8 (-1 = last)
+    # TFLite int8: per-part, per-block modes over the whole-model recipe (algorithm), e.g.
+    # [{ parts = ["feedforward.down"], blocks = [0, 29], mode = "weight_only" }]
+    litert_layers: tuple[LayerRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,10 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
         )
 
     origin = get_origin(tp)
+    if origin is tuple and get_args(tp)[0] is LayerRule:
+        if not isinstance(value, list):
+            raise bad()
+        return layer_rules(value, where, src)
     if origin is Literal:
         if value not in get_args(tp) or isinstance(value, bool) != isinstance(get_args(tp)[0], bool):
             raise bad()
@@ -207,6 +232,32 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
             raise bad()
         return value
     raise TypeError(f"schema type {tp!r} not handled")
+
+
+def layer_rules(raw: list[Any], where: str = "quantize.litert_layers", src: str = "") -> tuple[LayerRule, ...]:
+    """[{parts = [...], mode = "...", blocks = [...]}, ...] → rules, each checked with the field it came from."""
+    rules = []
+    for i, item in enumerate(raw):
+        field_ = f"{where}[{i}]"
+        item = item if isinstance(item, dict) else {"": item}
+        unknown = sorted(set(item) - {"parts", "mode", "blocks"})
+        parts = item.get("parts")
+        parts = [parts] if isinstance(parts, str) else parts
+        bad_parts = [p for p in parts or [] if p not in LITERT_PARTS]
+        mode, blocks = item.get("mode"), item.get("blocks")
+        problem = (f"unknown keys {unknown} (allowed: parts, mode, blocks)" if unknown else
+                   "needs parts = [...]" if not parts or not isinstance(parts, list) else
+                   f"unknown parts {bad_parts}; parts are {list(LITERT_PARTS)}" if bad_parts else
+                   f"mode {mode!r} is not one of {list(LITERT_MODES)}" if mode not in LITERT_MODES else
+                   "blocks must be a list of block numbers (0 is the first)" if blocks is not None and not (
+                       isinstance(blocks, list) and blocks
+                       and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks)) else None)
+        if problem:
+            raise TargetError(f"{src + ': ' if src else ''}{field_}: {problem}.", path=src or None, field=field_,
+                              hint='Example: { parts = ["feedforward.down"], blocks = [0, 29], mode = "weight_only" }.')
+        rules.append(LayerRule(tuple(str(p) for p in parts or ()), str(mode),
+                               tuple(blocks) if blocks is not None else None))
+    return tuple(rules)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, src: str) -> Any:
@@ -321,6 +372,11 @@ def _check_consistency(p: TargetProfile) -> None:
                           "activations (export.format = \"tflite\", scheme = \"int8\").",
                           hint="ONNX int8 is weight-only already; remove the field.", path=p.source,
                           field="quantize.algorithm")
+    if q.litert_layers and (p.export.format != "tflite" or q.scheme != "int8"):
+        raise TargetError(f"{p.source}: quantize.litert_layers mixes LiteRT int8 recipes per layer (export.format = "
+                          f"\"tflite\", scheme = \"int8\"; this target has {p.export.format}, {q.scheme}).",
+                          hint="Remove it; on ONNX, int8_layers and head_precision set per-layer precision.",
+                          path=p.source, field="quantize.litert_layers")
     if q.calibration_text and q.algorithm not in ("gptq", "imatrix"):
         raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\" or \"imatrix\" "
                           "only.", hint="Remove it, or set algorithm = \"imatrix\".", path=p.source,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# quantize scheme (+ block) → litert-torch recipe name
-RECIPES = {"int8": "dynamic_int8", "fp16": "fp16", "fp32": "none"}
+# quantize scheme → litert-torch recipe name (int8 is edgepack's own recipe, int4 litert-torch's blockwise one)
+RECIPES = {"fp16": "fp16", "fp32": "none"}
 
 
 @dataclass(frozen=True)
@@ -316,8 +316,10 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
             granularity=getattr(quant_attrs.Granularity, f"BLOCKWISE_{block}"))
         converter.get_quant_recipe_from_flag = lambda _q, _mcfg: recipe
         quantize = f"dynamic_int4_block{block}"
-    elif scheme == "int8" and spec.get("weight_only"):
-        quantize = "weight_only_int8"  # int8 weights, float activations
+    elif scheme == "int8":
+        # edgepack's recipe (litert_recipe): the same whole-model result as litert-torch's dynamic_int8 and
+        # weight_only_int8 (the same ai-edge-quantizer, the same numbers), plus per-layer rules that match.
+        quantize = "none"
     else:
         quantize = RECIPES[scheme]
     work = out_dir / "convert"
@@ -325,12 +327,22 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
     path = converter.convert_to_tflite(model, output_path=str(work), output_name_prefix="model",
                                        prefill_seq_len=[prefill], kv_cache_max_len=kv_len, quantize=quantize,
                                        export_config=ec)
-    convert_s = time.perf_counter() - t0
     tflite = out_dir / "model.tflite"
-    Path(path).replace(tflite)
+    result: dict[str, Any] = {"tflite": tflite.name, "recipe": quantize, "kv_cache_len": kv_len,
+                              "prefill_len": prefill}
+    if scheme == "int8":
+        from edgepack.backends import litert_recipe
+        from edgepack.targets import layer_rules
+
+        mode = "weight_only" if spec.get("weight_only") else "dynamic"
+        rules = layer_rules(spec.get("layers", []))
+        result["layers"] = litert_recipe.quantize(Path(path), tflite, mode, rules)
+        result["recipe"] = f"{mode}_int8" + (f" + {len(rules)} layer rule(s)" if rules else "")
+        Path(path).unlink()
+    else:
+        Path(path).replace(tflite)
     work.rmdir()
-    result: dict[str, Any] = {"tflite": tflite.name, "recipe": quantize, "convert_s": round(convert_s, 1),
-                              "kv_cache_len": kv_len, "prefill_len": prefill}
+    result["convert_s"] = round(time.perf_counter() - t0, 1)
     if spec["package"] == "litertlm":
         result["litertlm"] = _package(spec, tflite, out_dir / "model.litertlm", kv_len).name
         tflite.unlink()

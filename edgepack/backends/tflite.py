@@ -11,6 +11,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,7 @@ class TfliteExporter:
         spec = {"hf_dir": str(source.hf_dir), "out_dir": str(out_dir), "scheme": q.scheme,
                 "weight_only": q.algorithm == "weight_only", "block_size": q.block_size,
                 "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
+                "layers": [{k: v for k, v in asdict(r).items() if v is not None} for r in q.litert_layers],
                 "package": package, "tokenizer_json": str(source.hf_dir / "tokenizer.json"),
                 "stop_ids": stop, "bos_id": facts.bos_token_id if facts.add_bos_token else None,
                 "chat_template": _chat_template(source.hf_dir), "result": str(result_path)}
@@ -185,11 +187,14 @@ class TfliteExporter:
                 "chat_template": template[len(_TEMPLATE_PREAMBLE):] if template else None}, indent=1) + "\n")
         with _tflite_file(out_dir) as tflite:
             stats = tflite_stats(tflite)
-        if q.scheme in ("int4", "int8") and (stats.quantized_matmuls == 0 or stats.float_matmuls > 2):
+        kept_float = any(r.mode in ("float", "fp16") for r in q.litert_layers)  # litert_recipe verified each op
+        if q.scheme in ("int4", "int8") and (stats.quantized_matmuls == 0 or (stats.float_matmuls > 2
+                                                                             and not kept_float)):
             raise UserError(f"scheme {q.scheme} left weights in float: {stats.quantized_matmuls} quantized and "
                             f"{stats.float_matmuls} float 2-D weight tensors in the .tflite.",
                             hint="The litert-torch recipe did not apply; report it with the model id.")
-        options = {"recipe": result["recipe"], "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
+        options = {"recipe": result["recipe"], "layers": result.get("layers"), "kv_cache_len": kv_len,
+                   "prefill_len": PREFILL_LEN,
                    "package": package, "ignored": ignored}  # no timings: the manifest (and so the id) is reproducible
         return ExportedModel(dir=out_dir, format="tflite", scheme=q.scheme, options=options,
                              bytes=dir_bytes(out_dir), stats=stats, runtime_versions=runtime_versions(),
