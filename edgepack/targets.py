@@ -63,9 +63,12 @@ class QuantizeSpec:
     symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     # default/rtn/k_quant: the builder's; gptq, imatrix: edgepack's, rewriting the builder's symmetric int4 weights
-    # (imatrix: activation-weighted scale search, the same graph and speed as RTN); weight_only: TFLite's
-    algorithm: Literal["default", "rtn", "k_quant", "gptq", "imatrix", "weight_only"] = "default"
-    calibration_text: str = ""  # gptq, imatrix: a UTF-8 text of the device's domain; empty = sampled from the model
+    # (imatrix: activation-weighted scale search, the same graph and speed as RTN); weight_only: TFLite's int8
+    # recipe with int8 weights and float activations; smoothquant: TFLite dynamic int8 with activation outliers
+    # migrated into the weights before export (edgepack/backends/smooth.py; dynamic int8's graph and speed)
+    algorithm: Literal["default", "rtn", "k_quant", "gptq", "imatrix", "weight_only", "smoothquant"] = "default"
+    # gptq, imatrix, smoothquant: a UTF-8 text of the device's domain; empty = sampled from the model
+    calibration_text: str = ""
     head_precision: Precision = "same"  # lm_head MatMul: int8 keeps the tied head accurate
     embedding_precision: Literal["fp32", "quantized"] = "fp32"
     sensitive_layers_int8: bool = False  # first/last eighth + every third block's qkv/v/down at int8
@@ -377,9 +380,14 @@ def _check_consistency(p: TargetProfile) -> None:
                           f"\"tflite\", scheme = \"int8\"; this target has {p.export.format}, {q.scheme}).",
                           hint="Remove it; on ONNX, int8_layers and head_precision set per-layer precision.",
                           path=p.source, field="quantize.litert_layers")
-    if q.calibration_text and q.algorithm not in ("gptq", "imatrix"):
-        raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\" or \"imatrix\" "
-                          "only.", hint="Remove it, or set algorithm = \"imatrix\".", path=p.source,
+    if q.algorithm == "smoothquant" and (p.export.format != "tflite" or q.scheme != "int8"):
+        raise TargetError(f"{p.source}: quantize.algorithm = \"smoothquant\" is the TFLite dynamic int8 recipe "
+                          "(export.format = \"tflite\", scheme = \"int8\").",
+                          hint="On ONNX int4, algorithm = \"imatrix\" is the activation-aware choice.", path=p.source,
+                          field="quantize.algorithm")
+    if q.calibration_text and q.algorithm not in ("gptq", "imatrix", "smoothquant"):
+        raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\", \"imatrix\" or "
+                          "\"smoothquant\" only.", hint="Remove it, or set one of those algorithms.", path=p.source,
                           field="quantize.calibration_text")
     if not 0 <= p.quality.min_greedy_match <= 32:
         raise TargetError(f"{p.source}: quality.min_greedy_match must be between 0 and 32 (of 32 greedy tokens).",

@@ -396,8 +396,15 @@ def _package(spec: dict[str, Any], tflite: Path, out: Path, kv_len: int) -> Path
 
 
 def main() -> int:
+    from edgepack.errors import UserError
+
     spec = json.loads(Path(sys.argv[1]).read_text())
-    result = convert(spec)
+    try:
+        result = convert(spec)
+    except UserError as exc:  # the parent raises it again as it is (a rule that matches nothing, ...)
+        Path(spec["result"]).write_text(json.dumps({"error": {**exc.fields, "message": exc.message,
+                                                              "hint": exc.hint, "code": exc.code}}))
+        return 3
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 

@@ -148,20 +148,34 @@ class TfliteExporter:
             if problem:
                 raise UserError(problem + ".", hint="Set quantize.block_size in the target to one of those.",
                                 field="quantize.block_size", block_size=q.block_size)
+        too_far = sorted({b for r in q.litert_layers for b in r.blocks or () if b >= config["num_hidden_layers"]})
+        if too_far:
+            raise UserError(f"quantize.litert_layers names block(s) {too_far}, but {source.name} has "
+                            f"{config['num_hidden_layers']} blocks (0–{config['num_hidden_layers'] - 1}).",
+                            hint="Fix the blocks in the target's rules.", field="quantize.litert_layers")
         package = "litertlm" if target.runtime.template == "litert-lm" else "tflite"
         if package == "litertlm":
             _installed("litert_lm_builder", "Packaging .litertlm files")
         facts = source.tokenizer
         stop = sorted({int(t) for t in _stop_ids(source)})
         result_path = work_dir / "litert-result.json"
-        spec = {"hf_dir": str(source.hf_dir), "out_dir": str(out_dir), "scheme": q.scheme,
+        hf_dir, smoothed = source.hf_dir, None
+        if q.algorithm == "smoothquant":
+            from edgepack.backends import gptq, smooth
+
+            cal = gptq.Calibration(text=gptq.calibration_path(target))
+            hf_dir = work_dir / "smoothed"
+            smoothed = {**smooth.smooth(source, hf_dir, cal, progress),
+                        "calibration": cal.text.name if cal.text else
+                        f"sampled from the model: {cal.samples}×{cal.tokens} tokens, seed {cal.seed}"}
+        spec = {"hf_dir": str(hf_dir), "out_dir": str(out_dir), "scheme": q.scheme,
                 "weight_only": q.algorithm == "weight_only", "block_size": q.block_size,
                 "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
                 "layers": [{k: v for k, v in asdict(r).items() if v is not None} for r in q.litert_layers],
                 "package": package, "tokenizer_json": str(source.hf_dir / "tokenizer.json"),
                 "stop_ids": stop, "bos_id": facts.bos_token_id if facts.add_bos_token else None,
                 "chat_template": _chat_template(source.hf_dir), "result": str(result_path)}
-        ignored = [k for k, v in (("algorithm", q.algorithm not in ("default", "weight_only")),
+        ignored = [k for k, v in (("algorithm", q.algorithm not in ("default", "weight_only", "smoothquant")),
                                   ("head_precision", q.head_precision != "same"),
                                   ("sensitive_layers_int8", q.sensitive_layers_int8),
                                   ("int8_layers", bool(q.int8_layers))) if v]
@@ -173,6 +187,8 @@ class TfliteExporter:
                                + (f" (ONNX-only knobs ignored: {', '.join(ignored)})" if ignored else "")))
         code, tail = run_logged([sys.executable, "-m", "edgepack.backends.litert_convert", str(spec_path)],
                                 work_dir / "litert-convert.log", TF_CPP_MIN_LOG_LEVEL="2")
+        if code == 3 and result_path.is_file():
+            raise UserError(**json.loads(result_path.read_text())["error"])
         if code != 0:
             raise UserError(f"litert-torch failed to convert {source.name} (exit {code}).",
                             hint="Its last lines are in the error's 'log_tail'.", log_tail=tail)
@@ -193,7 +209,8 @@ class TfliteExporter:
             raise UserError(f"scheme {q.scheme} left weights in float: {stats.quantized_matmuls} quantized and "
                             f"{stats.float_matmuls} float 2-D weight tensors in the .tflite.",
                             hint="The litert-torch recipe did not apply; report it with the model id.")
-        options = {"recipe": result["recipe"], "layers": result.get("layers"), "kv_cache_len": kv_len,
+        options = {"recipe": result["recipe"], "layers": result.get("layers"), "smoothquant": smoothed,
+                   "kv_cache_len": kv_len,
                    "prefill_len": PREFILL_LEN,
                    "package": package, "ignored": ignored}  # no timings: the manifest (and so the id) is reproducible
         return ExportedModel(dir=out_dir, format="tflite", scheme=q.scheme, options=options,
