@@ -24,14 +24,16 @@ LITERT_MODES = ("dynamic", "weight_only", "fp16", "float")
 
 @dataclass(frozen=True)
 class LayerRule:
-    """quantize.litert_layers entry: `mode` for `parts` in `blocks` (None: every block); later rules win."""
+    """quantize.litert_layers entry: `mode` for `parts` in `blocks` (None: every block; "outliers": the blocks
+    where SmoothQuant's calibration found the part's input an outlier, resolved at build time); later rules win."""
 
     parts: tuple[str, ...]
     mode: str
-    blocks: tuple[int, ...] | None = None
+    blocks: tuple[int, ...] | Literal["outliers"] | None = None
 
     def describe(self) -> str:
-        where = "every block" if self.blocks is None else f"blocks {list(self.blocks)}"
+        where = ("every block" if self.blocks is None else "the outlier blocks" if self.blocks == "outliers"
+                 else f"blocks {list(self.blocks)}")
         return f"{', '.join(self.parts)} in {where} → {self.mode}"
 
 
@@ -252,14 +254,14 @@ def layer_rules(raw: list[Any], where: str = "quantize.litert_layers", src: str 
                    "needs parts = [...]" if not parts or not isinstance(parts, list) else
                    f"unknown parts {bad_parts}; parts are {list(LITERT_PARTS)}" if bad_parts else
                    f"mode {mode!r} is not one of {list(LITERT_MODES)}" if mode not in LITERT_MODES else
-                   "blocks must be a list of block numbers (0 is the first)" if blocks is not None and not (
-                       isinstance(blocks, list) and blocks
-                       and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks)) else None)
+                   'blocks must be a list of block numbers (0 is the first) or "outliers"' if blocks is not None
+                   and blocks != "outliers" and not (isinstance(blocks, list) and blocks and all(
+                       isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks)) else None)
         if problem:
             raise TargetError(f"{src + ': ' if src else ''}{field_}: {problem}.", path=src or None, field=field_,
                               hint='Example: { parts = ["feedforward.down"], blocks = [0, 29], mode = "weight_only" }.')
         rules.append(LayerRule(tuple(str(p) for p in parts or ()), str(mode),
-                               tuple(blocks) if blocks is not None else None))
+                               "outliers" if blocks == "outliers" else tuple(blocks) if blocks is not None else None))
     return tuple(rules)
 
 
@@ -385,6 +387,11 @@ def _check_consistency(p: TargetProfile) -> None:
                           "(export.format = \"tflite\", scheme = \"int8\").",
                           hint="On ONNX int4, algorithm = \"imatrix\" is the activation-aware choice.", path=p.source,
                           field="quantize.algorithm")
+    if any(r.blocks == "outliers" for r in q.litert_layers) and q.algorithm != "smoothquant":
+        raise TargetError(f"{p.source}: quantize.litert_layers blocks = \"outliers\" are found by SmoothQuant's "
+                          "calibration (algorithm = \"smoothquant\").",
+                          hint="Set algorithm = \"smoothquant\", or list the blocks.", path=p.source,
+                          field="quantize.litert_layers")
     if q.calibration_text and q.algorithm not in ("gptq", "imatrix", "smoothquant"):
         raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\", \"imatrix\" or "
                           "\"smoothquant\" only.", hint="Remove it, or set one of those algorithms.", path=p.source,

@@ -85,6 +85,8 @@ def plan(ops: list[Op], default: str, rules: tuple[LayerRule, ...]) -> dict[Op, 
     blocks = sorted({o.block for o in ops if o.block is not None})
     modes = {o: default for o in ops}
     for rule in rules:
+        if rule.blocks == "outliers":
+            raise ValueError("outlier blocks are resolved by the exporter before planning")
         missing = sorted(set(rule.blocks or ()) - set(blocks))
         hit = [o for o in ops if o.part in rule.parts and (rule.blocks is None or o.block in rule.blocks)]
         if missing or not hit:

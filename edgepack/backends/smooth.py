@@ -28,6 +28,12 @@ from edgepack.progress import ProgressEvent, ProgressFn
 from edgepack.source import ModelSource
 
 ALPHA = 0.5
+# A block's input to a part is an outlier when its peak is this many times the median block's peak (SmolLM2's
+# down_proj inputs: 2,824, 2,365 and 447 in blocks 11, 28 and 29, against a median of ~15).
+OUTLIER_FACTOR = 10.0
+# The parts of litert_recipe each calibrated input feeds.
+_PARTS = {"attn": ("attention.qkv",), "mlp": ("feedforward.gate", "feedforward.up"), "o": ("attention.output",),
+          "down": ("feedforward.down",)}
 _CLAMP = (1e-2, 1e3)  # a channel that never fires must not become a huge weight column
 
 
@@ -95,6 +101,11 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
     for h in handles:
         h.remove()
 
+    outliers: dict[str, list[int]] = {}
+    for key, parts in _PARTS.items():
+        peaks = torch.stack([amax[(i, key)].max() for i in range(len(layers))])
+        hot = [i for i in range(len(layers)) if float(peaks[i]) > OUTLIER_FACTOR * float(peaks.median())]
+        outliers.update({part: hot for part in parts})
     heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     group = heads // kv_heads
@@ -122,6 +133,7 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
             if not fused and getattr(mlp.up_proj, "bias", None) is not None:
                 mlp.up_proj.bias.div_(s)
             mlp.down_proj.weight.mul_(s)
+            peak = max(peak, float(s.max()))
             # o_proj reads softmax(qk) v per head: one s per v channel, shared by the query heads of its group.
             a = amax[(i, "o")].reshape(kv_heads, group, head_dim).amax(1)
             w = attn.o_proj.weight.abs().amax(0).reshape(kv_heads, group, head_dim).amax(1)
@@ -132,6 +144,7 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
             if getattr(v, "bias", None) is not None:
                 (v.bias[-s.numel():] if fused else v.bias).div_(s)
             attn.o_proj.weight.mul_(s.reshape(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1))
+            peak = max(peak, float(s.max()))
         after = model(probe, use_cache=False).logits
     drift = float((after - before).abs().max() / before.abs().max())
     if drift > 1e-3:
@@ -146,4 +159,5 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
         state.pop("lm_head.weight", None)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
-    return {"alpha": alpha, "layers": len(layers), "max_scale": round(peak, 2), "float_drift": float(f"{drift:.1e}")}
+    return {"alpha": alpha, "layers": len(layers), "max_scale": round(peak, 2), "float_drift": float(f"{drift:.1e}"),
+            "outliers": outliers}

@@ -11,7 +11,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from edgepack.families import check as check_family
 from edgepack.fsutil import dir_bytes
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
-from edgepack.targets import TargetProfile
+from edgepack.targets import LayerRule, TargetProfile
 from edgepack.versions import installed_versions
 
 BLOCK_SIZES = (32, 64, 128, 256)  # litert-torch's blockwise int4 granularities
@@ -148,7 +148,8 @@ class TfliteExporter:
             if problem:
                 raise UserError(problem + ".", hint="Set quantize.block_size in the target to one of those.",
                                 field="quantize.block_size", block_size=q.block_size)
-        too_far = sorted({b for r in q.litert_layers for b in r.blocks or () if b >= config["num_hidden_layers"]})
+        too_far = sorted({b for r in q.litert_layers if isinstance(r.blocks, tuple) for b in r.blocks
+                          if b >= config["num_hidden_layers"]})
         if too_far:
             raise UserError(f"quantize.litert_layers names block(s) {too_far}, but {source.name} has "
                             f"{config['num_hidden_layers']} blocks (0–{config['num_hidden_layers'] - 1}).",
@@ -168,10 +169,11 @@ class TfliteExporter:
             smoothed = {**smooth.smooth(source, hf_dir, cal, progress),
                         "calibration": cal.text.name if cal.text else
                         f"sampled from the model: {cal.samples}×{cal.tokens} tokens, seed {cal.seed}"}
+        rules = _resolved(q.litert_layers, smoothed)
         spec = {"hf_dir": str(hf_dir), "out_dir": str(out_dir), "scheme": q.scheme,
                 "weight_only": q.algorithm == "weight_only", "block_size": q.block_size,
                 "kv_cache_len": kv_len, "prefill_len": PREFILL_LEN,
-                "layers": [{k: v for k, v in asdict(r).items() if v is not None} for r in q.litert_layers],
+                "layers": [{k: v for k, v in asdict(r).items() if v is not None} for r in rules],
                 "package": package, "tokenizer_json": str(source.hf_dir / "tokenizer.json"),
                 "stop_ids": stop, "bos_id": facts.bos_token_id if facts.add_bos_token else None,
                 "chat_template": _chat_template(source.hf_dir), "result": str(result_path)}
@@ -220,6 +222,20 @@ class TfliteExporter:
     @staticmethod
     def scorer(model_dir: Path) -> LiteRTScorer:
         return LiteRTScorer(model_dir)
+
+
+def _resolved(rules: tuple[LayerRule, ...], smoothed: dict[str, Any] | None) -> tuple[LayerRule, ...]:
+    """blocks = "outliers" → the blocks SmoothQuant's calibration found for the rule's parts (a rule that finds
+    none is dropped: the model has no outliers there)."""
+    out = []
+    for r in rules:
+        if r.blocks == "outliers":
+            found = sorted({b for part in r.parts for b in (smoothed or {}).get("outliers", {}).get(part, [])})
+            if not found:
+                continue
+            r = replace(r, blocks=tuple(found))
+        out.append(r)
+    return tuple(out)
 
 
 def _installed(module: str, purpose: str) -> None:

@@ -86,8 +86,9 @@ def check(manifest: Manifest, facts: dict[str, Any]) -> list[Problem]:
     mem = facts.get("mem_available_bytes")
     if mem is not None and mem < need_ram:
         recipe = manifest.recipe
-        fix = ("build with the dynamic int8 recipe (algorithm = \"default\"; 1/8 of the memory, +4 % perplexity on "
-               "SmolLM2), or a smaller model" if recipe == "weight_only_int8"
+        fix = ("build with android-arm64's default, dynamic int8 with SmoothQuant (algorithm = \"smoothquant\": "
+               "1/4 of the memory, +1.7 % perplexity on SmolLM2 against weight-only's +1.0 %), or a smaller model"
+               if recipe == "weight_only_int8"
                else "stop other services, or build a smaller variant (int4, a smaller model)")
         problems.append(Problem("memory", f"{mem / 1e6:.0f} MB available", f">= {need_ram / 1e6:.0f} MB", fix))
     have_cpu = facts.get("cpu_features")

@@ -25,8 +25,10 @@ def with_format(target: TargetProfile, fmt: str | None) -> TargetProfile:
     export = dataclasses.replace(target.export, format=fmt)
     runtime = dataclasses.replace(target.runtime, template=exporter.template, packages=exporter.packages)
     quantize = target.quantize
-    if fmt == "onnx" and quantize.algorithm == "weight_only":  # ONNX int8 is weight-only already
-        quantize = dataclasses.replace(quantize, algorithm="default")
+    if fmt == "onnx" and quantize.algorithm in ("weight_only", "smoothquant"):  # TFLite's int8 recipes; ONNX
+        quantize = dataclasses.replace(quantize, algorithm="default")           # int8 is weight-only already
+    if fmt == "onnx":
+        quantize = dataclasses.replace(quantize, litert_layers=())
     return dataclasses.replace(target, export=export, runtime=runtime, quantize=quantize)
 
 

@@ -18,7 +18,17 @@ pytestmark = [pytest.mark.integration, needs_onnx, needs_tflite,
 def test_android_bundle_passes_the_two_percent_gate(smollm2_android_bundle: Path) -> None:
     m = json.loads((smollm2_android_bundle / "edgepack.json").read_text())
     q = m["quality"]
-    assert m["export"]["format"] == "tflite" and m["export"]["builder_options"]["recipe"] == "weight_only_int8"
+    opts = m["export"]["builder_options"]
+    assert m["export"]["format"] == "tflite" and opts["recipe"] == "dynamic_int8 + 1 layer rule(s)"
+    # Dynamic int8 but for down_proj in the blocks whose inputs carry SmolLM2's massive activations.
+    assert opts["smoothquant"]["outliers"]["feedforward.down"] == [11, 28, 29]
+    ops = opts["layers"]["ops"]
+    assert ops["feedforward.down:weight_only"] == 3 and ops["feedforward.down:dynamic"] == 27
+    assert ops["attention.qkv:dynamic"] == ops["feedforward.gate:dynamic"] == 30
+    # SmoothQuant on the model's own sampled text, never the gate's, and the float model kept (checked there).
+    assert opts["smoothquant"]["calibration"].startswith("sampled from the model")
+    assert opts["smoothquant"]["float_drift"] < 1e-4
+    assert "the GGUF's quantized weights dequantized" in q["reference"]
     assert q["validated"] and q["passed"] and 0 < q["ppl_delta_pct"] <= 2.0 and q["tokens_scored"] >= 2000
     assert q["top1_agreement"] >= 0.85 and q["greedy_match"] >= 24
     assert m["export"]["graph"]["float_matmuls"] == 0 and m["export"]["graph"]["bits"] == [8]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from edgepack.errors import UserError
-from edgepack.plan import MIB, PlanRequest, estimate, plan_for_target, summary
+from edgepack.plan import MIB, PlanRequest, estimate, litert_recipe, plan_for_target, summary
 from edgepack.shape import ModelShape
 from edgepack.targets import load_target
 
@@ -159,7 +159,7 @@ def test_plan_for_a_shipped_target_reads_its_profile() -> None:
     assert plan.request.ram_mb == 4096 and plan.request.sensitive_layers_int8 and plan.fits
     assert plan.weights.file == 113_365_376
     android = plan_for_target(SMOLLM2, load_target("android-arm64"))
-    assert android.runtime == "litert-lm" and android.request.recipe == "weight_only_int8"
+    assert android.runtime == "litert-lm" and litert_recipe(android.request) == "dynamic_int8"
     assert android.kv.context == 1024
 
 

@@ -118,7 +118,7 @@ def test_gptq_needs_symmetric_int4_and_calibration_text_needs_gptq(tmp_path: Pat
             load_target(str(p))
         assert err.value.fields["field"] == "quantize.algorithm"
     p = write(tmp_path, '[device]\narch = "x"\n[quantize]\ncalibration_text = "c.txt"\n')
-    with pytest.raises(TargetError, match="read by algorithm = \"gptq\" or \"imatrix\" only"):
+    with pytest.raises(TargetError, match="read by algorithm = \"gptq\", \"imatrix\" or \"smoothquant\" only"):
         load_target(str(p))
     p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "k_quant_mixed"\n')
     with pytest.raises(TargetError, match="'default', 'rtn', 'k_quant', 'gptq'"):
