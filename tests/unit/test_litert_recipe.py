@@ -97,13 +97,18 @@ def test_bad_rules_name_the_entry(raw: list, message: str) -> None:  # type: ign
 def test_a_target_file_carries_rules_and_they_need_tflite_int8(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from edgepack.targets import load_target, shipped_dir
 
-    text = (shipped_dir("targets") / "android-arm64.toml").read_text().replace(
-        "block_size = 32\n", 'block_size = 32\nlitert_layers = [{ parts = ["feedforward.down"], blocks = [0], '
-                             'mode = "weight_only" }]\n', 1)
+    shipped = (shipped_dir("targets") / "android-arm64.toml").read_text()
+    assert load_target("android-arm64").quantize.litert_layers == (
+        LayerRule(("feedforward.down",), "weight_only", "outliers"),)
+    text = re.sub(r"(?m)^litert_layers = .*$",
+                  'litert_layers = [{ parts = ["feedforward.down"], blocks = [0], mode = "weight_only" }]', shipped)
     good = tmp_path / "a.toml"
     good.write_text(text)
     assert load_target(str(good)).quantize.litert_layers == (LayerRule(("feedforward.down",), "weight_only", (0,)),)
     bad = tmp_path / "b.toml"
     bad.write_text(re.sub(r'scheme = "int8"\nalgorithm = "\w+"', 'scheme = "int4"', text))
     with pytest.raises(TargetError, match="litert_layers"):
+        load_target(str(bad))
+    bad.write_text(shipped.replace('algorithm = "smoothquant"', 'algorithm = "default"'))
+    with pytest.raises(TargetError, match='"outliers" are found by SmoothQuant'):
         load_target(str(bad))
