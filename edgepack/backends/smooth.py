@@ -60,9 +60,33 @@ def _scale(act: Any, weight_cols: Any, alpha: float) -> Any:
     return s.clamp(*_CLAMP)
 
 
+def _awq_scale(x: Any, weights: list[Any], block: int, tie: Any = None) -> Any:
+    """AWQ's search (Lin et al.): s = mean|x|^a for a in 0..1, the one whose int4-RTN weights (W·s quantized, then
+    ÷ s) reproduce x·Wᵀ best on the calibration rows. `tie` maps per-channel values to shared ones (GQA's o_proj)."""
+    import torch
+
+    from edgepack.backends.gptq import dequantize, rtn
+
+    w = torch.cat(weights, 0)
+    ref = x @ w.T
+    mean = x.abs().mean(0)
+    if tie is not None:
+        mean = tie(mean)
+    best, best_s = float("inf"), torch.ones_like(mean)
+    for a in [i / 20 for i in range(21)]:
+        s = mean.clamp(min=1e-4) ** a
+        s = s / (s.max() * s.min()).sqrt()
+        err = float(((x @ (dequantize(rtn(w * s, block), block) / s).T - ref) ** 2).mean())
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
 def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *,
-           alpha: float = ALPHA) -> dict[str, Any]:
-    """Write a smoothed copy of source's checkpoint to out_dir; returns what was done (for the manifest)."""
+           alpha: float = ALPHA, method: str = "smoothquant", block: int = 32) -> dict[str, Any]:
+    """Write a smoothed copy of source's checkpoint to out_dir; returns what was done (for the manifest).
+    method "smoothquant": s from activation and weight ranges (for int8 activations); "awq": s searched for int4
+    weights (block `block`), the same folds."""
     torch = require("torch", "tflite", "SmoothQuant")
     transformers = require("transformers", "tflite", "SmoothQuant")
     from safetensors.torch import save_file
@@ -85,14 +109,18 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
               "mlp": "mlp.gate_up_proj" if fused else "mlp.gate_proj",
               "o": "self_attn.o_proj", "down": "mlp.down_proj"}
     amax: dict[tuple[int, str], Any] = {}
+    samples: dict[tuple[int, str], list[Any]] = {}
     handles = []
     for i, layer in enumerate(layers):
         for key, name in inputs.items():
             def hook(_m: Any, inp: tuple[Any, ...], _o: Any, k: tuple[int, str] = (i, key)) -> None:
-                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).abs().amax(0)
+                rows = inp[0].detach().reshape(-1, inp[0].shape[-1])
+                x = rows.abs().amax(0)
                 amax[k] = torch.maximum(amax[k], x) if k in amax else x
+                if method == "awq":  # every 4th token is plenty for a 21-point search
+                    samples.setdefault(k, []).append(rows[::4].clone())
             handles.append(layer.get_submodule(name).register_forward_hook(hook))
-    progress(ProgressEvent("quantize", f"SmoothQuant: activation ranges over {ids.shape[0]}×{ids.shape[1]} tokens"))
+    progress(ProgressEvent("quantize", f"{method}: activation ranges over {ids.shape[0]}×{ids.shape[1]} tokens"))
     with torch.no_grad():
         for b in range(0, ids.shape[0], 4):
             model(ids[b:b + 4], use_cache=False)
@@ -115,9 +143,14 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
             attn, mlp = layer.self_attn, layer.mlp
             q_in = [attn.qkv_proj] if fused else [attn.q_proj, attn.k_proj, attn.v_proj]
             mlp_in = [mlp.gate_up_proj] if fused else [mlp.gate_proj, mlp.up_proj]
+            def scale(key: str, linears: list[Any], tie: Any = None, i: int = i) -> Any:
+                if method == "awq":
+                    return _awq_scale(torch.cat(samples[(i, key)], 0), [m.weight for m in linears], block, tie)
+                a, cols = amax[(i, key)], torch.stack([m.weight.abs().amax(0) for m in linears]).amax(0)
+                return _scale(tie(a) if tie else a, tie(cols) if tie else cols, alpha)
+
             for key, norm_name, linears in (("attn", norms.attention, q_in), ("mlp", norms.mlp, mlp_in)):
-                cols = torch.stack([m.weight.abs().amax(0) for m in linears]).amax(0)
-                s = _scale(amax[(i, key)], cols, alpha)
+                s = scale(key, linears)
                 norm = layer.get_submodule(norm_name)
                 if norms.plus_one:
                     norm.weight.copy_((1.0 + norm.weight) / s - 1.0)
@@ -127,7 +160,7 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
                     m.weight.mul_(s)
                 peak = max(peak, float(s.max()))
             # down_proj reads act(gate) * up: divide up's rows.
-            s = _scale(amax[(i, "down")], mlp.down_proj.weight.abs().amax(0), alpha)
+            s = scale("down", [mlp.down_proj])
             up_rows = mlp.gate_up_proj.weight[-s.numel():] if fused else mlp.up_proj.weight
             up_rows.div_(s[:, None])
             if not fused and getattr(mlp.up_proj, "bias", None) is not None:
@@ -135,9 +168,11 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
             mlp.down_proj.weight.mul_(s)
             peak = max(peak, float(s.max()))
             # o_proj reads softmax(qk) v per head: one s per v channel, shared by the query heads of its group.
-            a = amax[(i, "o")].reshape(kv_heads, group, head_dim).amax(1)
-            w = attn.o_proj.weight.abs().amax(0).reshape(kv_heads, group, head_dim).amax(1)
-            s = _scale(a, w, alpha).reshape(-1)
+            def per_kv(v: Any) -> Any:  # o_proj input channel → its kv-head channel (the max over the group)
+                return v.reshape(kv_heads, group, head_dim).amax(1).reshape(kv_heads, 1, head_dim).expand(
+                    kv_heads, group, head_dim).reshape(-1)
+
+            s = scale("o", [attn.o_proj], per_kv).reshape(kv_heads, group, head_dim)[:, 0].reshape(-1)
             v = attn.qkv_proj if fused else attn.v_proj
             v_rows = v.weight[-s.numel():] if fused else v.weight
             v_rows.div_(s[:, None])
