@@ -16,8 +16,11 @@ pytestmark = pytest.mark.skipif(not (has("torch") and has("transformers")), reas
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "mistral"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_smoothing_changes_weights_not_the_function(family: str, tmp_path: Path) -> None:
+CASES = [(f, "smoothquant") for f in FAMILIES] + [(f, "awq") for f in ("llama", "phi3", "gemma2", "qwen3")]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_smoothing_changes_weights_not_the_function(family: str, method: str, tmp_path: Path) -> None:
     import torch
     import transformers
 
@@ -31,7 +34,8 @@ def test_smoothing_changes_weights_not_the_function(family: str, tmp_path: Path)
     text = tmp_path / "cal.txt"
     text.write_text(heldout().text)
     info = smooth.smooth(resolve_model(str(folder)), tmp_path / "out", gptq.Calibration(text=text, samples=2,
-                                                                                         tokens=64), silent)
+                                                                                         tokens=64), silent,
+                         method=method)
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     assert info["layers"] == layers and info["max_scale"] > 1.0
     a = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
