@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def test_litert_int4_is_refused_by_the_gate_with_its_numbers(tmp_path: Path) -> 
 
     src = Path(load_target("android-arm64").source).read_text()
     t = tmp_path / "android-int4.toml"
-    t.write_text(src.replace('scheme = "int8"\nalgorithm = "weight_only"', 'scheme = "int4"\nalgorithm = "default"', 1))
+    t.write_text(re.sub(r"(?m)^litert_layers = .*$\n", "", src.replace(
+        'scheme = "int8"\nalgorithm = "smoothquant"', 'scheme = "int4"\nalgorithm = "default"', 1)))
     proc = cli("--json", "build", "--target", str(t), "smollm2-135m", "--out", str(tmp_path / "out"), "--no-wheels")
     err = envelope(proc)["error"]
     assert proc.returncode == 1 and err["kind"] == "quality-gate"
