@@ -3,8 +3,8 @@
     python bench/session_knobs.py BUNDLE_OR_MODEL_DIR [--reps 3 --threads 2 --tokens 128 --out results.json]
 
 Each variant is a genai_config overlay (the same mechanism the bundle's run.py uses for threads), measured in a
-fresh process; rounds alternate the variants so that drift on a shared machine spreads over all of them. Speed
-is quoted as a ratio to the bundle's own settings in the same round.
+fresh process by edgepack.quality.speed (what `build --tune` times with). Rounds alternate the variants, so that
+drift on a shared machine spreads over all of them. Speed is quoted as a ratio to the bundle's own settings.
 """
 
 from __future__ import annotations
@@ -28,37 +28,6 @@ VARIANTS: dict[str, dict] = {
     "kv_not_shared": {"search": {"past_present_share_buffer": False}},
 }
 
-CHILD = r"""
-import hashlib, json, sys, time
-import onnxruntime_genai as og
-from edgepack.quality.speed import peak_rss_mb
-model_dir, overlay, threads, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-t0 = time.perf_counter()
-config = og.Config(model_dir)
-config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-if overlay:
-    config.overlay(json.dumps(overlay))
-model = og.Model(config)
-tok = og.Tokenizer(model)
-load_s = time.perf_counter() - t0
-ids = list(tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "Write a haiku about the sea."}]),
-                                              add_generation_prompt=True)))
-params = og.GeneratorParams(model)
-params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
-gen = og.Generator(model, params)
-t1 = time.perf_counter()
-gen.append_tokens(ids)
-gen.generate_next_token()
-t2 = time.perf_counter()
-n = 1
-while not gen.is_done() and n < tokens:
-    gen.generate_next_token()
-    n += 1
-t3 = time.perf_counter()
-out = [int(t) for t in gen.get_sequence(0)][len(ids):]
-print(json.dumps({"load_s": load_s, "prefill_ms": (t2 - t1) * 1000, "decode_tok_s": (n - 1) / (t3 - t2),
-                  "peak_rss_mb": peak_rss_mb(), "tokens_sha": hashlib.sha256(str(out).encode()).hexdigest()[:12]}))
-"""
 
 
 def main() -> int:
@@ -78,8 +47,9 @@ def main() -> int:
         for name in names:
             if name in errors:
                 continue
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), json.dumps(VARIANTS[name]),
-                                   str(args.threads), str(args.tokens)], capture_output=True, text=True, check=False)
+            proc = subprocess.run([sys.executable, "-m", "edgepack.quality.speed", str(model_dir), "--tokens",
+                                   str(args.tokens), "--threads", str(args.threads), "--overlay",
+                                   json.dumps(VARIANTS[name])], capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 errors[name] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
                 continue
@@ -95,7 +65,7 @@ def main() -> int:
                      "ratio_to_bundle": round(statistics.median(tok_s) / base, 3),
                      "prefill_ms": round(statistics.median(r["prefill_ms"] for r in runs[name]), 1),
                      "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs[name]), 1),
-                     "same_tokens": len({r["tokens_sha"] for r in runs[name] + runs["bundle"]}) == 1})
+                     "same_tokens": len({r["tokens_crc"] for r in runs[name] + runs["bundle"]}) == 1})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"threads": args.threads, "tokens": args.tokens, "reps": args.reps,

@@ -1,6 +1,6 @@
 """Decode speed of a model folder (onnxruntime-genai, or a LiteRT-LM .litertlm), measured in its own process.
 
-    python -m edgepack.quality.speed MODEL_DIR [--tokens 64] [--threads 0]   → one JSON line
+    python -m edgepack.quality.speed MODEL_DIR [--tokens 64] [--threads 0] [--overlay JSON]   → one JSON line
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 import time
+import zlib
+from typing import Any
 
 
 def peak_rss_mb() -> float:
@@ -48,7 +50,9 @@ def measure_litertlm(path: str, tokens: int, threads: int) -> dict[str, float]:
             "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9), "new_tokens": n, "peak_rss_mb": peak_rss_mb()}
 
 
-def measure(model_dir: str, tokens: int, threads: int) -> dict[str, float]:
+def measure(model_dir: str, tokens: int, threads: int, overlay: dict[str, Any] | None = None) -> dict[str, float]:
+    """One fresh-process measurement. `overlay`: a genai_config overlay applied after the thread count (ONNX);
+    `tokens_crc` is a checksum of the greedy tokens, so that settings can be compared for identical output."""
     import os
 
     litertlm = os.path.join(model_dir, "model.litertlm")
@@ -60,6 +64,8 @@ def measure(model_dir: str, tokens: int, threads: int) -> dict[str, float]:
     config = og.Config(model_dir)
     if threads > 0:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    if overlay:
+        config.overlay(json.dumps(overlay))
     model = og.Model(config)
     tok = og.Tokenizer(model)
     load_s = time.perf_counter() - t0
@@ -77,8 +83,10 @@ def measure(model_dir: str, tokens: int, threads: int) -> dict[str, float]:
         gen.generate_next_token()
         n += 1
     t3 = time.perf_counter()
+    out = [int(t) for t in gen.get_sequence(0)][len(ids):]
     return {"load_s": load_s, "prompt_tokens": len(ids), "prefill_ms": (t2 - t1) * 1000,
-            "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9), "new_tokens": n, "peak_rss_mb": peak_rss_mb()}
+            "decode_tok_s": (n - 1) / max(t3 - t2, 1e-9), "new_tokens": n, "peak_rss_mb": peak_rss_mb(),
+            "tokens_crc": float(zlib.crc32(json.dumps(out).encode()))}
 
 
 def main() -> int:
@@ -86,8 +94,9 @@ def main() -> int:
     ap.add_argument("model_dir")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--overlay", default="", help="a genai_config overlay, as JSON (ONNX)")
     a = ap.parse_args()
-    print(json.dumps(measure(a.model_dir, a.tokens, a.threads)))
+    print(json.dumps(measure(a.model_dir, a.tokens, a.threads, json.loads(a.overlay) if a.overlay else None)))
     return 0
 
 
