@@ -211,15 +211,18 @@ def _mixed_target(tmp_path: Path, rule: str) -> Path:
 
 
 def test_smoothquant_with_a_layer_rule_writes_the_mixed_graph_it_reports(tiny_model: Path, tmp_path: Path) -> None:
-    t = _mixed_target(tmp_path, '{ parts = ["feedforward.down"], blocks = [1], mode = "weight_only" }')
+    t = _mixed_target(tmp_path, '{ parts = ["feedforward.down"], blocks = [1], mode = "weight_only" }, '
+                                '{ parts = ["attention.output"], blocks = [0], mode = "fp16" }, '
+                                '{ parts = ["feedforward.gate"], blocks = [1], mode = "float" }')
     proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(tmp_path / "d"), "--no-wheels")
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     bundle = Path(doc["result"]["bundle"])
     opts = json.loads((bundle / "edgepack.json").read_text())["export"]["builder_options"]
-    assert opts["recipe"] == "dynamic_int8 + 1 layer rule(s)"
-    assert opts["layers"]["ops"]["feedforward.down:weight_only"] == 1
-    assert opts["layers"]["ops"]["feedforward.down:dynamic"] == 1
+    assert opts["recipe"] == "dynamic_int8 + 3 layer rule(s)"
+    ops = opts["layers"]["ops"]  # every mode landed where its rule said (litert_recipe.verify read the file back)
+    assert ops["feedforward.down:weight_only"] == ops["feedforward.down:dynamic"] == 1
+    assert ops["attention.output:fp16"] == ops["feedforward.gate:float"] == 1 and ops["attention.qkv:dynamic"] == 2
     assert opts["smoothquant"]["alpha"] == 0.5 and opts["smoothquant"]["float_drift"] < 1e-3
     # Read the written graph itself: block 1's down projection is dequantized from int8 (weight-only), block 0's
     # runs on int8 weights directly (dynamic).
