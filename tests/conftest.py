@@ -54,6 +54,15 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout, check=False)
 
 
+def interruptible(*args: str) -> list[str]:
+    """`python -m edgepack ARGS` for a test that sends it SIGINT (Ctrl-C). A job a non-interactive shell starts in
+    the background (`.ci/run ... &`) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt
+    handler, so the signal would do nothing. The wrapper restores the default before exec'ing edgepack."""
+    boot = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'edgepack', *sys.argv[1:]])")
+    return [sys.executable, "-c", boot, *args]
+
+
 def envelope(proc: subprocess.CompletedProcess[str]) -> dict:
     doc = json.loads(proc.stdout)
     assert set(doc) == {"edgepack", "command", "ok", "result", "error"}, doc.keys()

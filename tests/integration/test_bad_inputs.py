@@ -7,13 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ..conftest import cli, envelope, needs_onnx
+from ..conftest import cli, envelope, interruptible, needs_onnx
 
 pytestmark = [pytest.mark.integration, needs_onnx]
 
@@ -125,8 +124,8 @@ def wait_for_line(stream, needle: str, timeout: float = 120) -> list[str]:  # ty
 
 def test_ctrl_c_leaves_no_partial_bundle(tiny_model: Path, tiny_target: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(tiny_model), "--target",
-                             str(tiny_target), "--out", str(out), "--no-wheels", "--no-cache"],
+    proc = subprocess.Popen(interruptible("build", str(tiny_model), "--target", str(tiny_target), "--out", str(out),
+                                          "--no-wheels", "--no-cache"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                             start_new_session=True)
     # --no-cache: an earlier test of the run may have cached this export, and then no builder runs to interrupt.

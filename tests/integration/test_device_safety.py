@@ -16,7 +16,7 @@ import pytest
 
 from edgepack.remote import device_helper as h
 
-from ..conftest import cli, envelope, needs_onnx, needs_sshd
+from ..conftest import cli, envelope, interruptible, needs_onnx, needs_sshd
 
 pytestmark = [pytest.mark.integration, needs_onnx, needs_sshd]
 
@@ -40,6 +40,16 @@ def live_smoke_ok(device: dict) -> bool:
     proc = subprocess.run([str(rel / ".venv" / "bin" / "python"), str(rel / "smoke_test.py"), "--tokens", "4"],
                           capture_output=True, text=True, timeout=300)
     return proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
+
+
+def process_under(path: Path, timeout: float = 120) -> bool:
+    """True as soon as a process runs with `path` in its command line (polled, not guessed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", str(path)], capture_output=True).returncode == 0:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def no_process_under(path: Path) -> bool:
@@ -71,14 +81,16 @@ def test_a_bad_live_copy_is_never_rewritten_whatever_interrupts_the_redeploy(tin
     with (live / "README.md").open("a") as fh:  # one changed byte in the live release
         fh.write("x")
     # Redeploy A and press Ctrl-C while the device installs the fresh copy.
-    proc = subprocess.Popen([sys.executable, "-m", "edgepack", "--json", "deploy", str(a), *device["args"]],
+    proc = subprocess.Popen(interruptible("--json", "deploy", str(a), *device["args"]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if "] install:" in line:
-            time.sleep(1.5)  # pip is running in the new folder now
+            # Wait for the event itself, a process running from the fresh folder's venv (pip), not a guess at
+            # its timing: a fixed sleep raced with the install on a loaded 2-core machine.
+            assert process_under(install / "releases" / f"{bundle_id(a)}.2" / ".venv"), "".join(seen)
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
