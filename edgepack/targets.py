@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -313,6 +313,12 @@ def parse_target(data: dict[str, Any], *, target_id: str, source: str) -> Target
     parts["tune"] = _parse_tune(data.get("tune", {}), data.get("quantize", {}), source)
     profile = TargetProfile(id=target_id, source=source, **parts)
     _check_consistency(profile)
+    for cand in profile.tune.candidates:  # each candidate is a [quantize] of its own: checked now, not mid-tune
+        try:
+            _check_consistency(replace(profile, quantize=cand.quantize))
+        except TargetError as exc:
+            raise TargetError(f"tune candidate '{cand.name}': {exc.message}", hint=exc.hint,
+                              **{**exc.fields, "field": f"tune.candidates.{cand.name}"}) from exc
     return profile
 
 
