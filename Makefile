@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/edgepack run dist/smollm2-135m-host --prompt "Write a haiku about the sea."
 
 test: install
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=30
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -q

@@ -38,7 +38,7 @@ from edgepack.stages.sbom import license_summary
 from edgepack.stages.sbom import write as write_sbom
 from edgepack.stages.validate import QualityReport, enforce, unvalidated
 from edgepack.stages.wheels import requirements, vendor_wheels
-from edgepack.targets import load_target
+from edgepack.targets import check_candidates, load_target
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     stages = StageRecorder(progress)
     with stages.stage("resolve", f"target {req.target}, model {req.model}") as info:
         target = with_format(load_target(req.target), req.format)
+        if req.tune:
+            check_candidates(target)  # every candidate now, not the fourth one an hour into the tune
         if req.eval_text is not None:
             target = dataclasses.replace(target, quality=dataclasses.replace(
                 target.quality, eval_text=str(req.eval_text.expanduser().resolve())))

@@ -313,13 +313,20 @@ def parse_target(data: dict[str, Any], *, target_id: str, source: str) -> Target
     parts["tune"] = _parse_tune(data.get("tune", {}), data.get("quantize", {}), source)
     profile = TargetProfile(id=target_id, source=source, **parts)
     _check_consistency(profile)
-    for cand in profile.tune.candidates:  # each candidate is a [quantize] of its own: checked now, not mid-tune
+    return profile
+
+
+def check_candidates(profile: TargetProfile) -> None:
+    """Check each [tune] candidate as a [quantize] of its own, naming it.
+
+    Called before a tune starts (and by `targets show`), not on every load: a candidate inherits the target's
+    [quantize], so a build that changes, say, the algorithm must not fail on a candidate it never builds."""
+    for cand in profile.tune.candidates:
         try:
             _check_consistency(replace(profile, quantize=cand.quantize))
         except TargetError as exc:
             raise TargetError(f"tune candidate '{cand.name}': {exc.message}", hint=exc.hint,
                               **{**exc.fields, "field": f"tune.candidates.{cand.name}"}) from exc
-    return profile
 
 
 def _parse_tune(section: Any, base_quantize: dict[str, Any], source: str) -> TuneSpec:

@@ -193,3 +193,21 @@ def test_build_sign_checks_the_key_first_and_signs_what_minisign_verifies(tiny_m
         m = subprocess.run(["minisign", "-V", "-p", f"{key}.pub", "-m", str(bundle / "edgepack.json")],
                            capture_output=True, text=True)
         assert m.returncode == 0 and doc["result"]["bundle_id"] in m.stdout
+
+
+def test_a_tune_candidate_that_cannot_build_is_refused_before_the_tune_starts(tiny_model: Path, tmp_path: Path) -> None:
+    # The target's [quantize] says gptq; its "int8" candidate inherits that, and gptq is int4-only. A plain build
+    # never builds the candidates (test_build_tiny builds this same file); --tune must refuse before exporting one.
+    from ..conftest import FIXTURES
+
+    t = tmp_path / "gptq.toml"
+    t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+        'algorithm = "default"', 'algorithm = "gptq"\ncalibration_text = "cal.txt"'))
+    (tmp_path / "cal.txt").write_text("sensor reading ok. " * 50)
+    out = tmp_path / "out"
+    proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(out), "--tune", "--no-wheels")
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and err["field"] == "tune.candidates.int8", err
+    assert "works on symmetric int4 weights only" in err["message"]
+    assert "] tune" not in proc.stderr and "] export" not in proc.stderr, proc.stderr  # no stage after resolve
+    assert_nothing_written(out)
