@@ -372,12 +372,16 @@ def _check_consistency(p: TargetProfile) -> None:
             hint="On the CPU use int4, int8 or fp32.", path=p.source, field="quantize.scheme",
             allowed=["int4", "int8", "fp32"])
     q = p.quantize
-    if q.algorithm in ("gptq", "imatrix") and (q.scheme != "int4" or not q.symmetric or q.sensitive_layers_int8):
+    # imatrix searches asymmetric (integer zero point) grids too; GPTQ's error feedback is symmetric only.
+    if q.algorithm in ("gptq", "imatrix") and (q.scheme != "int4" or q.sensitive_layers_int8
+                                               or (q.algorithm == "gptq" and not q.symmetric)):
+        what = "symmetric int4" if q.algorithm == "gptq" else "int4"
         raise TargetError(
-            f"{p.source}: quantize.algorithm = \"{q.algorithm}\" works on symmetric int4 weights only "
+            f"{p.source}: quantize.algorithm = \"{q.algorithm}\" works on {what} weights only "
             f"(scheme={q.scheme}, symmetric={q.symmetric}, sensitive_layers_int8={q.sensitive_layers_int8}).",
-            hint="Use scheme = \"int4\", symmetric = true, sensitive_layers_int8 = false (int8_layers and "
-                 "head_precision still apply).", path=p.source, field="quantize.algorithm")
+            hint=f"Use scheme = \"int4\"{', symmetric = true' if q.algorithm == 'gptq' else ''}, "
+                 "sensitive_layers_int8 = false (int8_layers and head_precision still apply).",
+            path=p.source, field="quantize.algorithm")
     if (p.export.format == "onnx" and q.scheme == "int4" and not q.symmetric
             and q.embedding_precision == "quantized"):
         raise TargetError(f"{p.source}: asymmetric int4 (symmetric = false) with embedding_precision = \"quantized\" "

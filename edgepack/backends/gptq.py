@@ -67,6 +67,7 @@ def calibration_path(target: TargetProfile) -> Path | None:
 class Quantized:
     codes: Any  # uint8 [N, K] in 0..15
     scales: Any  # float32 [N, K // block]
+    zero_points: Any = None  # uint8 [N, K // block] in 0..15 (asymmetric); None: symmetric, every zero point 8
 
 
 def quantize_symmetric(w: Any, scale: Any) -> Any:
@@ -161,6 +162,49 @@ def search_scales(weight: Any, importance: Any, block: int, *, lo: float = 0.7, 
     return Quantized(codes=(best_q + 8).reshape(n, k).to(torch.uint8), scales=best_s.squeeze(2).float())
 
 
+def search_scales_asymmetric(weight: Any, importance: Any, block: int, *, lo: float = 0.8, hi: float = 1.1,
+                             steps: int = 31) -> Quantized:
+    """search_scales for asymmetric int4 (MatMulNBits' integer zero points): w ≈ s (q - z), q and z in 0..15, the
+    k-quant-style pair search of llama.cpp's make_qkx weighted by the importance matrix. Candidates are the
+    min-max scale times a grid of factors; for each, the zero points round(-min / s) and its two neighbours,
+    each refined to the weighted least-squares scale of its codes."""
+    import torch
+
+    W = weight.detach().double()
+    n, k = W.shape
+    if k % block:
+        raise UserError(f"block size {block} does not divide the input size {k} of a weight.",
+                        hint="Use a quantize.block_size that divides every matmul's input size.")
+    g = W.reshape(n, k // block, block)
+    a = importance.detach().double().reshape(1, k // block, block)
+    a = a + 1e-6 * a.mean().clamp(min=1e-30)
+    lo_v = g.amin(2, keepdim=True).clamp(max=0)  # the builder's grid always holds 0 exactly
+    hi_v = g.amax(2, keepdim=True).clamp(min=0)
+    span = hi_v - lo_v
+    s0 = torch.where(span == 0, torch.ones_like(span), span / 15.0)
+    best_err = torch.full(s0.shape, float("inf"), dtype=W.dtype)
+    best_q = torch.zeros_like(g)
+    best_s, best_z = s0.clone(), torch.zeros_like(s0)
+    for f in torch.linspace(lo, hi, steps, dtype=W.dtype):
+        sf = s0 * f
+        z_mid = torch.round(-lo_v / sf)
+        for dz in (-1.0, 0.0, 1.0):
+            z = torch.clamp(z_mid + dz, 0, 15)
+            q = torch.clamp(torch.round(g / sf) + z, 0, 15)
+            c = q - z
+            den = (a * c * c).sum(2, keepdim=True)
+            s = torch.where(den > 0, (a * g * c).sum(2, keepdim=True) / den.clamp(min=1e-30), sf)
+            s = torch.where(s > 0, s, sf)
+            q = torch.clamp(torch.round(g / s) + z, 0, 15)
+            err = (a * (g - (q - z) * s) ** 2).sum(2, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_q = torch.where(better, q, best_q)
+    return Quantized(codes=best_q.reshape(n, k).to(torch.uint8), scales=best_s.squeeze(2).float(),
+                     zero_points=best_z.squeeze(2).to(torch.uint8))
+
+
 def rtn(weight: Any, block: int) -> Quantized:
     import torch
 
@@ -178,7 +222,8 @@ def dequantize(q: Quantized, block: int) -> Any:
     import torch
 
     n, k = q.codes.shape
-    g = (q.codes.reshape(n, k // block, block).float() - 8) * q.scales.unsqueeze(2)
+    zp = 8.0 if q.zero_points is None else q.zero_points.float().unsqueeze(2)
+    g = (q.codes.reshape(n, k // block, block).float() - zp) * q.scales.unsqueeze(2)
     return g.reshape(n, k).to(torch.float32)
 
 
@@ -193,6 +238,19 @@ def pack(q: Quantized, block: int) -> tuple[Any, Any]:
     return packed, q.scales.numpy().astype(np.float32)
 
 
+def pack_zero_points(q: Quantized) -> Any:
+    """→ uint8 [N, ceil(blocks / 2)]: MatMulNBits' 4-bit zero points, two blocks of a row per byte (low first;
+    checked against the builder's own asymmetric RTN: its codes, scales and these zero points dequantize to within
+    half a step of the float weights)."""
+    import numpy as np
+
+    zp = q.zero_points.numpy().astype(np.uint8)
+    n, blocks = zp.shape
+    if blocks % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+    return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+
 def calibration_ids(model: Any, source: ModelSource, cal: Calibration, progress: ProgressFn) -> Any:
     """[samples, tokens] ids: chunks of the calibration text, or sequences sampled from the model (cached)."""
     import torch
@@ -203,16 +261,18 @@ def calibration_ids(model: Any, source: ModelSource, cal: Calibration, progress:
         ids = tok(cal.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         n = min(cal.samples, len(ids) // cal.tokens)
         if n < 1:
-            raise UserError(f"calibration text {cal.text} has {len(ids)} tokens; GPTQ needs at least {cal.tokens}.",
+            raise UserError(f"calibration text {cal.text} has {len(ids)} tokens; calibration needs at least "
+                            f"{cal.tokens}.",
                             hint=f"Use a longer text (≈{cal.samples * cal.tokens} tokens is plenty).",
                             path=str(cal.text))
-        progress(ProgressEvent("quantize", f"GPTQ: {n}×{cal.tokens} calibration tokens from {cal.text.name}"))
+        progress(ProgressEvent("quantize", f"calibration: {n}×{cal.tokens} tokens from {cal.text.name}"))
         return torch.tensor(ids[:n * cal.tokens]).reshape(n, cal.tokens)
     cache = cache_root() / "calibration" / (
         f"{model_key(source)}-s{cal.samples}-t{cal.tokens}-seed{cal.seed}.pt")
     if cache.is_file():
         return torch.load(cache)
-    progress(ProgressEvent("quantize", f"GPTQ: sampling {cal.samples}×{cal.tokens} calibration tokens"))
+    progress(ProgressEvent("quantize", f"calibration: sampling {cal.samples}×{cal.tokens} tokens from the model "
+                                       f"(seed {cal.seed}, cached)"))
     ids = _sample(model, int(model.config.vocab_size), cal)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
@@ -298,13 +358,15 @@ def _layer_out(layer: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: bool, progress: ProgressFn,
-                   method: str = "gptq") -> Iterator[tuple[str, Quantized]]:
+                   method: str = "gptq", symmetric: bool = True) -> Iterator[tuple[str, Quantized]]:
     """Yield (builder MatMul name, quantized weights) for every decoder matmul, and /lm_head/MatMul if head.
-    method: "gptq" (error feedback through the inverse Hessian) or "imatrix" (search_scales on its diagonal)."""
+    method: "gptq" (error feedback through the inverse Hessian) or "imatrix" (search_scales on its diagonal;
+    with symmetric=False, search_scales_asymmetric). GPTQ is symmetric only."""
 
     def quantize(weight: Any, hessian: Any) -> Quantized:
         if method == "imatrix":
-            return search_scales(weight, torch.diagonal(hessian), block)
+            search = search_scales if symmetric else search_scales_asymmetric
+            return search(weight, torch.diagonal(hessian), block)
         return gptq(weight, hessian, block, damp=cal.damp)
 
     torch = require("torch", "onnx", "GPTQ quantization")
@@ -339,29 +401,39 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
 
 
 def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *, head: bool,
-          progress: ProgressFn, method: str = "gptq") -> int:
+          progress: ProgressFn, method: str = "gptq", symmetric: bool = True) -> int:
     """Replace the weights of the builder's symmetric int4 MatMulNBits nodes with GPTQ's (or imatrix's), in
     place. Returns the number of matmuls rewritten."""
     onnx = require("onnx", "onnx", "GPTQ quantization")
+    import numpy as np
     from onnx import numpy_helper
 
     model = onnx.load(str(model_path))
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name.rsplit("_Q4", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     done = 0
-    for name, q in quantize_model(source, block, cal, head=head, progress=progress, method=method):
+    for name, q in quantize_model(source, block, cal, head=head, progress=progress, method=method,
+                                  symmetric=symmetric):
         node = nodes.get(name)
         if node is None:
             continue  # left at int8/float by a per-layer override or the head knob
         attrs = {a.name: a.i for a in node.attribute}
         if attrs.get("bits") == 8:
             continue  # left at int8 by head_precision or int8_layers
-        if attrs.get("bits") != 4 or attrs.get("block_size") != block or len(node.input) > 3 and node.input[3]:
-            raise ModelError(f"GPTQ expected a symmetric 4-bit MatMulNBits for {name}, found {attrs}.",
-                             hint="GPTQ needs quantize.symmetric = true and algorithm-compatible settings.")
+        has_zp = len(node.input) > 3 and bool(node.input[3])
+        if attrs.get("bits") != 4 or attrs.get("block_size") != block or has_zp != (q.zero_points is not None):
+            kind = "symmetric" if q.zero_points is None else "asymmetric"
+            raise ModelError(f"{method} expected a {kind} 4-bit MatMulNBits for {name}, found {attrs}"
+                             f"{' with zero points' if has_zp else ''}.",
+                             hint="The builder's int4 export and quantize.symmetric must agree.")
         packed, scales = pack(q, block)
-        for init_name, arr in ((node.input[1], packed), (node.input[2], scales)):
+        writes = [(node.input[1], packed), (node.input[2], scales)]
+        if has_zp:
+            writes.append((node.input[3], pack_zero_points(q)))
+        for init_name, arr in writes:
             old = inits[init_name]
+            if arr.size == int(np.prod(old.dims)) and arr.ndim != len(old.dims):
+                arr = arr.reshape(tuple(old.dims))  # some builders keep zero points flat
             if tuple(old.dims) != arr.shape:
                 raise ModelError(f"GPTQ weights for {name} have shape {arr.shape}, the graph has {tuple(old.dims)}.")
             new = numpy_helper.from_array(arr, init_name)

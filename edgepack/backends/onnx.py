@@ -233,7 +233,7 @@ class OnnxExporter:
             # GPTQ leaves the tied head RTN: it is also the embedding table, and GPTQ on it measured worse.
             gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal,
                        head=target.quantize.algorithm == "imatrix", progress=progress,
-                       method=target.quantize.algorithm)
+                       method=target.quantize.algorithm, symmetric=target.quantize.symmetric)
         _make_reproducible(out_dir / "model.onnx")
         cap = window_cap(shape_of(source.hf_dir / "config.json"))
         context = set_context_length(out_dir / "genai_config.json", target.runtime.context_length or cap)

@@ -210,7 +210,7 @@ def test_gptq_rewrites_the_rtn_weights_in_the_same_graph(tiny_model: Path, tiny_
     proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(tmp_path), "--no-wheels")
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "GPTQ: " in proc.stderr and "calibration tokens from calibration.txt" in proc.stderr
+    assert "gptq: layer 1/2" in proc.stderr and "×256 tokens from calibration.txt" in proc.stderr
     import onnx
     from onnx import numpy_helper
 
@@ -229,6 +229,35 @@ def test_gptq_rewrites_the_rtn_weights_in_the_same_graph(tiny_model: Path, tiny_
     assert (new["lm_head.MatMul.weight_Q4"] == rtn["lm_head.MatMul.weight_Q4"]).all()  # type: ignore[attr-defined]
     m = json.loads((Path(doc["result"]["bundle"]) / "edgepack.json").read_text())
     assert m["quality"]["passed"] is True
+
+
+def test_imatrix_searches_asymmetric_codes_scales_and_zero_points_in_rtns_graph(tiny_model: Path,
+                                                                                tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    def build(name: str, algorithm: str) -> Path:
+        t = tmp_path / f"{name}.toml"
+        t.write_text((FIXTURES / "tiny-target.toml").read_text().replace(
+            'algorithm = "default"', f'algorithm = "{algorithm}"\nsymmetric = false\nembedding_precision = "fp32"'))
+        proc = cli("--json", "build", str(tiny_model), "--target", str(t), "--out", str(tmp_path / name),
+                   "--no-wheels")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return Path(envelope(proc)["result"]["bundle"])
+
+    def graph(bundle: Path) -> tuple[list[tuple[str, int]], dict[str, object]]:
+        model = onnx.load(str(bundle / "model" / "model.onnx"))
+        nodes = [(n.op_type, len(n.input)) for n in model.graph.node]
+        return nodes, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    rtn_nodes, rtn = graph(build("rtn", "default"))
+    im_bundle = build("imatrix", "imatrix")
+    im_nodes, im = graph(im_bundle)
+    assert im_nodes == rtn_nodes  # node for node, input for input: the builder's asymmetric RTN graph and speed
+    zps = [k for k in rtn if k.startswith("model.layers.") and k.endswith("_zero_points")]
+    assert zps and all(rtn[k].shape == im[k].shape for k in zps)  # type: ignore[attr-defined]
+    assert any(not (im[k] == rtn[k]).all() for k in zps)  # type: ignore[attr-defined]  # zero points searched
+    assert json.loads((im_bundle / "edgepack.json").read_text())["quality"]["passed"] is True
 
 
 def test_gptq_calibration_text_must_exist(tiny_model: Path, tmp_path: Path) -> None:

@@ -65,3 +65,28 @@ def test_imatrix_scale_search_lowers_the_activation_weighted_error_in_rtns_layou
     # with no activation information (flat importance) it is a plain scale search: never worse than RTN
     flat = gptq.search_scales(w, torch.ones(128), 32)
     assert float(((gptq.dequantize(flat, 32) - w) ** 2).sum()) <= float(((gptq.dequantize(q_rtn, 32) - w) ** 2).sum())
+
+
+def test_asymmetric_search_writes_matmulnbits_zero_points_and_beats_min_max_rtn() -> None:
+    w, h = _case()
+    w = w + 0.05  # off-centre groups: where a zero point pays
+    importance = torch.diagonal(h)
+    q = gptq.search_scales_asymmetric(w, importance, 32)
+    assert q.zero_points.shape == (48, 4) and int(q.zero_points.max()) <= 15 and int(q.codes.max()) <= 15
+    # min-max asymmetric RTN, as the builder writes it
+    g = w.double().reshape(48, 4, 32)
+    lo, hi = g.amin(2, keepdim=True).clamp(max=0), g.amax(2, keepdim=True).clamp(min=0)
+    s = (hi - lo) / 15
+    z = torch.clamp(torch.round(-lo / s), 0, 15)
+    codes = torch.clamp(torch.round(g / s) + z, 0, 15)
+    minmax = gptq.Quantized(codes=codes.reshape(48, 128).to(torch.uint8), scales=s.squeeze(2).float(),
+                            zero_points=z.squeeze(2).to(torch.uint8))
+
+    def weighted(x: gptq.Quantized) -> float:
+        return float((((gptq.dequantize(x, 32) - w).double() ** 2) * importance).sum())
+
+    assert weighted(q) < 0.9 * weighted(minmax)
+    packed = gptq.pack_zero_points(q)  # two blocks of a row per byte, low nibble first
+    assert packed.shape == (48, 2)
+    zp = q.zero_points.numpy()
+    assert ((packed & 0xF) == zp[:, 0::2]).all() and ((packed >> 4) == zp[:, 1::2]).all()

@@ -111,12 +111,17 @@ def test_example_target_files_validate() -> None:
         assert t.id == f.stem and t.quantize.scheme in ("int4", "int8", "fp32")
 
 
-def test_gptq_needs_symmetric_int4_and_calibration_text_needs_gptq(tmp_path: Path) -> None:
-    for algorithm in ("gptq", "imatrix"):
-        p = write(tmp_path, f'[device]\narch = "x"\n[quantize]\nalgorithm = "{algorithm}"\nsymmetric = false\n')
-        with pytest.raises(TargetError, match=f"\"{algorithm}\" works on symmetric int4 weights only") as err:
-            load_target(str(p))
-        assert err.value.fields["field"] == "quantize.algorithm"
+def test_gptq_needs_symmetric_int4_imatrix_int4_and_calibration_text_needs_them(tmp_path: Path) -> None:
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "gptq"\nsymmetric = false\n')
+    with pytest.raises(TargetError, match='"gptq" works on symmetric int4 weights only') as err:
+        load_target(str(p))
+    assert err.value.fields["field"] == "quantize.algorithm"
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "imatrix"\nscheme = "int8"\n')
+    with pytest.raises(TargetError, match='"imatrix" works on int4 weights only'):
+        load_target(str(p))
+    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nalgorithm = "imatrix"\nsymmetric = false\n'
+                        'embedding_precision = "fp32"\n')
+    assert not load_target(str(p)).quantize.symmetric  # imatrix searches zero points too
     p = write(tmp_path, '[device]\narch = "x"\n[quantize]\ncalibration_text = "c.txt"\n')
     with pytest.raises(TargetError, match="read by algorithm = \"gptq\", \"imatrix\" or \"smoothquant\" only"):
         load_target(str(p))
