@@ -785,17 +785,30 @@ def _supervise(argv, state):
     """Run the server; when it fails (not a clean exit, not our SIGTERM), restart it after RESTART_S, as the systemd
     unit's Restart=on-failure does. The state file says how often and why."""
     restarts, recent = 0, []
-    while True:
+    running = [0]
+    stopping = []
+
+    def on_term(signum, _frame):  # a plain `kill` of the supervisor stops its server too, never orphans it
+        stopping.append(signum)
+        if running[0]:
+            with contextlib.suppress(OSError):
+                os.kill(running[0], signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    while not stopping:
         child = os.fork()
         if child == 0:
             try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.execv(argv[0], argv)
             finally:
                 os._exit(127)
+        running[0] = child
         _write_state(state, {"server_pid": child, "restarts": restarts, "last_exit": None})
         _, status = os.waitpid(child, 0)
+        running[0] = 0
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
-        if code == 0 or code == -signal.SIGTERM:
+        if code == 0 or code == -signal.SIGTERM or stopping:
             _write_state(state, {"server_pid": None, "restarts": restarts, "last_exit": code})
             return
         now = time.time()
@@ -810,6 +823,7 @@ def _supervise(argv, state):
             return
         time.sleep(RESTART_S)
         restarts += 1
+    _write_state(state, {"server_pid": None, "restarts": restarts, "last_exit": -signal.SIGTERM})
 
 
 def _service_state(root):
@@ -1000,6 +1014,42 @@ def stage(install_dir, bundle_id, files_json, holder_json='{"command": "stage"}'
         return dict(out, present=None, staging=os.path.join(root, rel), missing=missing,
                     missing_bytes=sum(m["bytes"] for m in missing), reused=len(linked), reused_bytes=got["bytes"],
                     staged=len(files) - len(todo))
+
+
+UPLOAD_ARCHIVE = ".edgepack-upload.tar"  # the role's one transfer of a release's small files
+
+
+def unpack(install_dir, bundle_id, holder_json='{"command": "unpack"}'):
+    """Unpack the role's archive of small files into releases/<id>.partial, then delete it. Regular files at safe
+    relative paths only; each lands under a temporary name and is renamed, so an interrupted unpack leaves whole
+    files or none (apply's verify checks every byte against the manifest either way)."""
+    import tarfile
+
+    root = _root(install_dir)
+    _bundle_id(bundle_id)
+    rel = "releases/%s.partial" % bundle_id
+    with _operation(root, "unpack", holder_json) as op:
+        _require_lock(root, op)
+        archive = _inside(root, rel, UPLOAD_ARCHIVE)
+        if not os.path.isfile(archive):
+            raise Refused("no upload archive in %s" % rel)
+        done, size = 0, 0
+        with tarfile.open(archive, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    raise Refused("the upload archive holds %r, which is not a regular file" % (member.name,))
+                dest = _inside(root, rel, member.name)
+                parent = os.path.dirname(dest)
+                if not os.path.isdir(parent):
+                    os.makedirs(parent)
+                src = tar.extractfile(member)
+                with open(dest + ".part", "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                os.chmod(dest + ".part", 0o755 if member.mode & 0o111 else 0o644)
+                os.replace(dest + ".part", dest)
+                done, size = done + 1, size + member.size
+        os.remove(archive)
+    return {"ok": True, "unpacked": done, "bytes": size}
 
 
 def _run_step(root, op, argv, env, timeout):
@@ -1208,7 +1258,7 @@ COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "r
             "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
             "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust,
             "service_start": service_start, "service_stop": service_stop, "service_check": service_check,
-            "service_status": service_status, "stage": stage, "apply": apply,
+            "service_status": service_status, "stage": stage, "unpack": unpack, "apply": apply,
             "rollback_now": rollback_now}
 
 

@@ -3,6 +3,7 @@ ids are never paths, signatures are checked before upload and again on the devic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -298,7 +299,15 @@ def test_the_service_serves_current_and_a_failing_one_is_switched_back(tiny_mode
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         c.request("GET", "/health")
         assert c.getresponse().status == 200  # the previous release serves again
+        # A plain `kill` of the service's pid (what a user or a shutdown sends) stops its server too.
+        svc = envelope(cli("--json", "status", *device["args"]))["result"]["service"]
+        os.kill(svc["pid"], signal.SIGTERM)
+        deadline = time.time() + 30
+        while time.time() < deadline and Path(f"/proc/{svc['server_pid']}").exists():
+            time.sleep(0.2)
+        assert not Path(f"/proc/{svc['server_pid']}").exists(), "the server outlived its supervisor"
     finally:
         pid = (install / "service.pid").read_text().split()[0] if (install / "service.pid").exists() else None
         if pid:
-            subprocess.run(["kill", pid], check=False)
+            with contextlib.suppress(OSError):
+                os.killpg(int(pid), signal.SIGKILL)  # the supervisor's session: the server with it

@@ -126,14 +126,11 @@ def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, tiny_a
 
 
 @needs_tflite
-def test_smollm2_litert_bundle_on_the_emulated_phone(phone: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_smollm2_litert_bundle_on_the_emulated_phone(phone: dict, smollm2_android_bundle: Path) -> None:
     """SmolLM2 itself on the emulated aarch64 phone, built for the shipped android-arm64 target: dynamic int8 with
     SmoothQuant, whose integer kernels run the smoke test in minutes under qemu (the old weight-only default
-    needed over ten)."""
-    out = tmp_path_factory.mktemp("dist-android")
-    build = cli("build", "--target", "android-arm64", "smollm2-135m", "--out", str(out), timeout=1800)
-    assert build.returncode == 0, build.stderr[-3000:]
-    proc = cli("--json", "deploy", str(out / "smollm2-135m-android-arm64"), *phone["args"], timeout=2400)
+    needed over ten). The bundle is the run's one android build, shared with test_litert_smollm2."""
+    proc = cli("--json", "deploy", str(smollm2_android_bundle), *phone["args"], timeout=2400)
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     smoke = doc["result"]["smoke"]

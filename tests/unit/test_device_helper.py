@@ -335,3 +335,41 @@ def test_apply_restarts_the_service_and_switches_back_when_the_new_one_fails(tmp
     finally:
         pid = (root / "service.pid").read_text().split()[0]
         subprocess.run(["kill", "--", f"-{pid}"], check=False)
+
+
+def test_unpack_takes_the_roles_archive_of_regular_files_and_refuses_anything_else(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    root = tmp_path / "device"
+    a_id, a = fake_bundle(tmp_path, "a")
+    manifest = json.loads((a / "edgepack.json").read_text())
+    staged = h.stage(str(root), a_id, json.dumps(manifest["files"]))
+    archive = Path(staged["staging"]) / h.UPLOAD_ARCHIVE
+    with tarfile.open(archive, "w") as t:  # what the role's controller-side `python -m tarfile -c` writes
+        for m in staged["missing"]:
+            t.add(str(a / m["path"]), arcname=m["path"])
+    (Path(staged["staging"]) / "edgepack.json").write_bytes((a / "edgepack.json").read_bytes())
+    proc = subprocess.run([sys.executable, str(HELPER), "unpack", str(root), a_id], capture_output=True, text=True,
+                          check=False)
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and doc["unpacked"] == 3 and not archive.exists()
+    code, res = apply_cli(root, a_id)  # every byte checked against the manifest, then installed and switched
+    assert code == 0 and res["current"] == a_id
+
+    b_id, b = fake_bundle(tmp_path, "b")
+    staged = h.stage(str(root), b_id, json.dumps(json.loads((b / "edgepack.json").read_text())["files"]))
+    evil = Path(staged["staging"]) / h.UPLOAD_ARCHIVE
+    for name, kind in (("../../escape.txt", tarfile.REGTYPE), ("smoke_test.py", tarfile.SYMTYPE)):
+        with tarfile.open(evil, "w") as t:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            info.size = 0 if kind == tarfile.SYMTYPE else 4
+            t.addfile(info, io.BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
+        proc = subprocess.run([sys.executable, str(HELPER), "unpack", str(root), b_id], capture_output=True,
+                              text=True, check=False)
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert proc.returncode == 3 and doc["refused"], doc
+    assert not (tmp_path / "escape.txt").exists() and not (root / "escape.txt").exists()
+    assert not (Path(staged["staging"]) / "smoke_test.py").is_symlink()
