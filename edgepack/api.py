@@ -382,13 +382,23 @@ def serve(req: ServeRequest) -> int:
     cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--serve", req.addr,
            *runner_flags(("--api-key-file", req.api_key_file), ("--insecure-no-auth", req.insecure_no_auth),
                          ("--metrics", req.metrics), ("--threads", req.threads or None))]
+    import signal
+    import threading
+
     proc = subprocess.Popen(cmd)
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill`, `docker stop`, a unit's stop: the server stops with edgepack, never left running as an orphan
+        old = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
     try:
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait()
         raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _has_module(name: str) -> bool:

@@ -55,13 +55,20 @@ def server(smollm2_host_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     proc = subprocess.Popen([sys.executable, "-m", "edgepack", "serve", str(smollm2_host_bundle), "--addr",
                              f"127.0.0.1:{port}", "--api-key-file", str(key), "--metrics"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    runner = None
     try:
         wait_healthy(port, proc)
-        yield {"port": port, "key": "s3cret-token", "proc": proc, "bundle": smollm2_host_bundle,
+        doc = {"port": port, "key": "s3cret-token", "proc": proc, "bundle": smollm2_host_bundle,
                "base": f"http://127.0.0.1:{port}/v1"}
+        runner = server_pid(doc)
+        yield doc
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM, as `docker stop` or a unit's stop sends: the runner must stop with it
         proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while runner and time.time() < deadline and Path(f"/proc/{runner}").exists():
+            time.sleep(0.2)
+    assert not (runner and Path(f"/proc/{runner}").exists()), "edgepack serve left its runner running"
 
 
 def client(server: dict):  # type: ignore[no-untyped-def]
