@@ -377,14 +377,13 @@ class ServeRequest:
 
 def serve(req: ServeRequest) -> int:
     """The bundle's own OpenAI-compatible server (its runner core) on this machine, until it is stopped."""
+    import signal
     import subprocess
+    import threading
 
     cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--serve", req.addr,
            *runner_flags(("--api-key-file", req.api_key_file), ("--insecure-no-auth", req.insecure_no_auth),
                          ("--metrics", req.metrics), ("--threads", req.threads or None))]
-    import signal
-    import threading
-
     proc = subprocess.Popen(cmd)
     old = None
     if threading.current_thread() is threading.main_thread():

@@ -126,6 +126,18 @@ def gptq(weight: Any, hessian: Any, block: int, *, damp: float = 0.01, lazy: int
     return Quantized(codes=codes, scales=scales.float())
 
 
+def _weighted_groups(weight: Any, importance: Any, block: int) -> tuple[Any, Any]:
+    """weight [N, K] → its groups [N, K/block, block] (float64), and the importance as [1, K/block, block]."""
+    W = weight.detach().double()
+    n, k = W.shape
+    if k % block:
+        raise UserError(f"block size {block} does not divide the input size {k} of a weight.",
+                        hint="Use a quantize.block_size that divides every matmul's input size.")
+    a = importance.detach().double().reshape(1, k // block, block)
+    a = a + 1e-6 * a.mean().clamp(min=1e-30)  # channels never active still count a little
+    return W.reshape(n, k // block, block), a
+
+
 def search_scales(weight: Any, importance: Any, block: int, *, lo: float = 0.7, hi: float = 1.1,
                   steps: int = 41) -> Quantized:
     """Activation-aware RTN: per group, the symmetric int4 scale that minimises the importance-weighted error
@@ -135,21 +147,15 @@ def search_scales(weight: Any, importance: Any, block: int, *, lo: float = 0.7, 
     RTN's."""
     import torch
 
-    W = weight.detach().double()
-    n, k = W.shape
-    if k % block:
-        raise UserError(f"block size {block} does not divide the input size {k} of a weight.",
-                        hint="Use a quantize.block_size that divides every matmul's input size.")
-    g = W.reshape(n, k // block, block)
-    a = importance.detach().double().reshape(1, k // block, block)
-    a = a + 1e-6 * a.mean().clamp(min=1e-30)  # channels never active still count a little
+    g, a = _weighted_groups(weight, importance, block)
+    n, k = weight.shape
     idx = torch.argmax(g.abs(), dim=2, keepdim=True)
     m = torch.gather(g, 2, idx)
     s0 = torch.where(m == 0, torch.ones_like(m), m / -8.0)
-    best_err = torch.full(s0.shape, float("inf"), dtype=W.dtype)
+    best_err = torch.full(s0.shape, float("inf"), dtype=g.dtype)
     best_q = torch.zeros_like(g)
     best_s = s0.clone()
-    for f in torch.linspace(lo, hi, steps, dtype=W.dtype):
+    for f in torch.linspace(lo, hi, steps, dtype=g.dtype):
         q = torch.clamp(torch.round(g / (s0 * f)), -8, 7)
         den = (a * q * q).sum(2, keepdim=True)
         s = torch.where(den > 0, (a * g * q).sum(2, keepdim=True) / den.clamp(min=1e-30), s0 * f)
@@ -170,22 +176,16 @@ def search_scales_asymmetric(weight: Any, importance: Any, block: int, *, lo: fl
     each refined to the weighted least-squares scale of its codes."""
     import torch
 
-    W = weight.detach().double()
-    n, k = W.shape
-    if k % block:
-        raise UserError(f"block size {block} does not divide the input size {k} of a weight.",
-                        hint="Use a quantize.block_size that divides every matmul's input size.")
-    g = W.reshape(n, k // block, block)
-    a = importance.detach().double().reshape(1, k // block, block)
-    a = a + 1e-6 * a.mean().clamp(min=1e-30)
+    g, a = _weighted_groups(weight, importance, block)
+    n, k = weight.shape
     lo_v = g.amin(2, keepdim=True).clamp(max=0)  # the builder's grid always holds 0 exactly
     hi_v = g.amax(2, keepdim=True).clamp(min=0)
     span = hi_v - lo_v
     s0 = torch.where(span == 0, torch.ones_like(span), span / 15.0)
-    best_err = torch.full(s0.shape, float("inf"), dtype=W.dtype)
+    best_err = torch.full(s0.shape, float("inf"), dtype=g.dtype)
     best_q = torch.zeros_like(g)
     best_s, best_z = s0.clone(), torch.zeros_like(s0)
-    for f in torch.linspace(lo, hi, steps, dtype=W.dtype):
+    for f in torch.linspace(lo, hi, steps, dtype=g.dtype):
         sf = s0 * f
         z_mid = torch.round(-lo_v / sf)
         for dz in (-1.0, 0.0, 1.0):
