@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from edgepack.releases import DeployRequest as DeployRequest  # re-exported: the
 from edgepack.releases import DeviceRequest as DeviceRequest
 from edgepack.releases import FleetDeployRequest as FleetDeployRequest
 from edgepack.releases import FleetRequest as FleetRequest
+from edgepack.releases import ansible_role as ansible_role
 from edgepack.releases import deploy as deploy
 from edgepack.releases import device_status as device_status
 from edgepack.releases import fleet_deploy as fleet_deploy
@@ -206,25 +209,39 @@ class InspectResult:
     bundle: Path
     manifest: Manifest
     verified: bool
-    signature: str  # "unsigned", or "signed by key <id> (not checked: pass a key to deploy)"
+    signature: str  # "unsigned", "signed by key <id> (verified against ...)", or "carries a signature ... not verified"
     licenses: dict[str, list[str]]  # license -> the components under it (from the SBOM)
+    signature_key_id: str | None = None  # the key id the signature file names (None: unsigned)
+    signature_verified: bool = False  # checked against a trusted key given to inspect
 
 
-def inspect(bundle: Path, *, verify: bool = True) -> InspectResult:
-    """A bundle folder or its packed archive: the manifest, whether its files verify, its signature."""
+def inspect(bundle: Path, *, verify: bool = True, trusted_keys: tuple[str, ...] = ()) -> InspectResult:
+    """A bundle folder or its packed archive: the manifest, whether its files verify, its signature (checked
+    against `trusted_keys` when given: an unsigned, untrusted or altered bundle is then a SignatureError)."""
     from edgepack.bundle import SIGNATURE
     from edgepack.stages.pack import opened
 
     with opened(bundle) as folder:
         manifest = verify_bundle(folder) if verify else read_manifest(folder)
         sig = folder / SIGNATURE
+        key_id: str | None = None
+        verified = False
         signature = "unsigned"
-        if sig.is_file():
+        if trusted_keys:
+            from edgepack.signing import verify as verify_signature
+
+            info = verify_signature(folder, trusted_keys)
+            key_id, verified = info.key_id, True
+            signature = f"signed by key {key_id} (verified against the trusted key given)"
+        elif sig.is_file():
             from edgepack.signing import signature_key_id
 
-            signature = f"signed by key {signature_key_id(sig)} (checked against a key by deploy --require-signature)"
+            key_id = signature_key_id(sig)
+            signature = (f"carries a signature by key {key_id}, not verified (no trusted key given: "
+                         "pass --trusted-key PUBKEY)")
         licenses = license_summary(folder)
-    return InspectResult(bundle=bundle, manifest=manifest, verified=verify, signature=signature, licenses=licenses)
+    return InspectResult(bundle=bundle, manifest=manifest, verified=verify, signature=signature, licenses=licenses,
+                         signature_key_id=key_id, signature_verified=verified)
 
 
 def cache_ls(kind: str | None = None) -> dict[str, Any]:
@@ -348,13 +365,26 @@ def run(req: RunRequest) -> tuple[int, str]:
         return _run_folder(dataclasses.replace(req, bundle=folder))
 
 
+@contextlib.contextmanager
+def runner_command(bundle: Path, *args: str) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """(command, environment) that run a bundle's run.py, after verify_bundle, with nothing but its listed files:
+    bytecode is neither written into the bundle (-B) nor read from any `__pycache__` there, because the bytecode
+    cache prefix is a fresh, empty, private folder (for the runner's own child processes too), so Python compiles
+    the listed .py files it was given. verify_bundle has already refused caches, links and unlisted files."""
+    py = bundle_python(bundle)
+    with tempfile.TemporaryDirectory(prefix="edgepack-nopyc-") as nopyc:
+        env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": nopyc}
+        yield [py, "-B", "-X", f"pycache_prefix={nopyc}", str(bundle / "run.py"), *args], env
+
+
 def _run_folder(req: RunRequest) -> tuple[int, str]:
     import subprocess
 
-    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--prompt", req.prompt,
-           *runner_flags(("--max-tokens", req.max_tokens), ("--json", req.json_output), ("--raw", req.raw),
-                         ("--system", req.system)), *req.sampling.args(), *req.extra_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    args = ["--prompt", req.prompt, *runner_flags(("--max-tokens", req.max_tokens), ("--json", req.json_output),
+                                                   ("--raw", req.raw), ("--system", req.system)),
+            *req.sampling.args(), *req.extra_args]
+    with runner_command(req.bundle, *args) as (cmd, env):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.splitlines()[-10:]
         said = next((line[len("error: "):] for line in reversed(tail) if line.startswith("error: ")), None)
@@ -376,15 +406,23 @@ class ServeRequest:
 
 
 def serve(req: ServeRequest) -> int:
-    """The bundle's own OpenAI-compatible server (its runner core) on this machine, until it is stopped."""
-    import signal
+    """The bundle's own OpenAI-compatible server (its runner core) on this machine, until it is stopped; a packed
+    archive is unpacked (checked) into a temp dir that lives as long as the server."""
     import subprocess
+
+    from edgepack.stages.pack import opened
+
+    args = ["--serve", req.addr, *runner_flags(("--api-key-file", req.api_key_file),
+                                               ("--insecure-no-auth", req.insecure_no_auth),
+                                               ("--metrics", req.metrics), ("--threads", req.threads or None))]
+    with opened(req.bundle) as folder, runner_command(folder, *args) as (cmd, env):
+        return _serve(subprocess.Popen(cmd, env=env))
+
+
+def _serve(proc: Any) -> int:
+    import signal
     import threading
 
-    cmd = [bundle_python(req.bundle), str(req.bundle / "run.py"), "--serve", req.addr,
-           *runner_flags(("--api-key-file", req.api_key_file), ("--insecure-no-auth", req.insecure_no_auth),
-                         ("--metrics", req.metrics), ("--threads", req.threads or None))]
-    proc = subprocess.Popen(cmd)
     old = None
     if threading.current_thread() is threading.main_thread():
         # `kill`, `docker stop`, a unit's stop: the server stops with edgepack, never left running as an orphan
@@ -462,16 +500,17 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
                                                      req.device.command_timeout, progress)
             runs += remote_runs
     else:
-        bundle = req.bundle or latest_bundle(Path("dist"))
-        manifest = read_manifest(bundle)
-        py = bundle_python(bundle)
-        for i in range(req.reps):
-            progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} here"))
-            proc = subprocess.run([py, str(bundle / "run.py"), *args], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
-                                hint="See stderr_tail.", stderr_tail=proc.stderr.splitlines()[-10:])
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        from edgepack.stages.pack import opened
+
+        with opened(req.bundle or latest_bundle(Path("dist"))) as bundle, runner_command(bundle, *args) as (cmd, env):
+            manifest = read_manifest(bundle)
+            for i in range(req.reps):
+                progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} here"))
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                if proc.returncode != 0:
+                    raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
+                                    hint="See stderr_tail.", stderr_tail=proc.stderr.splitlines()[-10:])
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         where, name = f"this machine ({platform.machine()})", manifest.bundle_id
     for r in runs:
         r.pop("text", None)

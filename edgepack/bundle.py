@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,6 +20,9 @@ SIGNATURE = "edgepack.json.minisig"  # detached minisign signature of the manife
 SCHEMA = "edgepack.bundle/1"
 # Files a device may create inside an installed bundle; they are not part of the manifest.
 LOCAL_ONLY = (".venv", "__pycache__", ".cache")  # made on the device: venv, bytecode, XNNPACK cache
+# What a local folder may hold beside its files: the venv its install.sh made, LiteRT-LM's XNNPACK cache. Never in
+# an archive, never a link; bytecode caches are refused everywhere (runs write none: api.runner_command).
+LOCAL_MADE = (".venv", ".cache")
 NOT_LISTED = (MANIFEST, SIGNATURE)
 # A bundle name becomes a folder, a systemd unit name and a Python string: keep it to these characters.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
@@ -103,7 +108,8 @@ class Manifest:
         files = tuple(FileEntry(str(f["path"]), int(f["bytes"]), str(f["sha256"])) for f in doc.get("files", []))
         for f in files:
             safe_relpath(f.path)
-            if f.path in NOT_LISTED or f.path.split("/")[0] in LOCAL_ONLY:
+            parts = f.path.split("/")
+            if f.path in NOT_LISTED or parts[0] in LOCAL_ONLY or "__pycache__" in parts:
                 raise BundleError(f"{where} lists {f.path!r}, a name edgepack reserves.",
                                   hint="The manifest was tampered with; rebuild the bundle.", file=f.path)
         target, runtime, export = doc.get("target", {}), doc.get("runtime", {}), doc.get("export", {})
@@ -202,24 +208,65 @@ def read_manifest(bundle: Path) -> Manifest:
                           path=path) from exc
 
 
-def verify_bundle(bundle: Path, manifest: Manifest | None = None) -> Manifest:
-    """Every listed file present with its size and sha256, and nothing extra: else a BundleError."""
-    manifest = manifest or read_manifest(bundle)
-    listed = {f.path: f for f in manifest.files}
+def scan(bundle: Path, manifest: Manifest, *, local: bool = True) -> list[str]:
+    """What is on disk that the manifest does not account for, without following a single link: symlinks
+    (files or folders, anywhere), bytecode caches (`__pycache__`, anywhere: Python would load cached bytecode
+    instead of the listed .py), fifos and devices, unlisted files and folders. `local`: a folder on this machine
+    may also hold what its own install.sh and runtime made there (`.venv/`, `.cache/`: real folders, not
+    descended into); an extracted archive may not."""
+    listed = {f.path for f in manifest.files} | set(NOT_LISTED)
+    folders = {str(p) for f in manifest.files for p in PurePosixPath(f.path).parents if str(p) != "."}
     problems: list[str] = []
-    for rel, f in listed.items():
-        p = bundle / safe_relpath(rel)
-        if p.is_symlink() or not p.is_file():
-            problems.append(f"missing {rel}")
-        elif p.stat().st_size != f.bytes or sha256_file(p) != f.sha256:
-            problems.append(f"changed {rel}")
-    extra = [e.path for e in list_files(bundle) if e.path not in listed]
-    problems += [f"unexpected {rel}" for rel in extra]
+
+    def walk(folder: Path, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                rel = prefix + e.name
+                if e.is_symlink():
+                    problems.append(f"symlink {rel} (a bundle holds plain files and folders only)")
+                elif e.name == "__pycache__" or e.name.endswith((".pyc", ".pyo")) and rel not in listed:
+                    problems.append(f"bytecode cache {rel} (Python would run it instead of the listed source)")
+                elif e.is_dir(follow_symlinks=False):
+                    if rel in folders:
+                        walk(Path(e.path), rel + "/")
+                    elif not (local and not prefix and e.name in LOCAL_MADE):
+                        problems.append(f"unexpected folder {rel}/")
+                elif not e.is_file(follow_symlinks=False):
+                    problems.append(f"unexpected {rel} (not a plain file: a fifo, socket or device)")
+                elif rel not in listed:
+                    problems.append(f"unexpected {rel}")
+
+    walk(bundle, "")
+    return problems
+
+
+def verify_bundle(bundle: Path, manifest: Manifest | None = None, *, local: bool = True) -> Manifest:
+    """Every listed file present as a plain file with its size and sha256, and nothing else that could run: no
+    unlisted file or folder, no symlink, no bytecode cache (`scan`); else a BundleError naming each problem."""
+    manifest = manifest or read_manifest(bundle)
+    problems = scan(bundle, manifest, local=local)
+    for f in manifest.files:
+        p = bundle / safe_relpath(f.path)
+        try:
+            st = p.lstat()
+        except OSError:
+            problems.append(f"missing {f.path}")
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            continue  # scan named it
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"missing {f.path} (not a plain file)")
+        elif st.st_size != f.bytes or sha256_file(p) != f.sha256:
+            problems.append(f"changed {f.path}")
     if problems:
+        caches = [p for p in problems if p.startswith("bytecode cache ")]
+        hint = ("Delete the bytecode cache (e.g. `find BUNDLE -name __pycache__ -prune -exec rm -rf {} +`): older "
+                "edgepack versions let a local run write one; nothing runs from it now."
+                if caches and len(caches) == len(problems) else
+                "Rebuild it with `edgepack build`; do not edit a built bundle.")
         raise BundleError(f"bundle {bundle} does not match its manifest: {', '.join(problems[:5])}"
                           + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "") + ".",
-                          hint="Rebuild it with `edgepack build`; do not edit a built bundle.",
-                          path=bundle, problems=problems)
+                          hint=hint, path=bundle, problems=problems)
     return manifest
 
 

@@ -7,8 +7,12 @@ held-out text, the task checks and the golden length. Tolerances are not in it, 
 cached numbers at once, with no re-export and no re-scoring.
 
 Entries are folders published by one rename, so parallel builds never see half an entry: the loser of a race
-keeps its own copy for its build and throws it away. `edgepack cache ls|du|clear` (kinds: exports, gates, and the
-model checkpoints, reference scores and wheels other stages keep here).
+keeps its own copy for its build and throws it away. Each entry records the sha256 of what it holds when it is
+published (every model file of an export, the measurements of a gate) and is checked against them each time it is
+handed out: an entry that does not match (a zeroed file, a disk error, an edit) is discarded and rebuilt, never
+used. A gate's key holds the sha256 of the exported files it measured, so measurements are only ever reused for
+the very bytes they were taken on. `edgepack cache ls|du|clear` (kinds: exports, gates, and the model
+checkpoints, reference scores and wheels other stages keep here).
 """
 
 from __future__ import annotations
@@ -70,10 +74,72 @@ def export_key(source: Any, target: Any) -> dict[str, Any]:
             "tools": installed_versions(*TOOLS)}
 
 
-def gate_key(export: dict[str, Any], target: Any, text_sha256: str, checks_sha256: str | None,
+def gate_key(export: dict[str, Any], model_files: str, target: Any, text_sha256: str, checks_sha256: str | None,
              context: int) -> dict[str, Any]:
-    return {"export": _digest(export), "text": text_sha256, "checks": checks_sha256,
+    """`model_files`: content_digest of the exported files the gate scores (measurements belong to those bytes)."""
+    return {"export": _digest(export), "model_files": model_files, "text": text_sha256, "checks": checks_sha256,
             "golden_tokens": target.quality.golden_tokens, "context": context}
+
+
+def content_digest(hashes: dict[str, str]) -> str:
+    """One digest for a folder's {relative path: sha256}."""
+    return _digest(hashes)
+
+
+def _copy_hashing(src: Path, dst: Path, chunk: int = 1 << 20) -> str:
+    """Copy one file and return the sha256 of the bytes copied: what is checked is what was handed out."""
+    h = hashlib.sha256()
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while block := fin.read(chunk):
+            h.update(block)
+            fout.write(block)
+    shutil.copystat(src, dst)
+    return h.hexdigest()
+
+
+def _copy_tree_hashing(src: Path, dst: Path) -> dict[str, str]:
+    """Copy `src`'s files and folders into `dst` (symlinks refused); {relative path: sha256} of what was copied."""
+    got: dict[str, str] = {}
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src).as_posix()
+        if p.is_symlink():
+            raise OSError(f"{rel} is a symbolic link")
+        if p.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+        else:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            got[rel] = _copy_hashing(p, dst / rel)
+    return got
+
+
+def mismatch(recorded: dict[str, str], got: dict[str, str]) -> str:
+    """'' when `got` is exactly `recorded`, else the first difference in words."""
+    for rel in sorted(set(recorded) | set(got)):
+        if rel not in got:
+            return f"{rel} is missing"
+        if rel not in recorded:
+            return f"{rel} was not in it when it was published"
+        if recorded[rel] != got[rel]:
+            return f"{rel} does not match the sha256 recorded when it was published"
+    return ""
+
+
+def discard(entry: Path) -> None:
+    """Move a bad entry aside and delete it (a build still copying from it keeps its open files)."""
+    trash = entry.parent / f".{entry.name}.{os.getpid()}.{time.monotonic_ns()}.trash"
+    with suppress(OSError):  # another build may have discarded it first
+        os.rename(entry, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookup:
+    """What a cache lookup found: the entry's fields on a hit (None on a miss); `discarded` says why an entry
+    that was there was thrown away instead of used; `content` is the content_digest of a hit's files."""
+
+    data: dict[str, Any] | None
+    discarded: str = ""
+    content: str = ""
 
 
 class Cache:
@@ -84,47 +150,71 @@ class Cache:
         return self.root / kind / _digest(key)
 
     # -- exports ---------------------------------------------------------------------------------------
-    def get_export(self, key: dict[str, Any], into: Path) -> dict[str, Any] | None:
-        """Copy a cached export's model files into `into`; its ExportedModel fields, or None on a miss."""
+    def get_export(self, key: dict[str, Any], into: Path) -> Lookup:
+        """Copy a cached export's model files into `into`, hashing each as it is copied; a hit only when every
+        file is there with the sha256 recorded at publish and nothing else is. Otherwise the entry is discarded,
+        `into` is left as it was, and the Lookup says why."""
         entry = self._dir("exports", key)
         try:
             meta = json.loads((entry / ENTRY).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-        for src in sorted((entry / "model").rglob("*")):
-            dst = into / src.relative_to(entry / "model")
-            if src.is_dir():
-                dst.mkdir(parents=True, exist_ok=True)
-            else:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst)
-        os.utime(entry)  # last used
-        data: dict[str, Any] = meta["exported"]
-        return data
+            return Lookup(None)
+        recorded = meta.get("files") if isinstance(meta, dict) else None
+        if not isinstance(recorded, dict) or not recorded or not isinstance(meta.get("exported"), dict):
+            return self._discard(entry, "it records no sha256 of its files")
+        before = set(into.iterdir())
+        try:
+            why = mismatch(recorded, _copy_tree_hashing(entry / "model", into))
+        except OSError as exc:
+            why = f"it could not be read ({exc})"
+        if why:
+            for p in set(into.iterdir()) - before:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            return self._discard(entry, why)
+        with suppress(OSError):
+            os.utime(entry)  # last used
+        return Lookup(meta["exported"], content=content_digest(recorded))
 
-    def put_export(self, key: dict[str, Any], model_dir: Path, exported: Any, what: str) -> None:
+    def put_export(self, key: dict[str, Any], model_dir: Path, exported: Any, what: str) -> str:
+        """Publish `model_dir` with the sha256 of every file (read once: the bytes hashed are the bytes cached and
+        the bytes the bundle ships); returns their content_digest."""
         from edgepack.output import to_jsonable
 
         fields = {k: v for k, v in to_jsonable(exported).items() if k != "dir"}
         with self._publishing("exports", key) as tmp:
-            shutil.copytree(model_dir, tmp / "model")
-            (tmp / ENTRY).write_text(json.dumps({"what": what, "key": key, "exported": fields,
+            (tmp / "model").mkdir()
+            files = _copy_tree_hashing(model_dir, tmp / "model")
+            (tmp / ENTRY).write_text(json.dumps({"what": what, "key": key, "exported": fields, "files": files,
                                                  "created": int(time.time())}, sort_keys=True), encoding="utf-8")
+        return content_digest(files)
 
     # -- gate results ----------------------------------------------------------------------------------
-    def get_gate(self, key: dict[str, Any]) -> dict[str, Any] | None:
+    def get_gate(self, key: dict[str, Any]) -> Lookup:
+        """The gate's measurements, when their sha256 matches the one recorded at publish (else discarded)."""
+        entry = self._dir("gates", key)
         try:
-            data: dict[str, Any] = json.loads((self._dir("gates", key) / ENTRY).read_text(encoding="utf-8"))
-            return data["report"]
-        except (OSError, ValueError, KeyError):
-            return None
+            data = json.loads((entry / ENTRY).read_text(encoding="utf-8"))
+        except OSError:
+            return Lookup(None)
+        except ValueError:
+            return self._discard(entry, "its entry.json is not JSON")
+        report = data.get("report") if isinstance(data, dict) else None
+        if not isinstance(report, dict) or data.get("report_sha256") != _report_sha(report):
+            return self._discard(entry, "its measurements do not match the sha256 recorded when they were published")
+        return Lookup(report)
 
     def put_gate(self, key: dict[str, Any], report: Any, what: str) -> None:
         from edgepack.output import to_jsonable
 
+        doc = to_jsonable(report)
         with self._publishing("gates", key) as tmp:
-            (tmp / ENTRY).write_text(json.dumps({"what": what, "key": key, "report": to_jsonable(report),
-                                                 "created": int(time.time())}, sort_keys=True), encoding="utf-8")
+            (tmp / ENTRY).write_text(json.dumps({"what": what, "key": key, "report": doc,
+                                                 "report_sha256": _report_sha(doc), "created": int(time.time())},
+                                                sort_keys=True), encoding="utf-8")
+
+    def _discard(self, entry: Path, why: str) -> Lookup:
+        discard(entry)
+        return Lookup(None, discarded=why)
 
     @contextmanager
     def _publishing(self, kind: str, key: dict[str, Any]) -> Iterator[Path]:
@@ -180,6 +270,10 @@ class Cache:
             removed.append(f"{e['kind']}/{e['key']}")
             freed += e["bytes"]
         return removed, freed
+
+
+def _report_sha(report: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
 
 
 def exported_from(fields: dict[str, Any], model_dir: Path) -> Any:

@@ -203,14 +203,18 @@ def targets_show(target: str) -> None:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Do not re-hash the files.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="PUBKEY",
+              help="Verify the signature against this minisign public key (.pub file or RW... base64; repeatable). "
+                   "Without one, a signature is shown but not verified.")
 @_json_option
-def inspect(bundle: Path, no_verify: bool) -> None:
-    """Show a bundle's manifest and check every file against it."""
+def inspect(bundle: Path, no_verify: bool, trusted_keys: tuple[str, ...]) -> None:
+    """Show a bundle's manifest and check every file against it (and its signature against --trusted-key)."""
     from edgepack import api
 
     def go(_o: Output) -> tuple[Any, str]:
-        res = api.inspect(bundle, verify=not no_verify)
+        res = api.inspect(bundle, verify=not no_verify, trusted_keys=trusted_keys)
         return {**res.manifest.doc, "verified": res.verified, "signature": res.signature,
+                "signature_key_id": res.signature_key_id, "signature_verified": res.signature_verified,
                 "licenses": res.licenses}, inspect_summary(res)
 
     _run("inspect", go)

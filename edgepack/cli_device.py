@@ -109,21 +109,28 @@ def _fleet(kw: dict[str, Any], inventory: Path) -> Any:
 @_fleet_options(rollout=True)
 @click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Where to look for the newest bundle when BUNDLE is not given.")
-@click.option("--allow-network", is_flag=True, help="Let the device's pip use a package index if wheels/ does not fit.")
+@click.option("--allow-network", is_flag=True,
+              help="Let the device's pip also take the locked wheels from a package index (same sha256 only).")
 @click.option("--keep", type=int, help="Releases to keep on the device (default: the target's).")
 @click.option("--via", type=click.Choice(["ssh", "adb"]), default="ssh", show_default=True,
               help="ssh: install and smoke-test over SSH. adb: push to an Android phone (no --host needed).")
 @click.option("--serial", help="With --via adb: the device serial (`adb devices`), when several are connected.")
-@click.option("--require-signature", "pubkeys", multiple=True, metavar="PUBKEY",
+@click.option("--require-signature", "pubkeys", multiple=True, metavar="PUBKEY", envvar="EDGEPACK_REQUIRE_SIGNATURE",
               help="Refuse a bundle not signed by this minisign public key (a .pub file or its base64 line); the "
-                   "device records the key and its install step checks the signature again. Repeatable.")
+                   "device records the key and, from then on, refuses anything not signed by a key it trusts, "
+                   "checked by edgepack's device program before any of the bundle's code runs. Repeatable; "
+                   "$EDGEPACK_REQUIRE_SIGNATURE (space-separated) sets it in CI.")
+@click.option("--target", "target", metavar="TARGET",
+              help="This machine's target (an id, or a .toml file) whose [deploy] trusted_keys apply; the bundle "
+                   "must have been built for it. Default: this machine's file for the bundle's target id (shipped, "
+                   "or in $EDGEPACK_TARGET_PATH); a target it cannot find is an error, never 'not required'.")
 @click.option("--serve-addr", default="", help="Where the device's service serves the API (HOST:PORT or unix:PATH; "
                                                 "default: the target's deploy.serve_addr).")
 @_json_option
 def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | None, via: str, serial: str | None,
-           pubkeys: tuple[str, ...], serve_addr: str, inventory: Path | None, **kw: Any) -> None:
+           pubkeys: tuple[str, ...], target: str | None, serve_addr: str, inventory: Path | None, **kw: Any) -> None:
     """Upload BUNDLE to a device, install it offline, smoke-test it, then switch `current` to it; with --inventory,
-    to every host of an Ansible inventory in batches (the bundle's own playbook, through ansible-runner)."""
+    to every host of an Ansible inventory in batches (edgepack's own playbook, through ansible-runner)."""
     from edgepack import api
     from edgepack.errors import UserError
 
@@ -149,7 +156,7 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
         if device is None:
             raise UserError("no device given.", hint="Pass --host.")
         res = api.deploy(api.DeployRequest(device=device, bundle=bundle, dist=dist, allow_network=allow_network,
-                                           keep=keep, via=via, require_signature=pubkeys,
+                                           keep=keep, via=via, require_signature=pubkeys, target=target,
                                            serve_addr=serve_addr), progress=o.progress)
         return res, deploy_summary(res)
 
@@ -200,6 +207,25 @@ def rollback(inventory: Path | None, **kw: Any) -> None:
         return res, f"{res['host']}: current → {res['current']} (was {res['previous']})"
 
     _run("rollback", go)
+
+
+@cli.command("ansible-role")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Write deploy.yml, rollback.yml and roles/edgepack_release/ here (other files are left alone).")
+@click.option("--force", is_flag=True, help="Replace an earlier copy of them.")
+@_json_option
+def ansible_role(out: Path, force: bool) -> None:
+    """Write edgepack's Ansible role and playbooks (the ones `deploy --inventory` runs) for plain ansible-playbook.
+    Bundles carry no playbooks: give the role the bundle with -e edgepack_bundle=BUNDLE."""
+    from edgepack import api
+
+    def go(_o: Output) -> tuple[Any, str]:
+        res = api.ansible_role(out, force)
+        return res, (f"wrote edgepack's Ansible role and playbooks to {out}\n"
+                     f"roll out: ansible-playbook -i INVENTORY {res['deploy']} -e edgepack_bundle=BUNDLE\n"
+                     f"roll back: ansible-playbook -i INVENTORY {res['rollback']}")
+
+    _run("ansible-role", go)
 
 
 @cli.command("bench")

@@ -1,5 +1,6 @@
-"""Fleets: devices from an Ansible inventory (INI or YAML, read by ansible-core itself), and read-only operations on
-all of them at once (`edgepack status --inventory`).
+"""Fleets: devices from an Ansible inventory (INI or YAML, read by ansible-core itself), read-only operations on
+all of them at once (`edgepack status --inventory`), and rollouts with edgepack's own Ansible role and playbooks
+(never a bundle's: a bundle is data, a device's answer is checked against its manifest).
 
 Each host's connection comes from the usual Ansible variables: `ansible_host`, `ansible_port`, `ansible_user`,
 `ansible_ssh_private_key_file`, and `edgepack_install_dir` for where its releases live. Host keys are checked as
@@ -72,7 +73,54 @@ def each_host(hosts: list[FleetHost], fn: Callable[[FleetHost], dict[str, Any]],
         return list(pool.map(one, hosts))
 
 
-# -- rollouts: the bundle's own playbook, driven through ansible-runner -------------------------------------
+# -- edgepack's own role and playbooks ------------------------------------------------------------------------
+
+ROLE_PLAYBOOKS = ("deploy.yml", "rollback.yml")
+ROLE = "roles/edgepack_release"
+
+
+def write_role(out: Path) -> list[str]:
+    """edgepack's Ansible role and playbooks (templates/_shared/ansible, plain files: Ansible templates them itself)
+    with the device helper `edgepack deploy` runs as the role's files/device_helper.py, into `out`: deploy.yml,
+    rollback.yml, roles/edgepack_release/. Rollouts run these, never anything that came inside a bundle."""
+    import os
+    import shutil
+    from importlib import resources
+
+    from edgepack.resources import shipped_dir
+
+    shutil.copytree(shipped_dir("templates") / "_shared" / "ansible", out, dirs_exist_ok=True)
+    files = out / ROLE / "files"
+    files.mkdir(exist_ok=True)
+    (files / "device_helper.py").write_bytes(
+        resources.files("edgepack.remote").joinpath("device_helper.py").read_bytes())
+    written = [out / n for n in ROLE_PLAYBOOKS] + list((out / ROLE).rglob("*"))
+    for p in [out / ROLE, *written]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    return sorted(p.relative_to(out).as_posix() for p in written if p.is_file())
+
+
+def export_role(out: Path, force: bool = False) -> dict[str, Any]:
+    """`edgepack ansible-role --out DIR`: the role and playbooks for plain ansible-playbook. Other files in DIR are
+    left alone; an earlier copy of the role is replaced only with `force`."""
+    import shutil
+
+    from edgepack.fsutil import check_writable_parent
+
+    there = [n for n in (*ROLE_PLAYBOOKS, ROLE) if (out / n).exists() or (out / n).is_symlink()]
+    if there and not force:
+        raise UserError(f"{out} already has {', '.join(there)}.", hint="Pass --force to replace them with this "
+                        "edgepack's copy, or choose another --out.", code="output_exists", path=str(out))
+    check_writable_parent(out)
+    for n in there:
+        p = out / n
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_role(out)
+    return {"out": str(out), "files": files, "deploy": str(out / "deploy.yml"), "rollback": str(out / "rollback.yml")}
+
+
+# -- rollouts: edgepack's own playbooks, driven through ansible-runner ----------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Batches:
@@ -142,9 +190,10 @@ class _Tracker:
     """Turns ansible-runner's events into one row per host, and progress lines."""
 
     def __init__(self, hosts: list[FleetHost], batches: list[list[str]], progress: ProgressFn,
-                 always_sent: tuple[int, int]) -> None:
+                 always_sent: tuple[int, int], files: dict[str, int]) -> None:
         self.progress = progress
         self.always_sent = always_sent  # (files, bytes) sent with every upload: the manifest and its signature
+        self.files = files  # the manifest's path → bytes: what a device's answer is counted against
         self.batch_of = {name: i + 1 for i, batch in enumerate(batches) for name in batch}
         self.batches = batches
         self.rows: dict[str, dict[str, Any]] = {
@@ -174,13 +223,21 @@ class _Tracker:
         step = cmd[2] if len(cmd) > 2 and cmd[:2] == ["python3", "-"] else None
         doc = _last_json(str(res.get("stdout", ""))) if step else None
         if step == "stage" and doc and doc.get("ok"):
-            extra_files, extra_bytes = self.always_sent if doc["staging"] else (0, 0)
-            row.update(uploaded_files=len(doc["missing"]) + extra_files, uploaded_bytes=doc["missing_bytes"] +
-                       extra_bytes, reused_files=doc["reused"], reused_bytes=doc["reused_bytes"],
-                       already_there=doc["present"])
+            try:
+                send = to_send(doc, self.files)
+            except UserError as exc:  # the role refuses it too, before anything is sent
+                row.update(state="failed", error={"code": exc.code, "message": exc.message})
+                self.progress(ProgressEvent("rollout", f"{row['name']}: FAILED {exc.code}: {exc.message}"))
+                return True
+            extra_files, extra_bytes = self.always_sent if doc.get("staging") else (0, 0)
+            reused = doc.get("reused") if isinstance(doc.get("reused"), int) else None  # reported, never used
+            reused_bytes = doc.get("reused_bytes") if isinstance(doc.get("reused_bytes"), int) else None
+            row.update(uploaded_files=len(send) + extra_files, uploaded_bytes=sum(send.values()) + extra_bytes,
+                       reused_files=reused, reused_bytes=reused_bytes,
+                       already_there=doc.get("present") if isinstance(doc.get("present"), str) else None)
             self.progress(ProgressEvent("rollout", f"{row['name']}: {row['uploaded_files']} files "
                                                    f"({row['uploaded_bytes'] / 1e6:.2f} MB) to send, "
-                                                   f"{doc['reused']} linked from releases on the device"))
+                                                   f"{reused} linked from releases on the device"))
         elif step in ("apply", "rollback_now") and doc is not None:
             keep = ("release_folder", "bundle_id", "previous", "current", "switched", "smoke", "service", "pruned",
                     "steps", "install", "verify", "log_tail", "evidence")
@@ -202,6 +259,20 @@ class _Tracker:
         return True
 
 
+def to_send(stage: dict[str, Any], files: dict[str, int]) -> dict[str, int]:
+    """The manifest's files (path → bytes, as the manifest says) that a device's `stage` answer names as missing.
+    The answer is data: a name the manifest does not list is refused (device_answer_invalid), as the role does."""
+    missing = stage.get("missing")
+    asked = [m.get("path") if isinstance(m, dict) else None for m in
+             (missing if isinstance(missing, list) else [missing])]
+    unlisted = [p for p in asked if not isinstance(p, str) or p not in files]
+    if unlisted:
+        raise UserError(f"the device asked for files the manifest does not list: {unlisted[:5]!r:.600}. Nothing was "
+                        "sent.", hint="Check the device: edgepack's own helper only names files of the manifest.",
+                        code="device_answer_invalid", unlisted=unlisted[:20])
+    return {p: files[p] for p in asked if isinstance(p, str)} if stage.get("staging") else {}
+
+
 def _last_json(text: str) -> dict[str, Any] | None:
     import json
 
@@ -215,11 +286,14 @@ def _last_json(text: str) -> dict[str, Any] | None:
     return None
 
 
-def run_playbook(playbook: Path, inventory: Path, *, limit: str | None, forks: int, serial: list[int | str],
+def run_playbook(playbook: str, inventory: Path, *, limit: str | None, forks: int, serial: list[int | str],
                  max_fail: float, extravars: dict[str, Any], ssh: Any, progress: ProgressFn,
-                 always_sent: tuple[int, int] = (0, 0)) -> dict[str, Any]:
-    """Run one of a bundle's playbooks on the inventory with ansible-runner; one row per host in inventory order:
-    state done, failed, unreachable or not_started (the rollout halted before its batch)."""
+                 always_sent: tuple[int, int] = (0, 0), files: dict[str, int] | None = None,
+                 bundle: Path | None = None) -> dict[str, Any]:
+    """Run one of edgepack's own playbooks (deploy.yml, rollback.yml: written from this edgepack into a temporary
+    folder, never a bundle's) on the inventory with ansible-runner; one row per host in inventory order: state done,
+    failed, unreachable or not_started (the rollout halted before its batch). `bundle`: the folder the role reads
+    as data (edgepack_bundle); `files`: its manifest's path → bytes, what the devices' answers are counted against."""
     import os
     import shutil
     import sys
@@ -230,13 +304,19 @@ def run_playbook(playbook: Path, inventory: Path, *, limit: str | None, forks: i
 
     hosts = load_inventory(inventory, limit)
     batches = plan_batches([h.name for h in hosts], serial)
-    track = _Tracker(hosts, batches, progress, always_sent)
+    track = _Tracker(hosts, batches, progress, always_sent, files or {})
     env = ansible_env(ssh)
     if not shutil.which("ansible-playbook"):  # a venv's edgepack run without activating the venv
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if playbook not in ROLE_PLAYBOOKS:
+        raise ValueError(playbook)
     with tempfile.TemporaryDirectory(prefix="edgepack-ansible-") as tmp:
+        write_role(Path(tmp) / "project")
+        if bundle is not None:  # reached through a name of ours: a folder name is never read as a Jinja template
+            os.symlink(bundle.resolve(), Path(tmp) / "bundle")
+            extravars = {**extravars, "edgepack_bundle": str(Path(tmp) / "bundle")}
         runner = ansible_runner.run(
-            private_data_dir=tmp, playbook=str(playbook.resolve()), inventory=str(inventory.resolve()),
+            private_data_dir=tmp, playbook=str(Path(tmp) / "project" / playbook), inventory=str(inventory.resolve()),
             limit=limit, forks=forks, quiet=True, event_handler=track, envvars=env,
             extravars={**extravars, "edgepack_serial": serial, "edgepack_max_fail_percentage": max_fail})
         stdout = runner.stdout.read() if runner.stdout else ""

@@ -204,7 +204,7 @@ def inspect_summary(res: Any) -> str:
         f"runtime  {' '.join(m['runtime']['requirements'])}  ({len(m['runtime']['wheels'])} wheels)",
         f"files    {len(m['files'])}, {total / 1e6:.1f} MB, "
         + ("all match their sha256" if res.verified else "not verified"),
-        f"signed   {res.signature}",
+        f"trust    {res.signature}",
         "licenses " + ("; ".join(f"{lic}: {len(c)}" for lic, c in res.licenses.items()) if res.licenses
                        else "(no sbom.cdx.json: built by an older edgepack)"),
     ])

@@ -6,12 +6,12 @@ side is edgepack/remote (one device) and edgepack/fleet.py (ansible-runner)."""
 from __future__ import annotations
 
 import dataclasses
-import tempfile
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import verify_bundle
+from edgepack.bundle import MANIFEST, Manifest, verify_bundle
 from edgepack.errors import BundleError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
@@ -34,6 +34,26 @@ class DeployRequest:
     via: str = "ssh"  # ssh | adb (push to an Android device; host = adb serial, optional)
     require_signature: tuple[str, ...] = ()  # minisign public keys (files or base64): refuse anything else
     serve_addr: str = ""  # the service's address on the device; "" = the target's deploy.serve_addr
+    target: str | None = None  # this machine's target (id or file) whose [deploy] trusted_keys apply
+
+
+def read_once(bundle: Path) -> tuple[bytes, Manifest]:
+    """The manifest's bytes, read once, and the Manifest they say: the signature is checked over these bytes, the
+    files against this Manifest, and these bytes are what the device receives."""
+    path = bundle / MANIFEST
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{bundle} is not an edgepack bundle (no readable {MANIFEST}).",
+                          hint="Pass a folder made by `edgepack build`.", path=bundle) from exc
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
+        return data, Manifest.from_doc(doc, path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path} is malformed ({type(exc).__name__}: {exc}).", hint="Rebuild the bundle.",
+                          path=path) from exc
 
 
 def latest_bundle(dist: Path) -> Path:
@@ -63,23 +83,26 @@ def deploy(req: DeployRequest, progress: ProgressFn = silent) -> Any:
 def _deploy_folder(req: DeployRequest, bundle: Path, progress: ProgressFn) -> Any:
     from edgepack.remote.deploy import deploy as remote_deploy
     from edgepack.remote.ssh import Connection
+    from edgepack.signing import deploy_policy
 
     progress(ProgressEvent("bundle", f"verifying {bundle} against its manifest"))
-    manifest = verify_bundle(bundle)
-    from edgepack.signing import check_for_deploy
-
-    trusted, signature = check_for_deploy(bundle, manifest, req.require_signature, progress)
+    manifest_bytes, manifest = read_once(bundle)
+    verify_bundle(bundle, manifest)
+    policy = deploy_policy(bundle, manifest_bytes, manifest, req.require_signature, req.target, progress)
+    trusted, signature = policy.keys, policy.signature
     install_dir = req.device.install_dir or manifest.deploy.install_dir
     keep = req.keep or manifest.deploy.keep_releases
     device = dataclasses.replace(req.device, default_port=manifest.deploy.ssh_port)
     if req.via == "adb":
         from edgepack.remote.adb import deploy_adb
 
-        return deploy_adb(bundle, manifest, serial=req.device.host or None, progress=progress)
+        return deploy_adb(bundle, manifest, manifest_bytes, serial=req.device.host or None, trusted=trusted,
+                          signature=signature, progress=progress)
     with Connection(device) as conn:
         return remote_deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=req.allow_network,
                              keep=keep, smoke_tokens=manifest.deploy.smoke_tokens, trusted=trusted,
-                             signature=signature, serve_addr=req.serve_addr, progress=progress)
+                             signature=signature, serve_addr=req.serve_addr, progress=progress,
+                             manifest_bytes=manifest_bytes)
 
 
 def install_dir_of(device: DeviceRequest) -> str:
@@ -137,8 +160,9 @@ class FleetDeployRequest:
 
 
 def fleet_deploy(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict[str, Any]:
-    """The bundle's own playbook (ansible/deploy.yml) on every inventory host through ansible-runner, in
-    batches: canary first, halting as Ansible's max_fail_percentage says. Checked here first as for one device."""
+    """edgepack's own playbook and role (never a bundle's ansible/ folder: the bundle is data, its manifest and the
+    files it lists) on every inventory host through ansible-runner, in batches: canary first, halting as Ansible's
+    max_fail_percentage says. Checked here first as for one device."""
     from edgepack.bundle import MANIFEST, SIGNATURE
     from edgepack.fleet import Batches, check_rollout, run_playbook
     from edgepack.signing import check_for_deploy
@@ -150,10 +174,6 @@ def fleet_deploy(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict
     with opened(given) as bundle:
         manifest = verify_bundle(bundle)
         trusted, signature = check_for_deploy(bundle, manifest, req.require_signature, progress)
-        playbook = bundle / "ansible" / "deploy.yml"
-        if not playbook.is_file():
-            raise BundleError(f"{given} has no ansible/deploy.yml: an edgepack from before fleets built it.",
-                              hint="Rebuild it with this edgepack (the build cache makes that quick).")
         extra: dict[str, Any] = {"edgepack_allow_network": req.allow_network,
                                  "edgepack_trusted_keys": [key for _, key in trusted],
                                  "edgepack_require_signature": bool(trusted)}
@@ -161,27 +181,32 @@ def fleet_deploy(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict
         extra |= {"edgepack_serve_addr": req.serve_addr} if req.serve_addr else {}
         extra |= {"edgepack_default_install_dir": req.fleet.ssh.install_dir} if req.fleet.ssh.install_dir else {}
         sent = [p for p in (bundle / MANIFEST, bundle / SIGNATURE) if p.is_file()]
-        out = run_playbook(playbook, req.fleet.inventory, limit=req.fleet.limit, forks=req.fleet.forks,
+        out = run_playbook("deploy.yml", req.fleet.inventory, limit=req.fleet.limit, forks=req.fleet.forks,
                            serial=serial, max_fail=max_fail, extravars=extra, ssh=req.fleet.ssh, progress=progress,
-                           always_sent=(len(sent), sum(p.stat().st_size for p in sent)))
+                           always_sent=(len(sent), sum(p.stat().st_size for p in sent)), bundle=bundle,
+                           files={f.path: f.bytes for f in manifest.files})
     out = {"inventory": str(req.fleet.inventory), "bundle_id": manifest.bundle_id, "signature": signature} | out
     return check_rollout(out, "rollout")
 
 
 def fleet_rollback(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict[str, Any]:
-    """Every inventory host back to its previous release, in the same batches (edgepack's own copy of the role)."""
-
+    """Every inventory host back to its previous release, in the same batches (edgepack's own role)."""
     from edgepack.fleet import Batches, check_rollout, run_playbook
-    from edgepack.stages.render import ansible_files
 
     batches = req.batches or Batches()
-    with tempfile.TemporaryDirectory(prefix="edgepack-rollback-") as tmp:
-        ansible_files(Path(tmp))
-        out = run_playbook(Path(tmp) / "ansible" / "rollback.yml", req.fleet.inventory, limit=req.fleet.limit,
-                           forks=req.fleet.forks, serial=batches.serial(), max_fail=batches.max_fail_percentage(),
-                           extravars={"edgepack_default_install_dir": req.fleet.ssh.install_dir or "~/edgepack"},
-                           ssh=req.fleet.ssh, progress=progress)
+    out = run_playbook("rollback.yml", req.fleet.inventory, limit=req.fleet.limit, forks=req.fleet.forks,
+                       serial=batches.serial(), max_fail=batches.max_fail_percentage(),
+                       extravars={"edgepack_default_install_dir": req.fleet.ssh.install_dir or "~/edgepack"},
+                       ssh=req.fleet.ssh, progress=progress)
     return check_rollout({"inventory": str(req.fleet.inventory)} | out, "rollback")
+
+
+def ansible_role(out: Path, force: bool = False) -> dict[str, Any]:
+    """edgepack's Ansible role and playbooks written to `out`, for plain ansible-playbook (the ones `deploy
+    --inventory` runs)."""
+    from edgepack.fleet import export_role
+
+    return export_role(out, force)
 
 
 def rollback(device: DeviceRequest) -> dict[str, Any]:

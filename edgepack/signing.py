@@ -211,8 +211,18 @@ def load_public_keys(specs: Sequence[str | Path]) -> list[Any]:
 
 def verify(bundle: Path, trusted: Sequence[str | Path]) -> SignatureInfo:
     """Check `bundle`'s signature against the trusted public keys: signed by one of them, over these exact bytes."""
+    data, _ = _read_manifest_bytes(bundle)
+    return verify_bytes(bundle, data, trusted)
+
+
+def verify_bytes(bundle: Path, data: bytes, trusted: Sequence[str | Path]) -> SignatureInfo:
+    """`verify` of manifest bytes already read (the bytes a deploy then sends, so what is checked is what is sent)."""
     ms = _minisign()
-    data, bundle_id = _read_manifest_bytes(bundle)
+    try:
+        bundle_id = json.loads(data)["bundle_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SignatureError(f"{bundle / MANIFEST} is not a bundle manifest with a bundle_id ({exc}).",
+                             hint="Rebuild the bundle with `edgepack build`.", path=bundle) from exc
     sig_path = bundle / SIGNATURE
     if not sig_path.is_file():
         raise SignatureError(f"bundle {bundle} is not signed (no {SIGNATURE}).", hint=SIGN_HINT, path=bundle)
@@ -248,26 +258,66 @@ def verify(bundle: Path, trusted: Sequence[str | Path]) -> SignatureInfo:
     return SignatureInfo(key_id=sig_id, trusted_comment=sig.trusted_comment, signature_file=str(sig_path))
 
 
-def check_for_deploy(bundle: Path, manifest: Manifest, required: Sequence[str],
-                     progress: ProgressFn = silent) -> tuple[tuple[tuple[str, str], ...], str]:
-    """The keys a deploy trusts: --require-signature, then `[deploy] trusted_keys` of the target file of the same
-    id on this machine (never the bundle's own copy of it: whoever can rewrite a bundle can rewrite that).
-    Verifies the bundle against them before anything connects; returns (key id, base64) pairs for the device,
-    and what was checked."""
-    from edgepack.targets import load_target
+@dataclass(frozen=True)
+class DeployPolicy:
+    """What a deploy requires, decided on the deploying machine, and what was checked against it."""
 
-    specs = list(required)
-    try:
-        local = load_target(manifest.target_id) if manifest.target_id else None
-    except UserError:
-        local = None
+    keys: tuple[tuple[str, str], ...]  # (key id, base64) the device is told to trust and to require
+    signature: str  # "verified (key …)" or "not required (…)": what the result says
+    source: str  # where the policy came from: flags, the named target file, the bundle's target on this machine
+
+
+def deploy_policy(bundle: Path, manifest_bytes: bytes, manifest: Manifest, required: Sequence[str],
+                  target: str | None = None, progress: ProgressFn = silent) -> DeployPolicy:
+    """The keys a deploy requires, from the deploying side only: --require-signature (or $EDGEPACK_REQUIRE_SIGNATURE),
+    and the `[deploy] trusted_keys` of this machine's target file: the one --target names (the bundle must have been
+    built for it), else the file this machine has for the bundle's target id (a shipped target, or one in
+    $EDGEPACK_TARGET_PATH). Never the bundle's own copy of its target: whoever can rewrite a bundle can rewrite that.
+    A policy that cannot be resolved is an error, never "not required". Verifies `manifest_bytes` (the bytes that
+    will be sent) before anything connects."""
+    from edgepack.targets import TARGET_PATH_ENV, TargetProfile, find_target, load_target
+
+    specs: list[str] = list(required)
+    sources = ["--require-signature"] if specs else []
+    local: TargetProfile | None = None
+    if target is not None:
+        local = load_target(target)
+        if manifest.target_id != local.id:
+            raise UserError(f"bundle {bundle.name} was built for target {manifest.target_id!r}, not {local.id!r} "
+                            f"(--target {target}).",
+                            hint="Deploy a bundle built for that target, or name the target it was built for.",
+                            code="target_mismatch", path=bundle, target=local.id, bundle_target=manifest.target_id)
+        sources.append(f"target file {local.source}")
+    else:
+        found = find_target(manifest.target_id) if manifest.target_id else None
+        if found is None and not specs:
+            raise UserError(f"cannot tell whether bundle {bundle.name} must be signed: it was built for target "
+                            f"{manifest.target_id!r}, and this machine has no target file of that id (not shipped, "
+                            f"not in ${TARGET_PATH_ENV}).",
+                            hint=f"Pass --target PATH/TO/{manifest.target_id or 'TARGET'}.toml (its [deploy] "
+                                 f"trusted_keys apply), put its folder in ${TARGET_PATH_ENV}, or pass "
+                                 "--require-signature PUBKEY.",
+                            code="signature_policy_unresolved", path=bundle, target=manifest.target_id)
+        local = load_target(str(found)) if found is not None else None
+        if local is not None:
+            sources.append(f"target file {local.source}")
     if local is not None:
         base = Path(local.source).parent
         specs += [str(base / Path(k).expanduser()) if (base / Path(k).expanduser()).is_file() else k
                   for k in local.deploy.trusted_keys]
+    source = " + ".join(sources)
     if not specs:
-        return (), "not required (no --require-signature, no trusted_keys in the target)"
+        return DeployPolicy((), f"not required ({source} lists no trusted_keys)", source)
     keys = load_public_keys(specs)
-    info = verify(bundle, specs)  # unsigned, wrong key or altered: a SignatureError before connecting
-    progress(ProgressEvent("bundle", f"signature verified: key {info.key_id}"))
-    return tuple((key_id(k), k.to_base64().decode()) for k in keys), f"verified (key {info.key_id})"
+    info = verify_bytes(bundle, manifest_bytes, specs)  # unsigned, wrong key or altered: an error before connecting
+    progress(ProgressEvent("bundle", f"signature verified: key {info.key_id} ({source})"))
+    return DeployPolicy(tuple(sorted({(key_id(k), k.to_base64().decode()) for k in keys})),
+                        f"verified (key {info.key_id})", source)
+
+
+def check_for_deploy(bundle: Path, manifest: Manifest, required: Sequence[str],
+                     progress: ProgressFn = silent) -> tuple[tuple[tuple[str, str], ...], str]:
+    """deploy_policy over the manifest as it is on disk now: (key id, base64) pairs and what was checked."""
+    data, _ = _read_manifest_bytes(bundle)
+    policy = deploy_policy(bundle, data, manifest, required, None, progress)
+    return policy.keys, policy.signature

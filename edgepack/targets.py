@@ -433,6 +433,26 @@ def _shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(shipped_dir("targets").glob("*.toml"))}
 
 
+TARGET_PATH_ENV = "EDGEPACK_TARGET_PATH"  # folders (os.pathsep-separated) of this machine's own target files
+
+
+def find_target(target_id: str) -> Path | None:
+    """This machine's file for a target id: a shipped one, else `<folder>/<id>.toml` in $EDGEPACK_TARGET_PATH.
+    What deploy uses to learn a bundle's signing policy: the deploying machine's copy, never the bundle's."""
+    import os
+
+    shipped = _shipped()
+    if target_id in shipped:
+        return shipped[target_id]
+    if not target_id or "/" in target_id or "\\" in target_id or target_id.startswith("."):
+        return None
+    for folder in filter(None, os.environ.get(TARGET_PATH_ENV, "").split(os.pathsep)):
+        path = Path(folder).expanduser() / f"{target_id}.toml"
+        if path.is_file():
+            return path
+    return None
+
+
 def list_targets() -> list[TargetProfile]:
     return [load_target(str(path)) for path in _shipped().values()]
 

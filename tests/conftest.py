@@ -24,7 +24,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
         os.environ["EDGEPACK_CACHE"] = tempfile.mkdtemp(prefix="edgepack-test-cache-")
         config.stash[_OWN_CACHE] = os.environ["EDGEPACK_CACHE"]
+    # Tests run bundles' scripts directly (smoke_test.py); Python would leave __pycache__/ in the bundle, which
+    # verification refuses (a planted cache would run instead of the listed .py), as it would for a user.
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The test targets are this machine's own target files: deploy learns a bundle's signing policy from them.
+    os.environ.setdefault("EDGEPACK_TARGET_PATH", str(FIXTURES))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

@@ -8,17 +8,28 @@ runs only where a `python3` is on the adb shell's PATH; otherwise the result say
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import json
+import os
 import shlex
 import shutil
+import socket
 import subprocess
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import Manifest
+from edgepack.bundle import MANIFEST, SIGNATURE, Manifest
 from edgepack.errors import RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecorder
 from edgepack.remote.deploy import DeployOutcome
+from edgepack.remote.lock import DeviceLocked, new_op_id
 from edgepack.remote.ssh import CommandResult
 
 ROOT = "/data/local/tmp/edgepack"
@@ -59,10 +70,82 @@ class Adb:
         return self("shell", script, check=check)
 
 
-def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
+LOCK = f"{ROOT}/.lock"  # a folder: mkdir(2) is atomic on every Android filesystem
+LOCK_STALE_S = 120  # a holder that has not touched its lock for this long died (it touches it every 10 s)
+
+
+@contextmanager
+def _locked(adb: Adb, command: str) -> Iterator[str]:
+    """One edgepack operation at a time on the phone, as over SSH: mkdir of the lock folder wins; a lock whose holder
+    stopped touching it long ago is taken over; the loser gets device_locked and nothing is changed."""
+    op = new_op_id()
+    holder = shlex.quote(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+                                     "op": op, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    take = (f"mkdir -p {ROOT} && if mkdir {LOCK} 2>/dev/null; then echo {holder} > {LOCK}/holder; echo @took; "
+            f"elif [ -n \"$(find {LOCK}/holder -mmin -{LOCK_STALE_S // 60} 2>/dev/null)\" ]; then "
+            f"echo @held; cat {LOCK}/holder; else rm -rf {LOCK}.stale && mv {LOCK} {LOCK}.stale 2>/dev/null && "
+            f"mkdir {LOCK} && echo {holder} > {LOCK}/holder && echo @took; fi")
+    out = adb.shell(take, check=False)
+    if "@took" not in out:
+        try:
+            h = json.loads(out.split("@held", 1)[1].strip() or "{}") if "@held" in out else {}
+        except ValueError:
+            h = {}
+        raise DeviceLocked(f"{ROOT} on {adb.serial} is locked by another edgepack operation: `{h.get('command', '?')}`"
+                           f" from {h.get('host', '?')} (pid {h.get('pid', '?')}), since {h.get('since', '?')}. "
+                           "Nothing was changed.",
+                           hint=f"Wait for it to finish and run again (a holder that died frees it after "
+                                f"{LOCK_STALE_S} s).", host=adb.serial, holder=h)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(10.0):
+            with contextlib.suppress(Exception):
+                adb.shell(f"touch {LOCK}/holder", check=False)
+
+    t = threading.Thread(target=beat, name="edgepack-adb-lock", daemon=True)
+    t.start()
+    try:
+        yield op
+    finally:
+        stop.set()
+        t.join(timeout=15)
+        adb.shell(f"grep -q {shlex.quote(op)} {LOCK}/holder 2>/dev/null && rm -rf {LOCK}", check=False)
+
+
+def deploy_adb(bundle: Path, manifest: Manifest, manifest_bytes: bytes, *, serial: str | None,
+               trusted: tuple[tuple[str, str], ...] = (), signature: str = "not required",
                progress: ProgressFn) -> DeployOutcome:
-    stages = StageRecorder(progress)
+    """Under the phone's lock: push only the manifest's files, check every sha256 and that nothing else arrived,
+    check the signature against the keys the phone trusts, smoke-test where it has python3, switch."""
     adb = Adb(serial)
+    with _locked(adb, f"edgepack deploy --via adb {manifest.bundle_id}"):
+        return _deploy_adb(adb, bundle, manifest, manifest_bytes, trusted, signature, progress)
+
+
+def _phone_keys(adb: Adb, trusted: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Record `trusted` on the phone (ROOT/trusted_keys/<id>.pub), then read every key it trusts: {id: base64}."""
+    for kid, key in trusted:
+        if not (kid.isalnum() and key.replace("+", "").replace("/", "").replace("=", "").isalnum()):
+            raise UserError(f"bad trusted key {kid!r}.", hint="Pass a minisign public key.", code="invalid_input")
+        adb.shell(f"mkdir -p {ROOT}/trusted_keys && echo 'untrusted comment: edgepack trusted key {kid}' > "
+                  f"{ROOT}/trusted_keys/{kid}.pub && echo {key} >> {ROOT}/trusted_keys/{kid}.pub")
+    out = adb.shell(f"for f in {ROOT}/trusted_keys/*.pub; do [ -f \"$f\" ] && tail -n 1 \"$f\"; done; true",
+                    check=False)
+    keys = {}
+    for line in out.split():
+        try:
+            raw = base64.b64decode(line, validate=True)
+        except ValueError:
+            continue
+        if len(raw) == 42 and raw[:2] == b"Ed":
+            keys[format(int.from_bytes(raw[2:10], "little"), "X")] = line
+    return keys
+
+
+def _deploy_adb(adb: Adb, bundle: Path, manifest: Manifest, manifest_bytes: bytes,
+                trusted: tuple[tuple[str, str], ...], signature: str, progress: ProgressFn) -> DeployOutcome:
+    stages = StageRecorder(progress)
     bundle_id = manifest.bundle_id  # checked against ID_RE and recomputed from the content on read
     release = f"{ROOT}/releases/{bundle_id}"
     release_staging = f"{release}.partial"
@@ -80,16 +163,44 @@ def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
         info.update(abi=abi)
     files = list(manifest.files)
     total = manifest.bytes
+    with stages.stage("signature", "the keys the phone trusts") as info:
+        keys = _phone_keys(adb, trusted)
+        if keys and not trusted:  # the phone's own policy: a signature by one of its keys, checked here
+            from edgepack.signing import verify_bytes
+
+            signature = f"verified (key {verify_bytes(bundle, manifest_bytes, list(keys.values())).key_id}, a key the "
+            signature += "phone trusts)"
+        info.update(phone_keys=sorted(keys), signature=signature)
     with stages.stage("upload", f"{len(files)} files, {total / 1e6:.1f} MB to {release}") as info:
         adb.shell(f"rm -rf {shlex.quote(release)}.partial && mkdir -p {shlex.quote(release)}.partial")
-        adb("push", f"{bundle}/.", f"{release}.partial")
+        with tempfile.TemporaryDirectory(prefix="edgepack-adb-") as tmp:  # only what the manifest lists is sent
+            stage_dir = Path(tmp) / "release"
+            for f in files:
+                dest = stage_dir / f.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(bundle / f.path, dest)
+                except OSError:
+                    shutil.copyfile(bundle / f.path, dest)
+            (stage_dir / MANIFEST).write_bytes(manifest_bytes)
+            if (bundle / SIGNATURE).is_file():
+                shutil.copyfile(bundle / SIGNATURE, stage_dir / SIGNATURE)
+            adb("push", f"{stage_dir}/.", f"{release}.partial")
         info.update(files=len(files), bytes=total)
-    with stages.stage("verify", "sha256 of every file on the device") as info:
+    with stages.stage("verify", "sha256 of every file on the device, and nothing else") as info:
         paths = " ".join(shlex.quote(f"{release}.partial/{f.path}") for f in files)
-        out = adb.shell(f"sha256sum {paths}")
+        out = adb.shell(f"sha256sum {paths} {shlex.quote(f'{release}.partial/{MANIFEST}')}")
         got = {line.split()[1][len(release) + len(".partial/"):]: line.split()[0]
                for line in out.splitlines() if len(line.split()) == 2}
         bad = [f.path for f in files if got.get(f.path) != f.sha256]
+        if got.get(MANIFEST) != hashlib.sha256(manifest_bytes).hexdigest():
+            bad.append(MANIFEST)
+        present = adb.shell(f"cd {shlex.quote(release)}.partial && find . ! -type d", check=False).split()
+        extra = sorted({p.removeprefix("./") for p in present} - {f.path for f in files} - {MANIFEST, SIGNATURE})
+        if extra:
+            adb.shell(f"rm -rf {shlex.quote(release)}.partial", check=False)
+            raise RemoteError(f"{len(extra)} files the manifest does not list arrived on the device: {extra[:5]}",
+                              hint="Nothing was switched; re-run the deploy.", files=extra, code="upload_mismatch")
         if bad:
             raise RemoteError(f"{len(bad)} files differ on the device after adb push: {bad[:5]}",
                               hint="Re-run the deploy; if it repeats, check the device's storage.", files=bad,
@@ -130,7 +241,7 @@ def deploy_adb(bundle: Path, manifest: Manifest, *, serial: str | None,
                          release_folder=folder, switched=True, previous=previous, smoke=smoke,
                          uploaded_files=len(files),
                          uploaded_bytes=total, skipped_files=0, repaired_files=(), service="none (adb)",
-                         pruned=(), wheels_fetched_for="", wheels_fetched=(), signature="not checked on adb",
+                         pruned=(), wheels_fetched_for="", wheels_fetched=(), signature=signature,
                          stages=tuple(stages.records),
                          commands=tuple(adb.records))
 

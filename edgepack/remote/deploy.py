@@ -108,8 +108,9 @@ class DeployOutcome:
 
 
 def upload(dev: Device, bundle: Path, manifest: Manifest, staging: str, progress: ProgressFn,
-           only: set[str] | None = None) -> tuple[int, int, int]:
-    """Send what is missing or wrong in `staging` (resumable); returns (files sent, bytes sent, files skipped)."""
+           only: set[str] | None = None, manifest_bytes: bytes | None = None) -> tuple[int, int, int]:
+    """Send what is missing or wrong in `staging` (resumable); returns (files sent, bytes sent, files skipped). Each
+    file is read once and hashed as it is sent; the manifest sent is `manifest_bytes`, the bytes that were checked."""
     rel = posixpath.relpath(staging, dev.install_dir)
     have = dev.helper("hashes", rel, what="list uploaded files")
     files = [f for f in manifest.files if only is None or f.path in only]
@@ -131,9 +132,9 @@ def upload(dev: Device, bundle: Path, manifest: Manifest, staging: str, progress
         def cb(done: int, _size: int, base: int = sent, name: str = f.path) -> None:
             progress(ProgressEvent("upload", name, done=base + done, total=total or 1))
 
-        dev.conn.put(bundle / f.path, remote, progress=cb)
+        dev.conn.put(bundle / f.path, remote, progress=cb, sha256=f.sha256)
         sent += f.bytes
-    dev.conn.put(bundle / MANIFEST, posixpath.join(staging, MANIFEST))
+    dev.conn.put(manifest_bytes if manifest_bytes is not None else bundle / MANIFEST, posixpath.join(staging, MANIFEST))
     if (bundle / SIGNATURE).is_file():
         dev.conn.put(bundle / SIGNATURE, posixpath.join(staging, SIGNATURE))
     return len(todo), sent, len(files) - len(todo)
@@ -158,13 +159,16 @@ class _Live:
 
 def deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,
            keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...] = (), signature: str = "not checked",
-           serve_addr: str = "", progress: ProgressFn = silent) -> DeployOutcome:
-    """`trusted`: (key id, base64 key) pairs the device's install step must find a signature by."""
+           serve_addr: str = "", progress: ProgressFn = silent, manifest_bytes: bytes | None = None) -> DeployOutcome:
+    """`trusted`: (key id, base64 key) pairs the device must find a signature by (it checks with its own code before
+    install.sh runs). `manifest_bytes`: the exact manifest that was checked here (default: read it now)."""
     live = _Live(conn.hostname)
+    if manifest_bytes is None:
+        manifest_bytes = (bundle / MANIFEST).read_bytes()
     try:
         return _deploy(conn, bundle, manifest, install_dir=install_dir, allow_network=allow_network, keep=keep,
                        smoke_tokens=smoke_tokens, trusted=trusted, signature=signature, serve_addr=serve_addr,
-                       progress=progress, live=live)
+                       progress=progress, live=live, manifest_bytes=manifest_bytes)
     except KeyboardInterrupt:
         raise lock.Interrupted(f"interrupted. {live.sentence()}", hint="Run the same command again.",
                                host=conn.hostname) from None
@@ -179,15 +183,15 @@ def deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: s
 
 def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,
             keep: int, smoke_tokens: int, trusted: tuple[tuple[str, str], ...], signature: str, serve_addr: str,
-            progress: ProgressFn, live: _Live) -> DeployOutcome:
+            progress: ProgressFn, live: _Live, manifest_bytes: bytes) -> DeployOutcome:
     t = StageRecorder(progress)
     dev = Device(conn, install_dir)
     bundle_id = manifest.bundle_id
     with t.stage("preflight", f"checking {conn.hostname} against {manifest.name}") as d:
         facts = dev.facts(manifest.execution_provider)
         problems = preflight.check(manifest, facts)
-        refetch = any(p.check == "python" for p in problems) and not allow_network and bool(facts.get("glibc"))
-        if allow_network or refetch:  # install.sh may use the index, or we bring wheels for this Python
+        refetch = any(p.check == "python" for p in problems) and bool(facts.get("glibc"))
+        if refetch:  # we bring wheels for this Python, hashed here and pinned in their lock (--allow-network keeps pins)
             problems = [p for p in problems if p.check != "python"]
         d.update(facts=facts, problems=[p.__dict__ for p in problems])
         preflight.enforce(problems, conn.hostname)
@@ -207,6 +211,8 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
             dev.helper("trust", key_id, key_b64, what="record a trusted signing key")
         found = dev.helper("locate", bundle_id, what="look for this release on the device")
         reuse = next((f for f in found["folders"] if f["ok"] and (f["installed"] or not f["in_use"])), None)
+        if reuse is not None:  # the device's own check (files, id, signature by a key it trusts) comes first
+            admit(dev, f"releases/{reuse['folder']}", bundle_id, require=bool(trusted))
         if reuse is not None and reuse["in_use"]:
             # A live copy is never rewritten: only check that its runtime is whole, else send a fresh copy.
             res = _install(conn, dev, dev.path("releases", reuse["folder"]), allow_network, wheels_dir, trusted,
@@ -226,7 +232,8 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
         else:
             staging = dev.path("releases", bundle_id + ".partial")
             with t.stage("upload", f"to {staging}") as d:
-                sent, sent_bytes, skipped = upload(dev, bundle, manifest, staging, progress)
+                sent, sent_bytes, skipped = upload(dev, bundle, manifest, staging, progress,
+                                                   manifest_bytes=manifest_bytes)
                 d.update(files=sent, bytes=sent_bytes, skipped=skipped)
             with t.stage("verify", "sha256 of every file on the device") as d:
                 rel = posixpath.relpath(staging, dev.install_dir)
@@ -239,7 +246,7 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
                                                      f"{', '.join(repaired[:3])}"))
                     if check["extra"]:
                         dev.helper("remove_extra", rel, *check["extra"], what="remove unexpected files")
-                    upload(dev, bundle, manifest, staging, progress, only=bad)
+                    upload(dev, bundle, manifest, staging, progress, only=bad, manifest_bytes=manifest_bytes)
                     check = dev.helper("verify", rel, what="verify the upload")
                 d.update(repaired=repaired)
                 if not check["ok"]:
@@ -250,13 +257,20 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
                                       code="upload_mismatch")
                 pub = dev.helper("publish", bundle_id, what="publish the release folder")
                 if not pub.get("ok"):
+                    refused = "signature_invalid" if pub.get("code") == "signature_invalid" else "device_refused"
                     raise RemoteError(f"could not publish the release on {conn.hostname}: {pub.get('error')}.",
                                       hint="Run the same command again.", host=conn.hostname, publish=pub,
-                                      code="device_refused")
+                                      code=refused)
+                if pub.get("bundle_id") != bundle_id:
+                    raise RemoteError(f"{conn.hostname} published {pub.get('bundle_id')!r}, not {bundle_id}.",
+                                      hint="The device answered something other than what was sent; nothing was "
+                                           "installed.", host=conn.hostname, publish=pub, code="device_refused")
                 folder = pub["folder"]
                 d.update(folder=folder)
         release = dev.path("releases", folder)
-        with t.stage("install", "install.sh (offline, hash-pinned wheels, signature check)") as d:
+        with t.stage("install", "install.sh (offline, hash-pinned wheels), after the device's own check") as d:
+            admitted = admit(dev, f"releases/{folder}", bundle_id, require=bool(trusted))
+            d.update(signed=admitted.get("signed"), key_id=admitted.get("key_id"))
             res = _install(conn, dev, release, allow_network, wheels_dir, trusted,
                            check_only=reuse is not None and reuse["in_use"])
             d.update(exit_code=res.exit_code, killed=res.killed)
@@ -296,6 +310,26 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
                          repaired_files=tuple(repaired), service=service, pruned=tuple(pr.get("removed", [])),
                          wheels_fetched_for=facts["python"] if wheels_dir else "", wheels_fetched=tuple(fetched),
                          signature=signature, stages=tuple(t.records), commands=tuple(conn.records))
+
+
+def admit(dev: Device, rel: str, bundle_id: str, *, require: bool) -> dict[str, Any]:
+    """The device's own check of a release folder before any of its code runs: every file against the manifest, the
+    id its content gives, and a signature by a key the device trusts (when it trusts any, or `require`). The id the
+    device confirms must be the one checked here."""
+    res = dev.helper("admit", rel, "yes" if require else "no", what="check the release on the device")
+    if not res.get("ok"):
+        if res.get("code") == "signature_invalid":
+            raise RemoteError(f"{dev.conn.hostname} refused {rel}: {res.get('error')}.",
+                              hint="Sign the bundle with a key the device trusts (`edgepack sign BUNDLE --key KEY`).",
+                              host=dev.conn.hostname, verify=res, code="signature_invalid")
+        raise RemoteError(f"{dev.conn.hostname} refused {rel}: {res.get('error') or 'it does not match its manifest'}.",
+                          hint="Run the same command again: the upload resumes with what is missing or wrong.",
+                          host=dev.conn.hostname, verify=res, code="upload_mismatch")
+    if res.get("bundle_id") != bundle_id:
+        raise RemoteError(f"{dev.conn.hostname} holds {res.get('bundle_id')!r} in {rel}, not {bundle_id}.",
+                          hint="The device answered something other than what was sent; nothing was installed.",
+                          host=dev.conn.hostname, verify=res, code="device_refused")
+    return res
 
 
 def _install(conn: Connection, dev: Device, release: str, allow_network: bool, wheels_dir: str,

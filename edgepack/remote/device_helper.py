@@ -81,6 +81,184 @@ def _derive_id(manifest):
     return "%s-%s" % (manifest.get("name", ""), hashlib.sha256(body).hexdigest()[:12])
 
 
+# -- signatures: checked here, by code that was on this side before the release arrived ------------------
+# minisign's format (https://jedisct1.github.io/minisign/): a public key is base64("Ed" || key number[8] || key[32]);
+# a signature file is an untrusted comment, base64(algorithm[2] || key number[8] || signature[64]), a trusted
+# comment and base64(global signature[64]). "Ed" signs the message, "ED" its BLAKE2b-512; the global signature signs
+# the signature followed by the trusted comment. Ed25519 (RFC 8032) is verified below in plain Python integers: no
+# wheel, no library of the release's, is imported to decide whether the release may run.
+
+TRUSTED_KEYS = "trusted_keys"
+_P = 2 ** 255 - 19
+_L = 2 ** 252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _ed_add(a, b):
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    aa = (y1 - x1) * (y2 - x2) % _P
+    bb = (y1 + x1) * (y2 + x2) % _P
+    cc = 2 * _D * t1 * t2 % _P
+    dd = 2 * z1 * z2 % _P
+    e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _ed_mul(k, point):
+    out = (0, 1, 1, 0)
+    while k:
+        if k & 1:
+            out = _ed_add(out, point)
+        point = _ed_add(point, point)
+        k >>= 1
+    return out
+
+
+def _ed_decode(raw):
+    """A point from its 32-byte encoding, or None when the bytes encode none."""
+    if len(raw) != 32:
+        return None
+    y = int.from_bytes(raw, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    if y >= _P:
+        return None
+    xx = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    x = pow(xx, (_P + 3) // 8, _P)
+    if (x * x - xx) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - xx) % _P or (x == 0 and sign):
+        return None
+    if x & 1 != sign:
+        x = _P - x
+    return x, y, 1, x * y % _P
+
+
+def _ed_same(a, b):
+    return (a[0] * b[2] - b[0] * a[2]) % _P == 0 and (a[1] * b[2] - b[1] * a[2]) % _P == 0
+
+
+_ED_BASE = _ed_decode(bytes.fromhex("5866666666666666666666666666666666666666666666666666666666666666"))
+
+
+def ed25519_verify(public_key, message, signature):
+    """RFC 8032 Ed25519 verification: [s]B == R + [SHA-512(R || A || M)]A, with s < L."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    a, r = _ed_decode(public_key), _ed_decode(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if a is None or r is None or s >= _L:
+        return False
+    h = int.from_bytes(hashlib.sha512(signature[:32] + public_key + message).digest(), "little") % _L
+    return _ed_same(_ed_mul(s, _ED_BASE), _ed_add(r, _ed_mul(h, a)))
+
+
+def _key_number(raw):
+    return format(int.from_bytes(raw, "little"), "X")  # as minisign prints it
+
+
+def minisign_public_key(text):
+    """(key id, 32-byte key) from a .pub file's text or its bare base64 line; Refused when it is not one."""
+    import base64
+    import binascii
+
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    try:
+        raw = base64.b64decode(line, validate=True)
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != 42 or raw[:2] != b"Ed":
+        raise Refused("%r is not a minisign public key (base64 \"RW...\", 56 characters)" % (line[:60],))
+    return _key_number(raw[2:10]), raw[10:]
+
+
+def trusted_keys(root):
+    """{key id: key} of the install dir's trusted_keys/*.pub (edgepack trust, or put there by the device's owner)."""
+    folder = os.path.join(root, TRUSTED_KEYS)
+    keys = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".pub"):
+            with open(os.path.join(folder, name)) as fh:
+                kid, key = minisign_public_key(fh.read())
+            keys[kid] = key
+    return keys
+
+
+def signature_check(directory, keys, bundle_id):
+    """Whether directory's edgepack.json is signed by one of `keys` over its exact bytes, naming `bundle_id`:
+    {"signed": bool, "key_id": str|None, "error": str|None}. Sizes are bounded before anything is read whole."""
+    import base64
+    import binascii
+
+    manifest_path, sig_path = os.path.join(directory, MANIFEST), os.path.join(directory, SIGNATURE)
+    if os.path.islink(sig_path) or not os.path.isfile(sig_path):
+        return {"signed": False, "key_id": None, "error": "the release is not signed (no %s)" % SIGNATURE}
+    if os.path.getsize(sig_path) > 4096 or os.path.islink(manifest_path):
+        return {"signed": False, "key_id": None, "error": "%s is not a minisign signature" % SIGNATURE}
+    with open(sig_path, "rb") as fh:
+        lines = fh.read().splitlines()
+    with open(manifest_path, "rb") as fh:
+        data = fh.read()
+    try:
+        sig = base64.b64decode(lines[1].strip(), validate=True)
+        comment_line = lines[2].decode("utf-8")
+        global_sig = base64.b64decode(lines[3].strip(), validate=True)
+    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError):
+        sig, comment_line, global_sig = b"", "", b""
+    prefix = "trusted comment: "
+    if len(sig) != 74 or sig[:2] not in (b"Ed", b"ED") or not comment_line.startswith(prefix) or len(global_sig) != 64:
+        return {"signed": False, "key_id": None, "error": "%s is not a minisign signature" % SIGNATURE}
+    kid = _key_number(sig[2:10])
+    if kid not in keys:
+        return {"signed": False, "key_id": kid, "error": "the release is signed by key %s, which this device does not "
+                "trust (trusted: %s)" % (kid, ", ".join(sorted(keys)) or "none")}
+    signed = hashlib.blake2b(data).digest() if sig[:2] == b"ED" else data
+    comment = comment_line[len(prefix):]
+    if not (ed25519_verify(keys[kid], signed, sig[10:])
+            and ed25519_verify(keys[kid], sig[10:] + comment.encode("utf-8"), global_sig)):
+        return {"signed": False, "key_id": kid, "error": "the signature does not match %s (key %s): the manifest or "
+                "the signature was changed after signing" % (MANIFEST, kid)}
+    expected = "edgepack bundle %s sha256:%s" % (bundle_id, hashlib.sha256(data).hexdigest())
+    if comment != expected:
+        return {"signed": False, "key_id": kid, "error": "the signature is valid but names another bundle (%r, "
+                "expected %r)" % (comment[:200], expected)}
+    return {"signed": True, "key_id": kid, "error": None}
+
+
+def _admit(root, directory, require=False):
+    """May this release folder be installed and run here? Every file against its manifest (nothing unlisted), the
+    id its content gives, and, when the device trusts keys (or the deploying side requires it), a signature by one
+    of them. Checked by this program before install.sh, before any wheel, and again at every switch."""
+    check = _verify_dir(directory)
+    keys = trusted_keys(root)
+    out = dict(check, signed=False, key_id=None, signature_required=bool(keys) or bool(require))
+    if not check["ok"]:
+        return out
+    if out["signature_required"]:
+        if not keys:
+            return dict(out, ok=False, code="signature_invalid", error="a signature is required but this device "
+                        "trusts no key (%s/ is empty): pass the signer's key with --require-signature" % TRUSTED_KEYS)
+        sig = signature_check(directory, keys, check["bundle_id"])
+        out.update(signed=sig["signed"], key_id=sig["key_id"])
+        if not sig["signed"]:
+            return dict(out, ok=False, code="signature_invalid", error=sig["error"])
+    elif os.path.isfile(os.path.join(directory, SIGNATURE)):
+        out["signature"] = "present, not checked (this device trusts no key)"
+    return out
+
+
+def admit(install_dir, rel, require="no"):
+    """_admit for releases/<folder> (what `edgepack deploy` asks before it runs install.sh)."""
+    root = _root(install_dir)
+    rel = str(rel)
+    if not rel.startswith("releases/"):
+        raise Refused("not a release folder: %r" % (rel,))
+    _folder(rel[len("releases/"):]) if not rel.endswith(".partial") else _bundle_id(rel[len("releases/"):-8])
+    return _admit(root, _inside(root, rel), require == "yes")
+
+
 # -- facts -----------------------------------------------------------------------------------------------
 
 def _existing_parent(path):
@@ -242,26 +420,77 @@ def _require_lock(root, op):
         raise Refused("operation %s does not hold the lock of %s" % (op, root))
 
 
+OP_ENV = "EDGEPACK_OP"  # every process an operation starts carries it: how a leftover is told from a stranger
+
+
+def _proc_start(pid):
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None when there is none."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _proc_marked(pid, op):
+    """True when the process was started by operation `op` (its environment carries EDGEPACK_OP=op)."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as fh:
+            return ("%s=%s" % (OP_ENV, op)).encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _group_members(pgid):
+    out = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                        out.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _ours(op, pgid, start):
+    """The pids of group `pgid` that operation `op` started and that still run: all of the group while its leader is
+    the process recorded (same pid, same start time); else only members that carry the operation's mark. A pid a
+    stranger now has is never signalled."""
+    leader = _proc_start(pgid)
+    if leader is not None and start is not None and leader == start:
+        return [pgid] + [p for p in _group_members(pgid) if p != pgid]
+    return [p for p in _group_members(pgid) if p != pgid and _proc_marked(p, op)]
+
+
+def _record_pid(root, op, pid):
+    with open(_pids_path(root, op), "a") as fh:
+        fh.write("%d %s\n" % (pid, _proc_start(pid) or "?"))
+
+
 def _kill_groups(root, op):
-    """End every process group an operation started (install.sh, the smoke test) that is still running."""
+    """End every process an operation started (install.sh, the smoke test, a command over SSH) that still runs: only
+    processes whose identity matches the record (see _ours), so a pid reused since is left alone."""
     path = _pids_path(root, op)
     try:
         with open(path) as fh:
-            pgids = [int(x) for x in fh.read().split() if x.isdigit()]
+            records = [line.split() for line in fh if line.split() and line.split()[0].isdigit()]
     except OSError:
         return []
     killed = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in pgids:
+        targets = sorted({p for rec in records for p in _ours(op, int(rec[0]), rec[1] if len(rec) > 1 else None)})
+        for pid in targets:
             try:
-                os.killpg(pgid, sig)
+                os.kill(pid, sig)
                 if sig == signal.SIGTERM:
-                    killed.append(pgid)
+                    killed.append(pid)
             except OSError:
                 pass
         if sig == signal.SIGTERM and killed:
             deadline = time.time() + 5
-            while time.time() < deadline and any(_alive(p) for p in pgids):
+            while time.time() < deadline and any(_proc_start(p) is not None for p in killed):
                 time.sleep(0.1)
     if os.path.exists(path):
         os.remove(path)
@@ -354,6 +583,9 @@ def _hashes(directory):
     if os.path.isdir(directory):
         for root, dirs, files in os.walk(directory):
             dirs[:] = [d for d in dirs if not (root == directory and d in LOCAL_ONLY)]
+            for name in [d for d in dirs if os.path.islink(os.path.join(root, d))]:  # never followed: an entry
+                dirs.remove(name)
+                files.append(name)
             for name in files:
                 p = os.path.join(root, name)
                 rel = os.path.relpath(p, directory).replace(os.sep, "/")
@@ -545,9 +777,10 @@ def publish(install_dir, op, bundle_id):
     _bundle_id(bundle_id)
     rels = _releases_dir(root)
     staging = _inside(root, "releases", bundle_id + ".partial")
-    check = _verify_dir(staging)
+    check = _admit(root, staging)
     if not check["ok"]:
-        return {"ok": False, "error": "the staging folder does not verify", "verify": check}
+        return {"ok": False, "code": check.get("code", "upload_mismatch"),
+                "error": check.get("error") or "the staging folder does not verify", "verify": check}
     _fsync_tree(staging)
     pointed = _pointers(root)
     folder = bundle_id
@@ -562,7 +795,8 @@ def publish(install_dir, op, bundle_id):
         folder = "%s.%d" % (bundle_id, n)
     os.rename(staging, os.path.join(rels, _folder(folder)))
     _fsync_dir(rels)
-    return {"ok": True, "folder": folder, "replaced_unused": folder == bundle_id and n > 1}
+    return {"ok": True, "folder": folder, "replaced_unused": folder == bundle_id and n > 1,
+            "bundle_id": check["bundle_id"], "signed": check["signed"], "key_id": check["key_id"]}
 
 
 def switch(install_dir, op, folder):
@@ -571,10 +805,12 @@ def switch(install_dir, op, folder):
     _folder(folder)
     target = os.path.join("releases", folder)
     _inside(root, "releases", folder)
-    check = _verify_dir(os.path.join(root, target))
+    check = _admit(root, os.path.join(root, target))
     if not check["ok"] or not check["installed"]:
-        return {"ok": False, "error": "release %s is not complete, verified and installed" % folder,
-                "verify": check}
+        return {"ok": False, "code": check.get("code"), "verify": check,
+                "error": "release %s is not complete, verified%s and installed%s"
+                % (folder, ", signed by a trusted key" if check["signature_required"] else "",
+                   ": " + check["error"] if check.get("error") else "")}
     previous = _current(root)
     tmp = os.path.join(root, ".current." + op + ".tmp")
     if os.path.lexists(tmp):
@@ -713,14 +949,19 @@ def unit_scope(root):
 # -- the service without systemd: a supervised process with a pid file ----------------------------------
 
 def _service_pid(root):
+    """The supervisor's pid when the process of that pid is the one recorded (same start time), else None: after a
+    crash or a reboot the pid may be a stranger's, and a stranger is never signalled."""
     try:
         with open(os.path.join(root, "service.pid")) as fh:
-            pid = int(fh.read().split()[0])
-        os.kill(pid, 0)
+            record = fh.read().split()
+        pid = int(record[0])
         with open("/proc/%d/stat" % pid) as fh:  # a zombie nobody reaped is not a running service
             if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
                 return None
-        return pid
+        if len(record) > 2:
+            return pid if _proc_start(pid) == record[2] else None
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:  # a pid file from before start times were recorded
+            return pid if b"python" in fh.read() else None
     except (OSError, ValueError, IndexError):
         return None
 
@@ -766,7 +1007,7 @@ def service_start(install_dir, op, addr):
             os._exit(0)
     log.close()
     with open(os.path.join(root, "service.pid.tmp"), "w") as fh:
-        fh.write("%d %s\n" % (pid, addr))
+        fh.write("%d %s %s\n" % (pid, addr, _proc_start(pid) or "?"))
     os.replace(os.path.join(root, "service.pid.tmp"), os.path.join(root, "service.pid"))
     return {"ok": True, "pid": pid, "addr": addr}
 
@@ -927,7 +1168,10 @@ def trust(install_dir, op, name, key_b64):
     _require_lock(root, op)
     if not re.match(r"^[A-Za-z0-9]{1,40}$", name) or not re.match(r"^[A-Za-z0-9+/=]{40,80}$", key_b64):
         raise Refused("bad trusted key %r" % (name,))
-    d = os.path.join(root, "trusted_keys")
+    kid, _ = minisign_public_key(key_b64)
+    if kid != name:
+        raise Refused("trusted key %r is key %s" % (name, kid))
+    d = os.path.join(root, TRUSTED_KEYS)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, name + ".pub")
     text = "untrusted comment: edgepack trusted key %s\n%s\n" % (name, key_b64)
@@ -1059,9 +1303,8 @@ def _run_step(root, op, argv, env, timeout):
 
     t0 = time.time()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, **env), start_new_session=True)
-    with open(_pids_path(root, op), "a") as fh:
-        fh.write("%d\n" % proc.pid)
+                            env=dict(os.environ, **dict(env, **{OP_ENV: op})), start_new_session=True)
+    _record_pid(root, op, proc.pid)
     killed = False
     try:
         out, err = proc.communicate(timeout=float(timeout))
@@ -1145,28 +1388,17 @@ def _service(root, op, spec, live):
 
 def _apply(root, op, bundle_id, spec, live, steps):
     for key_b64 in spec.get("trusted", []):  # minisign public keys ("RW..."); the id is minisign's key number
-        import base64
-
         try:
-            raw = base64.b64decode(key_b64, validate=True)
-        except ValueError:
-            raw = b""
-        if len(raw) != 42 or raw[:2] != b"Ed":
-            raise Failed("invalid_input", "%r is not a minisign public key (base64 \"RW...\", 56 characters)"
-                         % (key_b64[:60],))
-        trust(root, op, format(int.from_bytes(raw[2:10], "little"), "X"), key_b64)
-    env = {"EDGEPACK_TRUSTED_KEYS": os.path.join(root, "trusted_keys")}
-    if spec.get("require_signature") or spec.get("trusted"):
+            kid, _ = minisign_public_key(str(key_b64))
+        except Refused as exc:
+            raise Failed("invalid_input", str(exc)) from None
+        trust(root, op, kid, key_b64)
+    require = bool(spec.get("require_signature") or spec.get("trusted"))
+    env = {"EDGEPACK_TRUSTED_KEYS": os.path.join(root, TRUSTED_KEYS)}
+    if require or trusted_keys(root):
         env["EDGEPACK_REQUIRE_SIGNATURE"] = "1"
     usable = _usable(root, bundle_id)
-    check_only = bool(usable and usable["in_use"])
-    if check_only:  # a live copy is never rewritten: only check that its runtime is whole
-        release = os.path.join(_releases_dir(root), usable["folder"])
-        res = _run_step(root, op, ["sh", os.path.join(release, "install.sh")],
-                        dict(env, EDGEPACK_VENV=os.path.join(release, ".venv"), EDGEPACK_CHECK_ONLY="1"), 900)
-        if res["exit_code"] != 0:
-            raise Failed("install_failed", "the live copy releases/%s has no working runtime (exit %s) and no fresh "
-                         "copy was uploaded" % (usable["folder"], res["exit_code"]), install=res)
+    check_only = bool(usable and usable["in_use"])  # a live copy is never rewritten: only check its runtime
     if usable is not None:
         folder = usable["folder"]
         steps.append({"name": "verify", "reused": folder})
@@ -1181,9 +1413,24 @@ def _apply(root, op, bundle_id, spec, live, steps):
             raise Failed("upload_mismatch", "the upload does not match the manifest: missing %s, changed %s%s"
                          % (check["missing"][:3], check["changed"][:3],
                             ", " + check["error"] if check.get("error") else ""), verify=check)
+        folder = None
+    # The signature (and every file, again) is checked by this program before any of the release's code runs.
+    release = os.path.join(_releases_dir(root), folder) if folder else _inside(root, "releases",
+                                                                               bundle_id + ".partial")
+    admitted = _admit(root, release, require)
+    steps.append({"name": "signature", "required": admitted["signature_required"], "signed": admitted["signed"],
+                  "key_id": admitted["key_id"]})
+    if not admitted["ok"]:
+        raise Failed(admitted.get("code") or "upload_mismatch", "the device refused the release: %s"
+                     % admitted.get("error"), verify=admitted)
+    if admitted["bundle_id"] != bundle_id:
+        raise Failed("upload_mismatch", "the release on the device is %s, not the %s that was asked for"
+                     % (admitted["bundle_id"], bundle_id))
+    if folder is None:
         pub = publish(root, op, bundle_id)
         if not pub.get("ok"):
-            raise Failed("device_refused", "could not publish the release: %s" % pub.get("error"), publish=pub)
+            raise Failed(pub.get("code") or "device_refused", "could not publish the release: %s" % pub.get("error"),
+                         publish=pub)
         folder = pub["folder"]
     release = os.path.join(_releases_dir(root), folder)
     argv = ["sh", os.path.join(release, "install.sh")] + (["--allow-network"] if spec.get("allow_network") else [])
@@ -1191,6 +1438,9 @@ def _apply(root, op, bundle_id, spec, live, steps):
                                          **({"EDGEPACK_CHECK_ONLY": "1"} if check_only else {})), 900)
     steps.append({"name": "install", "exit_code": res["exit_code"], "seconds": res["seconds"]})
     if res["exit_code"] != 0:
+        if check_only:
+            raise Failed("install_failed", "the live copy releases/%s has no working runtime (exit %s) and no fresh "
+                         "copy was uploaded" % (folder, res["exit_code"]), install=res)
         raise Failed("signature_invalid" if res["exit_code"] == 7 else "install_failed",
                      "install.sh failed (exit %s%s)" % (res["exit_code"], ": " + INSTALL_WHY[res["exit_code"]]
                                                         if res["exit_code"] in INSTALL_WHY else ""), install=res)
@@ -1254,7 +1504,8 @@ def rollback_now(install_dir, holder_json='{"command": "rollback"}'):
     return dict(res, code=None if res.get("ok") else "rollback_unavailable", install_dir=root)
 
 
-COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "mkdirs": mkdirs, "reuse": reuse, "verify": verify,
+COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "admit": admit, "mkdirs": mkdirs, "reuse": reuse,
+            "verify": verify,
             "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
             "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust,
             "service_start": service_start, "service_stop": service_stop, "service_check": service_check,

@@ -59,7 +59,8 @@ def check(manifest: Manifest, facts: dict[str, Any]) -> list[Problem]:
     py_major_minor = ".".join(facts["python"].split(".")[:2])
     if wheels and py_major_minor != manifest.python:
         problems.append(Problem("python", facts["python"], f"{manifest.python}.x (the vendored wheels)",
-                                "build with a target whose device.python matches, or pass --allow-network"))
+                                "build with a target whose device.python matches (deploy fetches and pins wheels for "
+                                "another Python only on glibc devices)"))
     need = required_glibc(wheels)
     if need and facts.get("glibc"):
         have = tuple(int(x) for x in facts["glibc"].split(".")[:2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from importlib import resources
@@ -22,9 +23,18 @@ class RemoteSpeedMeter:
         self.conn.connect()
         self.dev = Device(self.conn, install_dir)
         facts = self.dev.facts()
+        # Under the device lock for the whole tune: no deploy switches `current` (whose runtime times the candidates)
+        # or prunes while it runs, and what it starts is ended with it.
+        self._lock = contextlib.ExitStack()
+        try:
+            self._lock.enter_context(self.dev.locked("edgepack build --tune-on"))
+        except BaseException:
+            self.conn.close()
+            raise
         self.arch = facts["arch"]
         self.python = posixpath.join(self.dev.install_dir, "current", ".venv", "bin", "python")
         if self.conn.run(["test", "-x", self.python], check=False, what="find the runtime").exit_code != 0:
+            self._lock.close()
             self.conn.close()
             raise UserError(f"{self.conn.hostname} has no installed edgepack runtime under {self.dev.install_dir}.",
                             hint="Deploy any bundle of this target there once (edgepack deploy --host ...); "
@@ -48,15 +58,19 @@ class RemoteSpeedMeter:
         try:
             for _ in range(reps):
                 res = self.conn.run([self.python, "-", remote, "--tokens", str(tokens), "--threads", str(threads)],
-                                    stdin=self._speed_src, what=f"time {model_dir.name} on the device")
+                                    stdin=self._speed_src, what=f"time {model_dir.name} on the device",
+                                    pidfile=self.dev.pidfile)
                 runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
         finally:
             self.conn.run(["rm", "-rf", remote], check=False, what="remove the tune folder")
         return runs
 
     def close(self) -> None:
-        self.conn.run(["rm", "-rf", self.root], check=False, what="remove the tune folder")
-        self.conn.close()
+        try:
+            self.conn.run(["rm", "-rf", self.root], check=False, what="remove the tune folder")
+        finally:
+            self._lock.close()
+            self.conn.close()
 
 
 def bench_current(conn: Connection, install_dir: str, args: list[str], reps: int, timeout: float,

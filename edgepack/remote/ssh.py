@@ -6,6 +6,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
 import shlex
 import time
@@ -204,7 +205,13 @@ class Connection:
         chan = transport.open_session(timeout=self.opts.connect_timeout)
         chan.settimeout(1.0)
         # sshd starts each command's shell with setsid(): its pid is the process group of all the command runs.
-        prefix = f"echo {PGID_MARK}$$ >&2; " + (f"echo $$ >> {shlex.quote(pidfile)}; " if pidfile else "")
+        prefix = f"echo {PGID_MARK}$$ >&2; "
+        if pidfile:  # recorded with its start time, and every process it starts marked with the operation's id:
+            # a later lock holder ends only processes whose identity matches (device_helper._ours)
+            op = posixpath.basename(pidfile).removesuffix(".pids")
+            prefix += (f"export EDGEPACK_OP={shlex.quote(op)}; {{ read -r _s < /proc/$$/stat; set -- $_s; "
+                       f"echo \"$$ ${{22}}\"; }} >> {shlex.quote(pidfile)} 2>/dev/null || echo $$ >> "
+                       f"{shlex.quote(pidfile)}; ")
         chan.exec_command(prefix + command)
         if stdin is not None:
             chan.sendall(stdin.encode())
@@ -285,20 +292,53 @@ class Connection:
             self._sftp.get_channel().settimeout(self.opts.command_timeout)
         return self._sftp
 
-    def put(self, local: Path, remote: str, *, progress: Callable[[int, int], None] | None = None) -> None:
+    def put(self, local: Path | bytes, remote: str, *, progress: Callable[[int, int], None] | None = None,
+            sha256: str | None = None) -> str:
+        """Send a file (read once, hashed while it is sent) or bytes; returns the sha256 of what was sent. With
+        `sha256`, what was sent must have that hash: a file that changed since it was checked is an error."""
+        import io
+
+        name = "manifest" if isinstance(local, bytes) else local.name
         try:
-            self.sftp.put(str(local), remote, callback=progress, confirm=True)
+            with (io.BytesIO(local) if isinstance(local, bytes) else open(local, "rb")) as raw:  # noqa: SIM115
+                reader = _Hashing(raw)
+                size = len(local) if isinstance(local, bytes) else os.fstat(raw.fileno()).st_size
+                self.sftp.putfo(reader, remote, file_size=size, callback=progress, confirm=True)
         except (OSError, EOFError) as exc:
-            raise self._dropped(f"uploading {local.name}", exc) from exc
+            raise self._dropped(f"uploading {name}", exc) from exc
         except Exception as exc:  # paramiko.SSHException and friends
             if type(exc).__module__.startswith("paramiko"):
-                raise self._dropped(f"uploading {local.name}", exc) from exc
+                raise self._dropped(f"uploading {name}", exc) from exc
             raise
+        digest = reader.hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise RemoteError(f"{name} changed while it was being sent to {self.hostname}: its sha256 is now "
+                              f"{digest[:16]}…, the manifest checked before the deploy says {sha256[:16]}….",
+                              hint="Something rewrote the bundle during the deploy. Rebuild (or re-copy) it and "
+                                   "deploy again; nothing unverified is installed.", host=self.hostname,
+                              path=name, code="bundle_changed")
+        return digest
 
     def _dropped(self, doing: str, exc: BaseException) -> RemoteError:
         return RemoteError(f"the connection to {self.hostname} failed while {doing}: {exc or type(exc).__name__}.",
                            hint="Run the same command again: an upload resumes with what is missing or wrong.",
                            host=self.hostname, code="ssh_connection_dropped")
+
+
+class _Hashing:
+    """A reader that hashes what passes through it: each byte is read from disk once, sent and hashed."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.h = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.raw.read(n)
+        self.h.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
 
 
 class _HostKeyPolicy:

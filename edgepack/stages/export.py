@@ -34,12 +34,14 @@ def with_format(target: TargetProfile, fmt: str | None) -> TargetProfile:
 
 @dataclasses.dataclass
 class Exported:
-    """What the export stage made, and the cache key the gate's entry hangs off ({} with no cache)."""
+    """What the export stage made, and the cache key the gate's entry hangs off ({} with no cache), with the
+    content digest of the model files the gate will score ("" with no cache)."""
 
     model: ExportedModel
     key: dict[str, Any]
     cached: bool
     cache: Cache | None
+    content: str = ""
 
 
 def export(source: ModelSource, target: TargetProfile, model_dir: Path, work: Path, progress: ProgressFn, *,
@@ -47,38 +49,46 @@ def export(source: ModelSource, target: TargetProfile, model_dir: Path, work: Pa
     cache = Cache() if use_cache and cache_enabled() else None
     key = export_key(source, target) if cache else {}
     hit = cache.get_export(key, model_dir) if cache else None
-    if hit is not None:
-        progress(ProgressEvent("export", "reused from the build cache (same model, profile and tools)"))
-        return Exported(exported_from(hit, model_dir), key, True, cache)
+    if hit is not None and hit.data is not None:
+        progress(ProgressEvent("export", "reused from the build cache (same model, profile and tools; every file's "
+                                         "sha256 checked)"))
+        return Exported(exported_from(hit.data, model_dir), key, True, cache, hit.content)
+    if hit is not None and hit.discarded:
+        progress(ProgressEvent("export", f"the build cache's export for this build was discarded: {hit.discarded}; "
+                                         "exporting again"))
     model = exporters.get(target.export.format).export(source, target, model_dir, work, progress)
+    content = ""
     if cache:
-        cache.put_export(key, model_dir, model, f"{source.name} for {target.id}: {model.scheme}")
-    return Exported(model, key, False, cache)
+        content = cache.put_export(key, model_dir, model, f"{source.name} for {target.id}: {model.scheme}")
+    return Exported(model, key, False, cache, content)
 
 
 def gate(source: ModelSource, target: TargetProfile, exp: Exported, progress: ProgressFn) -> tuple[QualityReport, bool]:
     """The gate's measurements (cached ones judged against this target's tolerances); (report, from the cache)."""
     model = exp.model
-    gkey = _gate_key(exp.key, target, model.context_length) if exp.cache else {}
+    gkey = _gate_key(exp.key, exp.content, target, model.context_length) if exp.cache else {}
     measured = exp.cache.get_gate(gkey) if exp.cache else None
-    if measured is not None:
-        progress(ProgressEvent("validate", "measurements reused from the build cache; judged against this "
-                                           "target's tolerances"))
+    if measured is not None and measured.data is not None:
+        progress(ProgressEvent("validate", "measurements reused from the build cache (taken on these exact model "
+                                           "files); judged against this target's tolerances"))
         from edgepack.stages.validate import reference_of
 
-        return dataclasses.replace(report_from(measured, target), reference=reference_of(source)), True
+        return dataclasses.replace(report_from(measured.data, target), reference=reference_of(source)), True
+    if measured is not None and measured.discarded:
+        progress(ProgressEvent("validate", f"the build cache's measurements were discarded: {measured.discarded}; "
+                                           "scoring again"))
     report = validate(source, model.dir, target, context=model.context_length, progress=progress)
     if exp.cache:
         exp.cache.put_gate(gkey, report, f"{source.name} for {target.id}: {model.scheme}")
     return report, False
 
 
-def _gate_key(export: dict[str, Any], target: TargetProfile, context: int) -> dict[str, Any]:
+def _gate_key(export: dict[str, Any], content: str, target: TargetProfile, context: int) -> dict[str, Any]:
     from edgepack.quality import checks as task_checks
     from edgepack.quality import texts
 
     checks_sha = None
     if target.quality.checks:
         checks_sha = task_checks.load(task_checks.resolve_path(target.quality.checks, target.source))[1]
-    return gate_key(export, target, texts.for_target(target.quality.eval_text, target.source).sha256, checks_sha,
-                    context)
+    text_sha = texts.for_target(target.quality.eval_text, target.source).sha256
+    return gate_key(export, content, target, text_sha, checks_sha, context)

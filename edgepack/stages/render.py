@@ -97,7 +97,6 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, andro
         shutil.copyfile(shipped_dir("templates") / "_shared" / plain, out / plain)
         os.chmod(out / plain, 0o755)
         written.append(plain)
-    written += ansible_files(out)
     if android:
         import jinja2
 
@@ -109,24 +108,6 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, andro
             (out / dst).write_text(aenv.get_template(src).render(ctx=ctx), encoding="utf-8")
             written.append(dst)
     return written
-
-
-def ansible_files(out: Path) -> list[str]:
-    """The Ansible role and playbooks (templates/_shared/ansible, plain files: Ansible templates them itself) with
-    the device helper `edgepack deploy` runs, so a fleet runs the same device-side code (docs/fleet.md)."""
-    import shutil
-
-    src = shipped_dir("templates") / "_shared" / "ansible"
-    shutil.copytree(src, out / "ansible", dirs_exist_ok=True)
-    files = out / "ansible" / "roles" / "edgepack_release" / "files"
-    files.mkdir(exist_ok=True)
-    from importlib import resources
-
-    (files / "device_helper.py").write_bytes(
-        resources.files("edgepack.remote").joinpath("device_helper.py").read_bytes())
-    for p in (out / "ansible").rglob("*"):
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    return sorted(p.relative_to(out).as_posix() for p in (out / "ansible").rglob("*") if p.is_file())
 
 
 # -- what goes into a bundle: the template context and the manifest ------------------------------------

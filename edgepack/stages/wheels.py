@@ -1,8 +1,14 @@
-"""Vendor the runtime's wheels for the target's platform and Python, so the device installs offline."""
+"""Vendor the runtime's wheels for the target's platform and Python, so the device installs offline.
+
+Downloads land in the wheel cache with the sha256 of every wheel recorded when they arrived (pip has checked each
+against the sha256 the index publishes in its link, as PyPI does for every file); every reuse checks the wheels
+against that record, and a folder that does not match is discarded and downloaded again.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import re
@@ -20,6 +26,7 @@ from edgepack.resources import cache_root
 from edgepack.targets import TargetProfile
 
 LOCK = "requirements.lock"  # in wheels/: every vendored wheel, name==version --hash=sha256:..., for pip
+RECORD = ".complete"  # in a wheel cache folder: what was asked, and every wheel's sha256 when it was downloaded
 
 
 def requirements(target: TargetProfile, versions: dict[str, str]) -> list[str]:
@@ -35,18 +42,25 @@ def requirements(target: TargetProfile, versions: dict[str, str]) -> list[str]:
 _WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
 
 
-def lock_entry(whl: Path) -> LockedWheel:
-    m = _WHEEL_RE.match(whl.name)
+def lock_entry_name(file: str, sha256: str = "") -> LockedWheel:
+    """A lock entry from a wheel's file name and a sha256 taken elsewhere."""
+    m = _WHEEL_RE.match(file)
     if m is None:
-        raise UserError(f"{whl.name} is not a wheel file name.", hint="Clear the wheel cache: edgepack's cache "
-                                                                       "dir, wheels/.")
-    return LockedWheel(file=whl.name, name=m["name"].replace("_", "-").lower(), version=m["version"],
-                       sha256=sha256_file(whl))
+        raise UserError(f"{file} is not a wheel file name.", hint="Clear the wheel cache: edgepack cache clear "
+                                                                  "--kind wheels.")
+    return LockedWheel(file=file, name=m["name"].replace("_", "-").lower(), version=m["version"], sha256=sha256)
+
+
+def lock_entry(whl: Path) -> LockedWheel:
+    return lock_entry_name(whl.name, sha256_file(whl))
 
 
 def write_lock(entries: list[LockedWheel], path: Path) -> None:
-    """pip's hash-checking requirements format: install.sh runs `pip install --require-hashes -r` on it."""
-    path.write_text("".join(f"{e.name}=={e.version} --hash=sha256:{e.sha256}\n" for e in entries))
+    """pip's hash-checking requirements format: install.sh runs `pip install --require-hashes -r` on it.
+    Replaced in one rename: a deploy reading the lock of a shared cache folder never sees half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.write_text("".join(f"{e.name}=={e.version} --hash=sha256:{e.sha256}\n" for e in entries))
+    os.replace(tmp, path)
 
 
 def manylinux_tags(arch: str, glibc: str) -> list[str]:
@@ -56,13 +70,39 @@ def manylinux_tags(arch: str, glibc: str) -> list[str]:
     return tags + [f"manylinux2014_{arch}"]
 
 
+def _recorded(folder: Path) -> dict[str, str] | None:
+    try:
+        files = json.loads((folder / RECORD).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, dict) and files else None
+
+
+def _check_folder(folder: Path) -> tuple[dict[str, str], str]:
+    """(the wheels' recorded sha256 by file name, '' when the folder holds exactly those bytes, else why not)."""
+    from edgepack.cache import mismatch
+
+    recorded = _recorded(folder)
+    if recorded is None:
+        return {}, "it records no sha256 of its wheels"
+    return recorded, mismatch(recorded, {w.name: sha256_file(w) for w in folder.glob("*.whl")})
+
+
 def download_wheels(reqs: list[str], python: str, platforms: list[str], *, what: str,
-                    progress: ProgressFn = silent, no_deps: bool = False) -> Path:
-    """pip download (binary only) into a cache folder keyed by what was asked; returns the folder."""
+                    progress: ProgressFn = silent, no_deps: bool = False) -> tuple[Path, dict[str, str]]:
+    """pip download (binary only) into a cache folder keyed by what was asked; returns the folder and the sha256
+    of each wheel in it, as recorded when they were downloaded and checked again now."""
+    from edgepack.cache import discard
+
     key = hashlib.sha256(repr((sorted(reqs), python, platforms, platform.machine(), no_deps)).encode()).hexdigest()[:16]
     cache = cache_root() / "wheels" / key
-    if (cache / ".complete").is_file():
-        return cache
+    if (cache / RECORD).exists():
+        recorded, why = _check_folder(cache)
+        if not why:
+            return cache, recorded
+        progress(ProgressEvent("wheels", f"the wheel cache's copy of {', '.join(reqs)} was discarded: {why}; "
+                                         "downloading them again"))
+        discard(cache)
     progress(ProgressEvent("wheels", f"downloading {', '.join(reqs)} for "
                                      f"{platforms[0] if platforms else 'this machine'}, Python {python}"))
     # A folder of our own: parallel builds never share (or publish) each other's half-downloads.
@@ -85,14 +125,19 @@ def download_wheels(reqs: list[str], python: str, platforms: list[str], *, what:
             hint="Check that this machine reaches the package index (or a mirror via PIP_INDEX_URL), and that "
                  "the runtime publishes wheels for that Python; or build with --no-wheels.",
             command=" ".join(cmd), stderr_tail=proc.stderr.splitlines()[-8:])
-    (tmp / ".complete").write_text("\n".join(reqs) + "\n")
+    hashes = {w.name: sha256_file(w) for w in sorted(tmp.glob("*.whl"))}
+    (tmp / RECORD).write_text(json.dumps({"requested": reqs, "files": hashes}, indent=1, sort_keys=True) + "\n",
+                              encoding="utf-8")
     try:
         tmp.rename(cache)
     except OSError:  # another build finished the same download first: keep theirs, drop ours
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (cache / ".complete").is_file():
-            raise
-    return cache
+        theirs, why = _check_folder(cache)
+        if why:
+            raise UserError(f"the wheel cache's copy of {', '.join(reqs)} does not match what was downloaded: {why}.",
+                            hint="Run the same command again (the folder is replaced).", path=cache) from None
+        return cache, theirs
+    return cache, hashes
 
 
 def vendor_wheels(target: TargetProfile, reqs: list[str], dest: Path, *,
@@ -100,13 +145,17 @@ def vendor_wheels(target: TargetProfile, reqs: list[str], dest: Path, *,
     """Copy the wheels for the target into `dest` and write their lock beside them."""
     if not reqs:
         return []
-    cache = download_wheels(reqs, target.resolved_python(), list(target.device.wheel_platforms),
-                            what=f"target '{target.id}'", progress=progress)
+    cache, hashes = download_wheels(reqs, target.resolved_python(), list(target.device.wheel_platforms),
+                                    what=f"target '{target.id}'", progress=progress)
     dest.mkdir(parents=True, exist_ok=True)
     entries = []
-    for whl in sorted(cache.glob("*.whl")):
-        shutil.copy2(whl, dest / whl.name)
-        entries.append(lock_entry(dest / whl.name))
+    for name in sorted(hashes):
+        shutil.copy2(cache / name, dest / name)
+        entry = lock_entry(dest / name)  # the copy the bundle ships, hashed again: it must be the recorded bytes
+        if entry.sha256 != hashes[name]:
+            raise UserError(f"{name} changed in the wheel cache while it was copied into the bundle.",
+                            hint="Run the build again.", path=cache / name)
+        entries.append(entry)
     write_lock(entries, dest / LOCK)
     return entries
 
@@ -115,15 +164,30 @@ def wheels_for(lock: list[LockedWheel], reqs: list[str], python: str, platforms:
                progress: ProgressFn = silent) -> tuple[Path, list[LockedWheel], list[str]]:
     """The bundle's lock for another Python: the same version of every wheel where that Python has it, else
     (a dependency that dropped this Python, like numpy 2.3+ for 3.11) the top-level pins resolved again.
-    Downloaded, hashed and locked here; returns (folder, lock, the versions that differ from the bundle's)."""
+    Downloaded, hashed and locked here; returns (folder, lock, the versions that differ from the bundle's).
+
+    `lock` is the bundle's signed lock: a wheel file it names (pure-Python and abi3 wheels are the same file for
+    every Python) must be those very bytes, whatever the index serves. The other wheels are the files pip checked
+    against the index's published sha256 when they were downloaded; the lock written here pins that sha256, so
+    the device's `pip --require-hashes` installs exactly the files hashed here."""
+    from edgepack.cache import discard
+
     try:
-        cache = download_wheels([f"{e.name}=={e.version}" for e in lock], python, platforms, what=what,
-                                progress=progress, no_deps=True)
+        cache, hashes = download_wheels([f"{e.name}=={e.version}" for e in lock], python, platforms, what=what,
+                                        progress=progress, no_deps=True)
     except UserError:
         progress(ProgressEvent("wheels", f"not every locked version has a wheel for Python {python}; resolving "
                                          f"the pinned runtime ({', '.join(reqs)}) for it instead"))
-        cache = download_wheels(reqs, python, platforms, what=what, progress=progress)
-    entries = [lock_entry(w) for w in sorted(cache.glob("*.whl"))]
+        cache, hashes = download_wheels(reqs, python, platforms, what=what, progress=progress)
+    signed = {e.file: e.sha256 for e in lock}
+    for name, sha in sorted(hashes.items()):
+        if name in signed and signed[name] != sha:
+            discard(cache)
+            raise UserError(f"the package index served {name} with sha256 {sha[:16]}…, but the bundle's signed lock "
+                            f"pins that file at {signed[name][:16]}…; not sending it to {what}.",
+                            hint="Check the index (PIP_INDEX_URL) or the mirror in between; or build the bundle "
+                                 "for the device's Python.", path=name, expected=signed[name], found=sha)
+    entries = [lock_entry_name(name, sha) for name, sha in sorted(hashes.items())]
     write_lock(entries, cache / LOCK)
     was = {e.name: e.version for e in lock}
     differ = [f"{e.name} {was[e.name]} -> {e.version}" for e in entries if was.get(e.name, e.version) != e.version]

@@ -2,28 +2,49 @@
 POST /v1/chat/completions (SSE streaming), POST /v1/completions, GET /v1/models, GET /health, GET /metrics, on TCP or
 a unix socket, one generation at a time behind a bounded queue (docs/serve.md). Started by `run.py --serve ADDR`.
 
+Hostile clients: one thread reads every connection without blocking, under one deadline for the whole request, and
+answers /health itself; a fixed pool of threads handles only requests that have fully arrived. So a client that
+trickles bytes holds a buffer, never a thread (docs/serve.md, "Under hostile clients").
+
 Standard library only; Python 3.8+.
 """
 from __future__ import annotations
 
+import collections
+import errno
 import hmac
+import ipaddress
 import json
 import os
+import queue as queues
+import re
 import select
+import selectors
 import socket
 import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import ThreadingUnixStreamServer
-from typing import Any, Callable, Dict, List, Optional
+from http import HTTPStatus
+from http.client import HTTPException, parse_headers
+from http.server import BaseHTTPRequestHandler
+from io import BytesIO
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from edgepack_runner import GREEDY, ContextError, fit_context
 
 MAX_BODY = 1 << 20  # bytes of request body
-HEADER_TIMEOUT_S = 20.0  # a client that sends nothing for this long is dropped (slow clients cannot pin threads)
-CONNECTIONS = 64  # open connections served at once; more get 503 + Retry-After at once
+MAX_HEAD = 64 << 10  # bytes of request line and headers
+MAX_DEPTH = 64  # nesting of a request's JSON (OpenAI's requests nest about 5 deep)
+REQUEST_DEADLINE_S = 20.0  # request line, headers and body arrive within this in all, however slowly they trickle
+SEND_TIMEOUT_S = 20.0  # a write to a client that stopped reading fails after this
+LINGER_S = 2.0  # after the last answer, unread input is drained this long, so closing does not reset the answer
+WORKERS = 16  # threads that handle complete requests: the only threads besides the reader and the model loader
+READY = 64  # complete requests waiting for a worker; more get 503 + Retry-After at once
+PENDING = 512  # connections still sending a request; past this the one that started longest ago is dropped
+BUFFERED = 16 << 20  # bytes of requests still arriving, all connections together; past it the oldest is dropped
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class ApiError(Exception):
@@ -38,7 +59,11 @@ class ApiError(Exception):
 
 
 class _Stop(Exception):
-    """Raised from the text callback to end a generation early (stop string, client gone)."""
+    """Raised from the text callback to end a generation early at a stop string."""
+
+
+class _Gone(Exception):
+    """The client hung up: the work for it stops, and nothing more is sent."""
 
 
 # -- the server ------------------------------------------------------------------------------------------
@@ -54,8 +79,10 @@ class Metrics:
         self.ttft = [0] * (len(self.BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.ttft_count = 0
+        self.accept_backoffs = 0
 
     def request(self, path: str, status: int) -> None:
+        path = path if path in ROUTES else "other"  # a client's path is not a label: bounded, no quoting
         with self.lock:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
 
@@ -87,7 +114,9 @@ class Metrics:
                       "edgepack_time_to_first_token_seconds_sum %.6f" % self.ttft_sum,
                       "edgepack_time_to_first_token_seconds_count %d" % self.ttft_count,
                       "# TYPE edgepack_queue_depth gauge", "edgepack_queue_depth %d" % queue_depth,
-                      "# TYPE edgepack_busy gauge", "edgepack_busy %d" % int(busy)]
+                      "# TYPE edgepack_busy gauge", "edgepack_busy %d" % int(busy),
+                      "# TYPE edgepack_accept_backoffs_total counter",
+                      "edgepack_accept_backoffs_total %d" % self.accept_backoffs]
         return "\n".join(lines) + "\n"
 
 
@@ -214,30 +243,212 @@ class Request:
             self.messages, self.text = None, prompt
 
 
-def fit_messages(rt: Any, messages: List[Dict[str, str]]) -> tuple:
+def fit_messages(rt: Any, messages: List[Dict[str, str]], gone: Optional[Callable[[], bool]] = None) -> tuple:
     """Prepare a chat within the bundle's context: the oldest turns after the system prompt are dropped, the last
-    user turn is always kept; if it alone does not fit, a 400 (context_length_exceeded)."""
+    user turn is always kept; if it alone does not fit, a 400 (context_length_exceeded).
+
+    The whole chat is tokenized once. When it does not fit, the most recent turns that fit are found by trying the
+    last 1, 2, 4, ... turns and then bisecting, so each try tokenizes at most about twice what the context holds and
+    there are about 2 log2(turns) tries: a chat of thousands of turns costs what its newest context's worth does,
+    not a re-tokenization per dropped turn. `gone()` true (the client hung up) stops the work between tries."""
     msgs = list(messages)
-    dropped = 0
-    while True:
-        prepared, n = rt.prepare(msgs, None)
-        if not rt.context_length or n is None or n < rt.context_length:
-            return prepared, n, dropped
-        first = 1 if msgs and msgs[0]["role"] == "system" else 0
-        if len(msgs) - first <= 1:
-            raise ApiError(400, "the last message alone is %d tokens; this bundle's context holds %d (prompt + reply)"
-                           % (n, rt.context_length), param="messages", code="context_length_exceeded")
-        del msgs[first]
-        dropped += 1
+    prepared, n = rt.prepare(msgs, None)
+    limit = rt.context_length
+    if not limit or n is None or n < limit:
+        return prepared, n, 0
+    head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    turns = msgs[len(head):]
+    if len(turns) <= 1:
+        raise ApiError(400, "the last message alone is %d tokens; this bundle's context holds %d (prompt + reply)"
+                       % (n, limit), param="messages", code="context_length_exceeded")
+
+    def keep(k: int) -> Tuple[Any, Any]:
+        if gone is not None and gone():
+            raise _Gone()
+        return rt.prepare(head + turns[len(turns) - k:], None)
+
+    best = keep(1)
+    if best[1] is not None and best[1] >= limit:
+        raise ApiError(400, "the last message alone is %d tokens; this bundle's context holds %d (prompt + reply)"
+                       % (best[1], limit), param="messages", code="context_length_exceeded")
+    fits, over = 1, len(turns)  # keeping `fits` turns fits, keeping `over` does not
+    k = 2
+    while k < over:
+        tried = keep(k)
+        if tried[1] is not None and tried[1] >= limit:
+            over = k
+            break
+        fits, best, k = k, tried, k * 2
+    while over - fits > 1:
+        mid = (fits + over) // 2
+        tried = keep(mid)
+        if tried[1] is not None and tried[1] >= limit:
+            over = mid
+        else:
+            fits, best = mid, tried
+    return best[0], best[1], len(turns) - fits
+
+
+_DIGITS = re.compile(r"[0-9]{1,64}\Z")
+
+
+def content_length(headers: Any) -> int:
+    """The body's length as the headers declare it, at most MAX_BODY; an ApiError before any body byte is read."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise ApiError(411, "send the body with a Content-Length (Transfer-Encoding bodies are not read)")
+    values = [v.strip() for v in headers.get_all("Content-Length") or []]
+    if not values:
+        raise ApiError(411, "a Content-Length header (a non-negative integer) is required")
+    if len(set(values)) != 1 or not _DIGITS.match(values[0]):
+        raise ApiError(400, "Content-Length must be one non-negative integer (got %s)"
+                       % ", ".join(repr(v[:40]) for v in values[:4]))
+    n = int(values[0])
+    if n > MAX_BODY:
+        raise ApiError(413, "the body is %d bytes; at most %d are read" % (n, MAX_BODY), code="body_too_large")
+    return n
+
+
+def authorized(headers: Any, key: Optional[str]) -> bool:
+    if key is None:
+        return True
+    got = headers.get("Authorization", "")
+    return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), key.encode())
+
+
+def parse_body(raw: bytes) -> Any:
+    """The JSON of a request body; a 400 for bytes that are not UTF-8, text that is not JSON, nesting deeper than
+    MAX_DEPTH and strings that cannot be encoded (lone surrogates such as "\\ud800", which tokenizers refuse)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "the body is not UTF-8 (bad byte at offset %d)" % exc.start) from None
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "the body nests deeper than %d levels" % MAX_DEPTH) from None
+    except ValueError as exc:
+        raise ApiError(400, "the body is not valid JSON: %s" % exc) from None
+    todo = [(doc, 0)]
+    while todo:  # iterative: a deep document must not need a deep stack to be refused
+        value, depth = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(400, "the body holds a lone surrogate (%r), which is not text" % value[exc.start]) \
+                    from None
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise ApiError(400, "the body nests deeper than %d levels" % MAX_DEPTH)
+            items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+            for k, v in items:
+                if k is not None:
+                    todo.append((k, depth))
+                todo.append((v, depth + 1))
+    return doc
+
+
+def health(model: Model) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
+    if not model.ready.is_set():
+        return 503, {"status": "loading"}, {"Retry-After": "1"}
+    if model.load_error:
+        return 500, {"status": "error", "error": model.load_error}, {}
+    return 200, {"status": "ok", "model": model.rt.name, "busy": model.busy, "queue": model.waiting}, {}
+
+
+def response(status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for answers the reader sends without a handler."""
+    data = (json.dumps(body) + "\n").encode()
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = ["HTTP/1.1 %d %s" % (status, phrase), "Server: edgepack", "Content-Type: application/json",
+            "Content-Length: %d" % len(data), "Connection: close"]
+    head += ["%s: %s" % kv for kv in (headers or {}).items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+
+class _Reader:
+    """The request's bytes for http.server: what the server already read, then the socket, under the request's
+    deadline (one deadline for every read together, not one per read)."""
+
+    def __init__(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+        self.sock, self.buf, self.deadline = sock, bytearray(data), deadline
+
+    def _more(self) -> bool:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        finally:
+            self.sock.settimeout(SEND_TIMEOUT_S)
+        self.buf += data
+        return bool(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0 and (limit < 0 or i < limit):
+                return self._take(i + 1)
+            if 0 <= limit <= len(self.buf) or not self._more():
+                return self._take(len(self.buf) if limit < 0 else min(limit, len(self.buf)))
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self.buf) < n) and self._more():
+            pass
+        return self._take(len(self.buf) if n < 0 else min(n, len(self.buf)))
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def rest(self) -> bytes:
+        return bytes(self.buf)
+
+
+class _Writer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)  # the socket's timeout bounds the whole call (SEND_TIMEOUT_S)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One complete request, on a worker thread (the server's reader has already received it)."""
+
     protocol_version = "HTTP/1.1"
-    timeout = HEADER_TIMEOUT_S
+    default_request_version = "HTTP/1.0"  # a reply always has a status line, even to a malformed request line
     server_version = "edgepack"
     model: Model
     api_key: Optional[str] = None
     metrics_on = False
+    path = "-"
+    _streaming = False
+
+    def setup(self) -> None:
+        conn = self.request
+        self.connection = conn.sock
+        self.rfile = _Reader(conn.sock, bytes(conn.buf), conn.deadline)  # type: ignore[assignment]
+        self.wfile = _Writer(conn.sock)  # type: ignore[assignment]
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()  # one request: a kept-alive connection goes back to the reader, not a thread
+
+    def finish(self) -> None:
+        pass
+
+    def handle_expect_100(self) -> bool:
+        return True  # the reader sent "100 Continue" before it waited for the body
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: metrics count requests
         pass
@@ -266,29 +477,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._send(err.status, err.body(), headers=headers)
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """What http.server itself refuses (a bad request line or header, an unknown method), in OpenAI's shape."""
+        status = int(code)
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "error"
+        self._error(ApiError(status, message or phrase, kind="server_error" if status >= 500 else
+                             "invalid_request_error"))
+
     def _body(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise ApiError(411, "send the body with a Content-Length (chunked bodies are not read)")
-        if length is None or not length.strip().isdigit():
-            raise ApiError(400 if length is not None else 411, "a Content-Length header (a non-negative integer) "
-                                                               "is required")
-        n = int(length)
-        if n > MAX_BODY:
-            raise ApiError(413, "the body is %d bytes; at most %d are read" % (n, MAX_BODY), code="body_too_large")
+        n = content_length(self.headers)
         raw = self.rfile.read(n)
         if len(raw) != n:
             raise ApiError(400, "the body ended after %d of %d bytes" % (len(raw), n))
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ApiError(400, "the body is not valid JSON: %s" % exc) from None
+        return parse_body(raw)
 
     def _authorized(self) -> bool:
-        if self.api_key is None:
-            return True
-        got = self.headers.get("Authorization", "")
-        return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self.api_key.encode())
+        return authorized(self.headers, self.api_key)
 
     def _client_gone(self) -> bool:
         try:
@@ -297,19 +504,20 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
+    def _failed(self, exc: BaseException) -> None:
+        """A bug or an unexpected failure: one line on stderr, and a 500 in OpenAI's shape if nothing was sent."""
+        sys.stderr.write("edgepack: request failed: %s: %s\n" % (type(exc).__name__, exc))
+        self.close_connection = True
+        if not self._streaming:
+            try:
+                self._error(ApiError(500, "the server failed: %s" % type(exc).__name__, kind="server_error"))
+            except OSError:
+                pass
+
     # -- routes -------------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
-        try:
-            if path == "/health":
-                m = self.model
-                if not m.ready.is_set():
-                    self._send(503, {"status": "loading"}, headers={"Retry-After": "1"})
-                elif m.load_error:
-                    self._send(500, {"status": "error", "error": m.load_error})
-                else:
-                    self._send(200, {"status": "ok", "model": m.rt.name, "busy": m.busy, "queue": m.waiting})
-                return
+        try:  # GET /health never gets here: the reader answers it (Server._advance)
             if not self._authorized():
                 raise ApiError(401, "a valid API key is required (Authorization: Bearer ...)",
                                kind="authentication_error", code="invalid_api_key")
@@ -323,13 +531,17 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, "no route %s" % path, code="not_found")
         except ApiError as err:
             self._error(err)
+        except OSError:
+            self.close_connection = True
+        except Exception as exc:
+            self._failed(exc)
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
         try:
             if path not in ("/v1/chat/completions", "/v1/completions"):
                 raise ApiError(404, "no route %s" % path, code="not_found")
-            if not self._authorized():
+            if not self._authorized():  # before the body: a stranger's body is never read
                 raise ApiError(401, "a valid API key is required (Authorization: Bearer ...)",
                                kind="authentication_error", code="invalid_api_key")
             body = self._body()
@@ -341,14 +553,24 @@ class Handler(BaseHTTPRequestHandler):
             req = Request(body, path == "/v1/chat/completions", m.rt)
             m.run(lambda: self._complete(req))
         except ApiError as err:
-            self._error(err)
-        except (BrokenPipeError, ConnectionResetError):
+            if self._streaming:
+                self.close_connection = True
+            else:
+                self._error(err)
+        except _Gone:
             self.close_connection = True
+            self.model.metrics.request(path, 499)  # nginx's "client closed request"
+        except OSError:
+            self.close_connection = True
+        except Exception as exc:
+            self._failed(exc)
 
     def _complete(self, req: Request) -> None:
         rt = self.model.rt
+        if self._client_gone():  # hung up while it waited for the model
+            raise _Gone()
         if req.chat:
-            prepared, n_prompt, _dropped = fit_messages(rt, req.messages or [])
+            prepared, n_prompt, _dropped = fit_messages(rt, req.messages or [], self._client_gone)
         else:
             prepared, n_prompt = rt.prepare(None, req.text)
         try:
@@ -368,6 +590,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
+            self._streaming = True
             if req.chat:
                 self._event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.name,
                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -396,14 +619,14 @@ class Handler(BaseHTTPRequestHandler):
                     raise _Stop()
             emit(max(state["sent"], len(state["text"]) - hold))
             if not req.stream and state["n"] % 8 == 0 and self._client_gone():
-                raise _Stop()
+                raise _Gone()
 
         try:
             out = rt.generate(prepared, n_prompt, max_new, req.sampling, on_text)
             new_tokens, stopped = out["new_tokens"], out.get("stopped")
         except _Stop:
             new_tokens, stopped = state["n"], "stop_string"
-        except (BrokenPipeError, ConnectionResetError):
+        except _Gone:
             self.model.metrics.generated(n_prompt or 0, state["n"], state["first"])
             raise
         except Exception as exc:  # a runtime failure: 500, and the server goes on
@@ -425,7 +648,6 @@ class Handler(BaseHTTPRequestHandler):
                 self._event({"id": cid, "object": obj + ".chunk" if req.chat else obj, "created": created,
                              "model": rt.name, "choices": [], "usage": usage})
             self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
             self.model.metrics.request(self.path, 200)
             return
         choice = {"index": 0, "message": {"role": "assistant", "content": state["text"]}, "finish_reason": finish} \
@@ -434,59 +656,315 @@ class Handler(BaseHTTPRequestHandler):
                          "usage": usage})
 
     def _event(self, data: Dict[str, Any]) -> None:
-        self.wfile.write(("data: %s\n\n" % json.dumps(data)).encode())
-        self.wfile.flush()
-
-
-class _Bounded:
-    """Mixin: at most CONNECTIONS served at once; the next ones get a 503 with Retry-After and are closed."""
-
-    slots = threading.BoundedSemaphore(CONNECTIONS)
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog: socketserver's 5 resets clients that connect in a burst
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
-            return
-        super().process_request(request, client_address)  # type: ignore[misc]
-
-    def _refuse(self, request: Any) -> None:
-        """503 + Retry-After, after reading what the client sent (closing on unread data would be a reset)."""
         try:
-            request.settimeout(2.0)
-            request.recv(MAX_BODY)
-            msg = json.dumps({"error": {"message": "too many connections", "type": "server_error",
-                                        "param": None, "code": "overloaded"}}).encode()
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
-                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(msg) + msg)
-            request.shutdown(socket.SHUT_WR)
-            while request.recv(65536):
-                pass
+            self.wfile.write(("data: %s\n\n" % json.dumps(data)).encode())
+        except OSError:  # hung up, or stopped reading for SEND_TIMEOUT_S: the generation ends here
+            raise _Gone() from None
+
+
+class _Conn:
+    """A connection the reader holds: what has arrived of its current request, and when the rest is due."""
+
+    __slots__ = ("sock", "addr", "buf", "deadline", "head", "need", "scanned")
+
+    def __init__(self, sock: socket.socket, addr: Any, data: bytes, deadline: float) -> None:
+        self.sock, self.addr, self.buf, self.deadline = sock, addr, bytearray(data), deadline
+        self.head = 0  # where the headers end, once they have
+        self.need = -1  # bytes of the whole request (head + body) once the head is known
+        self.scanned = 0  # the head's end was searched for up to here
+
+
+def _head_end(buf: bytearray, start: int) -> int:
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") for i in (buf.find(sep, start),) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def _head(raw: bytes) -> Tuple[str, str, Any]:
+    """Method, path and headers of a complete head; ValueError or HTTPException where the handler will refuse it."""
+    line, _, rest = raw.partition(b"\n")
+    words = line.decode("latin-1").split()
+    if len(words) != 3:
+        raise ValueError(line)
+    return words[0], words[1].split("?")[0], parse_headers(BytesIO(rest))
+
+
+class Server:
+    """The reader (serve_forever, one thread) and a fixed pool of workers.
+
+    The reader accepts connections and reads every one without blocking until its request has fully arrived (the
+    head and, for an authorized POST with a valid Content-Length, the body), under one deadline for the whole
+    request; it answers /health and the refusals itself (408 late, 431 head too large, 400 cut short, 503 full) and
+    queues complete requests for the workers. A worker hands a kept-alive connection back to the reader. At the
+    file descriptor limit the reader stops accepting for a growing pause (0.05 s doubling to 1 s) and drops the
+    connection that has waited longest for its request, instead of spinning on accept."""
+
+    def __init__(self, listener: socket.socket, handler: Any, workers: int = WORKERS,
+                 deadline_s: float = REQUEST_DEADLINE_S) -> None:
+        self.listener, self.handler, self.deadline_s = listener, handler, deadline_s
+        self.metrics: Metrics = handler.model.metrics
+        listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(listener, selectors.EVENT_READ, "accept")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.pending: Dict[socket.socket, _Conn] = {}  # requests arriving, oldest first
+        self.closing: Dict[socket.socket, _Conn] = {}  # answered; unread input drained until EOF or LINGER_S
+        self.buffered = 0
+        self.ready: queues.Queue = queues.Queue(READY)
+        self.back: Deque[Tuple[_Conn, bool]] = collections.deque()  # from workers: (conn, keep alive)
+        self.stopped = threading.Event()
+        self.paused_until = 0.0
+        self.streak = 0
+        self.workers = [threading.Thread(target=self._work, name="edgepack-worker-%d" % i, daemon=True)
+                        for i in range(workers)]
+        for t in self.workers:
+            t.start()
+
+    # -- the reader ----------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        while not self.stopped.is_set():
+            wait = min(0.25, max(0.0, self.paused_until - time.monotonic())) if self.paused_until else 0.25
+            for key, _ in self.sel.select(wait):
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                else:
+                    self._read(key.data)
+            while self.back:
+                conn, keep = self.back.popleft()
+                conn.sock.setblocking(False)
+                if keep:
+                    self._watch(conn)
+                else:
+                    self._linger(conn)
+            now = time.monotonic()
+            if self.paused_until and now >= self.paused_until:
+                self.paused_until = 0.0
+                self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+            for table, late in ((self.pending, True), (self.closing, False)):
+                while table:
+                    conn = next(iter(table.values()))
+                    if conn.deadline > now:
+                        break
+                    if late and conn.buf:
+                        self._answer(conn, 408, "the request did not arrive within %g s" % self.deadline_s,
+                                     code="request_timeout")
+                    else:
+                        self._drop(conn)
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+        self._wake()
+
+    def close(self) -> None:
+        self.stopped.set()
+        for conn in list(self.pending.values()) + list(self.closing.values()):
+            self._drop(conn)
+        self.sel.close()
+        for s in (self.listener, self._wake_r, self._wake_w):
+            s.close()
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then the other connections get a turn
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                self._out_of_fds()  # EMFILE, ENFILE, ENOBUFS: retrying at once would spin
+                return
+            self.streak = 0
+            sock.setblocking(False)
+            if len(self.pending) >= PENDING:
+                self._answer(next(iter(self.pending.values())), 503, "too many connections", code="overloaded",
+                             retry_after=1, linger=False)
+            self._watch(_Conn(sock, addr, b"", 0.0))
+
+    def _out_of_fds(self) -> None:
+        with self.metrics.lock:
+            self.metrics.accept_backoffs += 1
+        self.sel.unregister(self.listener)
+        self.paused_until = time.monotonic() + min(1.0, 0.05 * 2 ** self.streak)
+        self.streak = min(self.streak + 1, 5)
+        victims = self.closing or self.pending  # a descriptor for the next client: the longest-waiting one's
+        if victims:
+            self._drop(next(iter(victims.values())))
+
+    def _watch(self, conn: _Conn) -> None:
+        """Read this connection's next request, due within the deadline."""
+        conn.deadline = time.monotonic() + self.deadline_s
+        conn.head, conn.need, conn.scanned = 0, -1, 0
+        self.pending[conn.sock] = conn
+        self.buffered += len(conn.buf)
+        self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+        if conn.buf:
+            self._advance(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if conn.sock in self.closing:
+            if not data:
+                self._drop(conn)
+            return
+        if not data:
+            if conn.need >= 0:
+                self._answer(conn, 400, "the body ended after %d of %d bytes" % (len(conn.buf) - conn.head,
+                                                                                 conn.need - conn.head))
+            elif conn.buf:
+                self._answer(conn, 400, "the request ended inside its headers")
+            else:
+                self._drop(conn)
+            return
+        conn.buf += data
+        self.buffered += len(data)
+        self._advance(conn)
+        while self.buffered > BUFFERED and self.pending:
+            self._answer(next(iter(self.pending.values())), 503, "too many requests are arriving at once",
+                         code="overloaded", retry_after=1)
+
+    def _advance(self, conn: _Conn) -> None:
+        if conn.need < 0:
+            if not conn.scanned:  # blank lines before a request line are ignored (RFC 9112, 2.2)
+                n = len(conn.buf) - len(conn.buf.lstrip(b"\r\n"))
+                del conn.buf[:n]
+                self.buffered -= n
+            end = _head_end(conn.buf, max(0, conn.scanned - 3))
+            conn.scanned = len(conn.buf)
+            if end < 0 or end > MAX_HEAD:
+                if end > MAX_HEAD or len(conn.buf) > MAX_HEAD:
+                    self._answer(conn, 431, "the request line and headers exceed %d bytes" % MAX_HEAD)
+                return
+            conn.head = conn.need = end
+            try:
+                method, path, headers = _head(bytes(conn.buf[:end]))
+            except (ValueError, HTTPException):
+                method, path, headers = "", "", None  # the handler answers what is wrong with it
+            if method == "GET" and path == "/health":
+                status, body, extra = health(self.handler.model)
+                self._answer(conn, status, body, headers=extra, path="/health")
+                return
+            if headers is not None and method == "POST" and path in ROUTES and \
+                    authorized(headers, self.handler.api_key):  # a stranger's body is not waited for
+                try:
+                    conn.need = end + content_length(headers)
+                except ApiError:
+                    pass  # the handler refuses it before reading a body
+                if conn.need > len(conn.buf) and headers.get("Expect", "").lower() == "100-continue":
+                    self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if len(conn.buf) >= conn.need:
+            self._forget(conn)
+            try:
+                self.ready.put_nowait(conn)
+            except queues.Full:
+                self._answer(conn, 503, "the server is busy", code="overloaded", retry_after=1)
+
+    def _answer(self, conn: _Conn, status: int, body: Any, code: Optional[str] = None,
+                retry_after: Optional[int] = None, headers: Optional[Dict[str, str]] = None,
+                linger: bool = True, path: str = "other") -> None:
+        """Answer and close, from the reader: a short JSON reply, sent without waiting."""
+        if isinstance(body, str):
+            body = ApiError(status, body, kind="server_error" if status >= 500 else "invalid_request_error",
+                            code=code).body()
+        extra = dict(headers or {})
+        if retry_after:
+            extra["Retry-After"] = str(retry_after)
+        self._send(conn, response(status, body, extra))
+        self.metrics.request(path, status)
+        if linger:
+            self._forget(conn)
+            self._linger(conn)
+        else:
+            self._drop(conn)
+
+    @staticmethod
+    def _send(conn: _Conn, data: bytes) -> None:
+        try:
+            conn.sock.send(data)  # a few hundred bytes into an empty socket buffer: sent whole, or the client is gone
         except OSError:
             pass
-        finally:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away mid-request is not news; anything else goes to stderr, one line."""
-        exc = sys.exc_info()[1]
-        if not isinstance(exc, (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout)):
-            sys.stderr.write("edgepack: request failed: %s: %s\n" % (type(exc).__name__, exc))
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _linger(self, conn: _Conn) -> None:
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
-        finally:
-            self.slots.release()
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.buf = bytearray()
+        conn.deadline = time.monotonic() + LINGER_S
+        self.closing[conn.sock] = conn
+        self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        if self.pending.pop(conn.sock, None) is not None:
+            self.buffered -= len(conn.buf)
+        elif self.closing.pop(conn.sock, None) is None:
+            return
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, conn: _Conn) -> None:
+        self._forget(conn)
+        conn.sock.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # full: the reader wakes anyway
+            pass
+
+    # -- the workers ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn = self.ready.get(timeout=0.5)
+            except queues.Empty:
+                continue
+            keep = False
+            try:
+                conn.sock.setblocking(True)
+                conn.sock.settimeout(SEND_TIMEOUT_S)
+                done = self.handler(conn, conn.addr, self)
+                keep = not done.close_connection
+                conn.buf = bytearray(done.rfile.rest())  # a pipelined next request, if any
+            except Exception as exc:  # the handler answers its own errors; this is a bug, and the server goes on
+                if not isinstance(exc, OSError):
+                    sys.stderr.write("edgepack: request failed: %s: %s\n" % (type(exc).__name__, exc))
+            self.back.append((conn, keep))
+            self._wake()
 
 
-class TCPServer(_Bounded, ThreadingHTTPServer):
-    pass
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """A socket bound (not yet listening) to the first address `host` resolves to."""
+    family, kind, proto, _, where = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
-class UnixServer(_Bounded, ThreadingUnixStreamServer):
-    pass
+def bind_handler(model: Model, api_key: Optional[str], metrics: bool) -> Any:
+    """The Handler class of one server (its model, key and options)."""
+    return type("Handler", (Handler,), {"model": model, "api_key": api_key, "metrics_on": metrics})
 
 
 def cap_malloc_arenas() -> int:
@@ -506,8 +984,14 @@ def cap_malloc_arenas() -> int:
     return want if mallopt(-8, want) == 1 else 0  # M_ARENA_MAX; 1 = accepted
 
 
-def _loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+def _loopback(address: str) -> bool:
+    """Whether a bound address is a loopback one: decided by the address (a name such as 127.example.com is not)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool((mapped or ip).is_loopback)
 
 
 def serve(rt: Any, args: Any) -> int:
@@ -519,33 +1003,42 @@ def serve(rt: Any, args: Any) -> int:
         key = os.environ["EDGEPACK_API_KEY"].strip()
     addr = args.serve
     cap_malloc_arenas()  # before the model loads and the first thread starts
-    Handler.model = Model(rt, args.queue)
-    Handler.api_key = key or None
-    Handler.metrics_on = bool(args.metrics)
+    model = Model(rt, args.queue)
+    handler = bind_handler(model, key or None, bool(args.metrics))
     if addr.startswith("unix:") or addr.startswith("/"):
         path = addr[5:] if addr.startswith("unix:") else addr
         if os.path.exists(path):
             os.remove(path)
-        server: Any = UnixServer(path, Handler)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
         os.chmod(path, 0o660)
         where = "unix:" + path
     else:
         host, _, port = addr.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        if not _loopback(host) and not key and not args.insecure_no_auth:
-            sys.stderr.write("error: binding %s (beyond loopback) needs an API key: --api-key-file FILE or "
-                             "EDGEPACK_API_KEY; or --insecure-no-auth to serve anyone on the network\n" % host)
+        try:
+            listener = listen_tcp(host, int(port))
+        except (OSError, ValueError) as exc:
+            sys.stderr.write("error: cannot listen on %s: %s\n" % (addr, exc))
             return 2
-        server = TCPServer((host, int(port)), Handler)
-        where = "http://%s:%d" % (host, server.server_address[1])
+        bound = listener.getsockname()[0]  # the address the name resolved to, not the name
+        if not _loopback(bound) and not key and not args.insecure_no_auth:
+            listener.close()
+            sys.stderr.write("error: binding %s (%s, beyond loopback) needs an API key: --api-key-file FILE or "
+                             "EDGEPACK_API_KEY; or --insecure-no-auth to serve anyone on the network\n"
+                             % (host, bound))
+            return 2
+        where = "http://%s:%d" % (host, listener.getsockname()[1])
+    listener.listen(128)  # a burst of clients waits in the backlog instead of being reset
+    server = Server(listener, handler)
     sys.stderr.write("edgepack: serving %s on %s (loading the model)\n" % (rt.name, where))
     sys.stderr.flush()
-    loader = threading.Thread(target=Handler.model.load, args=(args.threads,), daemon=True)
+    loader = threading.Thread(target=model.load, args=(args.threads,), daemon=True)
     loader.start()
     try:
-        server.serve_forever(poll_interval=0.25)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()
     return 0

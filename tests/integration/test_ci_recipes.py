@@ -115,5 +115,6 @@ def test_makefile_fragment(secrets: dict[str, str], tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     archive = work / "build" / "edgepack" / f"{secrets['BUNDLE_NAME']}.tar.gz"
-    assert envelope(cli("--json", "inspect", str(archive)))["result"]["signature"].startswith("signed by key")
+    assert envelope(cli("--json", "inspect", str(archive), "--trusted-key", str(work / "keys" / "release.pub"))
+                    )["result"]["signature"].startswith("signed by key")
     assert (Path(secrets["INSTALL_DIR"]) / "current").is_symlink()

@@ -115,7 +115,7 @@ def test_wrong_arch_fails_preflight_and_writes_nothing(tiny_model: Path, device:
                  .replace('python = "native"', 'python = "3.11"\nwheel_platforms = ["manylinux_2_28_aarch64", '
                                                '"manylinux_2_27_aarch64", "manylinux2014_aarch64"]'))
     bundle = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
-    proc, doc = deploy(device, str(bundle))
+    proc, doc = deploy(device, str(bundle), "--target", str(t))
     assert proc.returncode == 1
     problems = doc["error"]["problems"]
     assert problems[0]["check"] == "arch" and problems[0]["expected"] == "aarch64"
@@ -281,7 +281,7 @@ def test_cuda_bundle_preflight_names_what_to_install(tiny_model: Path, device: d
     # Only the signature verifier's wheels: the CUDA runtime comes from the device's JetPack.
     assert not any("onnxruntime" in w for w in m["runtime"]["wheels"])
     assert m["quality"]["scored_on"].startswith("cpu (the target's cuda")
-    proc, doc = deploy(device, str(bundle))
+    proc, doc = deploy(device, str(bundle), "--target", str(t))
     assert proc.returncode == 1
     checks = [p["check"] for p in doc["error"]["problems"]]
     assert checks == ["jetpack", "cuda_runtime"] and "JetPack 6" in doc["error"]["hint"]
@@ -323,7 +323,7 @@ def test_device_python_differs_wheels_are_fetched_for_it(tiny_model: Path, devic
     bundle = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
     wheels = json.loads((bundle / "edgepack.json").read_text())["runtime"]["wheels"]
     assert any("cp312" in w for w in wheels)
-    proc, doc = deploy(device, str(bundle))
+    proc, doc = deploy(device, str(bundle), "--target", str(t))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = doc["result"]
     assert res["wheels_fetched_for"].startswith("3.11") and res["smoke"]["ok"]

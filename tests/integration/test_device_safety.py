@@ -197,7 +197,8 @@ def test_signatures_checked_before_upload_and_again_on_the_device(tiny_bundles: 
     assert (install / "trusted_keys" / f"{key_id}.pub").is_file()
     # The device itself now refuses unsigned code, even from a deploy that did not ask for a signature.
     proc, out = deploy(device, str(b))
-    assert proc.returncode == 1 and "signature check failed" in out["error"]["message"], out["error"]
+    assert proc.returncode == 1 and out["error"]["code"] == "signature_invalid", out["error"]
+    assert "not signed" in out["error"]["message"], out["error"]
     assert current(device) == f"releases/{bundle_id(signed)}"
     # A tampered release copied onto the device by hand is refused by its own install step.
     by_hand = install / "releases" / "by-hand"
@@ -250,7 +251,7 @@ def test_the_service_serves_current_and_a_failing_one_is_switched_back(tiny_mode
     good = tiny_bundle_for(tiny_model, t, tmp_path / "dist")
     install = Path(device["install_dir"])
     try:
-        proc, doc = deploy(device, str(good))
+        proc, doc = deploy(device, str(good), "--target", str(t))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "supervised process" in doc["result"]["service"] and "healthy" in doc["result"]["service"]
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -290,7 +291,7 @@ def test_the_service_serves_current_and_a_failing_one_is_switched_back(tiny_mode
                                                      "    raise SystemExit('libfoo.so.1: cannot open')\n", 1))
 
         bad = rewritten(good, tmp_path / "bad-server", break_server)
-        proc, doc = deploy(device, str(bad))
+        proc, doc = deploy(device, str(bad), "--target", str(t))
         err = doc["error"]
         assert proc.returncode == 1 and "failed its check" in err["message"], err
         assert f"switched back to releases/{bundle_id(good)}" in err["message"]

@@ -98,7 +98,7 @@ def tiny_android_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFacto
     (SmolLM2 on the same emulated phone is the slow-tier test below)."""
     from ..conftest import FIXTURES
 
-    t = tmp_path_factory.mktemp("t") / "tiny-android.toml"
+    t = tmp_path_factory.mktemp("t") / "tiny-android.toml"  # deploys name it: --target
     src = (FIXTURES / "tiny-tflite.toml").read_text().replace('arch = "native"', 'arch = "aarch64"')
     src = src.replace('python = "native"', 'python = "3.11"\nglibc = "2.27"\nwheel_platforms = '
                       '["manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"]')
@@ -106,13 +106,15 @@ def tiny_android_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFacto
     t.write_text(src.replace("[deploy]", "[deploy]\nssh_port = 8022"))
     out = tmp_path_factory.mktemp("dist-tiny-android")
     proc = cli("build", "--target", str(t), str(tiny_model), "--out", str(out))
+    (out / "tiny-android.toml").write_text(t.read_text())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "tiny-llama-tiny-android"
 
 
 @needs_tflite
 def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, tiny_android_bundle: Path) -> None:
-    proc = cli("--json", "deploy", str(tiny_android_bundle), *phone["args"], timeout=2400)
+    proc = cli("--json", "deploy", str(tiny_android_bundle), *phone["args"], "--target",
+               str(tiny_android_bundle.parent / "tiny-android.toml"), timeout=2400)
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = doc["result"]

@@ -1,6 +1,7 @@
 """Fleets (issue #14): real sshd "devices" on loopback, an Ansible inventory read by ansible-core, `status
---inventory` across them, rollouts of the bundle's own playbook through ansible-runner and by plain
-ansible-playbook, canary halts and --max-fail, rollback in batches; host keys as strict as for one device."""
+--inventory` across them, rollouts of edgepack's own playbook through ansible-runner and by plain ansible-playbook,
+canary halts and --max-fail, rollback in batches; host keys as strict as for one device. Issue #20: the controller
+runs nothing that came in a bundle, and sends nothing a device names that its manifest does not list."""
 
 from __future__ import annotations
 
@@ -222,17 +223,24 @@ def device_state(install: Path) -> dict:
             "installed": (cur / ".venv" / ".edgepack-installed").is_file(), "files": files}
 
 
+def ansible_playbook(inv: Path, kh: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_SSH_COMMON_ARGS": f"-o UserKnownHostsFile={kh} -o StrictHostKeyChecking=yes"}
+    playbook = shutil.which("ansible-playbook") or str(Path(sys.executable).parent / "ansible-playbook")
+    return subprocess.run([playbook, "-i", str(inv), *map(str, args)], capture_output=True, text=True, env=env,
+                          check=False, timeout=900)
+
+
 def test_plain_ansible_playbook_leaves_the_same_state_and_a_runner_change_sends_under_one_percent(
         fleet: list, tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
     a = tiny_bundles[0]
     inv, kh = fleet_inventory(fleet, [0, 1, 2, 3], tmp_path)
-    # No edgepack on the controller beyond the bundle: ansible-playbook from the venv, the operator's own flags.
-    env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_SSH_COMMON_ARGS": f"-o UserKnownHostsFile={kh} -o StrictHostKeyChecking=yes"}
-    playbook = shutil.which("ansible-playbook") or str(Path(sys.executable).parent / "ansible-playbook")
-    plain = subprocess.run([playbook, "-i", str(inv), str(a / "ansible" / "deploy.yml"), "--limit", "dev0:dev1",
-                            "-e", '{"edgepack_serial": [1, "50%"]}'], capture_output=True, text=True, env=env,
-                           check=False, timeout=900)
+    # edgepack's own role, written once (`edgepack ansible-role`); then the operator's own ansible-playbook and flags,
+    # the bundle given as data.
+    role = tmp_path / "ops"
+    assert cli("ansible-role", "--out", str(role)).returncode == 0
+    plain = ansible_playbook(inv, kh, role / "deploy.yml", "--limit", "dev0:dev1", "-e", f"edgepack_bundle={a}",
+                             "-e", '{"edgepack_serial": [1, "50%"]}')
     assert plain.returncode == 0, plain.stdout[-3000:]
     assert "smoke test passed" in plain.stdout
     proc, doc = rollout(inv, kh, a, "--limit", "dev2:dev3")
@@ -291,11 +299,116 @@ ANSIBLE_LINT = shutil.which("ansible-lint") or str(Path(sys.executable).parent /
 
 
 @pytest.mark.skipif(not Path(ANSIBLE_LINT).exists(), reason="needs ansible-lint ([dev] extra)")
-def test_the_bundles_role_passes_ansible_lint(tiny_bundles: tuple[Path, Path], tmp_path: Path) -> None:
-    shutil.copytree(tiny_bundles[0] / "ansible", tmp_path / "ansible")
+def test_edgepacks_role_passes_ansible_lint(tmp_path: Path) -> None:
+    assert cli("ansible-role", "--out", str(tmp_path / "ansible")).returncode == 0
     proc = subprocess.run([ANSIBLE_LINT, "--profile", "production", "--offline", "ansible"], cwd=tmp_path,
                           capture_output=True, text=True, check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# A compromised device: its Python (every session imports this sitecustomize, as for BROKEN_RUNTIME) runs
+# edgepack's helper for `stage`, then answers with a forged document instead.
+FORGING_DEVICE = """import io, os, sys
+if sys.argv[:2] == ["-", "stage"] and os.environ.get("EDGEPACK_TEST_FORGED"):
+    helper, real = sys.stdin.read(), sys.stdout
+    sys.stdout = io.StringIO()
+    try:
+        exec(compile(helper, "device_helper", "exec"), {"__name__": "__main__"})
+    except SystemExit:
+        pass
+    with open(os.environ["EDGEPACK_TEST_FORGED"]) as fh:
+        real.write(fh.read().replace("@DIR@", sys.argv[2]).replace("@ID@", sys.argv[3]) + "\\n")
+    real.flush()
+    os._exit(0)
+"""
+
+
+def test_a_device_that_names_the_controllers_files_gets_none_of_them(fleet: list, tiny_bundles: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """Issue #20, finding 2: a device answered `stage` with `../..` paths and the controller sent its minisign
+    secret key (one `copy` each for large files, its own tar for small ones). The files sent are chosen from the
+    manifest and the device's folders are checked: the host fails before anything is sent."""
+    from ..sshd import make_server
+
+    ctl = tmp_path / "ctl"  # the controller: a bundle, and a secret two folders above it
+    shutil.copytree(tiny_bundles[0], ctl / "dist" / "a")
+    secret = ctl / "minisign.key"
+    secret.write_text("untrusted comment: minisign encrypted secret key\nRWRTY0IyCONTROLLER-SECRET\n")
+    dev = tmp_path / "dev"
+    forged, site = dev / "forged.json", dev / "site"
+    site.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(FORGING_DEVICE)
+    evil = make_server(dev / "sshd", env={"PYTHONPATH": str(site), "EDGEPACK_TEST_FORGED": str(forged)})
+    evil.start()
+    try:
+        inv, kh = fleet_inventory(fleet, [0], tmp_path)
+        inv.write_text(inv.read_text().replace("[boards]\n", f"[boards]\nevil ansible_host=127.0.0.1 "
+                                               f"ansible_port={evil.port} ansible_user=root "
+                                               f"ansible_ssh_private_key_file={evil.user_key} "
+                                               f"ansible_python_interpreter={ANSIBLE_PYTHON} "
+                                               f"edgepack_install_dir={dev}/edgepack\n"))
+        kh.write_text(kh.read_text() + evil.host_key_line())
+        answer = {"ok": True, "install_dir": "@DIR@", "bundle_id": "@ID@", "current": None, "present": None,
+                  "staging": "@DIR@/releases/@ID@.partial", "missing_bytes": 10, "reused": 0, "reused_bytes": 0,
+                  "staged": 0, "missing": [{"path": "../../minisign.key", "bytes": 10},  # into the controller's tar
+                                           {"path": "../../minisign.key", "bytes": 1 << 30}]}  # its own copy
+        forged.write_text(json.dumps(answer))
+        proc, doc = rollout(inv, kh, ctl / "dist" / "a", "--batch", "100%")
+        err = doc["error"]
+        assert proc.returncode == 1 and err["code"] == "fleet_rollout_halted", err
+        row = rows(doc)["evil"]
+        assert row["state"] == "failed" and row["error"]["code"] == "device_answer_invalid", row
+        assert "../../minisign.key" in row["error"]["message"] and "does not list" in row["error"]["message"]
+        assert rows(doc)["dev0"]["state"] == "not_started"
+
+        # A staging folder outside the install dir, asking for a file the manifest does list: refused too.
+        answer |= {"staging": f"{dev}/elsewhere", "missing": [{"path": "edgepack_runner.py", "bytes": 10}]}
+        forged.write_text(json.dumps(answer))
+        proc, doc = rollout(inv, kh, ctl / "dist" / "a", "--batch", "100%")
+        row = rows(doc)["evil"]
+        assert proc.returncode == 1 and row["error"]["code"] == "device_answer_invalid", row
+        assert f"{dev}/elsewhere" in row["error"]["message"] and not (dev / "elsewhere").exists()
+
+        # Plain ansible-playbook with edgepack's role: the same refusal, in Ansible's own words.
+        forged.write_text(json.dumps(answer | {"staging": "@DIR@/releases/@ID@.partial",
+                                               "missing": [{"path": "../../minisign.key", "bytes": 10}]}))
+        assert cli("ansible-role", "--out", str(tmp_path / "ops")).returncode == 0
+        plain = ansible_playbook(inv, kh, tmp_path / "ops" / "deploy.yml", "--limit", "evil",
+                                 "-e", f"edgepack_bundle={ctl / 'dist' / 'a'}")
+        assert plain.returncode != 0 and "device_answer_invalid" in plain.stdout, plain.stdout[-3000:]
+
+        leaked = [p for p in dev.rglob("*") if p.is_file() and b"CONTROLLER-SECRET" in p.read_bytes()]
+        assert leaked == [], "the controller's secret key reached the device"
+        assert current_of(tmp_path, 0) is None and not (dev / "edgepack" / "current").exists()
+    finally:
+        evil.stop()
+
+
+def test_a_bundles_own_playbooks_never_run_on_the_controller(fleet: list, tiny_bundles: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    """Issue #20: `deploy --inventory` ran the bundle's ansible/deploy.yml, so a `delegate_to: localhost` task in an
+    unsigned bundle ran on the controller. Bundles ship no playbooks now; one that brings its own (listed in its
+    manifest, so it verifies) deploys with edgepack's role, and its tasks are only files on the device."""
+    from edgepack.bundle import write_manifest
+
+    marker = tmp_path / "ran-on-the-controller"
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_bundles[0], evil)
+    task = [{"name": "Run on the controller", "ansible.builtin.command": f"touch {marker}",
+             "delegate_to": "localhost"}]
+    play = [{"name": "A bundle's own play", "hosts": "all", "gather_facts": False, "tasks": task,
+             "roles": ["edgepack_release"]}]
+    (evil / "ansible" / "roles" / "edgepack_release" / "tasks").mkdir(parents=True)
+    (evil / "ansible" / "deploy.yml").write_text(json.dumps(play))
+    (evil / "ansible" / "roles" / "edgepack_release" / "tasks" / "main.yml").write_text(json.dumps(task))
+    write_manifest(evil, json.loads((tiny_bundles[0] / "edgepack.json").read_text()))
+    inv, kh = fleet_inventory(fleet, [0], tmp_path)
+    proc, doc = rollout(inv, kh, evil)
+    assert proc.returncode == 0, doc["error"]
+    assert not marker.exists(), "a task that came in the bundle ran on the controller"
+    assert current_of(tmp_path, 0) == bundle_id(evil)
+    release = tmp_path / "dev0" / "edgepack" / "current"
+    assert (release / "ansible" / "deploy.yml").read_text() == (evil / "ansible" / "deploy.yml").read_text()
 
 
 def test_rollout_options_are_checked_before_anything_connects(tiny_bundles: tuple[Path, Path],

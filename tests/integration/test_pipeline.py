@@ -139,7 +139,7 @@ def test_a_packed_archive_deploys_as_the_folder_does(tiny_bundles: tuple[Path, P
     assert cli("keygen", "--out", str(key)).returncode == 0
     signed = envelope(cli("--json", "sign", str(archive), "--key", str(key)))
     assert signed["ok"], signed
-    shown = envelope(cli("--json", "inspect", str(archive)))["result"]
+    shown = envelope(cli("--json", "inspect", str(archive), "--trusted-key", f"{key}.pub"))["result"]
     assert shown["signature"].startswith("signed by key " + signed["result"]["key_id"])
     proc = cli("--json", "deploy", str(archive), *device["args"], "--require-signature", f"{key}.pub")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -165,6 +165,10 @@ def test_each_bad_input_gets_its_status_and_the_server_goes_on(server: dict) -> 
         (raw(server, "POST", chat, b"{}", {"Content-Length": "-1"}), 400),
         (raw(server, "POST", chat, json.dumps({"messages": QUESTION}).encode(), {"Authorization": "Bearer nope"}), 401),
         (raw(server, "GET", "/v1/nothing"), 404),
+        # Issue #20: these got no reply at all (a crash in the handler thread, or the real tokenizer's).
+        (raw(server, "POST", chat, b"[" * 100_000 + b"]" * 100_000), 400),
+        (raw(server, "POST", chat, json.dumps({"messages": [{"role": "user", "content": "\ud800"}]}).encode()), 400),
+        (raw(server, "POST", chat, b"{}", {"Content-Length": "\xb2"}), 400),
     ]
     for (status, _headers, body), want in cases:
         assert status == want, body
@@ -179,6 +183,22 @@ def test_each_bad_input_gets_its_status_and_the_server_goes_on(server: dict) -> 
     text = c.getresponse().read().decode()
     assert 'edgepack_requests_total{path="/v1/chat/completions",status="413"} 1' in text
     assert "edgepack_time_to_first_token_seconds_count" in text and "edgepack_queue_depth 0" in text
+
+
+def test_trickling_clients_do_not_stop_health_or_completions(server: dict) -> None:
+    """Issue #20: 64 clients sending a request a byte at a time held every connection slot (/health 503)."""
+    slow = [socket.create_connection(("127.0.0.1", server["port"]), timeout=60) for _ in range(64)]
+    try:
+        for s in slow:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer ")
+        status, _, body = raw(server, "GET", "/health")
+        assert status == 200 and body["status"] == "ok", body
+        status, _, body = raw(server, "POST", "/v1/chat/completions",
+                              json.dumps({"messages": QUESTION, "max_tokens": 4}).encode())
+        assert status == 200 and body["choices"][0]["message"]["content"]
+    finally:
+        for s in slow:
+            s.close()
 
 
 def test_bounded_under_load_with_clients_that_hang_up(server: dict) -> None:

@@ -66,7 +66,7 @@ def test_a_dead_holder_frees_the_lock_and_its_processes_end(tmp_path: Path) -> N
     assert json.loads(proc.stdout.readline())["ok"]
     # The operation started a long command in its own process group and recorded it (as deploy does).
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    (tmp_path / ".ops" / "op-dead.pids").write_text(f"{child.pid}\n")
+    h._record_pid(str(tmp_path), "op-dead", child.pid)  # its pid and start time
     proc.stdin.close()  # the SSH channel closes: the link dropped or the local edgepack died
     proc.wait(timeout=30)
     assert child.wait(timeout=10) != 0  # ended with its holder, not left running
@@ -244,7 +244,7 @@ def test_apply_switches_only_to_a_release_that_passes_and_stage_sends_only_what_
     assert {m["path"] for m in staged["missing"]} == {"install.sh", "smoke_test.py", "weights.bin"}
     code, res = apply_cli(root, a_id)
     assert code == 0 and res["ok"] and res["current"] == a_id and res["switched"] and res["smoke"]["tag"] == "a"
-    assert [s["name"] for s in res["steps"]] == ["verify", "install", "smoke", "switch", "prune"]
+    assert [s["name"] for s in res["steps"]] == ["verify", "signature", "install", "smoke", "switch", "prune"]
 
     b_id, b = fake_bundle(tmp_path, "b", smoke_ok=False)
     staged = stage_and_copy(root, b, b_id)

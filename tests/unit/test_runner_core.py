@@ -32,6 +32,65 @@ def test_old_turns_are_dropped_but_the_system_prompt_and_the_last_turn_stay() ->
     assert dropped == 2 and kept == [msgs[0], turn("user", 16)] and n == 24
 
 
+def one_at_a_time(rt: Words, msgs: list[dict[str, str]]) -> tuple[list[dict[str, str]], int, int]:
+    """The rule as written: drop the oldest turn after the system prompt until the chat fits (the old code)."""
+    msgs, dropped = list(msgs), 0
+    while True:
+        kept, n = rt.prepare(msgs, None)
+        if n < rt.context_length or len(msgs) - (msgs[0]["role"] == "system") <= 1:
+            return kept, n, dropped
+        del msgs[1 if msgs[0]["role"] == "system" else 0]
+        dropped += 1
+
+
+def test_trimming_keeps_what_dropping_one_turn_at_a_time_keeps() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        msgs = ([turn("system", rng.randint(0, 6))] if rng.random() < 0.5 else []) + \
+            [turn(rng.choice(["user", "assistant"]), rng.randint(0, 12)) for _ in range(rng.randint(1, 12))]
+        want = one_at_a_time(Words(), msgs)
+        if want[1] >= Words.context_length:
+            with pytest.raises(core.ApiError):
+                core.fit_messages(Words(), msgs)
+        else:
+            assert core.fit_messages(Words(), msgs) == want, msgs
+
+
+class Counting(Words):
+    context_length = 4096
+
+    def __init__(self) -> None:
+        self.calls, self.words = 0, 0
+
+    def prepare(self, messages, text):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        self.words += sum(len(m["content"].split()) for m in messages)
+        return super().prepare(messages, text)
+
+
+def test_a_chat_of_4000_turns_is_tokenized_about_once() -> None:
+    """The issue's chat: 4,000 short turns. Dropping one turn per re-tokenization read ~8 million words (quadratic);
+    now the whole chat once, then tries of at most twice the context."""
+    msgs = [turn("system", 5)] + [turn("user" if i % 2 else "assistant", 8) for i in range(4000)]
+    rt = Counting()
+    kept, n, dropped = core.fit_messages(rt, msgs)
+    assert n < rt.context_length and kept[0] == msgs[0] and kept[-1] is msgs[-1] and dropped == len(msgs) - len(kept)
+    one_more = msgs[:1] + msgs[len(msgs) - len(kept):]
+    assert Words().prepare(one_more, None)[1] >= rt.context_length  # as few turns dropped as possible
+    chat_words = sum(len(m["content"].split()) for m in msgs)
+    assert rt.words <= chat_words + 30 * rt.context_length and rt.calls <= 30, (rt.calls, rt.words)
+
+
+def test_trimming_stops_when_the_client_has_gone() -> None:
+    rt = Counting()
+    msgs = [turn("user", 8) for _ in range(4000)]
+    with pytest.raises(core._Gone):
+        core.fit_messages(rt, msgs, gone=lambda: True)
+    assert rt.calls == 1  # the whole chat, then nothing more
+
+
 def test_a_last_turn_that_alone_does_not_fit_is_a_400() -> None:
     with pytest.raises(core.ApiError) as err:
         core.fit_messages(Words(), [turn("system", 2), turn("user", 40)])
