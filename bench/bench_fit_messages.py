@@ -1,23 +1,23 @@
 """History trimming of the server (`fit_messages`), the issue #20 chat: thousands of short turns that must be cut to
-the newest context's worth. Compares a given revision's runner core (default HEAD, git show) with the working tree's,
-with a stand-in runtime whose `prepare` does a real tokenizer's work: a ChatML template rendered and encoded by a
-byte-level BPE (the `tokenizers` library, trained here on bench/texts, no download) into a 4096-token context.
+the newest context's worth. Compares the runner core's `fit_messages` with the rule it replaced (drop the oldest turn,
+re-tokenize the whole chat, repeat), with a stand-in runtime whose `prepare` does a real tokenizer's work: a ChatML
+template rendered and encoded by a byte-level BPE (the `tokenizers` library, trained here on bench/texts, no download)
+into a 4096-token context.
 
-    .venv/bin/python bench/bench_fit_messages.py [--turns 4000] [--rev HEAD]
+    .venv/bin/python bench/bench_fit_messages.py [--turns 4000]
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "templates" / "_shared"))
+import edgepack_server  # noqa: E402
 
 
 class Runtime:
@@ -45,38 +45,33 @@ def tokenizer() -> Any:
     return tok
 
 
-def core(source: str, where: Path) -> Any:
-    """The server module from `source`, imported beside the working tree's edgepack_runner.py."""
-    where.mkdir(parents=True, exist_ok=True)
-    (where / "edgepack_server.py").write_text(source)
-    sys.path.insert(0, str(ROOT / "templates" / "_shared"))
-    spec = importlib.util.spec_from_file_location("server_" + where.name, where / "edgepack_server.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def one_at_a_time(rt: Runtime, messages: list[dict[str, str]]) -> tuple[Any, int, int]:
+    """The rule before issue #20 (quadratic): drop the oldest turn after the system prompt, re-tokenize, repeat."""
+    msgs, dropped = list(messages), 0
+    while True:
+        prepared, n = rt.prepare(msgs, None)
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if n < rt.context_length or len(msgs) - first <= 1:
+            return prepared, n, dropped
+        del msgs[first]
+        dropped += 1
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turns", type=int, default=4000)
-    ap.add_argument("--rev", default="HEAD", help="the revision to compare with the working tree")
     args = ap.parse_args()
     tok = tokenizer()
     chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: shall we go on talking?"}
             for i in range(args.turns)]
     print(f"{args.turns} turns, {len(json.dumps(chat)) / 1000:.0f} KB of JSON, context 4096")
-    old = subprocess.run(["git", "show", f"{args.rev}:templates/_shared/edgepack_server.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    new = (ROOT / "templates" / "_shared" / "edgepack_server.py").read_text()
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, source in ((args.rev, old), ("working tree", new)):
-            mod, rt = core(source, Path(tmp) / label.replace(" ", "_")), Runtime(tok)
-            t0 = time.perf_counter()
-            _kept, n, dropped = mod.fit_messages(rt, chat)
-            s = time.perf_counter() - t0
-            print(f"{label:>13}: {s:7.3f} s, {rt.calls:5d} prepare calls, {rt.chars / 1e6:8.1f} M chars tokenized, "
-                  f"{dropped} turns dropped, {n} tokens kept")
+    for label, fit in (("one at a time", one_at_a_time), ("fit_messages", edgepack_server.fit_messages)):
+        rt = Runtime(tok)
+        t0 = time.perf_counter()
+        _kept, n, dropped = fit(rt, chat)
+        s = time.perf_counter() - t0
+        print(f"{label:>13}: {s:7.3f} s, {rt.calls:5d} prepare calls, {rt.chars / 1e6:8.1f} M chars tokenized, "
+              f"{dropped} turns dropped, {n} tokens kept")
     return 0
 
 

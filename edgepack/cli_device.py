@@ -142,7 +142,7 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
         def rollout(o: Output) -> tuple[Any, str]:
             return _with_table(o, lambda: api.fleet_deploy(api.FleetDeployRequest(
                 fleet=fleet, bundle=bundle, dist=dist, batches=batches, allow_network=allow_network, keep=keep,
-                require_signature=pubkeys, serve_addr=serve_addr), progress=o.progress))
+                require_signature=pubkeys, serve_addr=serve_addr, target=target), progress=o.progress))
 
         _run("deploy", rollout)
         return

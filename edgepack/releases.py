@@ -157,6 +157,7 @@ class FleetDeployRequest:
     keep: int | None = None
     require_signature: tuple[str, ...] = ()
     serve_addr: str = ""
+    target: str | None = None  # this machine's target whose [deploy] trusted_keys apply (as DeployRequest.target)
 
 
 def fleet_deploy(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict[str, Any]:
@@ -165,15 +166,17 @@ def fleet_deploy(req: FleetDeployRequest, progress: ProgressFn = silent) -> dict
     max_fail_percentage says. Checked here first as for one device."""
     from edgepack.bundle import MANIFEST, SIGNATURE
     from edgepack.fleet import Batches, check_rollout, run_playbook
-    from edgepack.signing import check_for_deploy
+    from edgepack.signing import deploy_policy
     from edgepack.stages.pack import opened
 
     batches = req.batches or Batches()
     serial, max_fail = batches.serial(), batches.max_fail_percentage()
     given = req.bundle or latest_bundle(req.dist)
     with opened(given) as bundle:
-        manifest = verify_bundle(bundle)
-        trusted, signature = check_for_deploy(bundle, manifest, req.require_signature, progress)
+        manifest_bytes, manifest = read_once(bundle)
+        verify_bundle(bundle, manifest)
+        policy = deploy_policy(bundle, manifest_bytes, manifest, req.require_signature, req.target, progress)
+        trusted, signature = policy.keys, policy.signature
         extra: dict[str, Any] = {"edgepack_allow_network": req.allow_network,
                                  "edgepack_trusted_keys": [key for _, key in trusted],
                                  "edgepack_require_signature": bool(trusted)}

@@ -314,10 +314,3 @@ def deploy_policy(bundle: Path, manifest_bytes: bytes, manifest: Manifest, requi
     return DeployPolicy(tuple(sorted({(key_id(k), k.to_base64().decode()) for k in keys})),
                         f"verified (key {info.key_id})", source)
 
-
-def check_for_deploy(bundle: Path, manifest: Manifest, required: Sequence[str],
-                     progress: ProgressFn = silent) -> tuple[tuple[tuple[str, str], ...], str]:
-    """deploy_policy over the manifest as it is on disk now: (key id, base64) pairs and what was checked."""
-    data, _ = _read_manifest_bytes(bundle)
-    policy = deploy_policy(bundle, data, manifest, required, None, progress)
-    return policy.keys, policy.signature

@@ -191,7 +191,7 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
         facts = dev.facts(manifest.execution_provider)
         problems = preflight.check(manifest, facts)
         refetch = any(p.check == "python" for p in problems) and bool(facts.get("glibc"))
-        if refetch:  # we bring wheels for this Python, hashed here and pinned in their lock (--allow-network keeps pins)
+        if refetch:  # we bring wheels for this Python, hashed here and pinned in their lock (so does --allow-network)
             problems = [p for p in problems if p.check != "python"]
         d.update(facts=facts, problems=[p.__dict__ for p in problems])
         preflight.enforce(problems, conn.hostname)
