@@ -22,6 +22,7 @@ from edgepack.remote import device_helper as h
 
 from ..conftest import FIXTURES, cli, envelope, needs_onnx, needs_sshd
 from .test_device_safety import bundle_id, current, deploy, rewritten
+from .test_tflite import FAKE_ADB
 
 pytestmark = [pytest.mark.integration, needs_onnx, needs_sshd]
 
@@ -172,24 +173,6 @@ def test_a_swap_during_the_deploy_installs_nothing_unverified(tiny_bundles: tupl
     assert not marker.exists() and not (Path(device["install_dir"]) / "current").exists()
 
 
-FAKE_ADB = r'''#!/bin/sh
-echo "$*" >> "$FAKE_ADB_LOG"
-[ "$1" = "-s" ] && shift 2
-map() { printf '%s' "$1" | sed "s#/data/local/tmp#$FAKE_PHONE/data/local/tmp#g"; }
-case "$1" in
-  get-state) echo device ;;
-  push) mkdir -p "$(map "$3")" && cp -r "$2" "$(map "$3")" ;;
-  shell)
-    case "$2" in
-      "getprop ro.product.cpu.abi") echo "$FAKE_ABI" ;;
-      "command -v python3 || true") ;;
-      *) sh -c "$(map "$2")" | sed "s#$FAKE_PHONE##g" ;;
-    esac ;;
-  *) echo "fake adb: unsupported $1" >&2; exit 1 ;;
-esac
-'''
-
-
 def test_adb_deploys_take_the_lock_and_honour_the_phones_keys(tiny_bundles: tuple[Path, Path],
                                                                tmp_path: Path) -> None:
     import platform
@@ -199,7 +182,7 @@ def test_adb_deploys_take_the_lock_and_honour_the_phones_keys(tiny_bundles: tupl
     (bindir / "adb").write_text(FAKE_ADB)
     (bindir / "adb").chmod(stat.S_IRWXU)
     env = {"PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_PHONE": str(phone), "FAKE_ADB_LOG": str(log),
-           "FAKE_ABI": {"x86_64": "x86_64", "aarch64": "arm64-v8a"}[platform.machine()]}
+           "FAKE_PYTHON": "", "FAKE_ABI": {"x86_64": "x86_64", "aarch64": "arm64-v8a"}[platform.machine()]}
     root = phone / "data/local/tmp/edgepack"
     # Another operation holds the phone's lock (touched just now): refused, nothing pushed.
     (root / ".lock").mkdir(parents=True)
