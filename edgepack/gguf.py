@@ -11,6 +11,7 @@ from typing import Any
 
 from edgepack.errors import ModelError, require
 from edgepack.fsutil import cache_entry
+from edgepack.llama_spm import USER_DEFINED, spm_encode
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.source import TokenizerFacts
 
@@ -33,6 +34,8 @@ LLAMA3_ROPE_CANDIDATES = [(low, high, ctx) for ctx in (8192, 4096, 2048, 16384, 
 PROBES = ("Hello world", " leading space", "two  spaces and\nnew line\ttab", "naïve café – 😀 ∑",
           "1234567 and 3.14")
 TOKENIZER_HINT = "Use the original Hugging Face folder for this model instead of the GGUF."
+# tokenizer.ggml.token_type of a plain piece (llama.cpp's llama_token_type; gguf-py's TokenType).
+NORMAL = 1
 
 
 def check_gguf_header(path: Path) -> None:
@@ -271,37 +274,17 @@ def stop_token_ids(meta: dict[str, Any], eos: int | None) -> list[int]:
 # ---- the tokenizer ---------------------------------------------------------------------------------------------
 
 def _spelled(token: str) -> str:
-    # Gemma files keep pieces made only of spaces as real spaces; transformers and SentencePiece look them up
-    # as "▁" runs (see transformers' gemma_tokenizer), so both sides are compared that way.
+    # Gemma files keep user-defined pieces made only of spaces as real spaces ("  ", llama.cpp's converter
+    # "pre-normalizes" them); transformers and SentencePiece spell them as "▁" runs.
     return "▁" * len(token) if token and not token.strip(" ") else token
 
 
-def spm_encode(text: str, meta: dict[str, Any]) -> list[int]:
-    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm): highest-scoring adjacent merge first,
-    leftmost on ties, unknown characters as <0xNN> byte tokens. Plain text only (no special tokens)."""
-    tokens = [_spelled(t) for t in meta["tokens"]]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    scores = meta.get("scores") or [0.0] * len(tokens)
-    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    symbols = list((" " + text if prefix else text).replace(" ", "▁"))
-    while True:
-        best: tuple[float, int] | None = None
-        for i in range(len(symbols) - 1):
-            j = vocab.get(symbols[i] + symbols[i + 1])
-            if j is not None and (best is None or scores[j] > best[0]):
-                best = (scores[j], i)
-        if best is None:
-            break
-        i = best[1]
-        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
-    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
-    ids: list[int] = []
-    for sym in symbols:
-        if sym in vocab:
-            ids.append(vocab[sym])
-        else:
-            ids.extend(vocab.get(f"<0x{b:02X}>", unk) for b in sym.encode("utf-8"))
-    return ids
+def _probes(meta: dict[str, Any]) -> tuple[str, ...]:
+    """PROBES, plus, for a vocabulary with user-defined tokens, one text holding them between letters and a run
+    of 40 spaces (longer than Gemma's longest space token, so it is cut in two)."""
+    tokens, types = meta["tokens"], meta.get("token_type") or ()
+    user = [tokens[i] for i, t in enumerate(types) if t == USER_DEFINED and tokens[i]][:64]
+    return (*PROBES, "a" + "b".join(user) + "c" + " " * 40 + "d") if user else PROBES
 
 
 def _encode(tok: Any, text: str) -> list[int]:
@@ -310,7 +293,8 @@ def _encode(tok: Any, text: str) -> list[int]:
 
 def _fix_spm_pipeline(tok: Any, meta: dict[str, Any]) -> list[str]:
     """Make a SentencePiece vocabulary split text the way llama.cpp does: one "▁" prepended when
-    add_space_prefix (default true), every space as "▁", no pre-splitting, byte fallback on."""
+    add_space_prefix (default true), every space as "▁", no pre-splitting, byte fallback on, merges in score
+    order, user-defined whitespace tokens matched whole."""
     from tokenizers import decoders, normalizers
 
     backend = tok.backend_tokenizer
@@ -321,7 +305,7 @@ def _fix_spm_pipeline(tok: Any, meta: dict[str, Any]) -> list[str]:
     backend.pre_tokenizer = None
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                         + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    fixes = []
+    fixes = _merges_by_score(tok, meta) + _whole_space_tokens(tok, meta)
     if 6 in (meta.get("token_type") or ()) and hasattr(backend.model, "byte_fallback") \
             and not backend.model.byte_fallback:
         backend.model.byte_fallback = True
@@ -331,6 +315,45 @@ def _fix_spm_pipeline(tok: Any, meta: dict[str, Any]) -> list[str]:
         fixes.append(f"SentencePiece spaces as llama.cpp splits them (add_space_prefix={prefix}); "
                      f"changed: {changed!r}")
     return fixes
+
+
+def _merges_by_score(tok: Any, meta: dict[str, Any]) -> list[str]:
+    """Rebuild the BPE merges from the file's scores: SentencePiece (bpe_model.cc) and llama.cpp both merge the
+    pair whose result scores highest, among normal pieces only. transformers orders Gemma's merges by token
+    position instead, which agrees only where the scores fall with the ids."""
+    import tokenizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    model, scores, types = tok.backend_tokenizer.model, meta.get("scores"), meta.get("token_type")
+    if not isinstance(model, tokenizers.models.BPE) or not scores or not types or len(set(scores)) < 2:
+        return []
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    normal = {t: float(scores[i]) for t, i in vocab.items() if i < len(types) and types[i] == NORMAL}
+    merges = generate_merges(vocab, normal, skip_tokens=[t for t in vocab if t not in normal])
+    before = [_encode(tok, p) for p in _probes(meta)]
+    tok.backend_tokenizer.model = tokenizers.models.BPE(vocab=vocab, merges=merges, unk_token=model.unk_token,
+                                                        byte_fallback=model.byte_fallback, fuse_unk=model.fuse_unk)
+    if before == [_encode(tok, p) for p in _probes(meta)]:
+        return []
+    return [f"merges rebuilt in score order ({len(merges)}, from tokenizer.ggml.scores), as SentencePiece merges"]
+
+
+def _whole_space_tokens(tok: Any, meta: dict[str, Any]) -> list[str]:
+    """Gemma's runs of 2-31 spaces are user-defined pieces: SentencePiece matches them whole before merging
+    (longest match, never merged further) and llama.cpp cuts them out of the text first, so a run of 40 spaces
+    is 31 + 9. transformers leaves them to the merges (40 spaces: 16 + 24); make them whole tokens, matched
+    after spaces became "▁"."""
+    from tokenizers import AddedToken
+
+    tokens, types = meta["tokens"], meta.get("token_type") or ()
+    model = tok.backend_tokenizer.model
+    runs = [AddedToken("▁" * len(tokens[i]), normalized=True, special=False)
+            for i, t in enumerate(types) if t == USER_DEFINED and tokens[i] and not tokens[i].strip(" ")
+            and model.token_to_id("▁" * len(tokens[i])) == i]
+    if not runs:
+        return []
+    tok.add_tokens(runs)
+    return [f"{len(runs)} user-defined whitespace tokens matched whole, as SentencePiece and llama.cpp do"]
 
 
 def check_tokenizer(tok: Any, meta: dict[str, Any]) -> TokenizerFacts:
@@ -363,7 +386,7 @@ def check_tokenizer(tok: Any, meta: dict[str, Any]) -> TokenizerFacts:
                          hint=TOKENIZER_HINT)
     if sentencepiece:
         fixes += _fix_spm_pipeline(tok, meta)
-        for probe in PROBES:
+        for probe in _probes(meta):
             got, want = _encode(tok, probe), spm_encode(probe, meta)
             if got != want:
                 raise ModelError(f"converted tokenizer splits {probe!r} as {tok.convert_ids_to_tokens(got)} "

@@ -203,6 +203,60 @@ def write_spm_tokenizer(folder: Path, *, flavour: str = "llama", vocab_size: int
                      ids=dict(ids), add_bos=True, add_eos=False, add_space_prefix=prefix)
 
 
+# Gemma's kinds of user-defined pieces (its ids 108-255 or so): newline and tab runs, runs of 2-31 spaces
+# (SentencePiece spells them "▁▁"...), HTML tags; and its control pieces past <pad> <eos> <bos> <unk>.
+GEMMA_USER_DEFINED = (["\n", "\n\n", "\n\n\n", "\t", "\t\t"] + ["▁" * n for n in range(2, 32)]
+                      + ["<h1>", "</h1>", "<table>"])
+GEMMA_CONTROL = ["<mask>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def train_sentencepiece(vocab_size: int = 512) -> bytes:
+    """A real SentencePiece BPE model (the serialized tokenizer.model) trained on the held-out text with Gemma's
+    trainer options: byte fallback, whitespace-only pieces allowed, digits split, no dummy prefix, no whitespace
+    clean-up, identity normalization, Gemma's special-token order and its kinds of user-defined pieces."""
+    import io
+
+    import sentencepiece as spm
+
+    from edgepack.quality.texts import heldout
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(heldout().text.splitlines()), model_writer=out, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, allow_whitespace_only_pieces=True, split_digits=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        character_coverage=1.0, user_defined_symbols=GEMMA_USER_DEFINED, control_symbols=GEMMA_CONTROL,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", num_threads=1, minloglevel=2)
+    return out.getvalue()
+
+
+def sentencepiece_vocab(model: bytes) -> GgufVocab:
+    """What llama.cpp's convert_hf_to_gguf.py writes for a Gemma checkpoint with this tokenizer.model
+    (_create_vocab_sentencepiece): each piece with its SentencePiece score and type; then every piece the HF
+    tokenizer_config.json lists in added_tokens_decoder (Gemma's control and user-defined pieces) gets score
+    -1000, special ones become CONTROL, the others USER_DEFINED with "▁" written back as " " ("pre-normalize
+    user-defined spaces"). Gemma 3's set_vocab adds add_space_prefix = false."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    tokens, types, scores = [], [], []
+    for i in range(sp.get_piece_size()):
+        piece, score = sp.id_to_piece(i), float(sp.get_score(i))
+        if sp.is_control(i) or sp.is_unknown(i):
+            kind, score = 3, -1000.0
+        elif piece in GEMMA_USER_DEFINED:
+            kind, score, piece = 4, -1000.0, piece.replace("▁", " ")
+        else:
+            kind = 6 if sp.is_byte(i) else 1
+        tokens.append(piece)
+        types.append(kind)
+        scores.append(score)
+    ids: dict[str, int | None] = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "eot": sp.piece_to_id("<end_of_turn>")}
+    return GgufVocab(model="llama", tokens=tokens, token_types=types, scores=scores, pre="default", ids=ids,
+                     add_bos=True, add_eos=False, add_space_prefix=False)
+
+
 # ---- the file ------------------------------------------------------------------------------------------------
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
