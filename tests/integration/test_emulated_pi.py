@@ -192,7 +192,8 @@ def test_runtimes_that_need_more_than_an_a72_are_refused_before_upload(pi4: dict
     """LiteRT-LM's aarch64 build dies with SIGILL without LSE atomics; the rpi5 target wants dotprod and fp16."""
     for bundle, missing in ((tiny_android_bundle, "atomics"), (smollm2_rpi5_bundle, "asimddp")):
         args = [a for a in pi4["args"]]
-        proc = cli("--json", "deploy", str(bundle), *args, "--install-dir", f"/root/{bundle.name}")
+        policy = ["--target", str(bundle.parent / "tiny-android.toml")] if bundle == tiny_android_bundle else []
+        proc = cli("--json", "deploy", str(bundle), *args, "--install-dir", f"/root/{bundle.name}", *policy)
         err = envelope(proc)["error"]
         assert proc.returncode == 1 and err["problems"][0]["check"] == "cpu", err
         assert missing in err["problems"][0]["found"] and "Nothing was written" in err["message"]
