@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export EDGEPACK_CACHE ?= $(CURDIR)/.cache/edgepack
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-unit test-integration lint bench examples clean
+.PHONY: install demo test test-unit test-integration test-scale lint bench examples clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest tests/integration -q
+
+# Real-shape (1B+) random checkpoints built inside a memory cgroup (root; GBs of disk, minutes): off in `test`.
+test-scale: install
+	$(BIN)/python -m pytest tests/scale -q -m scale -s
 
 lint: install
 	$(BIN)/ruff check edgepack tests bench examples

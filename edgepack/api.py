@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
+from edgepack.build_memory import build_cost, check_build_memory, machine_memory
 from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import resolve_model
 from edgepack.output import to_jsonable
-from edgepack.plan import check_fits
+from edgepack.plan import ContextChoice, check_fits, choose_context
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.releases import DeployRequest as DeployRequest  # re-exported: the API is edgepack.api
 from edgepack.releases import DeviceRequest as DeviceRequest
@@ -61,6 +63,7 @@ class BuildRequest:
     checks: Path | None = None  # a JSONL file of task checks gated float vs quantized (quality.checks)
     sign: Path | None = None  # a minisign secret key: sign the manifest (edgepack.json.minisig) before publishing
     use_cache: bool = True  # reuse a cached export and gate measurements (cache.py); EDGEPACK_NO_CACHE=1 also off
+    context: int = 0  # prompt + reply tokens; 0 = the target's runtime.context_length, the model's own if shorter
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class BuildResult:
     quality: QualityReport
     stages: tuple[StageRecord, ...]
     tune: tuple[Any, ...] = ()  # CandidateResult rows when built with tune
+    context: ContextChoice | None = None  # the bundle's context, where it came from and why
 
 
 
@@ -97,10 +101,18 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             from edgepack.adapter import merge_adapter
 
             source = merge_adapter(source, req.adapter, progress=progress)
+        config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
+        context = choose_context(config, target, req.context)
+        target = context.apply(target)
+        if context.capped:
+            progress(ProgressEvent("resolve", f"context {context.tokens} tokens: {context.reason}"))
         family = exporter.check_supported(source, target)
         fit = check_fits(source, target)
+        cost = build_cost(config, target, machine_memory())
         info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
-                    family=family.id, planned_peak_mib=round(fit.total / 2**20, 1))
+                    family=family.id, planned_peak_mib=round(fit.total / 2**20, 1), context=context.tokens,
+                    context_source=context.source, planned_build_peak_mib=round(cost.peak / 2**20),
+                    build_memory_mib=round(cost.budget / 2**20) if cost.budget else None)
     final = req.out / f"{source.name}-{target.id}"
     check_name(final.name, f"model {source.name} + target {target.id}")
     if req.sign is not None:
@@ -119,6 +131,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 raise UserError("--tune needs the quality gate; it cannot be combined with --skip-validation.")
             from edgepack.stages.tune import plot, speed_meter, tune
 
+            check_build_memory(cost, source.name)  # the candidates are exported whatever the cache holds
             with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info, \
                     speed_meter(req.tune_on, target, progress) as meter:
                 outcome = tune(source, target, work, progress=progress, meter=meter,
@@ -134,7 +147,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 plot(tune_table, req.plot, f"{source.name} for {target.id}: speed vs quality ({tuned_on})")
         else:
             with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
-                made = export_stage(source, target, model_dir, work, progress, use_cache=req.use_cache)
+                made = export_stage(source, target, model_dir, work, progress, use_cache=req.use_cache, cost=cost)
                 exported = made.model
                 info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme, cached=made.cached)
             with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
@@ -165,7 +178,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
-            doc = manifest_for(name, source, target, exported, report, reqs, lock, family.id) | extra
+            doc = manifest_for(name, source, target, exported, report, reqs, lock, family.id, context=context) | extra
             files.append(write_sbom(tmp, doc, lock, target))
             manifest = write_manifest(tmp, doc)
             info.update(artifact=str(final), files=files)
@@ -179,21 +192,20 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     progress(ProgressEvent("done", f"bundle at {final}"))
     return BuildResult(bundle=final, bundle_id=manifest.bundle_id, target=target.id, model=source.name,
                        scheme=exported.scheme, bytes=bundle_bytes, quality=report, stages=tuple(stages.records),
-                       tune=tune_table)
+                       tune=tune_table, context=context)
 
 
 @dataclass(frozen=True)
 class PlanRequest:
     model: str
     target: str = "host"
-    context: int = 0  # 0 = the target's runtime.context_length, else the model's own
+    context: int = 0  # --context; 0 = the target's runtime.context_length, the model's own when that is longer
     format: str | None = None
 
 
 def plan(req: PlanRequest, progress: ProgressFn = silent) -> Any:
-    """Fit before build: parameters, weights per scheme, KV cache at the context, runtime, against the RAM."""
-    import json
-
+    """Fit before build: parameters, weights per scheme, KV cache at the context, runtime, against the RAM; and
+    the build's own peak memory and time against this machine."""
     from edgepack.plan import plan_for_target
 
     target = with_format(load_target(req.target), req.format)

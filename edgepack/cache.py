@@ -71,6 +71,8 @@ def export_key(source: Any, target: Any) -> dict[str, Any]:
             "export": to_jsonable(target.export),
             "quantize": to_jsonable(target.quantize) | {"calibration_text": cal_sha},
             "context_length": target.runtime.context_length, "template": target.runtime.template,
+            # the KV cache precision is written into the graph; "auto" adds nothing, so older keys stay valid
+            **({"kv_cache": target.runtime.kv_cache} if target.runtime.kv_cache != "auto" else {}),
             "tools": installed_versions(*TOOLS)}
 
 

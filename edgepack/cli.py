@@ -41,11 +41,14 @@ from edgepack.output import Output, build_summary, inspect_summary
               help="Sign the manifest with this minisign secret key (password: $EDGEPACK_KEY_PASSWORD).")
 @click.option("--no-cache", is_flag=True, help="Export and score again even when the build cache has this build "
                                                "(also EDGEPACK_NO_CACHE=1).")
+@click.option("--context", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Prompt + reply tokens the bundle holds, at most the model's own (0 = the target's "
+                   "runtime.context_length, or the model's own when that is longer). With --tune too.")
 @_json_option
 def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip_validation: bool,
           adapter: Path | None, eval_text: Path | None, checks_file: Path | None, no_wheels: bool, tune: bool,
           plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
-          install_dir: str | None, sign_key: Path | None, no_cache: bool) -> None:
+          install_dir: str | None, sign_key: Path | None, no_cache: bool, context: int) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -58,6 +61,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
                                          eval_text=eval_text, adapter=adapter, checks=checks_file,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
                                          tune=tune, plot=plot, sign=sign_key, use_cache=not no_cache,
+                                         context=context,
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,
                                                                    known_hosts=known_hosts, install_dir=install_dir)
                                          if tune_on else None), progress=o.progress)
@@ -223,12 +227,14 @@ def inspect(bundle: Path, no_verify: bool, trusted_keys: tuple[str, ...]) -> Non
 @cli.command("plan")
 @click.argument("model")
 @click.option("-t", "--target", default="host", show_default=True, help="A target id or a path to your own .toml.")
-@click.option("--context", type=click.IntRange(min=0), default=0,
-              help="Prompt + reply tokens (0 = the target's runtime.context_length, else the model's own).")
+@click.option("--context", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Prompt + reply tokens, at most the model's own (0 = the target's runtime.context_length, or the "
+                   "model's own when that is longer or 0).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), help="Plan for the other export format.")
 @_json_option
 def plan_cmd(model: str, target: str, context: int, fmt: str | None) -> None:
-    """Will MODEL fit TARGET? Parameters, weights, KV cache and runtime against the device's RAM (nothing built)."""
+    """Will MODEL fit TARGET? Parameters, weights, KV cache and runtime against the device's RAM, and the build's
+    own peak memory and time against this machine (nothing built)."""
     from edgepack import api
     from edgepack.plan import summary
 

@@ -92,6 +92,14 @@ class UnknownNameError(UserError):
         )
 
 
+class BuildOutOfMemoryError(UserError):
+    """The build does not fit the build machine's memory: refused before exporting (`stage` "plan"), or a converter
+    was killed for memory (`stage` "export"). Not a bug: a larger machine, or another exporter, builds it."""
+
+    kind = "out-of-memory"
+    code = "build_out_of_memory"
+
+
 class BuilderCrashError(EdgepackError):
     """A converter or builder crashed on input edgepack had already checked: a bug (ours or the tool's), exit 2."""
 

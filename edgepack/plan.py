@@ -18,6 +18,7 @@ from edgepack.errors import UserError
 from edgepack.shape import Matmul, ModelShape, ParamCount, count_params, matmuls
 
 if TYPE_CHECKING:
+    from edgepack.build_memory import BuildCost, MachineMemory
     from edgepack.targets import TargetProfile
 
 Scheme = Literal["int4", "int8", "fp16", "fp32"]
@@ -62,6 +63,7 @@ class PlanRequest:
     context: int = 0  # prompt + reply tokens; 0 = the model's max_position_embeddings (onnx) or 1024 (tflite)
     prompt_tokens: int = 0  # tokens prefilled at once; 0 = a prompt that fills the context (the worst case)
     ram_mb: int = 0  # the device's RAM in MiB; 0 = unknown (the plan then fits by definition)
+    kv_cache: str = "auto"  # runtime.kv_cache: auto (the graph's own: fp32 on the CPU, fp16 on CUDA), fp32, fp16, int8
     headroom_pct: float = 10.0  # RAM kept free for the OS and the estimate's error
 
     @classmethod
@@ -79,7 +81,8 @@ class PlanRequest:
                    head_precision=q.head_precision, embedding_precision=q.embedding_precision,
                    sensitive_layers_int8=q.sensitive_layers_int8, int8_layers=q.int8_layers, recipe=recipe,
                    execution_provider=target.export.execution_provider,
-                   context=context or target.runtime.context_length, ram_mb=target.device.ram_mb)
+                   context=context or target.runtime.context_length, ram_mb=target.device.ram_mb,
+                   kv_cache=target.runtime.kv_cache if chosen == "onnx" else "auto")
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,16 @@ class KvCache:
     """The KV cache at `context` tokens, as edgepack allocates it, and what a window-sized cache would take."""
 
     context: int
-    element_bytes: int  # 4: fp32 K/V (onnxruntime-genai on the CPU, LiteRT); 2 on CUDA
+    element_bytes: float  # 4: fp32 K/V (onnxruntime-genai on the CPU, LiteRT); 2 on CUDA; 1 int8; 0.5 int4
     bytes_per_token: int  # all layers
     window: int
     sliding_layers: int
     allocated: int  # full length on every layer (the builder's windowed_kv_cache=false; LiteRT's masks)
     windowed: int  # sliding layers holding only `window` tokens
+    dtype: str = "fp32"  # fp32, fp16, int8, int4 (runtime.kv_cache)
+    # 1: past and present share one buffer of `context` tokens; 2: a quantized cache on the CPU, where the runtime
+    # keeps the past and the present (one token longer) as separate tensors (the builder's past_present_share_buffer)
+    buffers: int = 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,9 @@ class Suggestion:
     recipe: str | None  # tflite: the recipe of `scheme`
     total: int  # bytes that scheme takes at the requested context (0 when scheme is None)
     message: str
+    # the most precise runtime.kv_cache that fits the requested context with the requested scheme; None = none
+    kv_cache: str | None = None
+    kv_max_context: int = 0  # the largest context that fits with the most compact runtime.kv_cache offered
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,8 @@ class Plan:
     fits: bool
     suggestion: Suggestion | None
     notes: tuple[str, ...]
+    context: ContextChoice | None = None  # how the context was chosen (plan_for_target)
+    build: BuildCost | None = None  # the build's own peak memory and time on this machine (plan_for_target)
 
 
 def _io_bytes(req: PlanRequest) -> int:
@@ -257,27 +269,124 @@ def _litert_weights(s: ModelShape, req: PlanRequest) -> WeightBytes:
     return WeightBytes(embedding, body, head, other, file, resident, 0, layout)
 
 
-def _kv(s: ModelShape, context: int, element: int) -> KvCache:
-    per_layer_token = s.kv_bytes_per_token_layer * element
+KV_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+KV_QUANTIZED = ("int8", "int4")  # backends/kv_cache.py QUANTIZED (int8 is what runtime.kv_cache offers)
+
+
+def _kv_dtype(req: PlanRequest) -> str:
+    """The K/V precision a bundle from `req` has: runtime.kv_cache, `auto` being the graph's own I/O precision."""
+    if req.fmt != "onnx" or req.kv_cache == "auto":
+        return "fp32" if req.fmt != "onnx" or _io_bytes(req) == 4 else "fp16"
+    if req.kv_cache not in KV_BITS:
+        raise UserError(f"unknown KV cache precision '{req.kv_cache}'.", field="runtime.kv_cache",
+                        allowed=["auto", *KV_BITS])
+    return req.kv_cache
+
+
+def _kv(s: ModelShape, context: int, dtype: str = "fp32") -> KvCache:
+    bits = KV_BITS[dtype]
+    per_layer_token = 2 * s.kv_heads * math.ceil(s.head_dim * bits / 8)  # int4 packs two values a byte
+    # A quantized cache on the CPU is not shared between past and present: measured, the peak holds both.
+    buffers = 2 if dtype in KV_QUANTIZED else 1
     full_layers = s.layers - s.sliding_layers
-    windowed = per_layer_token * (full_layers * context + s.sliding_layers * min(s.window, context))
-    return KvCache(context, element, per_layer_token * s.layers, s.window, s.sliding_layers,
-                   per_layer_token * s.layers * context, windowed)
+    windowed = buffers * per_layer_token * (full_layers * context + s.sliding_layers * min(s.window, context))
+    return KvCache(context, bits / 8, per_layer_token * s.layers, s.window, s.sliding_layers,
+                   buffers * per_layer_token * s.layers * context, windowed, dtype, buffers)
+
+
+def model_context(s: ModelShape, fmt: str) -> int:
+    """The most tokens a bundle of this model holds: its max_position_embeddings, or on ONNX the sliding window of
+    a model whose window the builder exports as full attention (backends/onnx.py WINDOW_AS_FULL)."""
+    return s.window if fmt == "onnx" and s.window and s.architecture in WINDOW_AS_FULL else s.max_positions
 
 
 def _context(s: ModelShape, req: PlanRequest) -> int:
     if req.context < 0:
         raise UserError(f"context must be 0 (the model's own) or a positive token count, not {req.context}.",
                         field="context")
-    # ONNX bundles of models whose window the builder exports as full attention stop at the window
-    # (backends/onnx.py WINDOW_AS_FULL): that is the most they can hold.
-    own = s.window if req.fmt == "onnx" and s.window and s.architecture in WINDOW_AS_FULL else s.max_positions
+    own = model_context(s, req.fmt)
     if req.context:
         if req.fmt == "onnx" and req.context > own:
             raise UserError(f"context {req.context} is longer than this model's bundles hold ({own} tokens).",
-                            hint=f"Plan for at most {own} tokens.", field="context", model_context=own)
+                            hint=f"Pass --context {own} or less (0 = the model's own), or set "
+                                 f"runtime.context_length to at most {own} in the target.",
+                            field="context", model_context=own)
         return req.context
-    return own if req.fmt == "onnx" else DEFAULT_LITERT_CONTEXT
+    return own if req.fmt == "onnx" else min(DEFAULT_LITERT_CONTEXT, own)
+
+
+ContextSource = Literal["option", "target", "model", "default"]
+
+
+@dataclass(frozen=True)
+class ContextChoice:
+    """The context (prompt + reply tokens) a build or plan uses, where it came from and why: recorded in the
+    build's progress, its result and the manifest's runtime.context."""
+
+    tokens: int
+    source: ContextSource  # option: --context; target: runtime.context_length; model: the model's own;
+    #                        default: LiteRT's KV cache default (neither asked, the model holds more)
+    model_context: int  # the most this model's bundles hold in this format
+    requested: int  # what was asked: --context, else the target's runtime.context_length (0 = nothing)
+    reason: str
+    format: str = "onnx"
+
+    def apply(self, target: TargetProfile) -> TargetProfile:
+        """`target` with runtime.context_length set to this choice where its exporter would use another length
+        (a target's 0 stays 0 when that already means this length: same manifest, same cache keys)."""
+        asked = target.runtime.context_length
+        would = asked or (self.model_context if self.format == "onnx" else DEFAULT_LITERT_CONTEXT)
+        if self.tokens == would:
+            return target
+        return replace(target, runtime=replace(target.runtime, context_length=self.tokens))
+
+    @property
+    def capped(self) -> bool:
+        """The target asked for more than the model holds, and the model's own context is used instead."""
+        return self.source == "model" and self.requested > self.tokens
+
+
+def choose_context(config: Mapping[str, Any], target: TargetProfile, option: int = 0,
+                   fmt: str | None = None) -> ContextChoice:
+    """The context a build of this model for `target` uses: `option` (--context) when given, which may not be
+    longer than the model's own; else the target's runtime.context_length, or the model's own when the target's
+    is longer (a target is written for a device, not for one model) or is 0."""
+    from edgepack.targets import MIN_CONTEXT
+
+    chosen_fmt = fmt or target.export.format
+    s = ModelShape.from_config(config)
+    own = model_context(s, chosen_fmt)
+    what = ("its sliding window, which the ONNX builder exports as full attention" if own != s.max_positions
+            else "its max_position_embeddings")
+    asked = target.runtime.context_length
+    if option < 0:
+        raise UserError(f"--context must be 0 (the target's, else the model's own) or a token count, not {option}.",
+                        field="context")
+    if option:
+        if option > own:
+            raise UserError(f"--context {option} is longer than this model's context: {own} tokens ({what}).",
+                            hint=f"Pass --context {own} or less, or leave --context out to use the target's "
+                                 "runtime.context_length (the model's own when that is longer).",
+                            field="context", context=option, model_context=own)
+        if option < MIN_CONTEXT:
+            raise UserError(f"--context {option} is below {MIN_CONTEXT} tokens, the least a bundle needs (the "
+                            "gate's prompt and reply, and the device's 128-token check text, must fit).",
+                            hint=f"Pass --context {MIN_CONTEXT} or more (at most {own}, the model's own).",
+                            field="context", context=option, model_context=own)
+        return ContextChoice(option, "option", own, option, f"--context {option}", chosen_fmt)
+    if asked > own:
+        return ContextChoice(own, "model", own, asked,
+                             f"the target's runtime.context_length ({asked}) is longer than this model's own "
+                             f"context ({own} tokens: {what}), so the model's own is used", chosen_fmt)
+    if asked:
+        return ContextChoice(asked, "target", own, asked, f"the target's runtime.context_length ({asked})", chosen_fmt)
+    if chosen_fmt == "tflite" and own > DEFAULT_LITERT_CONTEXT:
+        return ContextChoice(DEFAULT_LITERT_CONTEXT, "default", own, 0,
+                             f"LiteRT's default KV cache ({DEFAULT_LITERT_CONTEXT} tokens; the target's "
+                             "runtime.context_length is 0)", chosen_fmt)
+    return ContextChoice(own, "model", own, 0,
+                         f"this model's own context ({own} tokens: {what}; the target's runtime.context_length is 0)",
+                         chosen_fmt)
 
 
 def _bare(req: PlanRequest, s: ModelShape) -> tuple[WeightBytes, KvCache, int, int, int, str]:
@@ -285,7 +394,7 @@ def _bare(req: PlanRequest, s: ModelShape) -> tuple[WeightBytes, KvCache, int, i
     context = _context(s, req)
     if req.fmt == "onnx":
         weights = _onnx_weights(s, req)
-        kv = _kv(s, context, _io_bytes(req))
+        kv = _kv(s, context, _kv_dtype(req))
         prompt = min(req.prompt_tokens or context, context)
         prefill = prompt * (ORT_PREFILL_BYTES_PER_HIDDEN * s.hidden
                              + s.vocab * _io_bytes(req))
@@ -293,7 +402,7 @@ def _bare(req: PlanRequest, s: ModelShape) -> tuple[WeightBytes, KvCache, int, i
         runtime = "onnxruntime-genai"
     elif req.fmt == "tflite":
         weights = _litert_weights(s, req)
-        kv = _kv(s, context, 4)
+        kv = _kv(s, context, "fp32")
         prefill = 0  # fixed 128-token prefill chunks: inside LITERT_BASE_BYTES
         overhead = LITERT_BASE_BYTES
         runtime = "litert-lm"
@@ -334,16 +443,44 @@ def _describe(r: PlanRequest) -> str:
     return f"scheme {r.scheme}" + (f" ({', '.join(extras)})" if extras else "")
 
 
-def _suggest(req: PlanRequest, s: ModelShape, budget: int) -> Suggestion:
-    context = _context(s, req)
-    lo, hi = 0, context // 64  # multiples of 64: the smallest runtime.context_length is 64
+def _max_context(req: PlanRequest, s: ModelShape, budget: int) -> int:
+    """The largest context (a multiple of 64) at which `req` fits `budget`; 0 = not even 64 tokens."""
+    lo, hi = 0, _context(s, req) // 64  # multiples of 64: the smallest runtime.context_length is 64
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _bare(replace(req, context=mid * 64), s)[4] <= budget:
             lo = mid
         else:
             hi = mid - 1
-    max_context = lo * 64
+    return lo * 64
+
+
+def _kv_options(req: PlanRequest) -> list[PlanRequest]:
+    """`req` with each smaller runtime.kv_cache the ONNX exporter makes for it (backends/kv_cache.py), most
+    precise first."""
+    if req.fmt != "onnx":
+        return []
+    from edgepack.backends.kv_cache import supported
+
+    now = KV_BITS[_kv_dtype(req)]
+    return [replace(req, kv_cache=v) for v in supported(req.execution_provider, req.scheme)
+            if v in KV_BITS and KV_BITS[v] < now]
+
+
+def _suggest(req: PlanRequest, s: ModelShape, budget: int) -> Suggestion:
+    context = _context(s, req)
+    max_context = _max_context(req, s, budget)
+    # The KV cache: the most precise smaller precision that fits the whole context, else how far the most
+    # compact one stretches it.
+    kv_fit: PlanRequest | None = None
+    kv_total = 0
+    for cand in _kv_options(req):
+        total = _bare(cand, s)[4]
+        if total <= budget:
+            kv_fit, kv_total = cand, total
+            break
+    kv_options = _kv_options(req)
+    kv_max = 0 if kv_fit is not None or not kv_options else _max_context(kv_options[-1], s, budget)
     best: PlanRequest | None = None
     best_total = 0
     file = _bare(req, s)[0].file
@@ -356,15 +493,26 @@ def _suggest(req: PlanRequest, s: ModelShape, budget: int) -> Suggestion:
             break
     parts = []
     if max_context:
-        parts.append(f"a context of {max_context} tokens fits ({_describe(req)})")
+        parts.append(f"a context of {max_context} tokens fits ({_describe(req)}: --context {max_context}, or "
+                     "runtime.context_length in the target)")
+    if kv_fit is not None:
+        kv_now, kv_then = _bare(req, s)[1], _bare(kv_fit, s)[1]
+        parts.append(f"runtime.kv_cache = \"{kv_fit.kv_cache}\" in the target fits the full {context} tokens "
+                     f"({kv_total / MIB:.0f} MiB; KV cache {kv_then.allocated / MIB:.0f} MiB instead of "
+                     f"{kv_now.allocated / MIB:.0f})")
+    elif kv_max > max_context:
+        parts.append(f"with runtime.kv_cache = \"{kv_options[-1].kv_cache}\" in the target, a context of {kv_max} "
+                     f"tokens fits (--context {kv_max})")
     if best is not None:
-        parts.append(f"{_describe(best)} fits the full {context} tokens ({best_total / MIB:.0f} MiB)")
+        where = ("quantize.scheme in the target" if best.fmt == "onnx" else
+                 "quantize.scheme/algorithm in the target")
+        parts.append(f"{_describe(best)} fits the full {context} tokens ({best_total / MIB:.0f} MiB; {where})")
     if not parts:
         parts.append("no context of 64 tokens or more fits, at any scheme: choose a smaller model or a device "
                      "with more RAM")
     recipe = litert_recipe(best) if best is not None and best.fmt == "tflite" else None
     return Suggestion(max_context, best.scheme if best is not None else None, recipe, best_total,
-                      "; or ".join(parts) + ".")
+                      "; or ".join(parts) + ".", kv_fit.kv_cache if kv_fit is not None else None, kv_max)
 
 
 def estimate(req: PlanRequest) -> Plan:
@@ -394,9 +542,23 @@ def estimate(req: PlanRequest) -> Plan:
 
 
 def plan_for_target(config: Mapping[str, Any], target: TargetProfile, *, context: int = 0,
-                    fmt: str | None = None) -> Plan:
-    """`estimate` for what `edgepack build --target` would make from this config."""
-    return estimate(PlanRequest.for_target(config, target, context=context, fmt=fmt))
+                    fmt: str | None = None, machine: MachineMemory | None = None) -> Plan:
+    """`estimate` for what `edgepack build --target` would make from this config: the context chosen as a build
+    chooses it (`context` is --context, 0 = the target's, else the model's own), and what the build itself costs
+    on `machine` (None: this machine, read now)."""
+    from edgepack.build_memory import build_cost, machine_memory
+
+    choice = choose_context(config, target, context, fmt)
+    plan = estimate(PlanRequest.for_target(config, target, context=choice.tokens, fmt=fmt))
+    notes = plan.notes + ((f"context {choice.tokens} tokens: {choice.reason}.",) if choice.capped else ())
+    cost = build_cost(config, with_format_of(target, fmt), machine or machine_memory())
+    return replace(plan, notes=notes, context=choice, build=cost)
+
+
+def with_format_of(target: TargetProfile, fmt: str | None) -> TargetProfile:
+    if fmt is None or fmt == target.export.format:
+        return target
+    return replace(target, export=replace(target.export, format=fmt))
 
 
 def _mib(n: int) -> str:
@@ -414,7 +576,8 @@ def summary(plan: Plan) -> str:
         f"  parameters  {p.total / 1e6:,.1f} M ({p.embedding / 1e6:,.1f} M embedding"
         + (f", {p.head / 1e6:,.1f} M head" if p.head else ", tied head") + ")",
         f"  weights     {_mib(w.file)} on disk, {_mib(w.resident)} in RAM: {w.layout}",
-        f"  KV cache    {_mib(kv.allocated)} ({kv.bytes_per_token:,} bytes/token, fp{kv.element_bytes * 8})",
+        f"  KV cache    {_mib(kv.allocated)} ({kv.bytes_per_token:,} bytes/token, {kv.dtype}"
+        + (", past and present apart" if kv.buffers > 1 else "") + ")",
     ]
     if plan.prefill:
         lines.append(f"  prefill     {_mib(plan.prefill)} for a prompt that fills the context")
@@ -422,6 +585,12 @@ def summary(plan: Plan) -> str:
     lines += [f"  note: {n}" for n in plan.notes]
     if plan.suggestion is not None:
         lines.append(f"  suggestion: {plan.suggestion.message}")
+    if plan.context is not None and not plan.context.capped:
+        lines.append(f"  context     {plan.context.tokens} tokens: {plan.context.reason}")
+    if plan.build is not None:
+        from edgepack.build_memory import summary_lines
+
+        lines += summary_lines(plan.build)
     return "\n".join(lines)
 
 

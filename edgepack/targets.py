@@ -111,6 +111,10 @@ class RuntimeSpec:
     # (ONNX) or 1024 (LiteRT, whose KV cache is allocated at this length). Recorded in the manifest; the runner
     # refuses longer prompts and stops generation there.
     context_length: int = 0
+    # K/V precision: auto = the graph's own (fp32 on the CPU, fp16 on CUDA); int8: calibrated per-channel K/V in
+    # onnxruntime's GroupQueryAttention, a quarter of fp32 per token. Each exporter says which it supports
+    # (backends/kv_cache.py for ONNX; docs/targets.md has the measurements, and why not int4).
+    kv_cache: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     android_sample: bool = False  # render android/ (Kotlin + Gradle integration sample) into the bundle
 
 
@@ -430,7 +434,7 @@ def _check_consistency(p: TargetProfile) -> None:
 
 
 def _shipped() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(shipped_dir("targets").glob("*.toml"))}
+    return {p.stem: p for p in sorted(shipped_dir("targets").glob("*.toml"), key=lambda p: p.stem)}  # id order
 
 
 TARGET_PATH_ENV = "EDGEPACK_TARGET_PATH"  # folders (os.pathsep-separated) of this machine's own target files

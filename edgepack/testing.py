@@ -142,3 +142,88 @@ def make_tiny_llama(folder: Path, *, vocab: int = 512, hidden: int = 64, layers:
     """A random Llama with its own small byte-level BPE tokenizer, saved as a Hugging Face folder."""
     return make_tiny("llama", folder, vocab=vocab, hidden=hidden, layers=layers, seed=seed, text=text,
                      tie_word_embeddings=tie)
+
+
+# Released models' exact shapes (config.json as on the hub, minus the weights), for the `scale` tests and
+# bench/build_memory.py: random weights, so only memory, time and size mean anything, not quality.
+REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    "tinyllama-1.1b": ("LlamaConfig", {
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # microsoft/Phi-3.5-mini-instruct: fused qkv/gate_up, LongRoPE 4k → 128k, untied
+    "phi-3.5-mini": ("Phi3Config", {
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "sliding_window": 262144,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+                            "short_factor": _longrope_factors(48, 1.1), "long_factor": _longrope_factors(48, 4.0)}}),
+}
+
+_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def make_real_shape(name: str, folder: Path, *, seed: int = 0, dtype: str = "bfloat16",
+                    shard_bytes: int = 2 << 30) -> Path:
+    """A random checkpoint with a released model's exact config (a REAL_SHAPES key) in the hub layout: sharded
+    safetensors with an index, plus a small byte-level BPE tokenizer (its ids are a prefix of the vocabulary).
+
+    Tensors are generated and written one at a time (the safetensors layout is written by hand), so making a
+    3.8B checkpoint takes about one tensor of memory: the point of these checkpoints is measuring memory."""
+    torch = require("torch", "onnx", "Making a real-shape test model")
+    transformers = require("transformers", "onnx", "Making a real-shape test model")
+    import struct
+
+    cls_name, shape = REAL_SHAPES[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    _tokenizer(folder, 512, None)
+    config = getattr(transformers, cls_name)(bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
+    config.dtype = dtype
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    tensors = [(k, tuple(v.shape)) for k, v in skeleton.state_dict().items()]
+    config.architectures = [type(skeleton).__name__]
+    del skeleton
+    torch_dtype = getattr(torch, dtype)
+    item = torch.tensor([], dtype=torch_dtype).element_size()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, dims in tensors:
+        n = item * int(torch.Size(dims).numel())
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, dims))
+        size += n
+    gen = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
+                 else "model.safetensors")
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, dims in shard:
+            n = item * int(torch.Size(dims).numel())
+            header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(dims),
+                           "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[key] = fname
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with (folder / fname).open("wb") as fh:
+            fh.write(struct.pack("<Q", len(head)) + head)
+            for key, dims in shard:
+                # Norm weights are ones (as initialised); everything else N(0, 0.02), as transformers inits.
+                t = (torch.ones(dims, dtype=torch_dtype) if len(dims) == 1 and key.endswith("norm.weight")
+                     else torch.randn(dims, generator=gen).mul_(0.02).to(torch_dtype))
+                fh.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+                del t
+        total += offset
+    if len(shards) > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(folder)
+    return folder

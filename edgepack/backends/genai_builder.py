@@ -11,6 +11,9 @@ and compare the exported graph's logits with torch's.
   expects one flat setting plus `rope_local_base_freq` (KeyError: 'rope_type').
 - SmolLM3's NoPE layers (every fourth) turn rotary embedding off inside attention but not outside it, so the
   builder asks for a `position_ids` input it never made (KeyError: 'position_ids').
+
+With `--edgepack-streaming` (first argument) the builder reads and quantizes one decoder layer at a time
+(streaming.py): the exporter asks for it for the int4/int8 `default` algorithm, whose output it leaves unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import runpy
 import sys
 from typing import Any
+
+STREAMING_FLAG = "--edgepack-streaming"
 
 
 def adapt_config(config: Any) -> Any:
@@ -63,6 +68,11 @@ def main() -> None:
 
     transformers.AutoConfig.from_pretrained = from_pretrained  # type: ignore[method-assign]
     _patch_smollm3()
+    if sys.argv[1:2] == [STREAMING_FLAG]:
+        del sys.argv[1]
+        from edgepack.backends import streaming
+
+        streaming.install(load_config=load)
     sys.argv[0] = "onnxruntime_genai.models.builder"
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 

@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats, run_logged
+from edgepack.backends import exporters, kv_cache, streaming
+from edgepack.backends.base import ExportedModel, GraphStats
+from edgepack.build_memory import out_of_memory, run_converter
 from edgepack.errors import BuilderCrashError, ModelError, UserError, require
 from edgepack.families import ConfigShape, Family, shape_of
 from edgepack.families import check as check_family
@@ -44,9 +45,17 @@ def layer_indices(q: QuantizeSpec, num_layers: int) -> list[int]:
     return sorted(set(out))
 
 
-def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0,
-                    windowed: bool = False) -> tuple[str, dict[str, str]]:
-    """Profile quantization knobs → (builder precision, builder extra_options)."""
+def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0, windowed: bool = False,
+                    kv_cache: str = "auto", execution_provider: str = "cpu",
+                    source: str = "") -> tuple[str, dict[str, str]]:
+    """Profile quantization knobs → (builder precision, builder extra_options).
+
+    `kv_cache` (runtime.kv_cache) is checked here, before the builder runs: a value this exporter cannot make is a
+    TargetError naming the allowed ones. The builder itself is always asked for its float KV cache: its quantized
+    cache needs scales calibrated on that graph, which kv_cache.apply computes and writes in afterwards."""
+    from edgepack.backends import kv_cache as kv_rule
+
+    kv_rule.resolve(kv_cache, execution_provider=execution_provider, scheme=q.scheme, source=source)
     opts: dict[str, str] = {}
     if windowed:
         # The builder's window-sized KV cache for sliding layers (its default) fails in onnxruntime-genai 0.18
@@ -134,9 +143,10 @@ def set_context_length(genai_config: Path, wanted: int) -> int:
     cfg = json.loads(genai_config.read_text())
     own = int(cfg["model"]["context_length"])
     if wanted > own:
+        # api.build chooses the context first (plan.choose_context): this is reached only by other callers.
         raise UserError(f"runtime.context_length = {wanted} is longer than the model's own context ({own} tokens).",
-                        hint=f"Set runtime.context_length to at most {own} in the target (0 = the model's own).",
-                        field="runtime.context_length", model_context=own)
+                        hint=f"Pass --context {own} or less, or set runtime.context_length to at most {own} in the "
+                             "target (0 = the model's own).", field="runtime.context_length", model_context=own)
     context = wanted or own
     cfg["model"]["context_length"] = context
     cfg["search"]["max_length"] = context
@@ -200,22 +210,34 @@ class OnnxExporter:
         tied = bool(config.get("tie_word_embeddings", False))
         precision, opts = builder_options(target.quantize, tied=tied,
                                           num_layers=int(config.get("num_hidden_layers", 0)),
-                                          windowed=shape_of(source.hf_dir / "config.json").windowed)
-        # The builder, with the fixes its 0.18 release needs for current checkpoints (genai_builder.py).
-        cmd = [sys.executable, "-m", "edgepack.backends.genai_builder", "-i", str(source.hf_dir),
+                                          windowed=shape_of(source.hf_dir / "config.json").windowed,
+                                          kv_cache=target.runtime.kv_cache,
+                                          execution_provider=target.export.execution_provider, source=target.source)
+        # The builder, with the fixes its 0.18 release needs for current checkpoints (genai_builder.py), reading
+        # and quantizing layer by layer where edgepack can (streaming.py: the same bytes, a layer's memory).
+        cmd = [sys.executable, "-m", "edgepack.backends.genai_builder", *streaming.flag(target.quantize),
+               "-i", str(source.hf_dir),
                "-o", str(out_dir), "-p", precision, "-e", target.export.execution_provider,
                "-c", str(work_dir / "builder-cache")]
         if opts:
             cmd += ["--extra_options", *[f"{k}={v}" for k, v in opts.items()]]
         progress(ProgressEvent("export", f"onnxruntime-genai builder: {precision} on "
                                          f"{target.export.execution_provider}, {opts}"))
-        code, tail = run_logged(cmd, work_dir / "builder.log")
+        run = run_converter(cmd, work_dir / "builder.log")
+        code, tail = run.code, run.tail
         if code != 0 or not (out_dir / "genai_config.json").is_file():
+            # Killed for memory (the OOM killer's SIGKILL, a MemoryError) is the machine's size, not a bug.
+            oom = out_of_memory(run, tool="onnxruntime-genai model builder", model=source.name,
+                                config=config, target=target)
+            if oom is not None:
+                raise oom
             # The profile and the family were checked before: a crash here is the builder's (or ours).
             raise BuilderCrashError(
                 f"the onnxruntime-genai model builder crashed (exit {code}) exporting {source.name} "
                 f"({source.architecture}).", tool="onnxruntime-genai builder", command=" ".join(cmd),
                 log_tail=tail)
+        progress(ProgressEvent("export", f"builder done in {run.seconds:.0f} s, its peak RSS "
+                                         f"{run.peak_rss / 2**20:,.0f} MiB"))
         # The builder writes the tokenizer too; keep only what the runtime reads.
         for junk in ("builder-cache",):
             p = out_dir / junk
@@ -234,6 +256,13 @@ class OnnxExporter:
             gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal,
                        head=target.quantize.algorithm == "imatrix", progress=progress,
                        method=target.quantize.algorithm, symmetric=target.quantize.symmetric)
+        if target.runtime.kv_cache in kv_cache.QUANTIZED:
+            # Calibrated on this graph, final weights included (after GPTQ/imatrix), then written into it.
+            kv = kv_cache.apply(out_dir, source.hf_dir, target.runtime.kv_cache, work_dir / "kv-cache",
+                                context=target.runtime.context_length or kv_cache.CALIBRATION_TOKENS,
+                                execution_provider=target.export.execution_provider)
+            progress(ProgressEvent("export", f"KV cache {kv.dtype} ({kv.scheme}): scales calibrated on "
+                                             f"{kv.layers} layers in {kv.seconds:.0f} s"))
         _make_reproducible(out_dir / "model.onnx")
         cap = window_cap(shape_of(source.hf_dir / "config.json"))
         context = set_context_length(out_dir / "genai_config.json", target.runtime.context_length or cap)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats, run_logged
+from edgepack.backends.base import ExportedModel, GraphStats
 from edgepack.backends.litert_convert import problem as litert_problem
+from edgepack.build_memory import out_of_memory, run_converter
 from edgepack.errors import ModelError, UserError, require
 from edgepack.families import Family, shape_of
 from edgepack.families import check as check_family
@@ -187,10 +188,15 @@ class TfliteExporter:
                                + (f" block {q.block_size}" if q.scheme == "int4" else "")
                                + f", KV cache {kv_len}, prefill {PREFILL_LEN}, packaged as .{package}"
                                + (f" (ONNX-only knobs ignored: {', '.join(ignored)})" if ignored else "")))
-        code, tail = run_logged([sys.executable, "-m", "edgepack.backends.litert_convert", str(spec_path)],
-                                work_dir / "litert-convert.log", TF_CPP_MIN_LOG_LEVEL="2")
+        run = run_converter([sys.executable, "-m", "edgepack.backends.litert_convert", str(spec_path)],
+                            work_dir / "litert-convert.log", TF_CPP_MIN_LOG_LEVEL="2")
+        code, tail = run.code, run.tail
         if code == 3 and result_path.is_file():
             raise UserError(**json.loads(result_path.read_text())["error"])
+        oom = out_of_memory(run, tool="litert-torch converter", model=source.name, config=config,
+                            target=target) if code != 0 else None
+        if oom is not None:  # killed for memory: the machine's size, not the model's fault
+            raise oom
         if code != 0:
             raise UserError(f"litert-torch failed to convert {source.name} (exit {code}).",
                             hint="Its last lines are in the error's 'log_tail'.", log_tail=tail)

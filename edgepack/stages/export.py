@@ -9,6 +9,7 @@ from typing import Any
 
 from edgepack.backends import exporters
 from edgepack.backends.base import ExportedModel
+from edgepack.build_memory import BuildCost, check_build_memory
 from edgepack.cache import Cache, export_key, exported_from, gate_key, report_from
 from edgepack.cache import enabled as cache_enabled
 from edgepack.models import ModelSource
@@ -45,7 +46,9 @@ class Exported:
 
 
 def export(source: ModelSource, target: TargetProfile, model_dir: Path, work: Path, progress: ProgressFn, *,
-           use_cache: bool) -> Exported:
+           use_cache: bool, cost: BuildCost | None = None) -> Exported:
+    """The target's export, from the cache when it has it; else, when `cost` (the build's plan on this machine)
+    does not fit the machine's memory, refused before the converter starts (build_memory.check_build_memory)."""
     cache = Cache() if use_cache and cache_enabled() else None
     key = export_key(source, target) if cache else {}
     hit = cache.get_export(key, model_dir) if cache else None
@@ -56,6 +59,8 @@ def export(source: ModelSource, target: TargetProfile, model_dir: Path, work: Pa
     if hit is not None and hit.discarded:
         progress(ProgressEvent("export", f"the build cache's export for this build was discarded: {hit.discarded}; "
                                          "exporting again"))
+    if cost is not None:
+        check_build_memory(cost, source.name)
     model = exporters.get(target.export.format).export(source, target, model_dir, work, progress)
     content = ""
     if cache:

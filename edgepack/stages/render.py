@@ -168,7 +168,9 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, option
 
 
 def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-              reqs: list[str], lock: list[LockedWheel], family: str) -> dict[str, Any]:
+              reqs: list[str], lock: list[LockedWheel], family: str, *, context: Any = None) -> dict[str, Any]:
+    """The manifest's document (less files and id); `context` (plan.ContextChoice) records why the bundle holds
+    runtime.context_length tokens."""
     import hashlib
 
 
@@ -195,7 +197,10 @@ def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported
         "runtime": {"template": target.runtime.template, "requirements": reqs, "wheels": [w.file for w in lock],
                     "wheel_lock": to_jsonable(lock),
                     "execution_provider": target.export.execution_provider,
-                    "context_length": exported.context_length},
+                    "context_length": exported.context_length,
+                    **({"context": {"source": context.source, "requested": context.requested,
+                                    "model_context": context.model_context, "reason": context.reason}}
+                       if context is not None else {})},
         "smoke": smoke_spec(report, target),
         "tools": tool_versions(),
         "validated": report.validated,

@@ -1,0 +1,372 @@
+"""Bounded-memory export: the onnxruntime-genai builder, made to read and quantize one decoder layer at a time.
+
+Left alone, the 0.18 builder holds the whole model three times over at its peak (docs/design.md, "Build
+memory"): the transformers model (bf16, memory-mapped), the float graph turned into one ONNX protobuf with every
+MatMul weight cast to fp32 (`to_nbits` → `ir.to_proto`) and the quantizer's output beside it: ~7 bytes per
+parameter measured at 1.1B, and past 16 GB at 3.8B. Installed into the builder's process (genai_builder.py,
+`--edgepack-streaming`), this module changes two things and nothing about the graph:
+
+- **Weights are read lazily.** The model is built on the meta device (no memory, no random init), and each
+  decoder layer's tensors are read from the safetensors files (plain reads, no mmap, so nothing stays mapped)
+  just before the builder turns that layer into nodes, and dropped right after. Tensors outside the decoder
+  layers (embedding, final norm, head) are read up front.
+- **Each MatMul weight is quantized when the builder makes it**, with the very quantizer the builder's
+  `to_nbits` pass would have run later over the whole fp32 graph (onnxruntime's MLAS blockwise kernel, the
+  `default` algorithm), under the same initializer and node names, so the saved model is the same bytes
+  (tests/scale, tests/integration/test_build_tiny.py). The float weight is never kept, and since nothing is
+  left to quantize, the whole-graph pass is skipped.
+
+So the peak is about one layer in float plus the quantized model being assembled (~0.6 bytes per parameter).
+Anything this does not know how to stream (another algorithm, a builder subclass with its own loader, an
+adapter, a checkpoint whose tensor names the model does not use) falls back to the builder's own path for that
+part, which is correct and only as big as before.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgepack.targets import QuantizeSpec
+
+_SLAB = 4096  # output columns quantized at once
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def log(message: str) -> None:
+    # The builder's own progress goes to stdout; ours goes beside it (bench/build_memory.py splits phases on it).
+    print(f"streaming: {message}", flush=True)
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint (one file or sharded with an index), read one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for path in files:
+            with path.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            base = 8 + size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.entries[name] = (path, info["dtype"], tuple(info["shape"]), base + start, end - start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> Any:
+        """The tensor, in anonymous memory of its own (freed with it)."""
+        import torch
+
+        path, dtype, shape, offset, nbytes = self.entries[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with path.open("rb", buffering=0) as fh:
+            fh.seek(offset)
+            view = buf.numpy().data
+            got = 0
+            while got < nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise OSError(f"{path} ends before tensor {name}")
+                got += n
+        return buf.view(getattr(torch, _ST_DTYPES[dtype])).reshape(shape)
+
+
+class LazyWeights:
+    """A transformers model on the meta device whose parameters are read from the checkpoint on demand."""
+
+    def __init__(self, model: Any, checkpoint: Checkpoint, dtype: Any) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        # Tied parameters are one Parameter under several names: group the slots, read the tensor once.
+        self.groups: dict[int, list[tuple[Any, str, str]]] = {}
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for pname, param in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                self.groups.setdefault(id(param), []).append((module, pname, full))
+
+    def missing(self) -> list[str]:
+        return [slots[0][2] for slots in self.groups.values()
+                if not any(full in self.checkpoint for _, _, full in slots)]
+
+    def _params_under(self, root: Any) -> list[list[tuple[Any, str, str]]]:
+        ids = {id(p) for p in root.parameters()}
+        return [slots for key, slots in self.groups.items() if key in ids]
+
+    def load(self, root: Any) -> None:
+        import torch
+
+        for slots in self._params_under(root):
+            module, pname, _ = slots[0]
+            if not getattr(module, pname).is_meta:
+                continue
+            name = next(full for _, _, full in slots if full in self.checkpoint)
+            tensor = self.checkpoint.read(name)
+            if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+                tensor = tensor.to(self.dtype)
+            param = torch.nn.Parameter(tensor, requires_grad=False)
+            for m, p, _ in slots:
+                m._parameters[p] = param
+
+    def release(self, root: Any) -> None:
+        """Every parameter under `root` back to meta, including those the builder hung on the layer itself (it
+        splits fused qkv/gate_up weights into new Linear modules whose weights are views of the fused one).
+        What the graph still references (norm weights, float MatMuls) stays alive there."""
+        import torch
+
+        for module in root.modules():
+            for pname, old in list(module._parameters.items()):
+                if old is not None and not old.is_meta:
+                    module._parameters[pname] = torch.nn.Parameter(
+                        torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False)
+
+    def modules(self, is_layer: Callable[[Any], bool]) -> Iterator[Any]:
+        """model.modules(), with each decoder layer loaded while the builder turns it into nodes."""
+        import torch
+
+        layer = 0
+        for module in torch.nn.Module.modules(self.model):  # the class's: the instance's own is this method
+            if is_layer(module):
+                self.load(module)
+                yield module  # the builder makes this whole layer before asking for the next module
+                self.release(module)
+                layer += 1
+                if layer % 4 == 1:
+                    log(f"layer {layer - 1} read, quantized and released")
+            else:
+                yield module
+
+
+def _lazy_model(builder: Any, input_path: str, load_config: Callable[..., Any]) -> Any:
+    """The builder's model, with lazily read weights; None where only the builder's own loader will do."""
+    import torch
+    import transformers
+
+    if (input_path.endswith(".gguf") or builder.quant_type is not None or "adapter_path" in builder.extra_options
+            or builder.hf_remote or "num_hidden_layers" in builder.extra_options):
+        return None
+    # The builder's own class map: anything but a plain *ForCausalLM loads another class.
+    if any(k in builder.model_type for k in ("gemma3_vl_text", "lfm2_vl", "mistral3_text", "Mistral3", "qwen2_5_vl",
+                                             "Qwen2_5_VL", "qwen3_vl", "Qwen3VL", "qwen3_5", "Whisper")):
+        return None
+    folder = Path(builder.model_name_or_path)
+    if not folder.is_dir():
+        return None
+    checkpoint = Checkpoint(folder)
+    if not checkpoint.entries:
+        return None
+    config = load_config(str(folder))
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval()
+    weights = LazyWeights(model, checkpoint, dtype if isinstance(dtype, torch.dtype) else None)
+    missing = weights.missing()
+    if missing:
+        log(f"checkpoint lacks {missing[:3]} (names the model does not use): loading it whole")
+        return None
+    # Everything outside the decoder layers (embedding, final norm, head) is read now, as the builder may reach
+    # it from anywhere; the layers are read one by one as the builder walks the model.
+    layer_params = {id(p) for m in model.modules() if builder.is_layer(m) for p in m.parameters()}
+    for slots in weights.groups.values():
+        module, pname, _ = slots[0]
+        if id(getattr(module, pname)) not in layer_params:
+            weights.load(module)
+    model.modules = lambda: weights.modules(builder.is_layer)
+    log(f"reading {len(checkpoint.entries)} tensors lazily from {folder}")
+    return model
+
+
+def _stream_bits(builder: Any, matmul: Any, name: str) -> int | None:
+    """The bits this MatMul is quantized to now, or None to leave it to the builder's own path."""
+    import onnx_ir as ir
+
+    qa = builder.quant_attrs
+    if (builder.onnx_dtype not in {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}
+            or qa.get("use_qdq") or getattr(builder, "quantization_algo", "default") != "default"
+            or "MatMul" not in qa["op_types_to_quantize"] or name in qa["nodes_to_exclude"]
+            or name in getattr(builder, "exact_quant_override_names", set())
+            or (builder.ep == "cuda" and builder.matmul_attrs.get("weights_prepacked", 0) > 0)
+            or getattr(matmul, "weight", None) is None or matmul.weight.dim() != 2):
+        return None
+    if _weight_shared(builder, name[1:].replace("/", ".") + ".weight"):
+        return None
+    custom = (getattr(builder, "int4_customized_weight_config", {}) or {}).get(name)
+    return int(custom["bits"]) if custom else int(qa["bits"])
+
+
+def _quantize_matmul(builder: Any, matmul: Any, name: str, root_input: str, bits: int, **kwargs: Any) -> str:
+    """What `to_nbits` would have made of this MatMul (onnxruntime's DEFAULT quantizer), made now."""
+    import ml_dtypes
+    import numpy as np
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import to_torch_dtype
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    qa = builder.quant_attrs
+    config = DefaultWeightOnlyQuantConfig(block_size=qa["matmul_block_size"], is_symmetric=qa["is_symmetric"],
+                                          accuracy_level=qa["accuracy_level"], quant_format=QuantFormat.QOperator,
+                                          op_types_to_quantize=tuple(qa["op_types_to_quantize"]), bits=bits)
+    quantizer = DefaultWeightOnlyQuantizer(config)
+    dtype = to_torch_dtype(builder.io_dtype)
+    bf16 = builder.io_dtype == ir.DataType.BFLOAT16
+    weight_nk = matmul.weight.detach()
+    n, k = weight_nk.shape
+    parts: list[tuple[Any, Any, Any]] = []
+    # Each output column is quantized on its own (blocks run along K), so the matrix is done a slab of columns
+    # at a time: the fp32 copy the kernel needs is one slab (the head's alone is 0.4 GB at 3.8B), not the matrix.
+    # The values are those the float path would have stored: weight.T cast to the graph's io type, [K, N].
+    for start in range(0, n, _SLAB):
+        slab = weight_nk[start:start + _SLAB].to(dtype)
+        array = (slab.float() if bf16 else slab).T.contiguous().numpy()
+        parts.append(quantizer.qbits_block_quant(array))
+        del slab, array
+    packed, scales, zero_points = (np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+                                   for i in range(3))
+    del parts
+    if bf16:
+        scales = scales.astype(ml_dtypes.bfloat16)
+    weight = name[1:].replace("/", ".") + ".weight"
+    builder.make_initializer(packed, weight + f"_Q{bits}")
+    builder.make_initializer(scales, weight + "_scales")
+    inputs = [root_input, weight + f"_Q{bits}", weight + "_scales"]
+    if not qa["is_symmetric"]:
+        builder.make_initializer(zero_points, weight + "_zero_points")
+        inputs.append(weight + "_zero_points")
+    attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": qa["matmul_block_size"]}
+    if qa["accuracy_level"]:
+        attrs["accuracy_level"] = qa["accuracy_level"]
+    output = "logits" if kwargs.get("logits", False) else f"{name}/output_0"
+    builder.make_node("MatMulNBits", inputs=inputs, outputs=[output], name=name + f"_Q{bits}",
+                      domain="com.microsoft", **dict(sorted(attrs.items())))
+    seq_dim = kwargs.get("seq_dim", "sequence_length")
+    builder.make_value(output, builder.io_dtype, shape=builder.make_hidden_state_shape(seq_dim=seq_dim, last_dim=n))
+    custom = name in (getattr(builder, "int4_customized_weight_config", {}) or {})
+    builder._edgepack_streamed = [*getattr(builder, "_edgepack_streamed", []), (custom, bits, inputs[1:])]
+    return name
+
+
+def _left_to_quantize(builder: Any) -> list[str]:
+    """The nodes the whole-graph pass would still quantize: eligible, not excluded, with a constant weight."""
+    qa = builder.quant_attrs
+    exclude = set(qa["nodes_to_exclude"])
+    left = []
+    for node in builder.model.graph:
+        if node.op_type not in qa["op_types_to_quantize"] or node.name in exclude:
+            continue
+        i = 0 if node.op_type == "Gather" else 1
+        if len(node.inputs) > i and node.inputs[i] is not None and node.inputs[i].const_value is not None:
+            left.append(node.name)
+    return left
+
+
+def _attributes_as_rebuilt(graph: Any) -> None:
+    """The whole-graph pass rebuilds every node that holds a subgraph (If) with onnx.helper.make_node, which sorts
+    its attributes by name: the same here, for the same model.onnx bytes (LongRoPE's rope-cache If)."""
+    import onnx_ir as ir
+
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            ordered = sorted(node.attributes.items())
+            node.attributes.clear()
+            node.attributes.update(ordered)
+
+
+def _weight_shared(builder: Any, weight: str) -> bool:
+    """Whether a node made earlier reads this MatMul's float weight (a tied embedding that the whole-graph pass
+    quantizes on its own, asymmetric): then the float weight must exist, as the builder made it."""
+    return any(v is not None and v.name == weight for node in builder.model.graph for v in node.inputs)
+
+
+def _return_freed_memory() -> None:
+    """Serve large allocations from mmap at a fixed threshold. glibc raises the threshold after each large free
+    (up to 32 MB), after which a layer's tensors come from the heap and freed layers stay in the process:
+    measured at 1.1B, 1.8 GB peak with this and 2.7 GB without."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MB
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def install(load_config: Callable[..., Any]) -> None:
+    """Patch the builder's Model class (imported as the builder imports it) to stream."""
+    import importlib
+
+    import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as it expects)
+
+    _return_freed_memory()
+    base = importlib.import_module("builders.base")
+    Model = base.Model
+    original_load, original_float, original_nbits = Model.load_weights, Model.make_matmul_float, Model.to_nbits
+
+    def load_weights(self: Any, input_path: str) -> Any:
+        model = _lazy_model(self, input_path, load_config) if type(self).load_weights is load_weights else None
+        return model if model is not None else original_load(self, input_path)
+
+    def make_matmul_float(self: Any, matmul: Any, name: str, root_input: str, **kwargs: Any) -> str:
+        bits = _stream_bits(self, matmul, name)
+        if bits is None:
+            return original_float(self, matmul, name, root_input, **kwargs)
+        return _quantize_matmul(self, matmul, name, root_input, bits, **kwargs)
+
+    def to_nbits(self: Any) -> Any:
+        streamed = getattr(self, "_edgepack_streamed", [])
+        if streamed:
+            # The whole-graph pass appends the quantized weights after every other initializer, in node order:
+            # the int4 body first, then one pass per bit width of the nodes placed at another (int8 head,
+            # sensitive layers). The same order here gives the same bytes in model.onnx.data.
+            custom = getattr(self, "int4_customized_weight_config", {}) or {}
+            passes = [(False, None), *((True, b) for b in dict.fromkeys(int(c["bits"]) for c in custom.values()))]
+            inits = self.model.graph.initializers
+            for is_custom, width in passes:
+                for name in (n for c, b, names in streamed if c == is_custom and width in (None, b) for n in names):
+                    inits[name] = inits.pop(name)
+        left = _left_to_quantize(self)
+        if streamed and not left:
+            log(f"{len(streamed)} MatMuls were quantized as the graph was made: skipping the whole-graph pass")
+            self.model.opset_imports.setdefault("com.microsoft", 1)
+            _attributes_as_rebuilt(self.model.graph)
+            return self.model
+        if streamed:
+            # Correct, and as big as the builder's own pass (the quantized weights are copied, not re-made).
+            log(f"{len(left)} nodes left for the builder's whole-graph pass: {left[:3]}")
+        return original_nbits(self)
+
+    Model.load_weights = load_weights
+    Model.make_matmul_float = make_matmul_float
+    Model.to_nbits = to_nbits
+
+
+def streams(scheme: str, algorithm: str) -> bool:
+    """Whether the build streams: int4/int8 with the builder's `default` (MLAS round-to-nearest) algorithm. Others
+    keep the builder's whole-graph pass."""
+    return scheme in ("int4", "int8") and algorithm == "default"
+
+
+def flag(q: QuantizeSpec) -> list[str]:
+    """The genai_builder argument that turns streaming on, for the quantize specs it builds unchanged."""
+    from edgepack.backends.genai_builder import STREAMING_FLAG
+
+    return [STREAMING_FLAG] if streams(q.scheme, q.algorithm) else []

@@ -1,0 +1,161 @@
+"""The build machine planned like the device: the estimate, the cgroup reader (on fake trees: fast), the refusal,
+and a converter that dies for memory told apart from one that crashes (real processes)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgepack.build_memory import (
+    EXPORT_COSTS,
+    GIB,
+    MEMORY_ENV,
+    MIB,
+    Cgroup,
+    MachineMemory,
+    build_cost,
+    check_build_memory,
+    cost_of,
+    export_peak,
+    find_cgroup,
+    machine_memory,
+    oom_kills,
+    out_of_memory,
+    run_converter,
+)
+from edgepack.errors import BuildOutOfMemoryError, UserError
+from edgepack.targets import load_target
+
+TINYLLAMA = 1_100_048_384  # TinyLlama-1.1B's parameters
+PHI35_MINI = 3_821_079_552  # Phi-3.5-mini's
+
+
+def _machine(budget_gib: float, *, cores: int = 2) -> MachineMemory:
+    return MachineMemory(total=int(budget_gib * GIB) or 64 * GIB, available=64 * GIB, cgroup=None,
+                         override=int(budget_gib * GIB), cores=cores)
+
+
+def test_the_builder_is_costed_at_ten_bytes_per_parameter_unless_it_streams() -> None:
+    """The issue's measurements: the whole-graph builder (k-quant, rtn, fp32) peaks ~12 GB at 1.1B and ~38 GB at 3.8B;
+    the streamed builder (int4/int8, algorithm "default") ~1.6 GB and ~3.5 GB (docs/performance.md)."""
+    assert EXPORT_COSTS["onnx"].bytes_per_param == 10.0
+    whole = export_peak("onnx", "int4", TINYLLAMA, "k_quant")
+    assert 11 * GIB < whole < 14 * GIB
+    assert export_peak("onnx", "int4", PHI35_MINI, "k_quant") > 36 * GIB
+    assert export_peak("onnx", "fp32", 2 * TINYLLAMA) - export_peak("onnx", "fp32", TINYLLAMA) == 10 * TINYLLAMA
+    assert cost_of("onnx", "int4", "k_quant", TINYLLAMA, _machine(16)).fits
+    assert not cost_of("onnx", "int4", "k_quant", PHI35_MINI, _machine(16)).fits
+    # Streaming: bounded by about a byte per parameter, so 3.8B's export fits an 8 GB runner.
+    streamed = export_peak("onnx", "int4", PHI35_MINI)
+    assert 3 * GIB < streamed < 6 * GIB and export_peak("onnx", "int8", TINYLLAMA) < 2.5 * GIB
+    # An exporter with no row of its own is costed like the builder, never as free.
+    assert export_peak("some-new-exporter", "int4", TINYLLAMA) == export_peak("onnx", "fp32", TINYLLAMA)
+
+
+def test_build_cost_reads_the_target_and_the_config() -> None:
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+              "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+              "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
+              "tie_word_embeddings": False}
+    cost = build_cost(config, load_target("rpi5"), _machine(8))
+    assert cost.params == TINYLLAMA and cost.exporter == "onnx" and not cost.fits
+    assert cost.peak == cost.export_peak > cost.gate_peak
+    assert "16" not in cost.bounded_by and cost.bounded_by.startswith(f"${MEMORY_ENV}")
+    assert "at least 13.4 GiB" in cost.suggestion and "quantize.scheme does not help" in cost.suggestion
+    # rpi5's k-quant pass costs ~1 GiB more than the builder's plain pass: where only that fits, it is named.
+    nearly = build_cost(config, load_target("rpi5"), _machine(12.5))
+    assert not nearly.fits and 'quantize.algorithm = "default"' in nearly.suggestion
+    # ~11 min measured for this shape with k_quant on 2 cores (the issue): the rough time is that order.
+    assert 5 * 60 < cost.seconds < 15 * 60
+
+
+def test_refused_before_exporting_with_the_limit_and_what_would_hold_it() -> None:
+    cost = cost_of("onnx", "int4", "k_quant", PHI35_MINI, _machine(16))
+    with pytest.raises(BuildOutOfMemoryError) as exc:
+        check_build_memory(cost, "phi-3.5-mini")
+    err = exc.value
+    assert err.code == "build_out_of_memory" and err.exit_code == 1
+    assert err.fields["stage"] == "plan" and err.fields["limit_mib"] == 16 * 1024
+    assert err.fields["planned_peak_mib"] > 36 * 1024 and err.fields["measured_peak_mib"] is None
+    assert "nothing was exported" in err.message and "16.0 GiB" in err.message
+    assert err.hint is not None and "build machine (or runner) with at least" in err.hint
+    assert f"{MEMORY_ENV}=0" in err.hint and "edgepack plan" in err.hint
+    check_build_memory(cost_of("onnx", "int4", "k_quant", PHI35_MINI, _machine(0)), "x")  # 0: the check is off
+
+
+def test_the_override_is_mib_and_zero_turns_the_check_off(tmp_path: Path) -> None:
+    nothing = tmp_path / "none"
+    m = machine_memory(proc_cgroup=nothing, root=nothing, meminfo=nothing, env={MEMORY_ENV: "1024"})
+    assert m.budget == 1024 * MIB and MEMORY_ENV in m.bounded_by
+    off = machine_memory(proc_cgroup=nothing, root=nothing, meminfo=nothing, env={MEMORY_ENV: "0"})
+    assert off.budget == 0 and cost_of("onnx", "int4", "default", PHI35_MINI, off).fits
+    with pytest.raises(UserError, match=MEMORY_ENV):
+        machine_memory(proc_cgroup=nothing, root=nothing, meminfo=nothing, env={MEMORY_ENV: "16G"})
+
+
+def _v1_tree(tmp_path: Path, limits: dict[str, str], ooms: dict[str, int]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for rel, limit in limits.items():
+        d = root / "memory" / rel
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.limit_in_bytes").write_text(limit + "\n")
+        (d / "memory.oom_control").write_text(f"oom_kill_disable 0\nunder_oom 0\noom_kill {ooms.get(rel, 0)}\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("9:name=systemd:/\n4:memory:/ci/job7\n3:cpuset:/\n0::/\n")
+    return proc, root
+
+
+def test_cgroup_v1_limit_is_the_smallest_on_the_way_to_the_root(tmp_path: Path) -> None:
+    unlimited = "9223372036854771712"
+    proc, root = _v1_tree(tmp_path, {"": unlimited, "ci": str(16 * GIB), "ci/job7": unlimited}, {"ci": 2})
+    cg = find_cgroup(proc, root)
+    assert cg is not None and cg.version == 1 and cg.folder == root / "memory" / "ci" / "job7"
+    assert cg.limit == 16 * GIB and cg.limit_file.endswith("ci/memory.limit_in_bytes")
+    assert oom_kills(cg) == 2
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {64 * 1024 * 1024} kB\nMemAvailable: {60 * 1024 * 1024} kB\n")
+    m = machine_memory(proc_cgroup=proc, root=root, meminfo=meminfo, env={})
+    assert m.budget == 16 * GIB and "cgroup" in m.bounded_by
+    # With more in the cgroup than the machine has available, the machine bounds it.
+    meminfo.write_text(f"MemTotal: {64 * 1024 * 1024} kB\nMemAvailable: {8 * 1024 * 1024} kB\n")
+    m = machine_memory(proc_cgroup=proc, root=root, meminfo=meminfo, env={})
+    assert 8 * GIB <= m.budget < 16 * GIB and "MemAvailable" in m.bounded_by
+
+
+def test_cgroup_v2_reads_memory_max_and_memory_events(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    job = root / "runner" / "job"
+    job.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (root / "runner" / "memory.max").write_text(f"{7 * GIB}\n")
+    (job / "memory.max").write_text("max\n")
+    (job / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("0::/runner/job\n")
+    cg = find_cgroup(proc, root)
+    assert cg is not None and cg.version == 2 and cg.limit == 7 * GIB and oom_kills(cg) == 1
+    # A namespaced view ("/" inside a container whose cgroup is the mount's root) reads the root's files.
+    proc.write_text("0::/elsewhere\n")
+    assert find_cgroup(proc, root) == Cgroup(2, root, (root,), 0, "")
+    assert find_cgroup(tmp_path / "missing", root) is None
+
+
+def test_a_converter_killed_with_sigkill_is_out_of_memory_not_a_crash(tmp_path: Path) -> None:
+    killed = run_converter([sys.executable, "-c", "import os, signal; b = bytearray(64 << 20); "
+                            "os.kill(os.getpid(), signal.SIGKILL)"], tmp_path / "killed.log")
+    assert killed.code == -signal.SIGKILL and killed.peak_rss >= 64 * MIB
+    err = out_of_memory(killed, tool="test converter", model="m", machine=_machine(16))
+    assert err is not None and err.code == "build_out_of_memory" and err.exit_code == 1
+    assert err.fields["stage"] == "export" and err.fields["measured_peak_mib"] >= 64
+    assert err.fields["limit_mib"] == 16 * 1024 and "SIGKILL" in err.message
+
+    said = run_converter([sys.executable, "-c", "raise MemoryError('cannot hold the graph')"], tmp_path / "me.log")
+    err = out_of_memory(said, tool="test converter", model="m", machine=_machine(16))
+    assert said.code == 1 and err is not None and "MemoryError" in err.message
+
+    crashed = run_converter([sys.executable, "-c", "raise KeyError('rope_type')"], tmp_path / "crash.log")
+    assert crashed.code == 1 and out_of_memory(crashed, tool="t", model="m", machine=_machine(16)) is None
+    assert any("KeyError" in line for line in crashed.tail)
