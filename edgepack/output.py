@@ -159,9 +159,35 @@ def tool_log(command: str) -> Iterator[tuple[TextIO, Path | None]]:
         os.dup2(saved, 2)
         os.close(saved)
         real.close()
-        if path.stat().st_size == 0:
-            path.unlink(missing_ok=True)
-        for old in sorted(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size == 0:
+                path.unlink(missing_ok=True)
+        _rotate(logs)
+
+
+def _rotate(logs: Path) -> None:
+    """Keep the newest KEEP_LOGS logs; never the log of an edgepack that is still running (its pid ends the name):
+    a long build writes nothing for minutes, and a shorter one finishing meanwhile must not delete its log."""
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def running(p: Path) -> bool:
+        pid = p.stem.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    for old in sorted(logs.glob("*.log"), key=mtime)[:-KEEP_LOGS]:
+        if not running(old):
             old.unlink(missing_ok=True)
 
 

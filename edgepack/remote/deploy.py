@@ -6,6 +6,7 @@ Every error says which release is live when it is raised."""
 
 from __future__ import annotations
 
+import base64
 import json
 import posixpath
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ class Device:
                check: bool = True) -> dict[str, Any]:
         """One helper command on the install dir; commands that change it carry the lock's operation id."""
         mutating = cmd in ("mkdirs", "reuse", "remove_extra", "publish", "switch", "rollback", "prune", "install_unit",
-                           "trust", "service_start", "service_stop")
+                           "trust", "service_start", "service_stop", "add_signature")
         argv = ["python3", "-", cmd, self.install_dir, *([self.op] if mutating else []), *args]
         res = self.conn.run(argv, stdin=self.source, what=what, timeout=timeout, check=False)
         if res.exit_code == 127:
@@ -212,6 +213,9 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
         found = dev.helper("locate", bundle_id, what="look for this release on the device")
         reuse = next((f for f in found["folders"] if f["ok"] and (f["installed"] or not f["in_use"])), None)
         if reuse is not None:  # the device's own check (files, id, signature by a key it trusts) comes first
+            if (bundle / SIGNATURE).is_file():  # signed since that copy was deployed: the copy gets the signature
+                dev.helper("add_signature", reuse["folder"], base64.b64encode((bundle / SIGNATURE).read_bytes())
+                           .decode(), what="give the release on the device its signature")
             admit(dev, f"releases/{reuse['folder']}", bundle_id, require=bool(trusted))
         if reuse is not None and reuse["in_use"]:
             # A live copy is never rewritten: only check that its runtime is whole, else send a fresh copy.

@@ -186,13 +186,15 @@ def trusted_keys(root):
     return keys
 
 
-def signature_check(directory, keys, bundle_id):
+def signature_check(directory, keys, bundle_id, sig_path=None):
     """Whether directory's edgepack.json is signed by one of `keys` over its exact bytes, naming `bundle_id`:
-    {"signed": bool, "key_id": str|None, "error": str|None}. Sizes are bounded before anything is read whole."""
+    {"signed": bool, "key_id": str|None, "error": str|None}. Sizes are bounded before anything is read whole.
+    `sig_path`: another signature file to check (default: the folder's own)."""
     import base64
     import binascii
 
-    manifest_path, sig_path = os.path.join(directory, MANIFEST), os.path.join(directory, SIGNATURE)
+    manifest_path = os.path.join(directory, MANIFEST)
+    sig_path = sig_path or os.path.join(directory, SIGNATURE)
     if os.path.islink(sig_path) or not os.path.isfile(sig_path):
         return {"signed": False, "key_id": None, "error": "the release is not signed (no %s)" % SIGNATURE}
     if os.path.getsize(sig_path) > 4096 or os.path.islink(manifest_path):
@@ -247,6 +249,35 @@ def _admit(root, directory, require=False):
     elif os.path.isfile(os.path.join(directory, SIGNATURE)):
         out["signature"] = "present, not checked (this device trusts no key)"
     return out
+
+
+def add_signature(install_dir, op, folder, sig_b64):
+    """Give a release already on the device the signature its bundle now carries (signing does not change the id, so
+    a redeploy of a bundle signed since reuses the release). Written only when it verifies against a key the device
+    trusts: the files are untouched, and a signature is not one of them."""
+    import base64
+    import binascii
+
+    root = _root(install_dir)
+    _require_lock(root, op)
+    directory = _inside(root, "releases", _folder(folder))
+    try:
+        data = base64.b64decode(sig_b64, validate=True)
+    except (ValueError, binascii.Error):
+        data = b""
+    keys = trusted_keys(root)
+    if not data or len(data) > 4096 or not keys:
+        return {"ok": False, "written": False,
+                "error": "no signature" if not data or len(data) > 4096 else "this device trusts no key to check it"}
+    tmp = os.path.join(directory, "." + SIGNATURE + "." + op + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    check = signature_check(directory, keys, _verify_dir(directory)["bundle_id"], sig_path=tmp)
+    if not check["signed"]:
+        os.remove(tmp)
+        return {"ok": False, "written": False, "error": check["error"]}
+    os.replace(tmp, os.path.join(directory, SIGNATURE))
+    return {"ok": True, "written": True, "key_id": check["key_id"]}
 
 
 def admit(install_dir, rel, require="no"):
@@ -1402,6 +1433,8 @@ def _apply(root, op, bundle_id, spec, live, steps):
     if usable is not None:
         folder = usable["folder"]
         steps.append({"name": "verify", "reused": folder})
+        if spec.get("signature"):  # a bundle signed since this copy was deployed: the copy gets its signature
+            add_signature(root, op, folder, spec["signature"])
     else:
         rel = "releases/%s.partial" % bundle_id
         check = verify(root, rel)
@@ -1504,7 +1537,8 @@ def rollback_now(install_dir, holder_json='{"command": "rollback"}'):
     return dict(res, code=None if res.get("ok") else "rollback_unavailable", install_dir=root)
 
 
-COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "admit": admit, "mkdirs": mkdirs, "reuse": reuse,
+COMMANDS = {"facts": facts, "lock": lock, "hashes": hashes, "admit": admit, "add_signature": add_signature,
+            "mkdirs": mkdirs, "reuse": reuse,
             "verify": verify,
             "remove_extra": remove_extra, "locate": locate, "publish": publish, "switch": switch, "status": status,
             "rollback": rollback, "prune": prune, "install_unit": install_unit, "trust": trust,

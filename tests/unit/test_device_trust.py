@@ -198,3 +198,30 @@ def test_what_an_operation_started_is_ended_when_its_identity_matches(tmp_path: 
         ours.kill()
         with __import__("contextlib").suppress(OSError):
             os.kill(orphan, signal.SIGKILL)
+
+
+def test_a_release_on_the_device_gets_its_bundles_later_signature_only_when_it_verifies(tmp_path: Path) -> None:
+    """Signing does not change the id: a redeploy of a bundle signed since reuses the release already there."""
+    import base64
+
+    root = str(tmp_path)
+    sk, pub, kid = keypair(tmp_path / "keys", "ci.key")
+    _, _, other_id = keypair(tmp_path / "keys", "other.key")
+    with holding(tmp_path, "op-1"):
+        bundle_id, staging = release(tmp_path, "a")
+        assert h.publish(root, "op-1", bundle_id)["ok"]
+        h.trust(root, "op-1", kid, pub.read_text().splitlines()[-1])
+        assert not h.switch(root, "op-1", bundle_id)["ok"]  # unsigned, and the device now trusts a key
+        signed = tmp_path / "signed"
+        shutil.copytree(tmp_path / "releases" / bundle_id, signed, ignore=shutil.ignore_patterns(".venv"))
+        wrong = tmp_path / "wrong"
+        shutil.copytree(signed, wrong)
+        sign(signed, sk)
+        sign(wrong, tmp_path / "keys" / "other.key")
+        bad = base64.b64encode((wrong / "edgepack.json.minisig").read_bytes()).decode()
+        got = h.add_signature(root, "op-1", bundle_id, bad)
+        assert not got["written"] and other_id in got["error"]
+        assert not (tmp_path / "releases" / bundle_id / "edgepack.json.minisig").exists()
+        good = base64.b64encode((signed / "edgepack.json.minisig").read_bytes()).decode()
+        assert h.add_signature(root, "op-1", bundle_id, good) == {"ok": True, "written": True, "key_id": kid}
+        assert h.switch(root, "op-1", bundle_id)["ok"]
