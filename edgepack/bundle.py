@@ -191,18 +191,25 @@ def safe_relpath(rel: str) -> PurePosixPath:
 
 
 def read_manifest(bundle: Path) -> Manifest:
+    return read_once(bundle)[1]
+
+
+def read_once(bundle: Path) -> tuple[bytes, Manifest]:
+    """The manifest's bytes, read once, and the Manifest they say: a deploy checks the signature over these bytes,
+    the files against this Manifest, and sends these bytes to the device."""
     path = bundle / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle} is not an edgepack bundle (no {MANIFEST}).",
                           hint="Pass a folder made by `edgepack build`.", path=bundle)
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}).", hint="Rebuild the bundle.", path=path) from exc
     if not isinstance(data, dict):
         raise BundleError(f"{path} is not a manifest (a JSON object).", hint="Rebuild the bundle.", path=path)
     try:
-        return Manifest.from_doc(data, path)
+        return raw, Manifest.from_doc(data, path)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is malformed ({type(exc).__name__}: {exc}).", hint="Rebuild the bundle.",
                           path=path) from exc

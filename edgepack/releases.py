@@ -6,13 +6,12 @@ side is edgepack/remote (one device) and edgepack/fleet.py (ansible-runner)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import MANIFEST, Manifest, verify_bundle
-from edgepack.errors import BundleError, UserError
+from edgepack.bundle import read_once, verify_bundle
+from edgepack.errors import UserError
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
 
@@ -35,25 +34,6 @@ class DeployRequest:
     require_signature: tuple[str, ...] = ()  # minisign public keys (files or base64): refuse anything else
     serve_addr: str = ""  # the service's address on the device; "" = the target's deploy.serve_addr
     target: str | None = None  # this machine's target (id or file) whose [deploy] trusted_keys apply
-
-
-def read_once(bundle: Path) -> tuple[bytes, Manifest]:
-    """The manifest's bytes, read once, and the Manifest they say: the signature is checked over these bytes, the
-    files against this Manifest, and these bytes are what the device receives."""
-    path = bundle / MANIFEST
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{bundle} is not an edgepack bundle (no readable {MANIFEST}).",
-                          hint="Pass a folder made by `edgepack build`.", path=bundle) from exc
-    try:
-        doc = json.loads(data)
-        if not isinstance(doc, dict):
-            raise TypeError("not a JSON object")
-        return data, Manifest.from_doc(doc, path)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{path} is malformed ({type(exc).__name__}: {exc}).", hint="Rebuild the bundle.",
-                          path=path) from exc
 
 
 def latest_bundle(dist: Path) -> Path:

@@ -22,8 +22,6 @@ import runpy
 import sys
 from typing import Any
 
-STREAMING_FLAG = "--edgepack-streaming"
-
 
 def adapt_config(config: Any) -> Any:
     """A transformers config, reshaped where the builder reads an older layout (see the module docstring)."""
@@ -68,10 +66,10 @@ def main() -> None:
 
     transformers.AutoConfig.from_pretrained = from_pretrained  # type: ignore[method-assign]
     _patch_smollm3()
-    if sys.argv[1:2] == [STREAMING_FLAG]:
-        del sys.argv[1]
-        from edgepack.backends import streaming
+    from edgepack.backends import streaming
 
+    if sys.argv[1:2] == [streaming.STREAMING_FLAG]:
+        del sys.argv[1]
         streaming.install(load_config=load)
     sys.argv[0] = "onnxruntime_genai.models.builder"
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)

@@ -359,6 +359,9 @@ def install(load_config: Callable[..., Any]) -> None:
     Model.to_nbits = to_nbits
 
 
+STREAMING_FLAG = "--edgepack-streaming"  # genai_builder's first argument that installs this module
+
+
 def streams(scheme: str, algorithm: str) -> bool:
     """Whether the build streams: int4/int8 with the builder's `default` (MLAS round-to-nearest) algorithm. Others
     keep the builder's whole-graph pass."""
@@ -367,6 +370,4 @@ def streams(scheme: str, algorithm: str) -> bool:
 
 def flag(q: QuantizeSpec) -> list[str]:
     """The genai_builder argument that turns streaming on, for the quantize specs it builds unchanged."""
-    from edgepack.backends.genai_builder import STREAMING_FLAG
-
     return [STREAMING_FLAG] if streams(q.scheme, q.algorithm) else []

@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from edgepack.bundle import MANIFEST, SIGNATURE, Manifest
 from edgepack.errors import RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecorder
 from edgepack.remote.deploy import DeployOutcome
-from edgepack.remote.lock import DeviceLocked, new_op_id
+from edgepack.remote.lock import DeviceLocked, heartbeat, new_op_id
 from edgepack.remote.ssh import CommandResult
 
 ROOT = "/data/local/tmp/edgepack"
@@ -96,20 +95,14 @@ def _locked(adb: Adb, command: str) -> Iterator[str]:
                            "Nothing was changed.",
                            hint=f"Wait for it to finish and run again (a holder that died frees it after "
                                 f"{LOCK_STALE_S} s).", host=adb.serial, holder=h)
-    stop = threading.Event()
+    def touch() -> None:
+        with contextlib.suppress(Exception):  # a slow adb call is not the end of the lock: the next beat retries
+            adb.shell(f"touch {LOCK}/holder", check=False)
 
-    def beat() -> None:
-        while not stop.wait(10.0):
-            with contextlib.suppress(Exception):
-                adb.shell(f"touch {LOCK}/holder", check=False)
-
-    t = threading.Thread(target=beat, name="edgepack-adb-lock", daemon=True)
-    t.start()
     try:
-        yield op
+        with heartbeat(touch, 10.0, "edgepack-adb-lock"):
+            yield op
     finally:
-        stop.set()
-        t.join(timeout=15)
         adb.shell(f"grep -q {shlex.quote(op)} {LOCK}/holder 2>/dev/null && rm -rf {LOCK}", check=False)
 
 

@@ -10,7 +10,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +29,28 @@ def new_op_id() -> str:
 class DeviceLocked(UserError):
     kind = "device-locked"
     code = "device_locked"
+
+
+@contextmanager
+def heartbeat(beat: Callable[[], object], every: float, name: str) -> Iterator[None]:
+    """Call `beat` every `every` seconds in a thread while the block runs; the first failure ends the beats (the
+    link is gone, and the device frees the lock by itself)."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every):
+            try:
+                beat()
+            except Exception:
+                return
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=15)
 
 
 @contextmanager
@@ -59,21 +81,10 @@ def held(conn: Connection, helper_source: str, install_dir: str, command: str) -
             f"{h.get('since', '?')}. Nothing was changed.",
             hint="Wait for it to finish and run again. A holder that died frees the lock by itself (at once if "
                  f"its connection closed, else after {TTL_S} s).", host=conn.hostname, holder=h)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                chan.sendall(b"\n")
-            except Exception:  # the link is gone; the device frees the lock by itself
-                return
-
-    t = threading.Thread(target=beat, name="edgepack-lock-heartbeat", daemon=True)
-    t.start()
     try:
-        yield op
+        with heartbeat(lambda: chan.sendall(b"\n"), HEARTBEAT_S, "edgepack-lock-heartbeat"):
+            yield op
     finally:
-        stop.set()
         try:
             chan.sendall(b"release\n")
             chan.shutdown_write()

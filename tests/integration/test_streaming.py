@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.backends.genai_builder import STREAMING_FLAG
+from edgepack.backends.streaming import STREAMING_FLAG
 
 from ..conftest import needs_onnx
 
