@@ -18,11 +18,12 @@ from typing import Any
 from edgepack.backends import exporters
 from edgepack.build_memory import build_cost, check_build_memory, machine_memory
 from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
+from edgepack.context import ContextChoice, choose_context
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import resolve_model
 from edgepack.output import to_jsonable
-from edgepack.plan import ContextChoice, check_fits, choose_context
+from edgepack.plan import check_fits
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.releases import DeployRequest as DeployRequest  # re-exported: the API is edgepack.api
 from edgepack.releases import DeviceRequest as DeviceRequest

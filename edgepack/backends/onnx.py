@@ -143,7 +143,7 @@ def set_context_length(genai_config: Path, wanted: int) -> int:
     cfg = json.loads(genai_config.read_text())
     own = int(cfg["model"]["context_length"])
     if wanted > own:
-        # api.build chooses the context first (plan.choose_context): this is reached only by other callers.
+        # api.build chooses the context first (context.choose_context): this is reached only by other callers.
         raise UserError(f"runtime.context_length = {wanted} is longer than the model's own context ({own} tokens).",
                         hint=f"Pass --context {own} or less, or set runtime.context_length to at most {own} in the "
                              "target (0 = the model's own).", field="runtime.context_length", model_context=own)

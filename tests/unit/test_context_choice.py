@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from edgepack.context import choose_context
 from edgepack.errors import UserError
-from edgepack.plan import choose_context, plan_for_target
+from edgepack.plan import plan_for_target
 from edgepack.targets import load_target
 
 TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
