@@ -21,7 +21,7 @@ SCHEMA = "edgepack.bundle/1"
 # Files a device may create inside an installed bundle; they are not part of the manifest.
 LOCAL_ONLY = (".venv", "__pycache__", ".cache")  # made on the device: venv, bytecode, XNNPACK cache
 # What a local folder may hold beside its files: the venv its install.sh made, LiteRT-LM's XNNPACK cache. Never in
-# an archive, never a link; bytecode caches are refused everywhere (runs write none: api.runner_command).
+# an archive, never a link; bytecode caches are refused everywhere (runs write none: runs.runner_command).
 LOCAL_MADE = (".venv", ".cache")
 NOT_LISTED = (MANIFEST, SIGNATURE)
 # A bundle name becomes a folder, a systemd unit name and a Python string: keep it to these characters.
