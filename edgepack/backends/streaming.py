@@ -24,128 +24,27 @@ part, which is correct and only as big as before.
 
 from __future__ import annotations
 
-import json
-import struct
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from edgepack.checkpoint import Checkpoint, LazyWeights
 
 if TYPE_CHECKING:
     from edgepack.targets import QuantizeSpec
 
 _SLAB = 4096  # output columns quantized at once
 
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 def log(message: str) -> None:
     # The builder's own progress goes to stdout; ours goes beside it (bench/build_memory.py splits phases on it).
     print(f"streaming: {message}", flush=True)
 
 
-class Checkpoint:
-    """The tensors of a safetensors checkpoint (one file or sharded with an index), read one at a time."""
-
-    def __init__(self, folder: Path) -> None:
-        files = sorted(folder.glob("*.safetensors"))
-        self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
-        for path in files:
-            with path.open("rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-            base = 8 + size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = info["data_offsets"]
-                self.entries[name] = (path, info["dtype"], tuple(info["shape"]), base + start, end - start)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def read(self, name: str) -> Any:
-        """The tensor, in anonymous memory of its own (freed with it)."""
-        import torch
-
-        path, dtype, shape, offset, nbytes = self.entries[name]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        with path.open("rb", buffering=0) as fh:
-            fh.seek(offset)
-            view = buf.numpy().data
-            got = 0
-            while got < nbytes:
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise OSError(f"{path} ends before tensor {name}")
-                got += n
-        return buf.view(getattr(torch, _ST_DTYPES[dtype])).reshape(shape)
-
-
-class LazyWeights:
-    """A transformers model on the meta device whose parameters are read from the checkpoint on demand."""
-
-    def __init__(self, model: Any, checkpoint: Checkpoint, dtype: Any) -> None:
-        self.model = model
-        self.checkpoint = checkpoint
-        self.dtype = dtype
-        # Tied parameters are one Parameter under several names: group the slots, read the tensor once.
-        self.groups: dict[int, list[tuple[Any, str, str]]] = {}
-        for mod_name, module in model.named_modules(remove_duplicate=False):
-            for pname, param in module.named_parameters(recurse=False):
-                full = f"{mod_name}.{pname}" if mod_name else pname
-                self.groups.setdefault(id(param), []).append((module, pname, full))
-
-    def missing(self) -> list[str]:
-        return [slots[0][2] for slots in self.groups.values()
-                if not any(full in self.checkpoint for _, _, full in slots)]
-
-    def _params_under(self, root: Any) -> list[list[tuple[Any, str, str]]]:
-        ids = {id(p) for p in root.parameters()}
-        return [slots for key, slots in self.groups.items() if key in ids]
-
-    def load(self, root: Any) -> None:
-        import torch
-
-        for slots in self._params_under(root):
-            module, pname, _ = slots[0]
-            if not getattr(module, pname).is_meta:
-                continue
-            name = next(full for _, _, full in slots if full in self.checkpoint)
-            tensor = self.checkpoint.read(name)
-            if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
-                tensor = tensor.to(self.dtype)
-            param = torch.nn.Parameter(tensor, requires_grad=False)
-            for m, p, _ in slots:
-                m._parameters[p] = param
-
-    def release(self, root: Any) -> None:
-        """Every parameter under `root` back to meta, including those the builder hung on the layer itself (it
-        splits fused qkv/gate_up weights into new Linear modules whose weights are views of the fused one).
-        What the graph still references (norm weights, float MatMuls) stays alive there."""
-        import torch
-
-        for module in root.modules():
-            for pname, old in list(module._parameters.items()):
-                if old is not None and not old.is_meta:
-                    module._parameters[pname] = torch.nn.Parameter(
-                        torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False)
-
-    def modules(self, is_layer: Callable[[Any], bool]) -> Iterator[Any]:
-        """model.modules(), with each decoder layer loaded while the builder turns it into nodes."""
-        import torch
-
-        layer = 0
-        for module in torch.nn.Module.modules(self.model):  # the class's: the instance's own is this method
-            if is_layer(module):
-                self.load(module)
-                yield module  # the builder makes this whole layer before asking for the next module
-                self.release(module)
-                layer += 1
-                if layer % 4 == 1:
-                    log(f"layer {layer - 1} read, quantized and released")
-            else:
-                yield module
+def _layer_done(layer: int) -> None:
+    if layer % 4 == 0:
+        log(f"layer {layer} read, quantized and released")
 
 
 def _lazy_model(builder: Any, input_path: str, load_config: Callable[..., Any]) -> Any:
@@ -185,9 +84,16 @@ def _lazy_model(builder: Any, input_path: str, load_config: Callable[..., Any]) 
         module, pname, _ = slots[0]
         if id(getattr(module, pname)) not in layer_params:
             weights.load(module)
-    model.modules = lambda: weights.modules(builder.is_layer)
+    model.modules = lambda: weights.modules(builder.is_layer, _layer_done)
     log(f"reading {len(checkpoint.entries)} tensors lazily from {folder}")
     return model
+
+
+def _algorithm(builder: Any) -> str | None:
+    """The builder's whole-graph quantizer this module reproduces per MatMul: `default` (MLAS), `rtn` or `k_quant`
+    (onnxruntime's neural-compressor port); None for any other (a legacy alias, a mixed-precision recipe)."""
+    algo = getattr(builder, "quantization_algo", "default")
+    return algo if algo in ("default", "rtn", "k_quant") else None
 
 
 def _stream_bits(builder: Any, matmul: Any, name: str) -> int | None:
@@ -195,8 +101,10 @@ def _stream_bits(builder: Any, matmul: Any, name: str) -> int | None:
     import onnx_ir as ir
 
     qa = builder.quant_attrs
+    algo = _algorithm(builder)
     if (builder.onnx_dtype not in {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}
-            or qa.get("use_qdq") or getattr(builder, "quantization_algo", "default") != "default"
+            or qa.get("use_qdq") or algo is None
+            or (algo != "default" and builder.io_dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16))
             or "MatMul" not in qa["op_types_to_quantize"] or name in qa["nodes_to_exclude"]
             or name in getattr(builder, "exact_quant_override_names", set())
             or (builder.ep == "cuda" and builder.matmul_attrs.get("weights_prepacked", 0) > 0)
@@ -263,6 +171,79 @@ def _quantize_matmul(builder: Any, matmul: Any, name: str, root_input: str, bits
     return name
 
 
+_NC_SLAB_ELEMENTS = 1 << 22  # weights per rtn/k-quant slab (16 MB in fp32): its search keeps ~15 copies of one
+_NC_THREADS = 4
+
+
+class _NodeLike:
+    """What onnxruntime's `make_matmul_weight_only_node` reads of the MatMul it replaces."""
+
+    def __init__(self, name: str, inputs: list[str], outputs: list[str]) -> None:
+        self.name, self.input, self.output = name, inputs, outputs
+
+
+def _quantize_matmul_nc(builder: Any, matmul: Any, name: str, root_input: str, bits: int, **kwargs: Any) -> str:
+    """What the builder's `rtn` / `k_quant` whole-graph pass (onnxruntime's `rtn_quantize`) would have made of this
+    MatMul, made now: the same per-node settings, quantizer functions, packing and initializer names."""
+    import numpy as np
+    import onnx
+    from onnx_ir.tensor_adapters import to_torch_dtype
+    from onnxruntime.quantization.neural_compressor import weight_only as nc
+
+    qa = builder.quant_attrs
+    algo = _algorithm(builder)
+    settings = {"bits": bits, "group_size": qa["matmul_block_size"],
+                "scheme": "sym" if qa["is_symmetric"] else "asym"}
+    settings.update({k: v for k, v in ((getattr(builder, "int4_customized_weight_config", {}) or {}).get(name)
+                                       or {}).items() if k in settings})
+    bits, scheme = int(settings["bits"]), str(settings["scheme"])
+    weight_nk = matmul.weight.detach()
+    n, k = weight_nk.shape
+    group = int(settings["group_size"]) if int(settings["group_size"]) != -1 else k
+    k_blocks = (k - 1) // group + 1
+    dtype = to_torch_dtype(builder.io_dtype)
+    rows = max(64, _NC_SLAB_ELEMENTS // k)
+
+    def quantize(start: int) -> tuple[Any, Any, Any]:
+        # rtn_quantize quantizes weight.T ([N, K], padded along K to whole blocks) one group of K at a time, so a
+        # slab of output columns is quantized exactly as it would be inside the whole matrix.
+        slab = weight_nk[start:start + rows].to(dtype).numpy()  # [n', K]: weight.T's rows, as stored
+        if k_blocks * group != k:
+            slab = np.pad(slab, ((0, 0), (0, k_blocks * group - k)), "constant")
+        if algo == "k_quant":
+            q, scale, zp = nc.quant_tensor_k_quant_cpu(slab, bits, group)
+        else:
+            q, scale, zp = nc.quant_tensor(slab, bits, group, scheme, "uint", 1)
+        return q.astype("uint8").reshape(slab.shape[0], -1), scale.astype(slab.dtype), zp
+
+    # numpy's ufuncs let go of the GIL: slabs on every core (the k-quant search is ~95 % of a 1B export's time).
+    with ThreadPoolExecutor(max_workers=min(_NC_THREADS, len(os.sched_getaffinity(0)))) as pool:
+        parts = list(pool.map(quantize, range(0, n, rows)))
+    q_weight, scale, zero = (np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+                             for i in range(3))
+    del parts
+    if not (scheme == "asym" or algo == "k_quant"):
+        zero = None
+    weight = name[1:].replace("/", ".") + ".weight"
+    output = "logits" if kwargs.get("logits", False) else f"{name}/output_0"
+    node, inits = nc.make_matmul_weight_only_node(
+        node=_NodeLike(name, [root_input, weight], [output]), weight_shape=(k, n), num_bits=bits, group_size=group,
+        k_blocks=k_blocks, q_weight=q_weight.reshape(n * k_blocks, group), scale=scale, zero_point=zero,
+        accuracy_level=qa["accuracy_level"] or 0)
+    del q_weight
+    names = []
+    for tensor in inits:  # scale, zero points, codes: the order rtn_quantize adds them in
+        builder.make_initializer(onnx.numpy_helper.to_array(tensor), tensor.name)
+        names.append(tensor.name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    builder.make_node("MatMulNBits", inputs=list(node.input), outputs=[output], name=node.name,
+                      domain="com.microsoft", **attrs)
+    seq_dim = kwargs.get("seq_dim", "sequence_length")
+    builder.make_value(output, builder.io_dtype, shape=builder.make_hidden_state_shape(seq_dim=seq_dim, last_dim=n))
+    builder._edgepack_streamed = [*getattr(builder, "_edgepack_streamed", []), (False, bits, names)]
+    return name
+
+
 def _left_to_quantize(builder: Any) -> list[str]:
     """The nodes the whole-graph pass would still quantize: eligible, not excluded, with a constant weight."""
     qa = builder.quant_attrs
@@ -287,6 +268,50 @@ def _attributes_as_rebuilt(graph: Any) -> None:
             ordered = sorted(node.attributes.items())
             node.attributes.clear()
             node.attributes.update(ordered)
+
+
+def _ordered_as_rtn_quantize(graph: Any, streamed: set[str]) -> None:
+    """Put the graph's nodes in the order onnxruntime's `rtn_quantize` leaves them, for the same model.onnx bytes
+    (the builder's final stable sort starts from that order): it drops each quantized MatMul, appends its
+    MatMulNBits after every other node, then runs its ONNXModel's breadth-first topological sort, replayed here."""
+    from collections import deque
+
+    def names(values: Any) -> list[str]:
+        return [v.name if v is not None and v.name else "" for v in values]
+
+    nodes = list(graph)
+    nodes = [n for n in nodes if n.name not in streamed] + [n for n in nodes if n.name in streamed]
+    consumers: dict[str, list[Any]] = {}
+    producers: dict[str, Any] = {}
+    for node in nodes:
+        for name in names(node.inputs):
+            if name.strip():
+                consumers.setdefault(name, []).append(node)
+        for name in names(node.outputs):
+            if name.strip():
+                producers[name] = node
+    inputs = [v.name for v in graph.inputs]
+    queue: deque[Any] = deque()
+    wait: deque[Any] = deque()
+    for name in inputs:
+        queue.extend(consumers.get(name, ()))
+    queue.extend(n for n in nodes if all(i not in producers and i not in inputs for i in names(n.inputs)))
+    done: dict[str, Any] = {}
+    while queue:
+        node = queue.popleft()
+        if not all(producers[i].name in done for i in names(node.inputs) if i in producers):
+            if not any(w is node for w in wait):
+                wait.append(node)
+            continue
+        done[node.name] = node
+        for out in names(node.outputs):
+            queue.extend(c for c in consumers.get(out, ()) if c.name not in done and not any(c is x for x in queue))
+        if not queue and wait:
+            queue, wait = deque(wait), deque()
+    if len(done) != len(nodes):  # not what rtn_quantize would sort: leave the order alone rather than drop nodes
+        return
+    graph.remove(nodes, safe=False)
+    graph.extend(done.values())
 
 
 def _weight_shared(builder: Any, weight: str) -> bool:
@@ -329,7 +354,9 @@ def install(load_config: Callable[..., Any]) -> None:
         bits = _stream_bits(self, matmul, name)
         if bits is None:
             return original_float(self, matmul, name, root_input, **kwargs)
-        return _quantize_matmul(self, matmul, name, root_input, bits, **kwargs)
+        if _algorithm(self) == "default":
+            return _quantize_matmul(self, matmul, name, root_input, bits, **kwargs)
+        return _quantize_matmul_nc(self, matmul, name, root_input, bits, **kwargs)
 
     def to_nbits(self: Any) -> Any:
         streamed = getattr(self, "_edgepack_streamed", [])
@@ -337,7 +364,8 @@ def install(load_config: Callable[..., Any]) -> None:
             # The whole-graph pass appends the quantized weights after every other initializer, in node order:
             # the int4 body first, then one pass per bit width of the nodes placed at another (int8 head,
             # sensitive layers). The same order here gives the same bytes in model.onnx.data.
-            custom = getattr(self, "int4_customized_weight_config", {}) or {}
+            # rtn/k_quant: one pass over every node whatever its bits, adding each node's scale, zero points and codes.
+            custom = (getattr(self, "int4_customized_weight_config", {}) or {}) if _algorithm(self) == "default" else {}
             passes = [(False, None), *((True, b) for b in dict.fromkeys(int(c["bits"]) for c in custom.values()))]
             inits = self.model.graph.initializers
             for is_custom, width in passes:
@@ -347,7 +375,11 @@ def install(load_config: Callable[..., Any]) -> None:
         if streamed and not left:
             log(f"{len(streamed)} MatMuls were quantized as the graph was made: skipping the whole-graph pass")
             self.model.opset_imports.setdefault("com.microsoft", 1)
-            _attributes_as_rebuilt(self.model.graph)
+            if _algorithm(self) == "default":
+                _attributes_as_rebuilt(self.model.graph)
+            else:
+                _ordered_as_rtn_quantize(self.model.graph, {n.name for n in self.model.graph
+                                                            if n.op_type == "MatMulNBits"})
             return self.model
         if streamed:
             # Correct, and as big as the builder's own pass (the quantized weights are copied, not re-made).
@@ -363,9 +395,9 @@ STREAMING_FLAG = "--edgepack-streaming"  # genai_builder's first argument that i
 
 
 def streams(scheme: str, algorithm: str) -> bool:
-    """Whether the build streams: int4/int8 with the builder's `default` (MLAS round-to-nearest) algorithm. Others
-    keep the builder's whole-graph pass."""
-    return scheme in ("int4", "int8") and algorithm == "default"
+    """Whether the build streams: int4/int8 with the builder's own algorithms (`default`, MLAS round-to-nearest;
+    `rtn`; `k_quant`). gptq and imatrix rewrite a `default` export afterwards, so their export streams too."""
+    return scheme in ("int4", "int8") and algorithm in ("default", "rtn", "k_quant", "gptq", "imatrix")
 
 
 def flag(q: QuantizeSpec) -> list[str]:

@@ -153,8 +153,10 @@ def run(checks: tuple[Check, ...], sha256: str, name: str, source: Any, scorer: 
     import torch
     import transformers
 
+    from edgepack.checkpoint import float_model
+
     tok = transformers.AutoTokenizer.from_pretrained(source.hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
+    model = float_model(source.hf_dir)
     eos = {t for t in (source.tokenizer.eos_token_id, tok.eos_token_id) if t is not None}
     results = []
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""The float reference: the HF checkpoint in fp32 torch on the build machine, scored once and cached."""
+"""The float reference: the HF checkpoint in fp32 torch on the build machine (one decoder layer resident at a time,
+checkpoint.float_model), scored once and cached."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.checkpoint import float_model
 from edgepack.errors import require
 from edgepack.models import ModelSource, model_key
 from edgepack.progress import ProgressEvent, ProgressFn, silent
@@ -65,10 +67,10 @@ def score_reference(source: ModelSource, *, text: texts.EvalText | None = None, 
 
     torch = require("torch", "onnx", "Scoring the float reference")
     transformers = require("transformers", "onnx", "Scoring the float reference")
-    progress(ProgressEvent("validate", "scoring the fp32 reference with torch (once per model; cached)"))
+    progress(ProgressEvent("validate", "scoring the fp32 reference with torch, one decoder layer in memory at a time "
+                                       "(once per model; cached)"))
     tok = transformers.AutoTokenizer.from_pretrained(source.hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32)
-    model.eval()
+    model = float_model(source.hf_dir)
     ids = [int(i) for i in tok(text.text).input_ids]
     wins = texts.windows(len(ids), window)
     scored: list[WindowTopK] = []

@@ -1,4 +1,5 @@
-"""The streamed export (backends/streaming.py) writes the very bytes the builder's whole-graph pass writes.
+"""The streamed export (backends/streaming.py) writes the very bytes the builder's whole-graph pass writes, for
+each of its algorithms (default, rtn, k_quant).
 
 Each case runs the real builder twice on a tiny random model of a family, without and with streaming, and
 compares model.onnx and model.onnx.data byte for byte: the streamed path is a memory change, never a model change.
@@ -40,6 +41,12 @@ def build(model: Path, out: Path, extra: list[str], *, stream: bool, precision: 
     ("llama", [*RTN, "shared_embeddings=true", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8",
                "nodes_to_exclude=/model/layers.1/mlp/down_proj/MatMul"], "int4"),
     ("qwen2", RTN, "int8"),
+    # the rpi5/host recipe: k_quant body, int8 head and sensitive layers, the embedding reading the int8 head
+    ("llama", [*RTN, "shared_embeddings=true", "algo_config=k_quant",
+               "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"], "int4"),
+    # k_quant through the fused-weight split and LongRoPE; asymmetric RTN with its zero points
+    ("phi3-longrope", [*RTN, "algo_config=k_quant"], "int4"),
+    ("qwen2", ["block_size=32", "is_symmetric=false", "accuracy_level=4", "algo_config=rtn"], "int4"),
 ])
 def test_streamed_export_is_byte_identical(family: str, extra: list[str], precision: str, tmp_path: Path) -> None:
     from edgepack.testing import make_tiny

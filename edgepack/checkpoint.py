@@ -1,0 +1,196 @@
+"""A safetensors checkpoint read one tensor at a time, and transformers models whose weights come from it on demand.
+
+Two users: the ONNX export (backends/streaming.py), where the builder walks a model on the meta device and each
+decoder layer is read just before it becomes nodes; and the quality gate's float reference (quality/reference.py),
+where each decoder layer is read, cast to fp32, run and dropped again on every forward pass. Either way one layer
+is resident, never the whole model: 4 bytes per parameter in fp32 is 15 GB at 3.8B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint (one file or sharded with an index), read one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for path in files:
+            with path.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            base = 8 + size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.entries[name] = (path, info["dtype"], tuple(info["shape"]), base + start, end - start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> Any:
+        """The tensor, in anonymous memory of its own (freed with it)."""
+        import torch
+
+        path, dtype, shape, offset, nbytes = self.entries[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with path.open("rb", buffering=0) as fh:
+            fh.seek(offset)
+            view = buf.numpy().data
+            got = 0
+            while got < nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise OSError(f"{path} ends before tensor {name}")
+                got += n
+        return buf.view(getattr(torch, _ST_DTYPES[dtype])).reshape(shape)
+
+
+class LazyWeights:
+    """A transformers model on the meta device whose parameters are read from the checkpoint on demand."""
+
+    def __init__(self, model: Any, checkpoint: Checkpoint, dtype: Any) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        # Tied parameters are one Parameter under several names: group the slots, read the tensor once.
+        self.groups: dict[int, list[tuple[Any, str, str]]] = {}
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for pname, param in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                self.groups.setdefault(id(param), []).append((module, pname, full))
+
+    def missing(self) -> list[str]:
+        return [slots[0][2] for slots in self.groups.values()
+                if not any(full in self.checkpoint for _, _, full in slots)]
+
+    def _params_under(self, root: Any) -> list[list[tuple[Any, str, str]]]:
+        # By module, not by parameter: release() puts new meta Parameters in the slots, so ids do not last.
+        under = {id(m) for m in root.modules()}
+        return [slots for slots in self.groups.values() if any(id(m) in under for m, _, _ in slots)]
+
+    def load(self, root: Any) -> None:
+        import torch
+
+        for slots in self._params_under(root):
+            module, pname, _ = slots[0]
+            if not getattr(module, pname).is_meta:
+                continue
+            name = next(full for _, _, full in slots if full in self.checkpoint)
+            tensor = self.checkpoint.read(name)
+            if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+                tensor = tensor.to(self.dtype)
+            param = torch.nn.Parameter(tensor, requires_grad=False)
+            for m, p, _ in slots:
+                m._parameters[p] = param
+
+    def release(self, root: Any) -> None:
+        """Every parameter under `root` back to meta, including those the builder hung on the layer itself (it
+        splits fused qkv/gate_up weights into new Linear modules whose weights are views of the fused one).
+        What the graph still references (norm weights, float MatMuls) stays alive there."""
+        import torch
+
+        for module in root.modules():
+            for pname, old in list(module._parameters.items()):
+                if old is not None and not old.is_meta:
+                    module._parameters[pname] = torch.nn.Parameter(
+                        torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False)
+
+    def modules(self, is_layer: Callable[[Any], bool], on_layer: Callable[[int], None]) -> Iterator[Any]:
+        """model.modules(), with each decoder layer loaded while the caller (the ONNX builder) works on it."""
+        import torch
+
+        layer = 0
+        for module in torch.nn.Module.modules(self.model):  # the class's: the instance's own is this method
+            if is_layer(module):
+                self.load(module)
+                yield module  # the builder makes this whole layer before asking for the next module
+                self.release(module)
+                on_layer(layer)
+                layer += 1
+            else:
+                yield module
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules made inside get their parameters on the meta device and keep real buffers (rotary inv_freq and
+    the like, computed at construction): what a forward pass needs besides the weights."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: Any, name: str, param: Any) -> None:
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _decoder_layers(model: Any, count: int) -> list[Any]:
+    """The decoder blocks: the ModuleList of `num_hidden_layers` modules (model.model.layers and its kin)."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return list(lists[0]) if len(lists) == 1 else []
+
+
+def layered_model(folder: Path, dtype: Any = None) -> Any:
+    """The checkpoint in `folder` as a transformers causal LM in `dtype` (fp32 by default) of which only the
+    parts outside the decoder layers (embedding, final norm, head: read now) and the layer being run are in
+    memory: each layer is read from the safetensors files and cast when its forward pass starts, and dropped
+    when it ends. Its outputs are the whole fp32 model's, bit for bit (the same tensors and kernels). None where
+    this cannot hold (no safetensors, tensor names the model does not use, an unrecognised layer list): the
+    caller loads the model whole."""
+    import torch
+    import transformers
+
+    dtype = dtype or torch.float32
+    checkpoint = Checkpoint(folder)
+    if not checkpoint.entries or any(name.endswith((".qweight", ".absmax")) for name in checkpoint.entries):
+        return None
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with _parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    layers = _decoder_layers(model, int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0))
+    weights = LazyWeights(model, checkpoint, dtype)
+    if not layers or weights.missing():
+        return None
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    for slots in weights.groups.values():
+        module, pname, _ = slots[0]
+        if id(getattr(module, pname)) not in in_layers:
+            weights.load(module)
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, _args: weights.load(module))
+        layer.register_forward_hook(lambda module, _args, _out: weights.release(module))
+    return model
+
+
+def float_model(folder: Path) -> Any:
+    """The fp32 float model the quality gate compares against: layered (one decoder layer resident) where it
+    can be, else the whole model."""
+    import torch
+    import transformers
+
+    model = layered_model(folder)
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval()
