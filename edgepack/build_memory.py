@@ -46,16 +46,18 @@ class ExporterCost:
 
 # The one place the exporters' build costs live; docs/plan.md ("Build memory") has the measurements.
 EXPORT_COSTS: dict[str, ExporterCost] = {
-    # onnxruntime-genai 0.18's model builder loads the whole checkpoint, copies the graph to fp32 and then
-    # quantizes it, whatever the scheme. Measured (its own peak RSS, wait4): 466 MiB for a 0.1M-parameter model
-    # (the imports), 1,803 MiB for SmolLM2-135M RTN int4 in 22 s: 10.4 bytes per parameter beyond the imports;
-    # TinyLlama-1.1B shape 12.3 GB for the whole build; Phi-3.5-mini shape (3.8B) killed inside a 16 GB limit.
+    # onnxruntime-genai 0.18's model builder left alone (fp32/fp16 graphs, and any algorithm streaming.py does not
+    # reproduce) loads the whole checkpoint, copies the graph to fp32 and then quantizes it. Measured (its own
+    # peak RSS, wait4): 466 MiB for a 0.1M-parameter model (the imports), 1,803 MiB for SmolLM2-135M RTN int4 in
+    # 22 s: 10.4 bytes per parameter beyond the imports; TinyLlama-1.1B shape with k_quant 12.3 GB for the whole
+    # build; Phi-3.5-mini shape (3.8B) killed inside a 16 GB limit.
     "onnx": ExporterCost("onnxruntime-genai model builder", 500 * MIB, 10.0, 5.0, 130.0,
                          "loads the whole model and makes an fp32 copy: ~10 bytes per parameter"),
-    # The same builder streaming (backends/streaming.py: int4/int8 with algorithm "default"): weights read and
-    # quantized one decoder layer at a time, the same bytes written. Measured (bench/build_memory.py, builder only,
-    # in a 14 GB cgroup): TinyLlama-1.1B shape 1,586 MB in 46 s, Phi-3.5-mini shape (3.8B) 3,539 MB in 96 s: the
-    # imports (~600 MB) plus the quantized model held until the save and one float layer, ~0.8-0.9 bytes/parameter.
+    # The same builder streaming (backends/streaming.py: int4/int8 with its default, rtn or k_quant algorithm):
+    # weights read and quantized one decoder layer at a time, the same bytes written. Measured (bench/
+    # build_memory.py, builder only, in a 14 GB cgroup): default, TinyLlama-1.1B shape 1,586 MB in 46 s,
+    # Phi-3.5-mini shape (3.8B) 3,539 MB in 96 s: the imports (~600 MB) plus the quantized model held until the
+    # save and one float layer, ~0.8-0.9 bytes/parameter. k_quant: ALGORITHMS.
     "onnx-streamed": ExporterCost("onnxruntime-genai model builder, streamed", 600 * MIB, 0.9, 20.0, 20.0,
                                   "reads and quantizes one decoder layer at a time: ~0.9 bytes per parameter"),
     # litert-torch documents at least 32 GB of RAM for converting; users report ~30 GiB for a 1B model. Not
@@ -68,27 +70,34 @@ EXPORT_COSTS: dict[str, ExporterCost] = {
 
 @dataclass(frozen=True)
 class AlgorithmCost:
-    """What a quantize.algorithm adds to the exporter's own pass (memory; seconds fixed and per billion)."""
+    """What a quantize.algorithm adds to the exporter's own pass: memory inside the converter (`extra`), or, for
+    edgepack's own passes that run after it, that pass's peak (`bytes_per_param`, the model in fp32 in torch);
+    and seconds, fixed and per billion parameters on 2 cores."""
 
     extra: int
+    bytes_per_param: float
     seconds: float
     seconds_per_billion: float
 
 
 ALGORITHMS: dict[str, AlgorithmCost] = {
-    # The builder's k-quant pass (algo_config): SmolLM2-135M 2,726 MiB / 115 s against RTN's 1,803 MiB / 22 s;
-    # TinyLlama-1.1B shape: export 452 s, the whole build 12.3 GB (so not proportional to the parameters).
-    "k_quant": AlgorithmCost(1 * GIB, 60.0, 220.0),
-    # edgepack's own GPTQ/imatrix pass runs after the builder, in edgepack's process: not measured at scale.
-    "gptq": AlgorithmCost(0, 60.0, 300.0),
-    "imatrix": AlgorithmCost(0, 60.0, 300.0),
+    # The k-quant search, streamed (numpy, on every core): TinyLlama-1.1B shape 1,774 MB in 223 s against the
+    # default's 1,586 MB in 46 s (bench/build_memory.py, 2 cores). Whole-graph it was 12.3 GB and 452 s.
+    "k_quant": AlgorithmCost(256 * MIB, 0.0, 0.0, 160.0),
+    # edgepack's own GPTQ/imatrix passes run after the (streamed) builder, in edgepack's process, on the whole
+    # model in fp32 (backends/gptq.py): not layered yet, and not measured at scale.
+    "gptq": AlgorithmCost(0, 4.5, 60.0, 300.0),
+    "imatrix": AlgorithmCost(0, 4.5, 60.0, 300.0),
 }
 # edgepack's own process while the converter runs: 282 MiB measured (torch is imported for the export).
 EDGEPACK_BASE = 300 * MIB
-# The quality gate's float reference: the model in fp32 in torch (4 bytes per parameter) with torch imported
-# (333 MiB, docs/performance.md) and the eval window's activations; then the quantized model in the runtime.
+# The quality gate, in two parts that never overlap. The float reference (checkpoint.layered_model): torch
+# imported (333 MiB, docs/performance.md) plus, in fp32, what sits outside the decoder layers (embedding, head)
+# and one layer, and the eval window's activations. Then the quantized bundle in its runtime: about its files.
 GATE_BASE = 500 * MIB
-GATE_BYTES_PER_PARAM = 4.5
+GATE_BYTES_PER_RESIDENT_PARAM = 4.5
+RUNTIME_BASE = 400 * MIB
+RUNTIME_BYTES_PER_PARAM = 1.2
 # The gate's time: SmolLM2-135M ~118 s (2 shared cores), TinyLlama-1.1B shape 210 s (fp32 reference 134 s of it).
 GATE_SECONDS = 100.0
 GATE_SECONDS_PER_BILLION = 100.0
@@ -104,22 +113,27 @@ def export_cost(exporter: str) -> ExporterCost:
 
 
 def export_peak(exporter: str, scheme: str, params: int, algorithm: str = "default") -> int:
-    """Bytes the export takes at its peak on the build machine: edgepack's process plus the converter's.
-    `scheme` is part of the key for exporters whose cost depends on it; neither measured one does."""
+    """Bytes the export takes at its peak on the build machine: edgepack's process plus the converter's, or
+    edgepack's own quantization pass after it, whichever is larger."""
     row = export_cost(_row(exporter, scheme, algorithm))
-    extra = ALGORITHMS[algorithm].extra if algorithm in ALGORITHMS and exporter == "onnx" else 0
-    return EDGEPACK_BASE + row.base + int(row.bytes_per_param * params) + extra
+    algo = ALGORITHMS.get(algorithm) if exporter == "onnx" else None
+    converter = EDGEPACK_BASE + row.base + int(row.bytes_per_param * params) + (algo.extra if algo else 0)
+    after = EDGEPACK_BASE + GATE_BASE + int(algo.bytes_per_param * params) if algo and algo.bytes_per_param else 0
+    return max(converter, after)
 
 
 def _row(exporter: str, scheme: str, algorithm: str) -> str:
-    """Which EXPORT_COSTS row a build uses: the ONNX builder streams int4/int8 with its default algorithm."""
+    """Which EXPORT_COSTS row a build uses: the ONNX builder streams int4/int8 (streaming.streams)."""
     from edgepack.backends.streaming import streams
 
     return "onnx-streamed" if exporter == "onnx" and streams(scheme, algorithm) else exporter
 
 
-def gate_peak(params: int) -> int:
-    return GATE_BASE + int(GATE_BYTES_PER_PARAM * params)
+def gate_peak(params: int, resident: int | None = None) -> int:
+    """The quality gate's peak: the layered fp32 reference (`resident` parameters in memory at once: the
+    embedding, head and one decoder layer; all of them when unknown), or the quantized bundle run after it."""
+    reference = GATE_BASE + int(GATE_BYTES_PER_RESIDENT_PARAM * (params if resident is None else resident))
+    return max(reference, RUNTIME_BASE + int(RUNTIME_BYTES_PER_PARAM * params))
 
 
 def build_seconds(exporter: str, algorithm: str, params: int, *, gate: bool = True) -> float:
@@ -305,9 +319,11 @@ def _gib(n: int) -> str:
     return f"{n / GIB:,.1f} GiB"
 
 
-def cost_of(exporter: str, scheme: str, algorithm: str, params: int, machine: MachineMemory) -> BuildCost:
-    row = export_cost(exporter)
-    export_b, gate_b = export_peak(exporter, scheme, params, algorithm), gate_peak(params)
+def cost_of(exporter: str, scheme: str, algorithm: str, params: int, machine: MachineMemory, *,
+            resident: int | None = None) -> BuildCost:
+    """`resident`: the parameters the layered float reference holds at once (gate_peak); all when unknown."""
+    row = export_cost(_row(exporter, scheme, algorithm))
+    export_b, gate_b = export_peak(exporter, scheme, params, algorithm), gate_peak(params, resident)
     peak = max(export_b, gate_b)
     budget = machine.budget
     fits = not budget or peak <= budget * (100 - BUILD_HEADROOM_PCT) / 100
@@ -318,15 +334,18 @@ def cost_of(exporter: str, scheme: str, algorithm: str, params: int, machine: Ma
                   for name in EXPORT_COSTS if name != exporter
                   and max(export_peak(name, scheme, params, algorithm), gate_b) <= usable]
         plain = max(export_peak(exporter, scheme, params), gate_b)
-        if algorithm in ALGORITHMS and ALGORITHMS[algorithm].extra and plain <= usable:
+        if algorithm in ALGORITHMS and export_b > plain and plain <= usable:
             others.append(f'quantize.algorithm = "default" in the target (~{_gib(plain)}, without the {algorithm} '
                           "pass)")
         need = int(peak * 100 / (100 - BUILD_HEADROOM_PCT))
         suggestion = ("; ".join([*others, f"a build machine (or runner) with at least {_gib(need)} of memory"])
-                      + f". Another quantize.scheme does not help: the {row.tool} {row.why}. "
-                      f"{MEMORY_ENV}=0 builds anyway (the converter may then be killed for memory).")
-    basis = (f"{row.tool}: {_gib(row.base)} + {row.bytes_per_param:g} bytes/parameter; gate: fp32 reference, "
-             f"{_gib(GATE_BASE)} + {GATE_BYTES_PER_PARAM:g} bytes/parameter")
+                      + (f". The {row.tool} {row.why}. " if "streamed" in row.tool else
+                         f". Another quantize.scheme does not help: the {row.tool} {row.why}. ")
+                      + f"{MEMORY_ENV}=0 builds anyway (the converter may then be killed for memory).")
+    basis = (f"{row.tool}: {_gib(row.base)} + {row.bytes_per_param:g} bytes/parameter; gate: fp32 reference "
+             f"one decoder layer at a time, {_gib(GATE_BASE)} + {GATE_BYTES_PER_RESIDENT_PARAM:g} bytes per resident "
+             f"parameter, then the bundle in its runtime, {_gib(RUNTIME_BASE)} + {RUNTIME_BYTES_PER_PARAM:g} "
+             "bytes/parameter")
     return BuildCost(exporter, row.tool, params, export_b, gate_b, peak,
                      build_seconds(exporter, algorithm, params), machine.cores, budget, machine.bounded_by, fits,
                      suggestion, basis)
@@ -336,9 +355,12 @@ def build_cost(config: Mapping[str, Any], target: TargetProfile, machine: Machin
     """The cost of building the model of `config` for `target` (its export format, scheme and algorithm)."""
     from edgepack.shape import ModelShape, count_params
 
-    params = count_params(ModelShape.from_config(config)).total
+    shape = ModelShape.from_config(config)
+    count = count_params(shape)
+    per_layer = (count.attention + count.mlp + count.norms) // max(1, shape.layers)
+    resident = count.embedding + count.head + per_layer
     q = target.quantize
-    return cost_of(target.export.format, q.scheme, q.algorithm, params, machine)
+    return cost_of(target.export.format, q.scheme, q.algorithm, count.total, machine, resident=resident)
 
 
 def summary_lines(cost: BuildCost) -> list[str]:
@@ -349,7 +371,8 @@ def summary_lines(cost: BuildCost) -> list[str]:
     took = f"{cost.seconds / 60:.0f} min" if cost.seconds >= 120 else f"{cost.seconds:.0f} s"
     lines = [f"build here  {verdict}: ~{_gib(cost.peak)} peak against {where}; ~{took} cold with the gate "
              f"on a 2-core runner (this machine has {cost.cores} cores)",
-             f"  export    ~{_gib(cost.export_peak)} ({cost.tool}); gate ~{_gib(cost.gate_peak)} (fp32 reference)"]
+             f"  export    ~{_gib(cost.export_peak)} ({cost.tool}); gate ~{_gib(cost.gate_peak)} (fp32 reference layer "
+             "by layer, then the bundle)"]
     if cost.suggestion:
         lines.append(f"  build suggestion: {cost.suggestion}")
     return lines

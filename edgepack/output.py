@@ -209,8 +209,9 @@ def build_summary(res: Any) -> str:
         lines.append(f"  against {q.reference or 'the float model'}, on {q.text}")
     else:
         lines.append("quality: NOT VALIDATED (--skip-validation)")
-    lines.append("stages: " + ", ".join(f"{s.name} {s.seconds:.1f}s" + (" (cached)" if s.detail.get("cached")
-                                                                        else "") for s in res.stages))
+    lines.append("stages: " + ", ".join(
+        f"{s.name} {s.seconds:.1f}s" + (f" {s.peak_rss_mib / 1024:.1f} GiB" if s.peak_rss_mib else "")
+        + (" (cached)" if s.detail.get("cached") else "") for s in res.stages))
     return "\n".join(lines)
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,34 @@ class StageRecord:
     artifact: str | None = None
     bytes: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # The largest resident memory of edgepack's process, or of a converter it ran (whichever is larger), during
+    # this stage; None where the system does not say (not Linux).
+    peak_rss_mib: float | None = None
+
+
+def _own_peak_kib() -> int | None:
+    """This process's peak RSS since the last reset (VmHWM)."""
+    try:
+        m = re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_own_peak() -> None:
+    try:
+        _CLEAR_REFS.write_text("5")  # Linux >= 4.0: VmHWM starts again from the current RSS
+    except OSError:
+        pass
+
+
+def _children_peak_kib() -> int:
+    """The largest peak RSS of any child waited for so far (it only grows)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 class StageRecorder:
@@ -45,8 +78,14 @@ class StageRecorder:
     @contextmanager
     def stage(self, name: str, message: str) -> Iterator[dict[str, Any]]:
         self.progress(ProgressEvent(name, message))
+        _reset_own_peak()
+        children = _children_peak_kib()
         t0 = time.monotonic()
         info: dict[str, Any] = {}
         yield info
-        self.records.append(StageRecord(name, round(time.monotonic() - t0, 3), info.pop("artifact", None),
-                                        info.pop("bytes", None), info))
+        seconds = round(time.monotonic() - t0, 3)
+        own, child = _own_peak_kib(), _children_peak_kib()
+        # A converter's peak shows only when it beat every earlier child's: then it was this stage's.
+        peak = max(own or 0, child if child > children else 0)
+        self.records.append(StageRecord(name, seconds, info.pop("artifact", None), info.pop("bytes", None), info,
+                                        round(peak / 1024, 1) if own is not None else None))

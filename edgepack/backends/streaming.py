@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack.checkpoint import Checkpoint, LazyWeights
+from edgepack.checkpoint import Checkpoint, LazyWeights, return_freed_memory
 
 if TYPE_CHECKING:
     from edgepack.targets import QuantizeSpec
@@ -320,28 +320,13 @@ def _weight_shared(builder: Any, weight: str) -> bool:
     return any(v is not None and v.name == weight for node in builder.model.graph for v in node.inputs)
 
 
-def _return_freed_memory() -> None:
-    """Serve large allocations from mmap at a fixed threshold. glibc raises the threshold after each large free
-    (up to 32 MB), after which a layer's tensors come from the heap and freed layers stay in the process:
-    measured at 1.1B, 1.8 GB peak with this and 2.7 GB without."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MB
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
 def install(load_config: Callable[..., Any]) -> None:
     """Patch the builder's Model class (imported as the builder imports it) to stream."""
     import importlib
 
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as it expects)
 
-    _return_freed_memory()
+    return_freed_memory()
     base = importlib.import_module("builders.base")
     Model = base.Model
     original_load, original_float, original_nbits = Model.load_weights, Model.make_matmul_float, Model.to_nbits
