@@ -93,11 +93,13 @@ def run(cmd: list[str], marks: str, limit: int | None) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     tail: list[str] = []
+    lines: list[str] = []
     pattern = re.compile(marks)
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip("\n")
         tail = (tail + [line])[-40:]
+        lines.append(line)
         for part in line.split("\r"):
             if pattern.search(part.strip()):
                 phases.append({"phase": part.strip()[:100], "at_s": round(time.monotonic() - start, 1),
@@ -110,12 +112,31 @@ def run(cmd: list[str], marks: str, limit: int | None) -> dict[str, Any]:
     result: dict[str, Any] = {"command": cmd, "exit": code, "wall_s": round(wall, 1),
                               "peak_rss_mb": round(peak[0] / 1024, 1),
                               "peak_anon_mb": round(peak[1] / 1024, 1), "phases": phases, "tail": tail[-15:]}
+    stages = _stages(lines)
+    if stages:
+        result["stages"] = stages
     if group is not None:
         result["limit_mb"] = round((limit or 0) / (1 << 20))
         result["cgroup_max_usage_mb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / (1 << 20))
         result["oom_killed"] = code == -signal.SIGKILL or "oom_kill 1" in (group / "memory.oom_control").read_text()
         group.rmdir()
     return result
+
+
+def _stages(lines: list[str]) -> list[dict[str, Any]]:
+    """The stages (name, seconds, peak_rss_mib) of an `edgepack --json build` envelope in the output, if any."""
+    starts = [i for i, line in enumerate(lines) if line == "{"]
+    for start in reversed(starts):
+        end = next((j for j in range(start, len(lines)) if lines[j] == "}"), None)
+        if end is None:
+            continue
+        try:
+            doc = json.loads("\n".join(lines[start:end + 1]))
+        except ValueError:
+            continue
+        result = doc.get("result") or {}
+        return [{k: s.get(k) for k in ("name", "seconds", "peak_rss_mib")} for s in result.get("stages", [])]
+    return []
 
 
 def main() -> None:

@@ -68,26 +68,33 @@ EXPORT_COSTS: dict[str, ExporterCost] = {
 }
 
 
+FORMATS = ("onnx", "tflite")  # the export formats a refusal may suggest instead (`--format`)
+
+
 @dataclass(frozen=True)
 class AlgorithmCost:
-    """What a quantize.algorithm adds to the exporter's own pass: memory inside the converter (`extra`), or, for
-    edgepack's own passes that run after it, that pass's peak (`bytes_per_param`, the model in fp32 in torch);
+    """What a quantize.algorithm adds to the exporter's own pass: memory inside the converter (`extra`); or, for
+    edgepack's own passes after it (`after`), that pass's peak: the layered fp32 model (GATE_BYTES_PER_RESIDENT_
+    PARAM per resident parameter), the exported graph it rewrites (`bytes_per_param`) and its statistics (`extra`);
     and seconds, fixed and per billion parameters on 2 cores."""
 
     extra: int
     bytes_per_param: float
     seconds: float
     seconds_per_billion: float
+    after: bool = False
 
 
 ALGORITHMS: dict[str, AlgorithmCost] = {
     # The k-quant search, streamed (numpy, on every core): TinyLlama-1.1B shape 1,774 MB in 223 s against the
     # default's 1,586 MB in 46 s (bench/build_memory.py, 2 cores). Whole-graph it was 12.3 GB and 452 s.
     "k_quant": AlgorithmCost(256 * MIB, 0.0, 0.0, 160.0),
-    # edgepack's own GPTQ/imatrix passes run after the (streamed) builder, in edgepack's process, on the whole
-    # model in fp32 (backends/gptq.py): not layered yet, and not measured at scale.
-    "gptq": AlgorithmCost(0, 4.5, 60.0, 300.0),
-    "imatrix": AlgorithmCost(0, 4.5, 60.0, 300.0),
+    # edgepack's own GPTQ/imatrix passes run after the (streamed) builder, in edgepack's process: the fp32 model
+    # one decoder layer at a time (checkpoint.layered_model, the same codes as the whole model), the exported
+    # ONNX graph whose initializers it rewrites (~0.7 bytes/parameter), and per layer the float64 input
+    # statistics (intermediate² × 8 bytes for down_proj: 0.5 GB at 3.8B). Computed, not measured at scale.
+    "gptq": AlgorithmCost(1 * GIB, 1.0, 60.0, 300.0, after=True),
+    "imatrix": AlgorithmCost(1 * GIB, 1.0, 60.0, 300.0, after=True),
 }
 # edgepack's own process while the converter runs: 282 MiB measured (torch is imported for the export).
 EDGEPACK_BASE = 300 * MIB
@@ -112,14 +119,17 @@ def export_cost(exporter: str) -> ExporterCost:
     return EXPORT_COSTS.get(exporter, EXPORT_COSTS["onnx"])
 
 
-def export_peak(exporter: str, scheme: str, params: int, algorithm: str = "default") -> int:
+def export_peak(exporter: str, scheme: str, params: int, algorithm: str = "default",
+                resident: int | None = None) -> int:
     """Bytes the export takes at its peak on the build machine: edgepack's process plus the converter's, or
-    edgepack's own quantization pass after it, whichever is larger."""
+    edgepack's own quantization pass after it (`resident`: gate_peak's), whichever is larger."""
     row = export_cost(_row(exporter, scheme, algorithm))
     algo = ALGORITHMS.get(algorithm) if exporter == "onnx" else None
-    converter = EDGEPACK_BASE + row.base + int(row.bytes_per_param * params) + (algo.extra if algo else 0)
-    after = EDGEPACK_BASE + GATE_BASE + int(algo.bytes_per_param * params) if algo and algo.bytes_per_param else 0
-    return max(converter, after)
+    if algo is None or not algo.after:
+        return EDGEPACK_BASE + row.base + int(row.bytes_per_param * params) + (algo.extra if algo else 0)
+    converter = EDGEPACK_BASE + row.base + int(row.bytes_per_param * params)
+    layered = int(GATE_BYTES_PER_RESIDENT_PARAM * (params if resident is None else resident))
+    return max(converter, EDGEPACK_BASE + GATE_BASE + algo.extra + int(algo.bytes_per_param * params) + layered)
 
 
 def _row(exporter: str, scheme: str, algorithm: str) -> str:
@@ -323,16 +333,16 @@ def cost_of(exporter: str, scheme: str, algorithm: str, params: int, machine: Ma
             resident: int | None = None) -> BuildCost:
     """`resident`: the parameters the layered float reference holds at once (gate_peak); all when unknown."""
     row = export_cost(_row(exporter, scheme, algorithm))
-    export_b, gate_b = export_peak(exporter, scheme, params, algorithm), gate_peak(params, resident)
+    export_b, gate_b = export_peak(exporter, scheme, params, algorithm, resident), gate_peak(params, resident)
     peak = max(export_b, gate_b)
     budget = machine.budget
     fits = not budget or peak <= budget * (100 - BUILD_HEADROOM_PCT) / 100
     suggestion = ""
     if not fits:
         usable = budget * (100 - BUILD_HEADROOM_PCT) / 100
-        others = [f"--format {name} (~{_gib(max(export_peak(name, scheme, params, algorithm), gate_b))})"
-                  for name in EXPORT_COSTS if name != exporter
-                  and max(export_peak(name, scheme, params, algorithm), gate_b) <= usable]
+        others = [f"--format {name} (~{_gib(max(export_peak(name, scheme, params, algorithm, resident), gate_b))})"
+                  for name in FORMATS if name != exporter
+                  and max(export_peak(name, scheme, params, algorithm, resident), gate_b) <= usable]
         plain = max(export_peak(exporter, scheme, params), gate_b)
         if algorithm in ALGORITHMS and export_b > plain and plain <= usable:
             others.append(f'quantize.algorithm = "default" in the target (~{_gib(plain)}, without the {algorithm} '

@@ -195,10 +195,29 @@ def layered_model(folder: Path, dtype: Any = None) -> Any:
         module, pname, _ = slots[0]
         if id(getattr(module, pname)) not in in_layers:
             weights.load(module)
+    handle = Layers(weights, layers)
     for layer in layers:
-        layer.register_forward_pre_hook(lambda module, _args: weights.load(module))
-        layer.register_forward_hook(lambda module, _args, _out: weights.release(module))
+        layer.register_forward_pre_hook(lambda module, _args: weights.load(module) if handle.auto else None)
+        layer.register_forward_hook(lambda module, _args, _out: weights.release(module) if handle.auto else None)
+    model.edgepack_layers = handle
     return model
+
+
+class Layers:
+    """A layered model's decoder layers (`model.edgepack_layers`). Each forward pass reads its layer and drops it
+    again (`auto`); a caller that works on one layer across several passes (GPTQ writes its quantized weights
+    into the layer, then runs it) turns `auto` off and holds the layer itself."""
+
+    def __init__(self, weights: LazyWeights, layers: list[Any]) -> None:
+        self.weights, self.layers, self.auto = weights, layers, True
+
+    @contextlib.contextmanager
+    def held(self, layer: Any) -> Iterator[Any]:
+        self.weights.load(layer)
+        try:
+            yield layer
+        finally:
+            self.weights.release(layer)
 
 
 def float_model(folder: Path) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -53,10 +54,8 @@ def _own_peak_kib() -> int | None:
 
 
 def _reset_own_peak() -> None:
-    try:
+    with contextlib.suppress(OSError):
         _CLEAR_REFS.write_text("5")  # Linux >= 4.0: VmHWM starts again from the current RSS
-    except OSError:
-        pass
 
 
 def _children_peak_kib() -> int:

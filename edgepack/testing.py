@@ -160,6 +160,19 @@ REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "tie_word_embeddings": False,
         "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
                             "short_factor": _longrope_factors(48, 1.1), "long_factor": _longrope_factors(48, 4.0)}}),
+    # Qwen/Qwen2.5-1.5B-Instruct: qkv biases, a 151,936-token vocabulary, tied
+    "qwen2.5-1.5b": ("Qwen2Config", {
+        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "use_sliding_window": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # meta-llama/Llama-3.2-3B-Instruct: llama3 rope scaling, a 128,256-token vocabulary, tied
+    "llama-3.2-3b": ("LlamaConfig", {
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
 }
 
 _SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

@@ -15,7 +15,7 @@ onnxruntime 1.32 has a GPTQ quantizer of its own; it produced a broken model for
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -369,35 +369,52 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
             return search(weight, torch.diagonal(hessian), block)
         return gptq(weight, hessian, block, damp=cal.damp)
 
+    import contextlib
+
+    from edgepack.checkpoint import float_model
+
     torch = require("torch", "onnx", "GPTQ quantization")
-    transformers = require("transformers", "onnx", "GPTQ quantization")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(source.hf_dir), dtype=torch.float32)
-    model.eval()
+    require("transformers", "onnx", "GPTQ quantization")
+    model = float_model(source.hf_dir)  # one decoder layer in memory at a time where it can be
     ids = calibration_ids(model, source, cal, progress)
     hidden, kwargs = _layer_inputs(model, ids)
+    layered = getattr(model, "edgepack_layers", None)
+    if layered is not None:
+        layered.auto = False  # each layer is held across its passes: its quantized weights feed the next layer
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        progress(ProgressEvent("quantize", f"{method}: layer {i + 1}/{len(layers)}"))
-        first = {fused: parts[0] for fused, parts in _FUSED.items()}
-        hs = _hessians(layer, hidden, kwargs, sorted(set(first.values())))
-        for fused, parts in _FUSED.items():
-            mods = [layer.get_submodule(p) for p in parts]
-            weight = torch.cat([m.weight.data for m in mods], dim=0)
-            q = quantize(weight, hs[first[fused]])
-            deq = dequantize(q, block)
-            row = 0
-            for m in mods:
-                rows = m.weight.shape[0]
-                m.weight.data.copy_(deq[row:row + rows])
-                row += rows
-            yield f"/model/layers.{i}/{fused}/MatMul", q
-        hidden = _layer_out(layer, hidden, kwargs)
+        with layered.held(layer) if layered is not None else contextlib.nullcontext():
+            yield from _quantize_layer(i, layer, len(layers), block, method, quantize, progress, hidden, kwargs)
+            hidden = _layer_out(layer, hidden, kwargs)
     if head:
         with torch.no_grad():
             normed = model.model.norm(hidden)
         x = normed.reshape(-1, normed.shape[-1]).double()
         progress(ProgressEvent("quantize", f"{method}: lm_head"))
         yield "/lm_head/MatMul", quantize(model.lm_head.weight.data, x.T @ x)
+
+
+def _quantize_layer(i: int, layer: Any, count: int, block: int, method: str,
+                    quantize: Callable[[Any, Any], Quantized], progress: ProgressFn, hidden: Any,
+                    kwargs: dict[str, Any]) -> Iterator[tuple[str, Quantized]]:
+    """One decoder layer: its inputs' statistics, each (fused) matmul quantized, and the layer's weights replaced
+    by the dequantized ones, so that the next layer sees what the quantized model computes."""
+    import torch
+
+    progress(ProgressEvent("quantize", f"{method}: layer {i + 1}/{count}"))
+    first = {fused: parts[0] for fused, parts in _FUSED.items()}
+    hs = _hessians(layer, hidden, kwargs, sorted(set(first.values())))
+    for fused, parts in _FUSED.items():
+        mods = [layer.get_submodule(p) for p in parts]
+        weight = torch.cat([m.weight.data for m in mods], dim=0)
+        q = quantize(weight, hs[first[fused]])
+        deq = dequantize(q, block)
+        row = 0
+        for m in mods:
+            rows = m.weight.shape[0]
+            m.weight.data.copy_(deq[row:row + rows])
+            row += rows
+        yield f"/model/layers.{i}/{fused}/MatMul", q
 
 
 def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *, head: bool,

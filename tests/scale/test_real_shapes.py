@@ -13,12 +13,11 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..conftest import FIXTURES, envelope, needs_onnx
+from ..conftest import envelope, needs_onnx
 
 pytestmark = [pytest.mark.scale, needs_onnx]
 
@@ -52,11 +51,43 @@ class MemoryCgroup:
         self.path.rmdir()
 
 
-@pytest.fixture
-def cgroup_4g() -> Iterator[MemoryCgroup]:
-    cg = MemoryCgroup(4 * GIB)
-    yield cg
-    cg.remove()
+def random_weights_target(name: str, folder: Path) -> Path:
+    """A shipped target with its [quality] opened up: random weights are nothing to hold a quantized model to, but
+    the gate still runs in full (the reference is scored, the bundle is run), which is what costs memory."""
+    text = (Path(__file__).parents[2] / "targets" / f"{name}.toml").read_text()
+    start, end = text.index("[quality]"), text.index("[runtime]")
+    loose = ("[quality]\nmax_ppl_increase_pct = 1000000.0\nmax_mean_kl = 1000.0\nmin_top1_agreement = 0.0\n"
+             "min_greedy_match = 0\ngolden_tokens = 16\n\n")
+    path = folder / f"{name}.toml"
+    path.write_text(text[:start] + loose + text[end:])
+    return path
+
+
+def hub_cache(root: Path, repo: str, revision: str, checkpoint: Path) -> Path:
+    """huggingface_hub's cache layout (models--org--name/snapshots/<revision>, refs/main), its files linked to the
+    checkpoint as the hub links them to blobs."""
+    base = root / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        (snap / f.name).symlink_to(f)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(revision)
+    return root
+
+
+def build_in(cgroup: MemoryCgroup, args: list[str], env: dict[str, str]) -> tuple[dict, int]:
+    proc = subprocess.run([sys.executable, "-m", "edgepack", "--json", "build", *args, "--no-wheels"],
+                          capture_output=True, text=True, env={**os.environ, "EDGEPACK_NO_CACHE": "1", **env},
+                          preexec_fn=cgroup.enter, timeout=3600, check=False)
+    peak = cgroup.peak()
+    print(f"cgroup peak {peak / GIB:.2f} GiB")
+    assert proc.returncode == 0, f"exit {proc.returncode}, cgroup peak {peak / GIB:.2f} GiB\n{proc.stderr[-3000:]}"
+    doc = envelope(proc)
+    assert doc["ok"]
+    for stage in doc["result"]["stages"]:
+        print(f"  {stage['name']}: {stage['seconds']:.0f} s, peak {stage['peak_rss_mib']} MiB")
+    return doc["result"], peak
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +97,45 @@ def tinyllama_shape(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_real_shape("tinyllama-1.1b", tmp_path_factory.mktemp("real") / "tinyllama-1.1b")
 
 
-def test_tinyllama_shape_builds_inside_4_gb(tinyllama_shape: Path, cgroup_4g: MemoryCgroup, tmp_path: Path) -> None:
-    # The builder alone measured 7.9 GB before streaming (docs/performance.md). The gate's fp32 reference is
-    # not streamed yet (4.4 GB at 1.1B by itself), so the gate is off: this proves the export path.
-    env = {**os.environ, "EDGEPACK_NO_CACHE": "1",
-           # the build planner's cost of this exporter still says ~10 bytes per parameter (pre-streaming)
-           "EDGEPACK_BUILD_MEMORY_MB": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgepack", "--json", "build", "--target", str(FIXTURES / "tiny-target.toml"),
-         str(tinyllama_shape), "--out", str(tmp_path), "--skip-validation", "--no-wheels"],
-        capture_output=True, text=True, env=env, preexec_fn=cgroup_4g.enter, timeout=1800, check=False)
-    peak = cgroup_4g.peak()
-    print(f"cgroup peak {peak / GIB:.2f} GiB")
-    assert proc.returncode == 0, f"exit {proc.returncode}, cgroup peak {peak / GIB:.2f} GiB\n{proc.stderr[-3000:]}"
-    doc = envelope(proc)
-    assert doc["ok"]
-    bundle = Path(doc["result"]["bundle"])
-    manifest = json.loads((bundle / "edgepack.json").read_text())
+def test_the_cards_command_builds_tinyllama_inside_4_gb_with_the_gate(tinyllama_shape: Path,
+                                                                     tmp_path: Path) -> None:
+    """`edgepack build --target rpi5 tinyllama`, TinyLlama-1.1B-Chat's shape in the hub cache at the alias's pinned
+    revision, offline, gate on, inside a 4 GB memory limit (a 2-core private runner has 7 GB). Before issue 21:
+    exit 1 (context) and then 12.3 GB."""
+    from edgepack.models import load_aliases
+
+    alias = load_aliases()["tinyllama"]
+    cache = hub_cache(tmp_path / "hub", alias.hub_id, alias.revision, tinyllama_shape)
+    cgroup = MemoryCgroup(4 * GIB)
+    try:
+        result, _ = build_in(cgroup, ["--target", str(random_weights_target("rpi5", tmp_path)), "tinyllama",
+                                      "--out", str(tmp_path / "out")],
+                             {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    finally:
+        cgroup.remove()
+    assert result["context"]["source"] == "model" and result["context"]["tokens"] == 2048
+    assert result["quality"]["validated"]
+    manifest = json.loads((Path(result["bundle"]) / "edgepack.json").read_text())
     graph = manifest["export"]["graph"]
-    # 22 layers × (packed qkv, o, gate, up, down) + the head, all int4: nothing was left float.
+    # 22 layers × (packed qkv, o, gate, up, down) + the head, all quantized (k-quant int4, int8 head and
+    # sensitive layers): nothing was left float.
     assert graph["quantized_matmuls"] == 22 * 5 + 1 and graph["float_matmuls"] == 0, graph
-    assert (bundle / "model" / "model.onnx.data").stat().st_size > 600 * 2**20
+    assert graph["bits"] == [4, 8]
+    assert all(s["peak_rss_mib"] < 4096 for s in result["stages"])
+
+
+def test_phi35_mini_shape_builds_inside_8_gb_with_the_gate(tmp_path_factory: pytest.TempPathFactory,
+                                                            tmp_path: Path) -> None:
+    """Phi-3.5-mini's shape (3.8B: fused qkv/gate_up, LongRoPE), the rpi5 8 GB recipe at 2,048 tokens, gate on,
+    inside 8 GB (the issue's goal; 16 GB, a hosted runner, is the must). Before issue 21: killed inside 16 GB."""
+    from edgepack.testing import make_real_shape
+
+    model = make_real_shape("phi-3.5-mini", tmp_path_factory.mktemp("real") / "phi-3.5-mini")
+    cgroup = MemoryCgroup(8 * GIB)
+    try:
+        result, _ = build_in(cgroup, ["--target", str(random_weights_target("rpi5-8gb", tmp_path)), str(model),
+                                      "--context", "2048", "--out", str(tmp_path / "out")], {})
+    finally:
+        cgroup.remove()
+    assert result["quality"]["validated"]
+    assert all(s["peak_rss_mib"] < 8192 for s in result["stages"])
