@@ -166,6 +166,15 @@ REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True, "use_sliding_window": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # google/gemma-3-1b-it: a 262,144-token vocabulary (30 % of the parameters), 5 sliding layers to 1 full, tied
+    "gemma-3-1b": ("Gemma3TextConfig", {
+        "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "sliding_window": 512, "query_pre_attn_scalar": 256,
+        "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     # meta-llama/Llama-3.2-3B-Instruct: llama3 rope scaling, a 128,256-token vocabulary, tied
     "llama-3.2-3b": ("LlamaConfig", {
         "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,

@@ -59,3 +59,33 @@ def test_unusable_checkpoint_falls_back_to_whole_model(tmp_path: Path) -> None:
     assert layered_model(folder) is None
     model = float_model(folder)
     assert all(not p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize(("method", "symmetric"), [("gptq", True), ("imatrix", False)])
+def test_gptq_and_imatrix_on_the_layered_model_give_the_same_codes(method: str, symmetric: bool, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ holds each layer while it writes the dequantized weights back and runs the layer again for the next
+    one's inputs: the codes and scales are those of the whole fp32 model."""
+    import torch
+
+    from edgepack import checkpoint
+    from edgepack.backends import gptq
+    from edgepack.models import resolve_model
+    from edgepack.testing import make_tiny
+
+    folder = make_tiny("llama", tmp_path / "m", layers=3)
+    text = tmp_path / "cal.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    source = resolve_model(str(folder))
+    cal = gptq.Calibration(text=text, samples=4, tokens=64)
+
+    def run() -> list[tuple[str, gptq.Quantized]]:
+        return list(gptq.quantize_model(source, 32, cal, head=True, progress=lambda _e: None, method=method,
+                                        symmetric=symmetric))
+
+    layered = run()
+    monkeypatch.setattr(checkpoint, "layered_model", lambda *_a, **_k: None)  # the whole model, as before
+    whole = run()
+    assert [n for n, _ in layered] == [n for n, _ in whole] and len(whole) == 3 * 5 + 1
+    for (_, a), (_, b) in zip(layered, whole, strict=True):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
