@@ -92,7 +92,7 @@ def test_refused_before_exporting_with_the_limit_and_what_would_hold_it() -> Non
     assert "quantize.scheme does not help" in err.hint  # the whole-graph builder: the scheme is not the cost
     check_build_memory(cost_of("onnx", "fp16", "default", PHI35_MINI, _machine(0)), "x")  # 0: the check is off
     # Where only the plain pass fits, the algorithm that costs more is named.
-    gptq = cost_of("onnx", "int4", "gptq", PHI35_MINI, _machine(6), resident=310_000_000)
+    gptq = cost_of("onnx", "int4", "gptq", PHI35_MINI, _machine(7), resident=310_000_000)
     assert not gptq.fits and 'quantize.algorithm = "default"' in gptq.suggestion
     assert "--format onnx-streamed" not in gptq.suggestion  # a cost row, not a format
 
