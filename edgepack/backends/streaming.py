@@ -379,9 +379,15 @@ def install(load_config: Callable[..., Any]) -> None:
 STREAMING_FLAG = "--edgepack-streaming"  # genai_builder's first argument that installs this module
 
 
+STREAMING_ENV = "EDGEPACK_STREAMING"  # "0": the builder's own whole-model path (a fallback; ~10 bytes/parameter)
+
+
 def streams(scheme: str, algorithm: str) -> bool:
     """Whether the build streams: int4/int8 with the builder's own algorithms (`default`, MLAS round-to-nearest;
-    `rtn`; `k_quant`). gptq and imatrix rewrite a `default` export afterwards, so their export streams too."""
+    `rtn`; `k_quant`). gptq and imatrix rewrite a `default` export afterwards, so their export streams too.
+    $EDGEPACK_STREAMING=0 turns it off (the same bytes, the builder's own memory)."""
+    if os.environ.get(STREAMING_ENV, "").strip() == "0":
+        return False
     return scheme in ("int4", "int8") and algorithm in ("default", "rtn", "k_quant", "gptq", "imatrix")
 
 

@@ -72,7 +72,7 @@ def test_a_builder_killed_by_the_oom_killer_is_build_out_of_memory(tmp_path: Pat
     # ~75M parameters: the builder needs ~1.2 GiB, far past the limit (at ~35M it sometimes fit: pages of shared
     # libraries already cached elsewhere are not charged to the group), while the build stays a small one.
     model = make_tiny("llama", tmp_path / "tiny-75m", hidden=1024, layers=8, tie_word_embeddings=True)
-    # k-quant: the builder's whole-model pass (the layer-by-layer exporter takes the `default` algorithm)
+    # k-quant through the builder's own whole-model pass (EDGEPACK_STREAMING=0 below): streamed, it would fit
     target = tmp_path / "tiny-kquant.toml"
     target.write_text(tiny_target.read_text().replace('algorithm = "default"', 'algorithm = "k_quant"', 1))
     out = tmp_path / "out"
@@ -85,7 +85,8 @@ def test_a_builder_killed_by_the_oom_killer_is_build_out_of_memory(tmp_path: Pat
         proc = subprocess.run([sys.executable, "-c", boot, str(group / "cgroup.procs"), "--json", "build",
                                "--target", str(target), str(model), "--out", str(out), "--no-wheels",
                                "--no-cache"], capture_output=True, text=True, timeout=600, check=False,
-                              env={**os.environ, "EDGEPACK_BUILD_MEMORY_MB": "0"})  # the estimate off: the kernel
+                              env={**os.environ, "EDGEPACK_BUILD_MEMORY_MB": "0",  # the estimate off: the kernel
+                                   "EDGEPACK_STREAMING": "0"})
         kills = int(next(line.split()[1] for line in (group / "memory.oom_control").read_text().splitlines()
                          if line.startswith("oom_kill ")))
     err = envelope(proc)["error"]
