@@ -212,12 +212,12 @@ def layered_model(folder: Path, dtype: Any = None) -> Any:
 
     dtype = dtype or torch.float32
     checkpoint = Checkpoint(folder)
-    # Reusing a layer's tensors (reuse=True) makes a greedy token 2.7x faster at 1.1B (no fresh pages to zero:
-    # 5.4 s against 14.8 s for 8 tokens); serving the activations' large blocks from mmap returns them too:
-    # 1,242 MB peak against 1,648 at the same speed (bench: docs/performance.md).
-    return_freed_memory()
     if not checkpoint.entries or any(name.endswith((".qweight", ".absmax")) for name in checkpoint.entries):
-        return None
+        return None  # nothing to read lazily, or weights stored pre-quantized
+    # Reusing a layer's tensors (reuse=True below) makes a greedy token 2.7x faster at 1.1B (no fresh pages to
+    # zero: 5.4 s against 14.8 s for 8 tokens); serving large blocks from mmap gives the activations' back too:
+    # 1,242 MB peak against 1,648 at the same speed (bench/layered_reference.py, docs/performance.md).
+    return_freed_memory()
     config = transformers.AutoConfig.from_pretrained(folder)
     with _parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
