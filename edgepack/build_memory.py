@@ -379,21 +379,6 @@ def build_cost(config: Mapping[str, Any], target: TargetProfile, machine: Machin
     return cost_of(target.export.format, q.scheme, q.algorithm, count.total, machine, resident=resident)
 
 
-def summary_lines(cost: BuildCost) -> list[str]:
-    """Lines for `edgepack plan`'s human summary."""
-    where = (f"{_gib(cost.budget)} ({cost.bounded_by})" if cost.budget else
-             f"nothing ({cost.bounded_by})" if "off" in cost.bounded_by else "nothing (memory unknown)")
-    verdict = "fits" if cost.fits else "does NOT fit"
-    took = f"{cost.seconds / 60:.0f} min" if cost.seconds >= 120 else f"{cost.seconds:.0f} s"
-    lines = [f"build here  {verdict}: ~{_gib(cost.peak)} peak against {where}; ~{took} cold with the gate "
-             f"on a 2-core runner (this machine has {cost.cores} cores)",
-             f"  export    ~{_gib(cost.export_peak)} ({cost.tool}); gate ~{_gib(cost.gate_peak)} (fp32 reference layer "
-             "by layer, then the bundle)"]
-    if cost.suggestion:
-        lines.append(f"  build suggestion: {cost.suggestion}")
-    return lines
-
-
 def check_build_memory(cost: BuildCost, model: str) -> None:
     """Refuse a build this machine cannot hold, before the converter starts."""
     if cost.fits:

@@ -236,11 +236,11 @@ def plan_cmd(model: str, target: str, context: int, fmt: str | None) -> None:
     """Will MODEL fit TARGET? Parameters, weights, KV cache and runtime against the device's RAM, and the build's
     own peak memory and time against this machine (nothing built)."""
     from edgepack import api
-    from edgepack.plan import summary
+    from edgepack.output import plan_summary
 
     def go(o: Output) -> tuple[Any, str]:
         res = api.plan(api.PlanRequest(model=model, target=target, context=context, format=fmt), progress=o.progress)
-        return res, summary(res)
+        return res, plan_summary(res)
 
     _run("plan", go)
 

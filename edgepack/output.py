@@ -193,6 +193,56 @@ def _rotate(logs: Path) -> None:
 
 # -- human summaries of results (what the CLI prints on stdout without --json) ----------------------------
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def plan_summary(plan: Any) -> str:
+    """A few lines for people: the verdict, the parts of the total, and what to change when it does not fit."""
+    p, w, kv = plan.params, plan.weights, plan.kv
+    verdict = ("fits" if plan.fits else "does NOT fit") if plan.budget else "RAM unknown"
+    ram = (f" of {plan.request.ram_mb:,} MiB ({_mib(plan.budget)} after {plan.request.headroom_pct:g} % headroom)"
+           if plan.budget else "")
+    lines = [
+        f"{verdict}: ~{_mib(plan.total)} peak{ram}, {plan.request.fmt}/{plan.runtime}, context {kv.context} tokens",
+        f"  parameters  {p.total / 1e6:,.1f} M ({p.embedding / 1e6:,.1f} M embedding"
+        + (f", {p.head / 1e6:,.1f} M head" if p.head else ", tied head") + ")",
+        f"  weights     {_mib(w.file)} on disk, {_mib(w.resident)} in RAM: {w.layout}",
+        f"  KV cache    {_mib(kv.allocated)} ({kv.bytes_per_token:,} bytes/token, {kv.dtype}"
+        + (", past and present apart" if kv.buffers > 1 else "") + ")",
+    ]
+    if plan.prefill:
+        lines.append(f"  prefill     {_mib(plan.prefill)} for a prompt that fills the context")
+    lines.append(f"  runtime     {_mib(plan.runtime_overhead)}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    if plan.suggestion is not None:
+        lines.append(f"  suggestion: {plan.suggestion.message}")
+    if plan.context is not None and not plan.context.capped:
+        lines.append(f"  context     {plan.context.tokens} tokens: {plan.context.reason}")
+    if plan.build is not None:
+        lines += _build_plan_lines(plan.build)
+    return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _build_plan_lines(cost: Any) -> list[str]:
+    """The build's own plan on this machine (build_memory.BuildCost), for `edgepack plan`'s summary."""
+    where = (f"{_gib(cost.budget)} ({cost.bounded_by})" if cost.budget else
+             f"nothing ({cost.bounded_by})" if "off" in cost.bounded_by else "nothing (memory unknown)")
+    verdict = "fits" if cost.fits else "does NOT fit"
+    took = f"{cost.seconds / 60:.0f} min" if cost.seconds >= 120 else f"{cost.seconds:.0f} s"
+    lines = [f"build here  {verdict}: ~{_gib(cost.peak)} peak against {where}; ~{took} cold with the gate "
+             f"on a 2-core runner (this machine has {cost.cores} cores)",
+             f"  export    ~{_gib(cost.export_peak)} ({cost.tool}); gate ~{_gib(cost.gate_peak)} (fp32 reference layer "
+             "by layer, then the bundle)"]
+    if cost.suggestion:
+        lines.append(f"  build suggestion: {cost.suggestion}")
+    return lines
+
+
 def build_summary(res: Any) -> str:
     q = res.quality
     lines = [f"built {res.bundle}  ({res.bytes / 1e6:.1f} MB, {res.scheme}, id {res.bundle_id})"]

@@ -480,44 +480,12 @@ def with_format_of(target: TargetProfile, fmt: str | None) -> TargetProfile:
     return replace(target, export=replace(target.export, format=fmt))
 
 
-def _mib(n: int) -> str:
-    return f"{n / MIB:,.1f} MiB"
-
-
-def summary(plan: Plan) -> str:
-    """A few lines for people: the verdict, the parts of the total, and what to change when it does not fit."""
-    p, w, kv = plan.params, plan.weights, plan.kv
-    verdict = ("fits" if plan.fits else "does NOT fit") if plan.budget else "RAM unknown"
-    ram = (f" of {plan.request.ram_mb:,} MiB ({_mib(plan.budget)} after {plan.request.headroom_pct:g} % headroom)"
-           if plan.budget else "")
-    lines = [
-        f"{verdict}: ~{_mib(plan.total)} peak{ram}, {plan.request.fmt}/{plan.runtime}, context {kv.context} tokens",
-        f"  parameters  {p.total / 1e6:,.1f} M ({p.embedding / 1e6:,.1f} M embedding"
-        + (f", {p.head / 1e6:,.1f} M head" if p.head else ", tied head") + ")",
-        f"  weights     {_mib(w.file)} on disk, {_mib(w.resident)} in RAM: {w.layout}",
-        f"  KV cache    {_mib(kv.allocated)} ({kv.bytes_per_token:,} bytes/token, {kv.dtype}"
-        + (", past and present apart" if kv.buffers > 1 else "") + ")",
-    ]
-    if plan.prefill:
-        lines.append(f"  prefill     {_mib(plan.prefill)} for a prompt that fills the context")
-    lines.append(f"  runtime     {_mib(plan.runtime_overhead)}")
-    lines += [f"  note: {n}" for n in plan.notes]
-    if plan.suggestion is not None:
-        lines.append(f"  suggestion: {plan.suggestion.message}")
-    if plan.context is not None and not plan.context.capped:
-        lines.append(f"  context     {plan.context.tokens} tokens: {plan.context.reason}")
-    if plan.build is not None:
-        from edgepack.build_memory import summary_lines
-
-        lines += summary_lines(plan.build)
-    return "\n".join(lines)
-
-
 def check_fits(source: Any, target: Any, context: int = 0) -> Any:
     """The memory plan of what this build would make; refused before exporting when it cannot fit."""
     import json
 
     from edgepack.errors import UserError
+    from edgepack.output import plan_summary
 
     config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
     fit = plan_for_target(config, target, context=context)
@@ -527,5 +495,5 @@ def check_fits(source: Any, target: Any, context: int = 0) -> Any:
             f"against {target.device.ram_mb:,} MiB of RAM ({fit.kv.context}-token context); nothing was exported.",
             hint=(fit.suggestion.message if fit.suggestion else "Pick a smaller model or scheme.")
             + " `edgepack plan` shows the parts; device.ram_mb = 0 in the target turns the check off.",
-            planned_peak_mib=round(fit.total / 2**20, 1), ram_mb=target.device.ram_mb, plan=summary(fit))
+            planned_peak_mib=round(fit.total / 2**20, 1), ram_mb=target.device.ram_mb, plan=plan_summary(fit))
     return fit

@@ -10,7 +10,8 @@ import pytest
 
 from edgepack.backends.onnx import builder_options
 from edgepack.errors import TargetError
-from edgepack.plan import MIB, estimate, plan_for_target, summary
+from edgepack.output import plan_summary
+from edgepack.plan import MIB, estimate, plan_for_target
 from edgepack.targets import QuantizeSpec, load_target
 from edgepack.testing import REAL_SHAPES
 
@@ -29,7 +30,7 @@ def test_kv_bytes_per_precision_at_2048_tokens() -> None:
     # A quantized cache keeps past and present apart on the CPU: int8 is half of fp32, int4 a quarter.
     assert int8.allocated == 2 * 2048 * 11_520 == fp32.allocated // 2
     assert int4.allocated == fp32.allocated // 4
-    assert "int8, past and present apart" in summary(estimate(replace(HOST_INT4, kv_cache="int8")))
+    assert "int8, past and present apart" in plan_summary(estimate(replace(HOST_INT4, kv_cache="int8")))
 
 
 def test_auto_is_the_graphs_own_precision() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from edgepack.errors import UserError
-from edgepack.plan import MIB, PlanRequest, estimate, litert_recipe, plan_for_target, summary
+from edgepack.output import plan_summary
+from edgepack.plan import MIB, PlanRequest, estimate, litert_recipe, plan_for_target
 from edgepack.shape import ModelShape
 from edgepack.targets import load_target
 
@@ -123,7 +124,7 @@ def test_model_that_does_not_fit_gets_a_suggestion_that_fits() -> None:
     assert 64 <= s.max_context < 8192 and s.max_context % 64 == 0
     assert estimate(replace(HOST_INT4, context=s.max_context, ram_mb=1024)).fits
     assert not estimate(replace(HOST_INT4, context=s.max_context + 64, ram_mb=1024)).fits
-    assert "fits" in s.message and "does NOT fit" in summary(plan)
+    assert "fits" in s.message and "does NOT fit" in plan_summary(plan)
 
 
 def test_suggested_scheme_fits_at_the_requested_context() -> None:
