@@ -119,7 +119,6 @@ def _stream_bits(builder: Any, matmul: Any, name: str) -> int | None:
 def _quantize_matmul(builder: Any, matmul: Any, name: str, root_input: str, bits: int, **kwargs: Any) -> str:
     """What `to_nbits` would have made of this MatMul (onnxruntime's DEFAULT quantizer), made now."""
     import ml_dtypes
-    import numpy as np
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import to_torch_dtype
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -146,8 +145,7 @@ def _quantize_matmul(builder: Any, matmul: Any, name: str, root_input: str, bits
         array = (slab.float() if bf16 else slab).T.contiguous().numpy()
         parts.append(quantizer.qbits_block_quant(array))
         del slab, array
-    packed, scales, zero_points = (np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
-                                   for i in range(3))
+    packed, scales, zero_points = _joined(parts)
     del parts
     if bf16:
         scales = scales.astype(ml_dtypes.bfloat16)
@@ -161,14 +159,34 @@ def _quantize_matmul(builder: Any, matmul: Any, name: str, root_input: str, bits
     attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": qa["matmul_block_size"]}
     if qa["accuracy_level"]:
         attrs["accuracy_level"] = qa["accuracy_level"]
-    output = "logits" if kwargs.get("logits", False) else f"{name}/output_0"
-    builder.make_node("MatMulNBits", inputs=inputs, outputs=[output], name=name + f"_Q{bits}",
-                      domain="com.microsoft", **dict(sorted(attrs.items())))
+    custom = name in (getattr(builder, "int4_customized_weight_config", {}) or {})
+    _emit(builder, name + f"_Q{bits}", inputs, _output(name, kwargs), dict(sorted(attrs.items())), n, kwargs,
+          (custom, bits, inputs[1:]))
+    return name
+
+
+def _joined(parts: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    """The slabs' (codes, scales, zero points), each concatenated along the output columns."""
+    import numpy as np
+
+    if len(parts) == 1:
+        return parts[0]
+    first, second, third = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    return first, second, third
+
+
+def _output(name: str, kwargs: dict[str, Any]) -> str:
+    return "logits" if kwargs.get("logits", False) else f"{name}/output_0"
+
+
+def _emit(builder: Any, node_name: str, inputs: list[str], output: str, attrs: dict[str, Any], n: int,
+          kwargs: dict[str, Any], record: tuple[bool, int, list[str]]) -> None:
+    """The MatMulNBits node and its output value, as make_matmul_float would have named them; `record` (custom
+    placement?, bits, initializer names) tells to_nbits what was quantized here."""
+    builder.make_node("MatMulNBits", inputs=inputs, outputs=[output], name=node_name, domain="com.microsoft", **attrs)
     seq_dim = kwargs.get("seq_dim", "sequence_length")
     builder.make_value(output, builder.io_dtype, shape=builder.make_hidden_state_shape(seq_dim=seq_dim, last_dim=n))
-    custom = name in (getattr(builder, "int4_customized_weight_config", {}) or {})
-    builder._edgepack_streamed = [*getattr(builder, "_edgepack_streamed", []), (custom, bits, inputs[1:])]
-    return name
+    builder._edgepack_streamed = [*getattr(builder, "_edgepack_streamed", []), record]
 
 
 _NC_SLAB_ELEMENTS = 1 << 22  # weights per rtn/k-quant slab (16 MB in fp32): its search keeps ~15 copies of one
@@ -219,13 +237,12 @@ def _quantize_matmul_nc(builder: Any, matmul: Any, name: str, root_input: str, b
     # numpy's ufuncs let go of the GIL: slabs on every core (the k-quant search is ~95 % of a 1B export's time).
     with ThreadPoolExecutor(max_workers=min(_NC_THREADS, len(os.sched_getaffinity(0)))) as pool:
         parts = list(pool.map(quantize, range(0, n, rows)))
-    q_weight, scale, zero = (np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
-                             for i in range(3))
+    q_weight, scale, zero = _joined(parts)
     del parts
     if not (scheme == "asym" or algo == "k_quant"):
         zero = None
     weight = name[1:].replace("/", ".") + ".weight"
-    output = "logits" if kwargs.get("logits", False) else f"{name}/output_0"
+    output = _output(name, kwargs)
     node, inits = nc.make_matmul_weight_only_node(
         node=_NodeLike(name, [root_input, weight], [output]), weight_shape=(k, n), num_bits=bits, group_size=group,
         k_blocks=k_blocks, q_weight=q_weight.reshape(n * k_blocks, group), scale=scale, zero_point=zero,
@@ -236,11 +253,7 @@ def _quantize_matmul_nc(builder: Any, matmul: Any, name: str, root_input: str, b
         builder.make_initializer(onnx.numpy_helper.to_array(tensor), tensor.name)
         names.append(tensor.name)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    builder.make_node("MatMulNBits", inputs=list(node.input), outputs=[output], name=node.name,
-                      domain="com.microsoft", **attrs)
-    seq_dim = kwargs.get("seq_dim", "sequence_length")
-    builder.make_value(output, builder.io_dtype, shape=builder.make_hidden_state_shape(seq_dim=seq_dim, last_dim=n))
-    builder._edgepack_streamed = [*getattr(builder, "_edgepack_streamed", []), (False, bits, names)]
+    _emit(builder, node.name, list(node.input), output, attrs, n, kwargs, (False, bits, names))
     return name
 
 
