@@ -57,9 +57,6 @@ class Checkpoint:
                 got += n
         return buf.view(getattr(torch, _ST_DTYPES[dtype])).reshape(shape)
 
-    def nbytes(self, name: str) -> int:
-        return self.entries[name][4]
-
 
 class LazyWeights:
     """A transformers model on the meta device whose parameters are read from the checkpoint on demand."""
