@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import BuildOutOfMemoryError, UserError
+from edgepack.progress import note_converter_peak
 
 if TYPE_CHECKING:
     from edgepack.targets import TargetProfile
@@ -424,6 +425,7 @@ def run_converter(cmd: list[str], log: Path, **env: str) -> ConverterRun:
             raise
         proc.returncode = code = os.waitstatus_to_exitcode(status)
     after = oom_kills(cg)
+    note_converter_peak(usage.ru_maxrss)
     return ConverterRun(code, log.read_text(errors="replace").splitlines()[-15:], usage.ru_maxrss * 1024,
                         round(time.monotonic() - t0, 2),
                         after - before if after is not None and before is not None else None)

@@ -201,9 +201,16 @@ def _onnx_weights(s: ModelShape, req: PlanRequest) -> WeightBytes:
     head_m = mats[-1]
     head = size(head_m)
     # The builder shares a tied table between the embedding Gather and the head when asked to, except for int8,
-    # where it writes a separate float table anyway (measured: SmolLM2 int8 model.onnx.data has one).
-    shared = s.tied and req.embedding_precision == "quantized" and req.scheme != "int8"
-    embedding = 0 if shared else s.vocab * s.hidden * io
+    # where it writes a separate float table anyway (measured: SmolLM2 int8 model.onnx.data has one), and for
+    # asymmetric int4 (edgepack asks for a table of its own there). Any other quantized embedding is a table of its
+    # own, int4 GatherBlockQuantized: codes, a scale per block of the row, zero points when asymmetric.
+    quantized_table = req.embedding_precision == "quantized" and req.scheme == "int4"
+    shared = s.tied and req.embedding_precision == "quantized" and req.scheme != "int8" and req.symmetric
+    row_blocks = math.ceil(s.hidden / req.block_size)
+    embedding = (0 if shared else
+                 (s.vocab * s.hidden + 1) // 2 + s.vocab * row_blocks * io
+                 + (0 if req.symmetric else (s.vocab * row_blocks + 1) // 2) if quantized_table else
+                 s.vocab * s.hidden * io)
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     biases = s.layers * ((q + 2 * kv if s.qkv_bias else 0)
                          + ((s.intermediate * (2 if s.gated_mlp else 1) + s.hidden) if s.mlp_bias else 0))
@@ -227,7 +234,8 @@ def _onnx_weights(s: ModelShape, req: PlanRequest) -> WeightBytes:
         parts.append(f"qkv/down of {len(upgraded)} of {s.layers} layers int8")
     if overrides:
         parts.append(f"{len(overrides)} layers int8")
-    parts.append("embedding shares the head" if shared else f"embedding {'fp32' if io == 4 else 'fp16'} table")
+    parts.append("embedding shares the head" if shared else "embedding int4 table" if quantized_table
+                 else f"embedding {'fp32' if io == 4 else 'fp16'} table")
     return WeightBytes(embedding, body, head, other, file, resident, transient, ", ".join(parts))
 
 

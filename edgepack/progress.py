@@ -58,6 +58,16 @@ def _reset_own_peak() -> None:
         _CLEAR_REFS.write_text("5")  # Linux >= 4.0: VmHWM starts again from the current RSS
 
 
+_converter_peak_kib = 0  # the largest converter peak reported (note_converter_peak) since the stage began
+
+
+def note_converter_peak(kib: int) -> None:
+    """A converter edgepack ran (wait4) peaked at `kib`: the stage it ran in records it, whatever ran before it
+    (the children's rusage below only shows a child that beat every earlier one)."""
+    global _converter_peak_kib
+    _converter_peak_kib = max(_converter_peak_kib, kib)
+
+
 def _children_peak_kib() -> int:
     """The largest peak RSS of any child waited for so far (it only grows)."""
     try:
@@ -77,14 +87,16 @@ class StageRecorder:
     @contextmanager
     def stage(self, name: str, message: str) -> Iterator[dict[str, Any]]:
         self.progress(ProgressEvent(name, message))
+        global _converter_peak_kib
         _reset_own_peak()
+        _converter_peak_kib = 0
         children = _children_peak_kib()
         t0 = time.monotonic()
         info: dict[str, Any] = {}
         yield info
         seconds = round(time.monotonic() - t0, 3)
         own, child = _own_peak_kib(), _children_peak_kib()
-        # A converter's peak shows only when it beat every earlier child's: then it was this stage's.
-        peak = max(own or 0, child if child > children else 0)
+        # Another child's peak shows only when it beat every earlier child's: then it was this stage's.
+        peak = max(own or 0, _converter_peak_kib, child if child > children else 0)
         self.records.append(StageRecord(name, seconds, info.pop("artifact", None), info.pop("bytes", None), info,
                                         round(peak / 1024, 1) if own is not None else None))

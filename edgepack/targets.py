@@ -386,13 +386,6 @@ def _check_consistency(p: TargetProfile) -> None:
             hint=f"Use scheme = \"int4\"{', symmetric = true' if q.algorithm == 'gptq' else ''}, "
                  "sensitive_layers_int8 = false (int8_layers and head_precision still apply).",
             path=p.source, field="quantize.algorithm")
-    if (p.export.format == "onnx" and q.scheme == "int4" and not q.symmetric
-            and q.embedding_precision == "quantized"):
-        raise TargetError(f"{p.source}: asymmetric int4 (symmetric = false) with embedding_precision = \"quantized\" "
-                          "makes the builder write an invalid graph (a uint8 embedding where float is expected; "
-                          "measured with onnxruntime-genai 0.18).",
-                          hint="Set embedding_precision = \"fp32\", or symmetric = true.", path=p.source,
-                          field="quantize.embedding_precision")
     if q.algorithm == "weight_only" and (p.export.format != "tflite" or q.scheme != "int8"):
         raise TargetError(f"{p.source}: quantize.algorithm = \"weight_only\" is the TFLite int8 recipe with float "
                           "activations (export.format = \"tflite\", scheme = \"int8\").",

@@ -37,6 +37,35 @@ _FUSED = {
     "mlp/down_proj": ("mlp.down_proj",),
 }
 
+Part = tuple[str, int, int]  # an HF Linear module and the rows (output features) of it that a builder MatMul holds
+
+
+def _parts(layer: Any) -> dict[str, list[Part]]:
+    """Each builder MatMul of this decoder layer → its rows in the HF modules: separate q/k/v and gate/up modules
+    (Llama, Qwen, Gemma…), or Phi-3's fused qkv_proj (the builder's qkv_proj as is) and gate_up_proj (split in
+    halves into the builder's gate_proj and up_proj)."""
+    names = {n for n, _ in layer.named_modules()}
+
+    def rows(name: str) -> int:
+        return int(layer.get_submodule(name).weight.shape[0])
+
+    out: dict[str, list[Part]] = {}
+    for fused, modules in _FUSED.items():
+        if all(m in names for m in modules):
+            out[fused] = [(m, 0, rows(m)) for m in modules]
+    if "self_attn.qkv_proj" in names:
+        out["attn/qkv_proj"] = [("self_attn.qkv_proj", 0, rows("self_attn.qkv_proj"))]
+    if "mlp.gate_up_proj" in names:
+        half = rows("mlp.gate_up_proj") // 2
+        out["mlp/gate_proj"] = [("mlp.gate_up_proj", 0, half)]
+        out["mlp/up_proj"] = [("mlp.gate_up_proj", half, 2 * half)]
+    missing = [f for f in _FUSED if f not in out]
+    if missing:
+        raise ModelError(f"GPTQ/imatrix found no modules for {', '.join(missing)} in this model's decoder layers "
+                         f"({type(layer).__name__}).",
+                         hint="Use quantize.algorithm = \"k_quant\" or \"default\" for this architecture.")
+    return {f: out[f] for f in _FUSED}
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -402,18 +431,17 @@ def _quantize_layer(i: int, layer: Any, count: int, block: int, method: str,
     import torch
 
     progress(ProgressEvent("quantize", f"{method}: layer {i + 1}/{count}"))
-    first = {fused: parts[0] for fused, parts in _FUSED.items()}
+    parts = _parts(layer)
+    first = {fused: p[0][0] for fused, p in parts.items()}  # the modules of one MatMul share their input
     hs = _hessians(layer, hidden, kwargs, sorted(set(first.values())))
-    for fused, parts in _FUSED.items():
-        mods = [layer.get_submodule(p) for p in parts]
-        weight = torch.cat([m.weight.data for m in mods], dim=0)
+    for fused, held in parts.items():
+        weight = torch.cat([layer.get_submodule(m).weight.data[a:b] for m, a, b in held], dim=0)
         q = quantize(weight, hs[first[fused]])
         deq = dequantize(q, block)
         row = 0
-        for m in mods:
-            rows = m.weight.shape[0]
-            m.weight.data.copy_(deq[row:row + rows])
-            row += rows
+        for m, a, b in held:
+            layer.get_submodule(m).weight.data[a:b].copy_(deq[row:row + b - a])
+            row += b - a
         yield f"/model/layers.{i}/{fused}/MatMul", q
 
 

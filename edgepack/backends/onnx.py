@@ -81,9 +81,15 @@ def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0, windowe
             exclude += [f"/model/layers.{i}/{m}/MatMul" for i in layer_indices(q, num_layers) for m in LAYER_MATMULS]
         if exclude:
             opts["nodes_to_exclude"] = ",".join(exclude)
+    quantized = q.embedding_precision == "quantized"
+    shared = tied and quantized and (q.scheme != "int4" or q.symmetric)
     if tied:
-        # shared: the embedding Gather reads the (quantized) head weights; fp32: a separate float table.
-        opts["shared_embeddings"] = "true" if q.embedding_precision == "quantized" else "false"
+        # shared: the embedding Gather reads the (quantized) head weights; otherwise a table of its own.
+        opts["shared_embeddings"] = "true" if shared else "false"
+    if quantized and not shared and q.scheme == "int4":
+        # A table of its own (untied, or asymmetric: the builder's shared asymmetric table is an invalid graph),
+        # int4 GatherBlockQuantized (round-to-nearest, the body's block and symmetry): 1/7 of the fp32 table.
+        opts["op_types_to_quantize"] = "MatMul/Gather"
     return q.scheme, opts
 
 

@@ -271,6 +271,43 @@ def _left_to_quantize(builder: Any) -> list[str]:
     return left
 
 
+def _quantize_gather(builder: Any, node: Any) -> None:
+    """The embedding table as int4 GatherBlockQuantized, in place: what the builder's `default` whole-graph pass makes
+    of it (onnxruntime's `DefaultWeightOnlyQuantizer.quantize_gather`: round-to-nearest, blocks of the row), for
+    every algorithm; the builder's rtn and k_quant passes leave an untied table float (4 bytes a weight)."""
+    import onnx
+    import onnx_ir as ir
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    qa = builder.quant_attrs
+    table = node.inputs[0]
+    data = table.const_value.numpy()
+    symmetric = bool(qa["is_symmetric"])
+    block = int(qa["matmul_block_size"])
+    codes, scales, zero = DefaultWeightOnlyQuantizer.quantize_ndarray(data, 1, block, symmetric)
+    kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    tensors = [onnx.helper.make_tensor(table.name + "_Q4", kind, data.shape, codes.tobytes(), True),
+               onnx.numpy_helper.from_array(scales, table.name + "_scales")]
+    if zero is not None:
+        tensors.append(onnx.helper.make_tensor(table.name + "_zero_points", kind, scales.shape, zero.tobytes(), True))
+    del data, codes
+    values = []
+    for tensor in tensors:
+        builder.make_initializer(ir.serde.deserialize_tensor(tensor), tensor.name)
+        values.append(builder.model.graph.initializers[tensor.name])
+    gather_axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+    old = node.outputs[0]
+    new = ir.Node("com.microsoft", "GatherBlockQuantized", [values[0], node.inputs[1], *values[1:]],
+                  attributes=[ir.AttrInt64("block_size", block), ir.AttrInt64("gather_axis", gather_axis),
+                              ir.AttrInt64("quantize_axis", 1)],  # make_node's order: by name
+                  outputs=[ir.Value(name=old.name, shape=old.shape, type=old.type)], name=node.name + "_Q4")
+    builder.model.graph.insert_before(node, new)
+    ir.convenience.replace_all_uses_with(old, new.outputs[0])
+    builder.model.graph.remove(node, safe=True)
+    if not table.uses():
+        builder.model.graph.initializers.pop(table.name)
+
+
 def _attributes_as_rebuilt(graph: Any) -> None:
     """The whole-graph pass rebuilds every node that holds a subgraph (If) with onnx.helper.make_node, which sorts
     its attributes by name: the same here, for the same model.onnx bytes (LongRoPE's rope-cache If)."""
@@ -358,6 +395,11 @@ def install(load_config: Callable[..., Any]) -> None:
 
     def to_nbits(self: Any) -> Any:
         streamed = getattr(self, "_edgepack_streamed", [])
+        if streamed and self.quant_attrs["bits"] == 4:
+            # An untied embedding table asked for (op_types_to_quantize has Gather): int4, first in node order.
+            gathers = set(_left_to_quantize(self))
+            for node in [n for n in self.model.graph if n.op_type == "Gather" and n.name in gathers]:
+                _quantize_gather(self, node)
         if streamed:
             # The whole-graph pass appends the quantized weights after every other initializer, in node order:
             # the int4 body first, then one pass per bit width of the nodes placed at another (int8 head,

@@ -47,6 +47,8 @@ def build(model: Path, out: Path, extra: list[str], *, stream: bool, precision: 
     # k_quant through the fused-weight split and LongRoPE; asymmetric RTN with its zero points
     ("phi3-longrope", [*RTN, "algo_config=k_quant"], "int4"),
     ("qwen2", ["block_size=32", "is_symmetric=false", "accuracy_level=4", "algo_config=rtn"], "int4"),
+    # an untied embedding table quantized to int4 GatherBlockQuantized (embedding_precision = "quantized")
+    ("phi3-longrope", [*RTN, "op_types_to_quantize=MatMul/Gather"], "int4"),
 ])
 def test_streamed_export_is_byte_identical(family: str, extra: list[str], precision: str, tmp_path: Path) -> None:
     from edgepack.testing import make_tiny
@@ -57,3 +59,39 @@ def test_streamed_export_is_byte_identical(family: str, extra: list[str], precis
     assert "streaming: reading" in log  # the lazy loader took the model, not the builder's fallback
     for name in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+
+
+def test_k_quant_quantizes_an_untied_embedding_table_as_the_default_pass_does(tmp_path: Path) -> None:
+    """The builder's rtn/k_quant passes leave an untied table float (4 bytes a weight); streamed, it is the int4
+    table the builder's default pass makes, and the runtime reads it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgepack.testing import make_tiny
+
+    model = make_tiny("phi3-longrope", tmp_path / "phi3")
+    gather = [*RTN, "op_types_to_quantize=MatMul/Gather"]
+    build(model, tmp_path / "default", gather, stream=False)
+    build(model, tmp_path / "k_quant", [*gather, "algo_config=k_quant"], stream=True)
+    build(model, tmp_path / "whole", [*gather, "algo_config=k_quant"], stream=False)
+
+    def tables(out: Path) -> dict[str, object]:
+        m = onnx.load(str(out / "model.onnx"))
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.startswith("model.embed_")}
+
+    default, streamed = tables(tmp_path / "default"), tables(tmp_path / "k_quant")
+    assert set(streamed) == {"model.embed_tokens.weight_Q4", "model.embed_tokens.weight_scales"}
+    assert all((default[k] == streamed[k]).all() for k in streamed)  # type: ignore[attr-defined]
+    assert set(tables(tmp_path / "whole")) == {"model.embed_tokens.weight"}  # the builder's own pass: fp32
+    assert ((tmp_path / "k_quant" / "model.onnx.data").stat().st_size
+            < (tmp_path / "whole" / "model.onnx.data").stat().st_size)
+    import onnxruntime_genai as og
+
+    gen_model = og.Model(str(tmp_path / "k_quant"))
+    params = og.GeneratorParams(gen_model)
+    params.set_search_options(max_length=8, do_sample=False)
+    generator = og.Generator(gen_model, params)
+    generator.append_tokens([[1, 2, 3]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 8

@@ -150,10 +150,19 @@ def test_the_export_formats_profiles_may_name_are_the_registered_exporters() -> 
     assert sorted(EXPORT_FORMATS) == exporters.names()
 
 
-def test_asymmetric_int4_with_quantized_embeddings_is_refused_before_the_builder_breaks(tmp_path: Path) -> None:
-    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nsymmetric = false\nembedding_precision = "quantized"\n')
-    with pytest.raises(TargetError, match="invalid graph") as err:
-        load_target(str(p))
-    assert err.value.fields["field"] == "quantize.embedding_precision"
-    p = write(tmp_path, '[device]\narch = "x"\n[quantize]\nsymmetric = false\nembedding_precision = "fp32"\n')
-    assert load_target(str(p)).quantize.symmetric is False
+def test_a_quantized_embedding_is_int4_whether_the_table_is_tied_or_not(tmp_path: Path) -> None:
+    """embedding_precision = "quantized": a tied symmetric table is the head's; an untied one, or a tied one with
+    asymmetric int4 (the builder's shared asymmetric table is an invalid graph), is an int4 table of its own."""
+    from edgepack.backends.onnx import builder_options
+
+    def opts(body: str, tied: bool) -> dict[str, str]:
+        p = write(tmp_path, '[device]\narch = "x"\n[quantize]\n' + body)
+        return builder_options(load_target(str(p)).quantize, tied=tied)[1]
+
+    sym = 'embedding_precision = "quantized"\n'
+    assert opts(sym, tied=True)["shared_embeddings"] == "true" and "op_types_to_quantize" not in opts(sym, tied=True)
+    assert opts(sym, tied=False)["op_types_to_quantize"] == "MatMul/Gather"
+    asym = opts('symmetric = false\nembedding_precision = "quantized"\n', tied=True)
+    assert asym["shared_embeddings"] == "false" and asym["op_types_to_quantize"] == "MatMul/Gather"
+    assert "op_types_to_quantize" not in opts('embedding_precision = "fp32"\n', tied=False)
+    assert "op_types_to_quantize" not in opts('scheme = "int8"\nembedding_precision = "quantized"\n', tied=False)
