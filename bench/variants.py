@@ -38,6 +38,12 @@ VARIANTS: dict[str, dict[str, object]] = {
                                 "sensitive_layers_int8": False, "int8_layers": (0, 1, -2, -1)},
     "int4-kq-head8-mixed-int8-ends": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
                                       "sensitive_layers_int8": True, "int8_layers": (0, 1, -2, -1)},
+    # issue 21's default candidate: imatrix asymmetric int4 everywhere, the embedding an int4 table of its own
+    "int4-imatrix-asym": {"scheme": "int4", "algorithm": "imatrix", "symmetric": False, "head_precision": "same",
+                          "sensitive_layers_int8": False, "embedding_precision": "fp32"},
+    "int4-imatrix-asym-q4emb": {"scheme": "int4", "algorithm": "imatrix", "symmetric": False,
+                                "head_precision": "same", "sensitive_layers_int8": False,
+                                "embedding_precision": "quantized"},
     "int4-kq-head8-mixed-b16": {"scheme": "int4", "algorithm": "k_quant", "head_precision": "int8",
                                 "sensitive_layers_int8": True, "block_size": 16},
 }
@@ -50,6 +56,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "variants")
+    ap.add_argument("--eval-text", type=Path, help="score on this text instead of the target's")
     args = ap.parse_args()
 
     from edgepack.backends import exporters
@@ -72,7 +79,9 @@ def main() -> int:
                 export_s = time.perf_counter() - t0
         else:
             export_s = None
-        q = validate(source, out, target)
+        scored = target if args.eval_text is None else dataclasses.replace(
+            target, quality=dataclasses.replace(target.quality, eval_text=str(args.eval_text.resolve())))
+        q = validate(source, out, scored)
         speeds = []
         if name != "fp32":
             for _ in range(args.reps):

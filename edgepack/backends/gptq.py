@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.backends.scale_search import Quantized, search_scales, search_scales_asymmetric
 from edgepack.errors import ModelError, UserError, require
 from edgepack.models import ModelSource, model_key
 from edgepack.progress import ProgressEvent, ProgressFn
@@ -92,13 +93,6 @@ def calibration_path(target: TargetProfile) -> Path | None:
     return path
 
 
-@dataclass
-class Quantized:
-    codes: Any  # uint8 [N, K] in 0..15
-    scales: Any  # float32 [N, K // block]
-    zero_points: Any = None  # uint8 [N, K // block] in 0..15 (asymmetric); None: symmetric, every zero point 8
-
-
 def quantize_symmetric(w: Any, scale: Any) -> Any:
     """The builder's symmetric int4 grid: q = round(w / scale) + 8 clamped to 0..15, with scale = m / -8 where m is
     the group's signed extreme, so the extreme lands exactly on code 0."""
@@ -153,85 +147,6 @@ def gptq(weight: Any, hessian: Any, block: int, *, damp: float = 0.01, lazy: int
             E1[:, i] = err
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
     return Quantized(codes=codes, scales=scales.float())
-
-
-def _weighted_groups(weight: Any, importance: Any, block: int) -> tuple[Any, Any]:
-    """weight [N, K] → its groups [N, K/block, block] (float64), and the importance as [1, K/block, block]."""
-    W = weight.detach().double()
-    n, k = W.shape
-    if k % block:
-        raise UserError(f"block size {block} does not divide the input size {k} of a weight.",
-                        hint="Use a quantize.block_size that divides every matmul's input size.")
-    a = importance.detach().double().reshape(1, k // block, block)
-    a = a + 1e-6 * a.mean().clamp(min=1e-30)  # channels never active still count a little
-    return W.reshape(n, k // block, block), a
-
-
-def search_scales(weight: Any, importance: Any, block: int, *, lo: float = 0.7, hi: float = 1.1,
-                  steps: int = 41) -> Quantized:
-    """Activation-aware RTN: per group, the symmetric int4 scale that minimises the importance-weighted error
-    sum_j a_j (w_j - s q_j)^2, where a_j is input channel j's mean squared activation over the calibration tokens
-    (llama.cpp's importance matrix). Candidates are the builder's scale times a grid of factors, each refined to
-    the weighted least-squares scale of its codes. Only codes and scales change: the graph, kernels and speed are
-    RTN's."""
-    import torch
-
-    g, a = _weighted_groups(weight, importance, block)
-    n, k = weight.shape
-    idx = torch.argmax(g.abs(), dim=2, keepdim=True)
-    m = torch.gather(g, 2, idx)
-    s0 = torch.where(m == 0, torch.ones_like(m), m / -8.0)
-    best_err = torch.full(s0.shape, float("inf"), dtype=g.dtype)
-    best_q = torch.zeros_like(g)
-    best_s = s0.clone()
-    for f in torch.linspace(lo, hi, steps, dtype=g.dtype):
-        q = torch.clamp(torch.round(g / (s0 * f)), -8, 7)
-        den = (a * q * q).sum(2, keepdim=True)
-        s = torch.where(den > 0, (a * g * q).sum(2, keepdim=True) / den.clamp(min=1e-30), s0 * f)
-        q = torch.clamp(torch.round(g / s), -8, 7)
-        err = (a * (g - q * s) ** 2).sum(2, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_q = torch.where(better, q, best_q)
-    return Quantized(codes=(best_q + 8).reshape(n, k).to(torch.uint8), scales=best_s.squeeze(2).float())
-
-
-def search_scales_asymmetric(weight: Any, importance: Any, block: int, *, lo: float = 0.8, hi: float = 1.1,
-                             steps: int = 31) -> Quantized:
-    """search_scales for asymmetric int4 (MatMulNBits' integer zero points): w ≈ s (q - z), q and z in 0..15, the
-    k-quant-style pair search of llama.cpp's make_qkx weighted by the importance matrix. Candidates are the
-    min-max scale times a grid of factors; for each, the zero points round(-min / s) and its two neighbours,
-    each refined to the weighted least-squares scale of its codes."""
-    import torch
-
-    g, a = _weighted_groups(weight, importance, block)
-    n, k = weight.shape
-    lo_v = g.amin(2, keepdim=True).clamp(max=0)  # the builder's grid always holds 0 exactly
-    hi_v = g.amax(2, keepdim=True).clamp(min=0)
-    span = hi_v - lo_v
-    s0 = torch.where(span == 0, torch.ones_like(span), span / 15.0)
-    best_err = torch.full(s0.shape, float("inf"), dtype=g.dtype)
-    best_q = torch.zeros_like(g)
-    best_s, best_z = s0.clone(), torch.zeros_like(s0)
-    for f in torch.linspace(lo, hi, steps, dtype=g.dtype):
-        sf = s0 * f
-        z_mid = torch.round(-lo_v / sf)
-        for dz in (-1.0, 0.0, 1.0):
-            z = torch.clamp(z_mid + dz, 0, 15)
-            q = torch.clamp(torch.round(g / sf) + z, 0, 15)
-            c = q - z
-            den = (a * c * c).sum(2, keepdim=True)
-            s = torch.where(den > 0, (a * g * c).sum(2, keepdim=True) / den.clamp(min=1e-30), sf)
-            s = torch.where(s > 0, s, sf)
-            q = torch.clamp(torch.round(g / s) + z, 0, 15)
-            err = (a * (g - (q - z) * s) ** 2).sum(2, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-            best_q = torch.where(better, q, best_q)
-    return Quantized(codes=best_q.reshape(n, k).to(torch.uint8), scales=best_s.squeeze(2).float(),
-                     zero_points=best_z.squeeze(2).to(torch.uint8))
 
 
 def rtn(weight: Any, block: int) -> Quantized:

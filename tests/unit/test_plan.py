@@ -177,3 +177,24 @@ def test_shape_reads_head_dim_and_kv_heads_defaults() -> None:
     cfg = {k: v for k, v in SMOLLM2.items() if k not in ("head_dim", "num_key_value_heads")}
     s = ModelShape.from_config(cfg)
     assert (s.head_dim, s.kv_heads) == (64, 9)
+
+
+# TinyLlama-1.1B-Chat's config.json (the fields a plan reads): an untied embedding table.
+TINYLLAMA: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
+    "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+}
+
+
+def test_an_untied_quantized_embedding_is_an_int4_table_of_its_own() -> None:
+    """rpi5's recipe on TinyLlama-1.1B's shape: the file the card's command writes (measured model.onnx.data,
+    docs/performance.md), of which the int4 table 41 MB where the fp32 table was 262 MB."""
+    rpi5 = replace(HOST_INT4, config=TINYLLAMA)
+    w = estimate(rpi5).weights
+    assert w.file == 824_827_904
+    assert w.embedding == 32000 * 2048 // 2 + 32000 * 64 * 4  # codes + fp32 scales, symmetric: no zero points
+    assert estimate(replace(rpi5, embedding_precision="fp32")).weights.embedding == 32000 * 2048 * 4
+    assert estimate(replace(rpi5, symmetric=False)).weights.embedding == w.embedding + 32000 * 64 // 2
+    assert "embedding int4 table" in w.layout
