@@ -36,11 +36,12 @@ def genai(path: str, threads: int, new: int) -> dict:
     return measure(path, new, threads)
 
 
-def llama(path: str, threads: int, new: int) -> dict:
+def llama(path: str, threads: int, new: int, mmap: bool = True) -> dict:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False,
+                use_mmap=mmap)
     load_s = time.perf_counter() - t0
     # Same chat prompt, rendered by the GGUF's own template.
     text = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -85,6 +86,10 @@ if __name__ == "__main__":
     ap.add_argument("path")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--no-mmap", action="store_true", help="llama: read the weights into memory (peak RSS)")
     a = ap.parse_args()
-    res = {"genai": genai, "llama": llama, "bundle": bundle, "litertlm": litertlm}[a.kind](a.path, a.threads, a.new)
+    if a.kind == "llama":
+        res = llama(a.path, a.threads, a.new, mmap=not a.no_mmap)
+    else:
+        res = {"genai": genai, "bundle": bundle, "litertlm": litertlm}[a.kind](a.path, a.threads, a.new)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))

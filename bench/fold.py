@@ -24,11 +24,11 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=32, help="awq: the int4 block size its search quantizes with")
     args = ap.parse_args()
 
-    from edgepack.backends import gptq, smooth
+    from edgepack.backends import calibration, smooth
     from edgepack.models import resolve_model
     from edgepack.progress import silent
 
-    info = smooth.smooth(resolve_model(args.model), args.out, gptq.Calibration(), silent, alpha=args.alpha,
+    info = smooth.smooth(resolve_model(args.model), args.out, calibration.Calibration(), silent, alpha=args.alpha,
                          method=args.method, block=args.block)
     print(json.dumps(info))
     return 0

@@ -5,8 +5,7 @@ column at a time and spreads each column's rounding error over the columns not y
 inverse Hessian of the layer's inputs (H = X^T X over calibration tokens). The result is written into the same
 initializers the builder made, so the graph, the kernels and the speed are exactly those of RTN int4.
 
-Calibration text is sampled from the model itself (seeded, so a rebuild gives the same bytes): no dataset has
-to ship, and the held-out text that the quality gate scores stays unseen.
+Calibration tokens: backends/calibration.py.
 
 onnxruntime 1.32 has a GPTQ quantizer of its own; it produced a broken model for SmolLM2 without an error
 (docs/targets.md), which is why this one exists.
@@ -15,17 +14,15 @@ onnxruntime 1.32 has a GPTQ quantizer of its own; it produced a broken model for
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+from edgepack.backends.calibration import Calibration, calibration_ids
 from edgepack.backends.scale_search import Quantized, search_scales, search_scales_asymmetric
 from edgepack.errors import ModelError, UserError, require
-from edgepack.models import ModelSource, model_key
+from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn
-from edgepack.resources import cache_root
-from edgepack.targets import TargetProfile
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +63,6 @@ def _parts(layer: Any) -> dict[str, list[Part]]:
                          f"({type(layer).__name__}).",
                          hint="Use quantize.algorithm = \"k_quant\" or \"default\" for this architecture.")
     return {f: out[f] for f in _FUSED}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    text: Path | None = None  # a UTF-8 file of the device's domain; None = sampled from the model
-    samples: int = 16
-    tokens: int = 256
-    seed: int = 0
-    damp: float = 0.01
-
-
-def calibration_path(target: TargetProfile) -> Path | None:
-    """quantize.calibration_text, relative to the target file's folder."""
-    ref = target.quantize.calibration_text
-    if not ref:
-        return None
-    path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = Path(target.source).parent / path
-    if not path.is_file():
-        raise UserError(f"quantize.calibration_text {ref} does not exist (looked at {path}).",
-                        hint="Give a UTF-8 text file, relative to the target file, or remove the field to "
-                             "calibrate on text sampled from the model.", path=str(path),
-                        field="quantize.calibration_text")
-    return path
 
 
 def quantize_symmetric(w: Any, scale: Any) -> Any:
@@ -195,50 +167,6 @@ def pack_zero_points(q: Quantized) -> Any:
     return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
 
 
-def calibration_ids(model: Any, source: ModelSource, cal: Calibration, progress: ProgressFn) -> Any:
-    """[samples, tokens] ids: chunks of the calibration text, or sequences sampled from the model (cached)."""
-    import torch
-
-    if cal.text is not None:
-        transformers = require("transformers", "onnx", "GPTQ quantization")
-        tok = transformers.AutoTokenizer.from_pretrained(str(source.hf_dir))
-        ids = tok(cal.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-        n = min(cal.samples, len(ids) // cal.tokens)
-        if n < 1:
-            raise UserError(f"calibration text {cal.text} has {len(ids)} tokens; calibration needs at least "
-                            f"{cal.tokens}.",
-                            hint=f"Use a longer text (≈{cal.samples * cal.tokens} tokens is plenty).",
-                            path=str(cal.text))
-        progress(ProgressEvent("quantize", f"calibration: {n}×{cal.tokens} tokens from {cal.text.name}"))
-        return torch.tensor(ids[:n * cal.tokens]).reshape(n, cal.tokens)
-    cache = cache_root() / "calibration" / (
-        f"{model_key(source)}-s{cal.samples}-t{cal.tokens}-seed{cal.seed}.pt")
-    if cache.is_file():
-        return torch.load(cache)
-    progress(ProgressEvent("quantize", f"calibration: sampling {cal.samples}×{cal.tokens} tokens from the model "
-                                       f"(seed {cal.seed}, cached)"))
-    ids = _sample(model, int(model.config.vocab_size), cal)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(ids, tmp)
-    tmp.replace(cache)
-    return ids
-
-
-def _sample(model: Any, vocab_size: int, cal: Calibration) -> Any:
-    """A random first token, then top-50 sampling from the model (seeded)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(cal.seed)
-    first = torch.randint(0, vocab_size, (cal.samples, 1), generator=gen)
-    torch.manual_seed(cal.seed)
-    with torch.no_grad():
-        out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=50,
-                             temperature=1.0, max_new_tokens=cal.tokens - 1, min_new_tokens=cal.tokens - 1,
-                             pad_token_id=0)
-    return out[:, :cal.tokens]
-
-
 class _Capture(Exception):
     pass
 
@@ -271,7 +199,11 @@ def _layer_inputs(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
     return seen["hidden"], kwargs
 
 
-def _hessians(layer: Any, hidden: Any, kwargs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+def _hessians(layer: Any, hidden: Any, kwargs: dict[str, Any], names: list[str],
+              diagonal: bool) -> tuple[dict[str, Any], Any]:
+    """Each named module's input statistics over the calibration tokens: X^T X (GPTQ), or only its diagonal, each
+    channel's sum of squares (imatrix: K times less memory, and no K x K product per token); and the layer's
+    (float) output."""
     import torch
 
     hs: dict[str, Any] = {}
@@ -281,16 +213,16 @@ def _hessians(layer: Any, hidden: Any, kwargs: dict[str, Any], names: list[str])
 
         def hook(_m: Any, inp: tuple[Any, ...], _out: Any, name: str = name) -> None:
             x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            hs[name] = hs.get(name, 0) + x.T @ x
+            hs[name] = hs.get(name, 0) + ((x * x).sum(0) if diagonal else x.T @ x)
 
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            layer(hidden, **kwargs)
+            out = layer(hidden, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return hs
+    return hs, out[0] if isinstance(out, tuple) else out
 
 
 def _layer_out(layer: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
@@ -301,8 +233,12 @@ def _layer_out(layer: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
     return out[0] if isinstance(out, tuple) else out
 
 
+EMBEDDING = "/model/embed_tokens/Gather"  # the builder's embedding node (GatherBlockQuantized: + "_Q4")
+
+
 def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: bool, progress: ProgressFn,
-                   method: str = "gptq", symmetric: bool = True) -> Iterator[tuple[str, Quantized]]:
+                   method: str = "gptq", symmetric: bool = True, embedding: bool = False,
+                   ids: Any = None) -> Iterator[tuple[str, Quantized]]:
     """Yield (builder MatMul name, quantized weights) for every decoder matmul, and /lm_head/MatMul if head.
     method: "gptq" (error feedback through the inverse Hessian) or "imatrix" (search_scales on its diagonal;
     with symmetric=False, search_scales_asymmetric). GPTQ is symmetric only."""
@@ -310,7 +246,7 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
     def quantize(weight: Any, hessian: Any) -> Quantized:
         if method == "imatrix":
             search = search_scales if symmetric else search_scales_asymmetric
-            return search(weight, torch.diagonal(hessian), block)
+            return search(weight, hessian, block)  # the diagonal only (_hessians)
         return gptq(weight, hessian, block, damp=cal.damp)
 
     import contextlib
@@ -320,7 +256,8 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
     torch = require("torch", "onnx", "GPTQ quantization")
     require("transformers", "onnx", "GPTQ quantization")
     model = float_model(source.hf_dir)  # one decoder layer in memory at a time where it can be
-    ids = calibration_ids(model, source, cal, progress)
+    if ids is None:
+        ids = calibration_ids(model, source, cal, progress)
     hidden, kwargs = _layer_inputs(model, ids)
     layered = getattr(model, "edgepack_layers", None)
     if layered is not None:
@@ -328,27 +265,36 @@ def quantize_model(source: ModelSource, block: int, cal: Calibration, *, head: b
     layers = model.model.layers
     for i, layer in enumerate(layers):
         with layered.held(layer) if layered is not None else contextlib.nullcontext():
-            yield from _quantize_layer(i, layer, len(layers), block, method, quantize, progress, hidden, kwargs)
-            hidden = _layer_out(layer, hidden, kwargs)
+            out = yield from _quantize_layer(i, layer, len(layers), block, method, quantize, progress, hidden,
+                                             kwargs)
+            # GPTQ's next layer sees what the quantized layer computes (its error feedback needs it); imatrix's
+            # sees the float layer's output, as llama.cpp's importance matrix does: one forward pass per layer.
+            hidden = out if method == "imatrix" else _layer_out(layer, hidden, kwargs)
+    if embedding and method == "imatrix":
+        # An int4 table of its own (GatherBlockQuantized): each row is read as it is, so every weight counts alike.
+        table = model.model.embed_tokens.weight.data
+        progress(ProgressEvent("quantize", f"{method}: embedding table"))
+        yield EMBEDDING, quantize(table, torch.ones(table.shape[1], dtype=torch.float64))
     if head:
         with torch.no_grad():
             normed = model.model.norm(hidden)
         x = normed.reshape(-1, normed.shape[-1]).double()
         progress(ProgressEvent("quantize", f"{method}: lm_head"))
-        yield "/lm_head/MatMul", quantize(model.lm_head.weight.data, x.T @ x)
+        yield "/lm_head/MatMul", quantize(model.lm_head.weight.data, (x * x).sum(0) if method == "imatrix" else x.T @ x)
 
 
 def _quantize_layer(i: int, layer: Any, count: int, block: int, method: str,
                     quantize: Callable[[Any, Any], Quantized], progress: ProgressFn, hidden: Any,
-                    kwargs: dict[str, Any]) -> Iterator[tuple[str, Quantized]]:
+                    kwargs: dict[str, Any]) -> Generator[tuple[str, Quantized], None, Any]:
     """One decoder layer: its inputs' statistics, each (fused) matmul quantized, and the layer's weights replaced
-    by the dequantized ones, so that the next layer sees what the quantized model computes."""
+    by the dequantized ones, so that the next layer can see what the quantized model computes. Returns the float
+    layer's output."""
     import torch
 
     progress(ProgressEvent("quantize", f"{method}: layer {i + 1}/{count}"))
     parts = _parts(layer)
     first = {fused: p[0][0] for fused, p in parts.items()}  # the modules of one MatMul share their input
-    hs = _hessians(layer, hidden, kwargs, sorted(set(first.values())))
+    hs, out = _hessians(layer, hidden, kwargs, sorted(set(first.values())), diagonal=method == "imatrix")
     for fused, held in parts.items():
         weight = torch.cat([layer.get_submodule(m).weight.data[a:b] for m, a, b in held], dim=0)
         q = quantize(weight, hs[first[fused]])
@@ -358,6 +304,38 @@ def _quantize_layer(i: int, layer: Any, count: int, block: int, method: str,
             layer.get_submodule(m).weight.data[a:b].copy_(deq[row:row + b - a])
             row += b - a
         yield f"/model/layers.{i}/{fused}/MatMul", q
+    return out
+
+
+def _write_table(node: Any, inits: dict[str, Any], q: Quantized, block: int) -> None:
+    """Searched codes, scales (and zero points) into an int4 GatherBlockQuantized table of its own, in the layout
+    onnxruntime's quantize_gather writes: row-major codes two per byte, low nibble first; signed for INT4."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    attrs = {a.name: a.i for a in node.attribute}
+    old = inits[node.input[0]]
+    symmetric = old.data_type == onnx.TensorProto.INT4
+    if attrs.get("block_size") != block or attrs.get("quantize_axis") != 1 or symmetric != (q.zero_points is None):
+        raise ModelError(f"imatrix expected an int4 embedding table in blocks of {block} along its rows, found "
+                         f"{attrs} ({onnx.TensorProto.DataType.Name(old.data_type)}).")
+
+    def nibbles(values: Any) -> bytes:
+        flat = values.reshape(-1).astype(np.uint8) & 0xF
+        if flat.size % 2:
+            flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+        return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+    codes = q.codes.numpy().astype(np.int16) - (8 if symmetric else 0)  # INT4 stores the signed code
+    old.CopyFrom(onnx.helper.make_tensor(old.name, old.data_type, list(old.dims), nibbles(codes), True))
+    scales = inits[node.input[2]]
+    scales.CopyFrom(numpy_helper.from_array(q.scales.numpy().astype(np.float32).reshape(tuple(scales.dims)),
+                                            scales.name))
+    if not symmetric:
+        zp = inits[node.input[3]]
+        zp.CopyFrom(onnx.helper.make_tensor(zp.name, zp.data_type, list(zp.dims), nibbles(q.zero_points.numpy()),
+                                            True))
 
 
 def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *, head: bool,
@@ -368,12 +346,19 @@ def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *
     import numpy as np
     from onnx import numpy_helper
 
+    ids = calibration_ids(None, source, cal, progress, exported=model_path.parent)  # before anything is loaded
     model = onnx.load(str(model_path))
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name.rsplit("_Q4", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    tables = {n.name.rsplit("_Q4", 1)[0]: n for n in model.graph.node if n.op_type == "GatherBlockQuantized"
+              and n.input[0] in inits and n.input[0].startswith("model.embed_tokens.")}
     done = 0
     for name, q in quantize_model(source, block, cal, head=head, progress=progress, method=method,
-                                  symmetric=symmetric):
+                                  symmetric=symmetric, embedding=EMBEDDING in tables, ids=ids):
+        if name == EMBEDDING:
+            _write_table(tables[name], inits, q, block)
+            done += 1
+            continue
         node = nodes.get(name)
         if node is None:
             continue  # left at int8/float by a per-layer override or the head knob
@@ -403,8 +388,10 @@ def apply(model_path: Path, source: ModelSource, block: int, cal: Calibration, *
     tmp = model_path.with_name(model_path.name + ".gptq")
     onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name + ".gptq", size_threshold=1024)
+    mode = data.stat().st_mode & 0o777
     data.unlink()
     model_path.with_name(data.name + ".gptq").rename(data)
+    data.chmod(mode)  # onnx writes external data owner-only (0600): the bundle's files keep the builder's mode
     # the graph file still names the temporary data file: point it at the final one
     fixed = onnx.load(str(tmp), load_external_data=False)
     for t in fixed.graph.initializer:

@@ -255,9 +255,9 @@ class OnnxExporter:
             _int8_overrides(out_dir / "model.onnx", target.quantize,
                             layer_indices(target.quantize, int(config.get("num_hidden_layers", 0))))
         if target.quantize.algorithm in ("gptq", "imatrix"):
-            from edgepack.backends import gptq
+            from edgepack.backends import calibration, gptq
 
-            cal = gptq.Calibration(text=gptq.calibration_path(target))
+            cal = calibration.Calibration(text=calibration.calibration_path(target))
             # GPTQ leaves the tied head RTN: it is also the embedding table, and GPTQ on it measured worse.
             gptq.apply(out_dir / "model.onnx", source, target.quantize.block_size, cal,
                        head=target.quantize.algorithm == "imatrix", progress=progress,

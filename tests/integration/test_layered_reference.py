@@ -69,7 +69,7 @@ def test_gptq_and_imatrix_on_the_layered_model_give_the_same_codes(method: str, 
     import torch
 
     from edgepack import checkpoint
-    from edgepack.backends import gptq
+    from edgepack.backends import calibration, gptq
     from edgepack.models import resolve_model
     from edgepack.testing import make_tiny
 
@@ -77,7 +77,7 @@ def test_gptq_and_imatrix_on_the_layered_model_give_the_same_codes(method: str, 
     text = tmp_path / "cal.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     source = resolve_model(str(folder))
-    cal = gptq.Calibration(text=text, samples=4, tokens=64)
+    cal = calibration.Calibration(text=text, samples=4, tokens=64)
 
     def run() -> list[tuple[str, gptq.Quantized]]:
         return list(gptq.quantize_model(source, 32, cal, head=True, progress=lambda _e: None, method=method,

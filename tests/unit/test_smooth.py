@@ -24,7 +24,7 @@ def test_smoothing_changes_weights_not_the_function(family: str, method: str, tm
     import torch
     import transformers
 
-    from edgepack.backends import gptq, smooth
+    from edgepack.backends import calibration, smooth
     from edgepack.models import resolve_model
     from edgepack.progress import silent
     from edgepack.quality.texts import heldout
@@ -33,7 +33,7 @@ def test_smoothing_changes_weights_not_the_function(family: str, method: str, tm
     folder = make_tiny(family, tmp_path / family, initializer_range=0.1)
     text = tmp_path / "cal.txt"
     text.write_text(heldout().text)
-    info = smooth.smooth(resolve_model(str(folder)), tmp_path / "out", gptq.Calibration(text=text, samples=2,
+    info = smooth.smooth(resolve_model(str(folder)), tmp_path / "out", calibration.Calibration(text=text, samples=2,
                                                                                          tokens=64), silent,
                          method=method)
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
@@ -50,7 +50,7 @@ def test_smoothing_changes_weights_not_the_function(family: str, method: str, tm
 
 
 def test_a_family_without_known_norms_is_refused(tmp_path: Path) -> None:
-    from edgepack.backends import gptq, smooth
+    from edgepack.backends import calibration, smooth
     from edgepack.errors import ModelError
     from edgepack.models import resolve_model
     from edgepack.progress import silent
@@ -58,5 +58,5 @@ def test_a_family_without_known_norms_is_refused(tmp_path: Path) -> None:
 
     folder = make_tiny("granite", tmp_path / "granite")
     with pytest.raises(ModelError, match="granite"):
-        smooth.smooth(resolve_model(str(folder)), tmp_path / "out", gptq.Calibration(), silent)
+        smooth.smooth(resolve_model(str(folder)), tmp_path / "out", calibration.Calibration(), silent)
     assert not (tmp_path / "out").exists()
