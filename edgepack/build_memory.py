@@ -96,9 +96,12 @@ ALGORITHMS: dict[str, AlgorithmCost] = {
     # edgepack's own GPTQ/imatrix passes run after the (streamed) builder, in edgepack's process: the fp32 model
     # one decoder layer at a time (checkpoint.layered_model, the same codes as the whole model), the exported
     # ONNX graph whose initializers it rewrites (~0.7 bytes/parameter), and per layer the float64 input
-    # statistics (intermediate² × 8 bytes for down_proj: 0.5 GB at 3.8B). Computed, not measured at scale.
+    # statistics (GPTQ: intermediate² × 8 bytes for down_proj, 0.5 GB at 3.8B). GPTQ: computed, not measured at
+    # scale. imatrix (the CPU targets' default) measured in the card's whole build, TinyLlama-1.1B shape: export
+    # stage 279 s at 3,060 MiB, of which the streamed RTN export ~50 s; calibration sampled from that export
+    # (~60 s), one float forward and the scale search per layer (docs/targets.md).
     "gptq": AlgorithmCost(1 * GIB, 1.0, 60.0, 300.0, after=True),
-    "imatrix": AlgorithmCost(1 * GIB, 1.0, 60.0, 300.0, after=True),
+    "imatrix": AlgorithmCost(512 * MIB, 1.0, 30.0, 180.0, after=True),
 }
 # edgepack's own process while the converter runs: 282 MiB measured (torch is imported for the export).
 EDGEPACK_BASE = 300 * MIB

@@ -10,7 +10,7 @@ error. Rows are searched in cache-sized chunks of float32 on every core (torch l
 
 The first version (float64, every candidate re-rounded, 41 and 93 candidates) took ~80 and ~110 min per billion
 weights on 2 cores. This one leaves 0.995× (symmetric) and 0.999× (asymmetric) of its weighted error on random
-1536×576 and 576×1536 weights with peaked importances, in 1/43 to 1/60 of the time (docs/targets.md).
+1536×576 and 576×1536 weights with peaked importances, in 1/43 to 1/60 of the time; ~90 s per billion weights on 2 cores (docs/targets.md).
 """
 
 from __future__ import annotations
@@ -72,8 +72,13 @@ def _search(weight: Any, importance: Any, block: int, chunk: Callable[[Any, Any]
         scales[r0:r0 + m] = s.squeeze(2)
         zeros[r0:r0 + m] = z.squeeze(2).to(torch.uint8)
 
-    with ThreadPoolExecutor(max_workers=min(_THREADS, len(os.sched_getaffinity(0)))) as pool:
-        list(pool.map(run, range(0, n, rows)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pool is the parallelism: torch's own threads inside it cost 30 % (measured)
+    try:
+        with ThreadPoolExecutor(max_workers=min(_THREADS, len(os.sched_getaffinity(0)))) as pool:
+            list(pool.map(run, range(0, n, rows)))
+    finally:
+        torch.set_num_threads(threads)
     return codes, scales, zeros
 
 

@@ -67,14 +67,15 @@ def test_build_cost_reads_the_target_and_the_config() -> None:
               "tie_word_embeddings": False}
     cost = build_cost(config, load_target("rpi5"), _machine(4))
     assert cost.params == TINYLLAMA and cost.exporter == "onnx" and cost.fits  # the card's build on a 4 GB runner
-    assert "streamed" in cost.tool and cost.peak == max(cost.export_peak, cost.gate_peak) < 3 * GIB
+    # imatrix (rpi5's recipe) after the streamed export: measured 3,060 MiB for the export stage (docs/targets.md)
+    assert "streamed" in cost.tool and cost.peak == max(cost.export_peak, cost.gate_peak) < 3.25 * GIB
     # The gate's reference holds the embedding, the head and one layer in fp32, never the model (4.4 GB here).
     whole_reference = 4 * TINYLLAMA
     assert cost.gate_peak < whole_reference / 2
     small = build_cost(config, load_target("rpi5"), _machine(2))
-    assert not small.fits and "at least 2." in small.suggestion and small.bounded_by.startswith(f"${MEMORY_ENV}")
+    assert not small.fits and "at least 3." in small.suggestion and small.bounded_by.startswith(f"${MEMORY_ENV}")
     assert "one decoder layer at a time" in small.suggestion
-    # ~4 min measured for this shape's k-quant export plus the gate on 2 cores: the rough time is that order.
+    # 387 s measured for this shape's whole imatrix build on 2 cores: the rough time is that order.
     assert 4 * 60 < cost.seconds < 12 * 60
 
 

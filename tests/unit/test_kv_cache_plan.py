@@ -58,15 +58,25 @@ def test_rpi5_is_the_4gb_board_and_rpi5_8gb_the_8gb_one() -> None:
     assert replace(eight, id="rpi5", source=four.source, device=four.device) == four  # nothing else differs
 
 
+def _heavier(name: str) -> Any:
+    """The target with the recipe it shipped before issue 21 (k-quant int4, int8 head and sensitive layers)."""
+    t = load_target(name)
+    return replace(t, quantize=replace(t.quantize, algorithm="k_quant", symmetric=True, head_precision="int8",
+                                       sensitive_layers_int8=True))
+
+
 def test_phi35_at_4096_on_an_8gb_pi_is_told_to_use_an_int8_kv_cache() -> None:
-    plan = plan_for_target(PHI35, load_target("rpi5-8gb"), context=4096)
+    heavier = _heavier("rpi5-8gb")
+    plan = plan_for_target(PHI35, heavier, context=4096)
     assert not plan.fits and plan.kv.allocated == 3072 * MIB  # fp32: 4096 × 32 layers × 2 × 32 heads × 96 × 4
     s = plan.suggestion
     assert s is not None and s.kv_cache == "int8"
     assert 'runtime.kv_cache = "int8" in the target fits the full 4096 tokens' in s.message
     # What it suggests is real: the same target with that field fits.
-    fixed = replace(load_target("rpi5-8gb"), runtime=replace(load_target("rpi5-8gb").runtime, kv_cache="int8"))
+    fixed = replace(heavier, runtime=replace(heavier.runtime, kv_cache="int8"))
     assert plan_for_target(PHI35, fixed, context=4096).fits
+    # The shipped recipe (imatrix int4 everywhere, an int4 embedding table) leaves room for the fp32 cache.
+    assert plan_for_target(PHI35, load_target("rpi5-8gb"), context=4096).fits
 
 
 def test_phi35_at_4096_on_a_4gb_pi_gets_a_longer_context_from_a_smaller_kv_cache() -> None:
