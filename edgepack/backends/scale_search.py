@@ -10,7 +10,8 @@ error. Rows are searched in cache-sized chunks of float32 on every core (torch l
 
 The first version (float64, every candidate re-rounded, 41 and 93 candidates) took ~80 and ~110 min per billion
 weights on 2 cores. This one leaves 0.995× (symmetric) and 0.999× (asymmetric) of its weighted error on random
-1536×576 and 576×1536 weights with peaked importances, in 1/43 to 1/60 of the time; ~90 s per billion weights on 2 cores (docs/targets.md).
+1536×576 and 576×1536 weights with peaked importances, in 1/43 to 1/60 of the time; ~90 s per billion weights
+on 2 cores (docs/targets.md).
 """
 
 from __future__ import annotations
