@@ -117,10 +117,10 @@ def test_the_cards_command_builds_tinyllama_inside_4_gb_with_the_gate(tinyllama_
     assert result["quality"]["validated"]
     manifest = json.loads((Path(result["bundle"]) / "edgepack.json").read_text())
     graph = manifest["export"]["graph"]
-    # 22 layers × (packed qkv, o, gate, up, down) + the head, all quantized (k-quant int4, int8 head and
-    # sensitive layers): nothing was left float.
+    # 22 layers × (packed qkv, o, gate, up, down) + the head, all quantized (imatrix int4, asymmetric, head
+    # included): nothing was left float, and the untied embedding is an int4 table (GatherBlockQuantized).
     assert graph["quantized_matmuls"] == 22 * 5 + 1 and graph["float_matmuls"] == 0, graph
-    assert graph["bits"] == [4, 8]
+    assert graph["bits"] == [4] and graph["op_types"].get("GatherBlockQuantized") == 1, graph
     assert all(s["peak_rss_mib"] < 4096 for s in result["stages"])
 
 
