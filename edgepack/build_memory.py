@@ -130,16 +130,22 @@ def export_cost(exporter: str) -> ExporterCost:
 
 
 def export_peak(exporter: str, scheme: str, params: int, algorithm: str = "default",
-                resident: int | None = None) -> int:
+                resident: int | None = None, sampling_kv: int = 0) -> int:
     """Bytes the export takes at its peak on the build machine: edgepack's process plus the converter's, or
-    edgepack's own quantization pass after it (`resident`: gate_peak's), whichever is larger."""
+    edgepack's own quantization pass after it (`resident`: gate_peak's), or that pass's calibration sample drawn
+    from the int4 export in its runtime (`sampling_kv`: the KV cache of every sequence at once), whichever is
+    larger."""
     row = export_cost(_row(exporter, scheme, algorithm))
     algo = ALGORITHMS.get(algorithm) if exporter == "onnx" else None
     if algo is None or not algo.after:
         return EDGEPACK_BASE + row.base + int(row.bytes_per_param * params) + (algo.extra if algo else 0)
     converter = EDGEPACK_BASE + row.base + int(row.bytes_per_param * params)
     layered = int(GATE_BYTES_PER_RESIDENT_PARAM * (params if resident is None else resident))
-    return max(converter, EDGEPACK_BASE + GATE_BASE + algo.extra + int(algo.bytes_per_param * params) + layered)
+    # Measured, Phi-3.5-mini shape (rpi5-8gb's imatrix default): 7,416 MiB while sampling, the runtime's share
+    # plus about 40 % of the nominal cache (32 full KV heads: 3,072 MiB for 16 × 256 tokens); charged at half.
+    sampling = EDGEPACK_BASE + RUNTIME_BASE + int(RUNTIME_BYTES_PER_PARAM * params) + sampling_kv // 2
+    return max(converter, sampling,
+               EDGEPACK_BASE + GATE_BASE + algo.extra + int(algo.bytes_per_param * params) + layered)
 
 
 def _row(exporter: str, scheme: str, algorithm: str) -> str:
@@ -340,10 +346,12 @@ def _gib(n: int) -> str:
 
 
 def cost_of(exporter: str, scheme: str, algorithm: str, params: int, machine: MachineMemory, *,
-            resident: int | None = None) -> BuildCost:
-    """`resident`: the parameters the layered float reference holds at once (gate_peak); all when unknown."""
+            resident: int | None = None, sampling_kv: int = 0) -> BuildCost:
+    """`resident`: the parameters the layered float reference holds at once (gate_peak); all when unknown.
+    `sampling_kv`: the calibration sample's KV cache (export_peak)."""
     row = export_cost(_row(exporter, scheme, algorithm))
-    export_b, gate_b = export_peak(exporter, scheme, params, algorithm, resident), gate_peak(params, resident)
+    export_b = export_peak(exporter, scheme, params, algorithm, resident, sampling_kv)
+    gate_b = gate_peak(params, resident)
     peak = max(export_b, gate_b)
     budget = machine.budget
     fits = not budget or peak <= budget * (100 - BUILD_HEADROOM_PCT) / 100
@@ -379,8 +387,13 @@ def build_cost(config: Mapping[str, Any], target: TargetProfile, machine: Machin
     count = count_params(shape)
     per_layer = (count.attention + count.mlp + count.norms) // max(1, shape.layers)
     resident = count.embedding + count.head + per_layer
+    from edgepack.backends.calibration import Calibration
+
+    cal = Calibration()
+    sampling_kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * 4 * cal.samples * cal.tokens  # fp32, CPU
     q = target.quantize
-    return cost_of(target.export.format, q.scheme, q.algorithm, count.total, machine, resident=resident)
+    return cost_of(target.export.format, q.scheme, q.algorithm, count.total, machine, resident=resident,
+                   sampling_kv=sampling_kv)
 
 
 def check_build_memory(cost: BuildCost, model: str) -> None:
