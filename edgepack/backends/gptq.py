@@ -313,6 +313,7 @@ def _write_table(node: Any, inits: dict[str, Any], q: Quantized, block: int) -> 
     import numpy as np
     import onnx
     from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
     attrs = {a.name: a.i for a in node.attribute}
     old = inits[node.input[0]]
@@ -321,11 +322,8 @@ def _write_table(node: Any, inits: dict[str, Any], q: Quantized, block: int) -> 
         raise ModelError(f"imatrix expected an int4 embedding table in blocks of {block} along its rows, found "
                          f"{attrs} ({onnx.TensorProto.DataType.Name(old.data_type)}).")
 
-    def nibbles(values: Any) -> bytes:
-        flat = values.reshape(-1).astype(np.uint8) & 0xF
-        if flat.size % 2:
-            flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-        return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    def nibbles(values: Any) -> bytes:  # the packing the table was written with (streaming._quantize_gather)
+        return DefaultWeightOnlyQuantizer.pack_int8_to_int4(values).tobytes()
 
     codes = q.codes.numpy().astype(np.int16) - (8 if symmetric else 0)  # INT4 stores the signed code
     old.CopyFrom(onnx.helper.make_tensor(old.name, old.data_type, list(old.dims), nibbles(codes), True))

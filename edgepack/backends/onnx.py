@@ -81,16 +81,25 @@ def builder_options(q: QuantizeSpec, *, tied: bool, num_layers: int = 0, windowe
             exclude += [f"/model/layers.{i}/{m}/MatMul" for i in layer_indices(q, num_layers) for m in LAYER_MATMULS]
         if exclude:
             opts["nodes_to_exclude"] = ",".join(exclude)
-    quantized = q.embedding_precision == "quantized"
-    shared = tied and quantized and (q.scheme != "int4" or q.symmetric)
+    table = embedding_table(tied=tied, scheme=q.scheme, symmetric=q.symmetric, precision=q.embedding_precision)
     if tied:
-        # shared: the embedding Gather reads the (quantized) head weights; otherwise a table of its own.
-        opts["shared_embeddings"] = "true" if shared else "false"
-    if quantized and not shared and q.scheme == "int4":
-        # A table of its own (untied, or asymmetric: the builder's shared asymmetric table is an invalid graph),
-        # int4 GatherBlockQuantized (round-to-nearest, the body's block and symmetry): 1/7 of the fp32 table.
+        # The builder is asked to share whenever the table is quantized and not int4 of its own (at int8 it then
+        # writes a float table anyway); else the embedding Gather has a table of its own.
+        opts["shared_embeddings"] = "true" if q.embedding_precision == "quantized" and table != "int4" else "false"
+    if table == "int4":
         opts["op_types_to_quantize"] = "MatMul/Gather"
     return q.scheme, opts
+
+
+def embedding_table(*, tied: bool, scheme: str, symmetric: bool, precision: str) -> str:
+    """What the exported graph's embedding reads: "shared" (the head's quantized tensor, or its float one at
+    fp16/fp32), "int4" (a GatherBlockQuantized table of its own: round-to-nearest, the body's block and symmetry,
+    1/6.4 of fp32; untied, or asymmetric int4, whose shared table the builder writes as an invalid graph) or
+    "float" (a table of its own; at int8 the builder writes one even when asked to share, measured on SmolLM2)."""
+    quantized = precision == "quantized"
+    if tied and quantized and (scheme != "int4" or symmetric):
+        return "float" if scheme == "int8" else "shared"
+    return "int4" if quantized and scheme == "int4" else "float"
 
 
 def _graph_stats(model_path: Path) -> GraphStats:
