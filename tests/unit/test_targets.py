@@ -166,3 +166,15 @@ def test_a_quantized_embedding_is_int4_whether_the_table_is_tied_or_not(tmp_path
     assert asym["shared_embeddings"] == "false" and asym["op_types_to_quantize"] == "MatMul/Gather"
     assert "op_types_to_quantize" not in opts('embedding_precision = "fp32"\n', tied=False)
     assert "op_types_to_quantize" not in opts('scheme = "int8"\nembedding_precision = "quantized"\n', tied=False)
+
+
+def test_the_exporter_and_the_plan_read_one_embedding_rule() -> None:
+    from edgepack.backends.onnx import embedding_table
+
+    def table(tied: bool, scheme: str, symmetric: bool = True, precision: str = "quantized") -> str:
+        return embedding_table(tied=tied, scheme=scheme, symmetric=symmetric, precision=precision)
+
+    assert table(True, "int4") == "shared" and table(True, "int4", symmetric=False) == "int4"
+    assert table(False, "int4") == "int4" and table(False, "int4", precision="fp32") == "float"
+    assert table(True, "int8") == "float"  # the builder writes a float table at int8 even when asked to share
+    assert table(True, "fp32", symmetric=False) == "shared"  # symmetry means nothing to a float graph
