@@ -4,7 +4,7 @@ all of them at once (`edgepack status --inventory`), and rollouts with edgepack'
 
 Each host's connection comes from the usual Ansible variables: `ansible_host`, `ansible_port`, `ansible_user`,
 `ansible_ssh_private_key_file`, and `edgepack_install_dir` for where its releases live. Host keys are checked as
-strictly as for one device: known_hosts, nothing accepted silently.
+strictly as for one device, against the same known_hosts file, and Ansible's modules run on the same `python3`.
 """
 
 from __future__ import annotations
@@ -166,14 +166,32 @@ def plan_batches(names: list[str], serial: list[int | str]) -> list[list[str]]:
     return out
 
 
-def ansible_env(ssh: Any) -> dict[str, str]:
+def known_hosts_files(hosts: list[FleetHost], ssh: Any) -> list[Path]:
+    """The known_hosts file each host's key is checked against, as `edgepack deploy --host` picks it (the one rule,
+    remote.ssh.known_hosts_file: --known-hosts, else the host's ssh_config UserKnownHostsFile, else
+    $HOME/.ssh/known_hosts), each file once, in inventory order."""
+    from edgepack.remote.ssh import known_hosts_file, ssh_config_entry
+
+    config = Path(ssh.ssh_config) if ssh.ssh_config else None
+    files = [known_hosts_file(Path(ssh.known_hosts) if ssh.known_hosts else None,
+                              {} if ssh.known_hosts else ssh_config_entry(h.host, config)) for h in hosts]
+    return list(dict.fromkeys(f.resolve() for f in files))
+
+
+def ansible_env(ssh: Any, hosts: list[FleetHost]) -> dict[str, str]:
     """Ansible's OpenSSH as strict as edgepack's own connection: known_hosts checked, nothing accepted silently
-    (ansible-runner turns host key checking OFF unless it is set)."""
+    (ansible-runner turns host key checking OFF unless it is set), against the known_hosts file edgepack's own
+    connection uses: OpenSSH would read the passwd entry's home, not $HOME (they differ in CI containers). Ansible's
+    modules run on the device's `python3`, as edgepack's helper does: the role's defaults say so (an inventory's
+    ansible_python_interpreter wins)."""
     import shlex
 
+    files = known_hosts_files(hosts, ssh)
+    if ssh.accept_new_host_key and files:  # OpenSSH saves a new key to the first file; paramiko makes its folder
+        files[0].parent.mkdir(parents=True, exist_ok=True)
     args = ["-o", "StrictHostKeyChecking=" + ("accept-new" if ssh.accept_new_host_key else "yes")]
-    if ssh.known_hosts:
-        args += ["-o", f"UserKnownHostsFile={Path(ssh.known_hosts).resolve()}"]
+    if files:  # OpenSSH splits the value on spaces: a path with one is quoted
+        args += ["-o", "UserKnownHostsFile=" + " ".join(f'"{f}"' if " " in str(f) else str(f) for f in files)]
     if ssh.ssh_config:
         args += ["-F", str(Path(ssh.ssh_config).resolve())]
     return {"ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_SSH_COMMON_ARGS": shlex.join(args),
@@ -305,7 +323,7 @@ def run_playbook(playbook: str, inventory: Path, *, limit: str | None, forks: in
     hosts = load_inventory(inventory, limit)
     batches = plan_batches([h.name for h in hosts], serial)
     track = _Tracker(hosts, batches, progress, always_sent, files or {})
-    env = ansible_env(ssh)
+    env = ansible_env(ssh, hosts)
     if not shutil.which("ansible-playbook"):  # a venv's edgepack run without activating the venv
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if playbook not in ROLE_PLAYBOOKS:

@@ -75,6 +75,23 @@ def _tail(text: str) -> tuple[str, ...]:
     return tuple(text.splitlines()[-TAIL_LINES:])
 
 
+def ssh_config_entry(host: str, ssh_config: Path | None = None) -> dict[str, Any]:
+    """What an ssh_config says for `host` (--ssh-config, else ~/.ssh/config; ~ is $HOME): {} without one."""
+    path = ssh_config or Path("~/.ssh/config").expanduser()
+    if not path.is_file():
+        return {}
+    entry: dict[str, Any] = require("paramiko", "ssh", "Reading ssh_config").SSHConfig.from_path(str(path)).lookup(host)
+    return entry
+
+
+def known_hosts_file(known_hosts: Path | None, conf: dict[str, Any]) -> Path:
+    """The one known_hosts file a host's key is checked against (and, with --accept-new-host-key, saved to), for
+    `deploy --host` and `deploy --inventory` alike: --known-hosts, else the host's ssh_config UserKnownHostsFile,
+    else ~/.ssh/known_hosts, where ~ is $HOME (OpenSSH's own ~ is the passwd entry's home, so the fleet path hands
+    this file to Ansible's ssh by name)."""
+    return known_hosts or Path(os.path.expanduser((conf.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]))
+
+
 class Connection:
     """An open SSH session to one device."""
 
@@ -90,19 +107,13 @@ class Connection:
 
     # -- connection ------------------------------------------------------------------------------
     def _resolve_config(self) -> tuple[str, str, int, list[str], Path, str | None]:
-        paramiko = require("paramiko", "ssh", "Deploying over SSH")
-        cfg_path = self.opts.ssh_config or Path("~/.ssh/config").expanduser()
-        conf: dict[str, Any] = {}
-        if cfg_path.is_file():
-            conf = paramiko.SSHConfig.from_path(str(cfg_path)).lookup(self.opts.host)
+        conf = ssh_config_entry(self.opts.host, self.opts.ssh_config)
         hostname = conf.get("hostname", self.opts.host)
         user = self.opts.user or conf.get("user") or os.environ.get("USER") or "root"
         port = self.opts.port or int(conf.get("port", self.opts.default_port))
         keys = [str(self.opts.identity)] if self.opts.identity else [
             os.path.expanduser(k) for k in conf.get("identityfile", [])]
-        known = self.opts.known_hosts or Path(
-            os.path.expanduser((conf.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]))
-        return hostname, user, port, keys, known, conf.get("proxyjump")
+        return hostname, user, port, keys, known_hosts_file(self.opts.known_hosts, conf), conf.get("proxyjump")
 
     def __enter__(self) -> Connection:
         self.connect()

@@ -108,7 +108,7 @@ if sys.argv and sys.argv[0].endswith("smoke_test.py") and os.environ.get("EDGEPA
     sys.stderr.flush()
     os._exit(132)
 """
-ANSIBLE_PYTHON = os.path.realpath(sys.executable)  # an interpreter for Ansible's modules (discovery can pick a shim)
+ANSIBLE_PYTHON = os.path.realpath(sys.executable)  # a Python that runs Ansible's modules and edgepack's helper
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def fleet_inventory(servers: list, order: list[int], where: Path, name: str = "i
     """An INI inventory of the boards in `order` (the first is the canary), install dirs under `where`."""
     lines = ["[boards]"] + [
         f"dev{i} ansible_host={servers[i].address} ansible_port={servers[i].port} ansible_user=root "
-        f"ansible_ssh_private_key_file={servers[i].user_key} ansible_python_interpreter={ANSIBLE_PYTHON} "
-        f"edgepack_install_dir={where}/dev{i}/edgepack" for i in order]
+        f"ansible_ssh_private_key_file={servers[i].user_key} edgepack_install_dir={where}/dev{i}/edgepack"
+        for i in order]  # no ansible_python_interpreter: the role's python3, as for one deploy
     inv = where / name
     inv.write_text("\n".join(lines) + "\n")
     kh = where / "known_hosts"
