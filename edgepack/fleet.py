@@ -81,19 +81,18 @@ ROLE = "roles/edgepack_release"
 
 def write_role(out: Path) -> list[str]:
     """edgepack's Ansible role and playbooks (templates/_shared/ansible, plain files: Ansible templates them itself)
-    with the device helper `edgepack deploy` runs as the role's files/device_helper.py, into `out`: deploy.yml,
+    with the device program `edgepack deploy` runs as the role's files/edgepack-device.py, into `out`: deploy.yml,
     rollback.yml, roles/edgepack_release/. Rollouts run these, never anything that came inside a bundle."""
     import os
     import shutil
-    from importlib import resources
 
+    from edgepack.remote.program import device_program
     from edgepack.resources import shipped_dir
 
     shutil.copytree(shipped_dir("templates") / "_shared" / "ansible", out, dirs_exist_ok=True)
     files = out / ROLE / "files"
     files.mkdir(exist_ok=True)
-    (files / "device_helper.py").write_bytes(
-        resources.files("edgepack.remote").joinpath("device_helper.py").read_bytes())
+    (files / "edgepack-device.py").write_text(device_program(), encoding="utf-8")
     written = [out / n for n in ROLE_PLAYBOOKS] + list((out / ROLE).rglob("*"))
     for p in [out / ROLE, *written]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)

@@ -28,7 +28,7 @@ from edgepack.bundle import MANIFEST, SIGNATURE, Manifest
 from edgepack.errors import RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecorder
 from edgepack.remote.deploy import DeployOutcome
-from edgepack.remote.lock import DeviceLocked, heartbeat, new_op_id
+from edgepack.remote.session import DeviceLocked, heartbeat, new_op_id
 from edgepack.remote.ssh import CommandResult
 
 ROOT = "/data/local/tmp/edgepack"

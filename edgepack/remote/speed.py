@@ -11,7 +11,7 @@ from typing import Any
 
 from edgepack.errors import UserError
 from edgepack.progress import ProgressFn, silent
-from edgepack.remote.deploy import Device
+from edgepack.remote.session import Device
 from edgepack.remote.ssh import Connection, SSHOptions
 
 

@@ -169,7 +169,7 @@ def test_corrupted_on_device_before_verify_is_resent(tiny_bundles: tuple[Path, P
 
     def on_progress(e: ProgressEvent) -> None:
         if e.stage == "verify" and not corrupted:  # between upload and the device-side sha256 check
-            f = install / "releases" / f"{bundle_id}.partial" / "model" / "genai_config.json"
+            f = next((install / ".staging").glob(f"{bundle_id}@*")) / "model" / "genai_config.json"
             f.write_text(f.read_text().replace("\"", "'", 2))
             corrupted.append("model/genai_config.json")
 
@@ -223,7 +223,7 @@ def test_link_drop_mid_upload_then_resume(smollm2_host_bundle: Path, tmp_path: P
     data = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        hits = list(install.glob("releases/*.partial/model/model.onnx.data"))
+        hits = list(install.glob(".staging/*/model/model.onnx.data"))
         if hits and hits[0].stat().st_size > 5_000_000:
             data = hits[0]
             break

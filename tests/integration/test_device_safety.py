@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.remote import device_helper as h
+from edgepack.remote import device as h
+from edgepack.remote.device import files as device_files
 
 from ..conftest import cli, envelope, interruptible, needs_onnx, needs_sshd
 
@@ -135,7 +136,7 @@ def test_parallel_deploys_one_at_a_time(tiny_bundles: tuple[Path, Path], device:
                 assert doc["error"]["holder"]["command"].startswith("edgepack deploy ")
                 locked_out += 1
         folder = current(device).removeprefix("releases/")
-        check = h._verify_dir(str(install / "releases" / folder))
+        check = device_files.verify_dir(str(install / "releases" / folder))
         assert check["ok"] and check["installed"], (round_, check)
         hist = (install / "history").read_text().split()
         assert hist[-1] == folder and all(h.FOLDER_RE.match(x) for x in hist)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.remote import device_helper as h
+from edgepack.remote.program import device_program
 
 from ..conftest import FIXTURES, cli, envelope, needs_onnx, needs_sshd
 from .test_device_safety import bundle_id, current, deploy, rewritten
@@ -70,13 +70,14 @@ def test_a_device_that_trusts_a_key_never_runs_an_unsigned_bundles_code(tiny_bun
     assert current(device) == f"releases/{bundle_id(good)}"
     # The device's `apply` (the Ansible role's one step) on the same files staged by hand, as a role would stage
     # them, whatever the role passes: it never runs install.sh.
-    staging = install / "releases" / f"{bundle_id(evil)}.partial"
+    staging = install / ".staging" / f"{bundle_id(evil)}@op-1"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(evil, staging)
+    staging_rel = f".staging/{bundle_id(evil)}@op-1"
     for spec in ({}, {"require_signature": False, "trusted": []}, {"require_signature": True}):
-        r = subprocess.run([sys.executable, str(Path(h.__file__)), "apply", str(install),
-                            json.dumps({"bundle_id": bundle_id(evil), **spec})], capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run([sys.executable, "-", "apply", str(install),
+                            json.dumps({"bundle_id": bundle_id(evil), "staging": staging_rel, **spec})],
+                           input=device_program(), capture_output=True, text=True, timeout=300)
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert r.returncode == 1 and res["code"] == "signature_invalid" and not res["switched"], res
         assert [s["name"] for s in res["steps"]] == ["verify", "signature"] and not marker.exists()
@@ -90,12 +91,13 @@ def test_a_fresh_device_asked_for_a_signature_with_no_key_refuses(tiny_bundles: 
     install = Path(device["install_dir"])
     marker = tmp_path / "PWNED"
     evil = evil_copy(tiny_bundles[0], tmp_path / "evil", marker)
-    staging = install / "releases" / f"{bundle_id(evil)}.partial"
+    staging = install / ".staging" / f"{bundle_id(evil)}@op-1"
     staging.parent.mkdir(parents=True)
     shutil.copytree(evil, staging)
-    r = subprocess.run([sys.executable, str(Path(h.__file__)), "apply", str(install),
-                        json.dumps({"bundle_id": bundle_id(evil), "require_signature": True})], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-", "apply", str(install),
+                        json.dumps({"bundle_id": bundle_id(evil), "staging": f".staging/{bundle_id(evil)}@op-1",
+                                    "require_signature": True})],
+                       input=device_program(), capture_output=True, text=True, timeout=300)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["code"] == "signature_invalid" and "trusts no key" in res["error"] and not marker.exists()
 

@@ -19,6 +19,7 @@ import yaml
 from edgepack.bundle import safe_relpath
 from edgepack.errors import BundleError, UserError
 from edgepack.fleet import export_role, to_send, write_role
+from edgepack.remote.program import device_program
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,9 +29,9 @@ def test_the_role_is_edgepacks_own_with_the_deploy_helper(tmp_path: Path) -> Non
     role = "roles/edgepack_release/"
     assert set(files) == {"deploy.yml", "rollback.yml", role + "tasks/main.yml", role + "tasks/rollback.yml",
                           role + "defaults/main.yml", role + "vars/main.yml", role + "meta/main.yml",
-                          role + "files/device_helper.py", role + "files/pack_upload.py"}
-    helper = ROOT / "edgepack" / "remote" / "device_helper.py"
-    assert (tmp_path / "r" / role / "files" / "device_helper.py").read_bytes() == helper.read_bytes()
+                          role + "files/edgepack-device.py", role + "files/pack_upload.py"}
+    # The same text `edgepack deploy --host` sends: the device program, assembled.
+    assert (tmp_path / "r" / role / "files" / "edgepack-device.py").read_text() == device_program()
     # The bundle is named, never found next to the role (the role used to read role_path/../../..).
     defaults = yaml.safe_load((tmp_path / "r" / role / "defaults" / "main.yml").read_text())
     assert defaults["edgepack_release_bundle_dir"] == "{{ edgepack_bundle | default('') }}"

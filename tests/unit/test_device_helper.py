@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +15,13 @@ from pathlib import Path
 import pytest
 
 from edgepack.bundle import write_manifest
-from edgepack.remote import device_helper as h
+from edgepack.remote import device as h
+from edgepack.remote.device import lock as device_lock
+from edgepack.remote.program import device_program
 
-HELPER = Path(h.__file__)
+# The device program as it is sent: the assembled text, run as `python3 FILE` (as `python3 -` with it on stdin).
+HELPER = Path(tempfile.mkdtemp(prefix="edgepack-device-")) / "edgepack-device.py"
+HELPER.write_text(device_program())
 
 
 def release(root: Path, tag: str, installed: bool = True) -> tuple[str, Path]:
@@ -25,7 +30,7 @@ def release(root: Path, tag: str, installed: bool = True) -> tuple[str, Path]:
     src.mkdir(parents=True)
     (src / "run.py").write_text(f"print({tag!r})\n")
     bundle_id = write_manifest(src, {"name": f"b-{tag}"}).bundle_id
-    staging = root / "releases" / f"{bundle_id}.partial"
+    staging = root / ".staging" / f"{bundle_id}@op-1"
     staging.parent.mkdir(parents=True, exist_ok=True)
     os.rename(src, staging)
     if installed:
@@ -55,8 +60,8 @@ def test_a_second_operation_is_refused_while_the_lock_is_held(tmp_path: Path) ->
         answer = json.loads(other.stdout)
         assert answer == {"ok": False, "error": "locked", "holder": answer["holder"]}
         assert answer["holder"]["op"] == "op-a" and answer["holder"]["command"] == "test"
-        assert h._held_by(str(tmp_path), "op-a") and not h._held_by(str(tmp_path), "op-b")
-    assert not h._held_by(str(tmp_path), "op-a")  # released
+        assert device_lock._held_by(str(tmp_path), "op-a") and not device_lock._held_by(str(tmp_path), "op-b")
+    assert not device_lock._held_by(str(tmp_path), "op-a")  # released
 
 
 def test_a_dead_holder_frees_the_lock_and_its_processes_end(tmp_path: Path) -> None:
@@ -66,12 +71,12 @@ def test_a_dead_holder_frees_the_lock_and_its_processes_end(tmp_path: Path) -> N
     assert json.loads(proc.stdout.readline())["ok"]
     # The operation started a long command in its own process group and recorded it (as deploy does).
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    h._record_pid(str(tmp_path), "op-dead", child.pid)  # its pid and start time
+    device_lock.record_pid(str(tmp_path), "op-dead", child.pid)  # its pid and start time
     proc.stdin.close()  # the SSH channel closes: the link dropped or the local edgepack died
     proc.wait(timeout=30)
     assert child.wait(timeout=10) != 0  # ended with its holder, not left running
     with holding(tmp_path, "op-next"):
-        assert h._held_by(str(tmp_path), "op-next")
+        assert device_lock._held_by(str(tmp_path), "op-next")
 
 
 def test_changes_need_the_lock(tmp_path: Path) -> None:
@@ -93,14 +98,14 @@ def test_a_bad_copy_in_use_is_never_replaced_a_fresh_folder_is_used(tmp_path: Pa
         assert not h.locate(root, bundle_id)["folders"][0]["ok"]
         # The redeploy's good copy must not replace the folder `current` points at.
         _, staging = release(tmp_path / "again", "a")
-        os.rename(staging, tmp_path / "releases" / f"{bundle_id}.partial")
+        os.rename(staging, tmp_path / ".staging" / f"{bundle_id}@op-1")
         pub = h.publish(root, "op-1", bundle_id)
         assert pub["folder"] == f"{bundle_id}.2" and (live / ".venv").is_dir()
         assert os.readlink(tmp_path / "current") == f"releases/{bundle_id}"
         assert h.switch(root, "op-1", pub["folder"])["ok"]
         # Now the bad copy is only the rollback target... still in use, so a third copy goes to .3.
         _, staging = release(tmp_path / "third", "a")
-        os.rename(staging, tmp_path / "releases" / f"{bundle_id}.partial")
+        os.rename(staging, tmp_path / ".staging" / f"{bundle_id}@op-1")
         assert h.publish(root, "op-1", bundle_id)["folder"] == f"{bundle_id}.3"
 
 
@@ -164,7 +169,7 @@ def test_the_unit_serves_the_install_dir_it_was_deployed_to(tmp_path: Path) -> N
     os.remove(staging / "edgepack.json")
     write_manifest(staging, {"name": "b-a"})
     bundle_id = json.loads((staging / "edgepack.json").read_text())["bundle_id"]
-    os.rename(staging, root / "releases" / f"{bundle_id}.partial")
+    os.rename(staging, root / ".staging" / f"{bundle_id}@op-1")
     with holding(root, "op-1"):
         h.publish(str(root), "op-1", bundle_id)
         h.switch(str(root), "op-1", bundle_id)
@@ -190,7 +195,7 @@ def test_root_on_a_systemd_device_gets_a_hardened_system_unit(tmp_path: Path, mo
     os.remove(staging / "edgepack.json")
     write_manifest(staging, {"name": "b-a"})
     bundle_id = json.loads((staging / "edgepack.json").read_text())["bundle_id"]
-    os.rename(staging, root / "releases" / f"{bundle_id}.partial")
+    os.rename(staging, root / ".staging" / f"{bundle_id}@op-1")
     assert h.service_status(str(root))["unit_scope"] is None
     with holding(root, "op-1"):
         h.publish(str(root), "op-1", bundle_id)
@@ -231,6 +236,9 @@ def stage_and_copy(root: Path, bundle: Path, bundle_id: str) -> dict:
 
 
 def apply_cli(root: Path, bundle_id: str, **spec: object) -> tuple[int, dict]:
+    """The role's `apply`, on the latest upload staged for the release (none: the copy already on the device)."""
+    staged = sorted((root / ".staging").glob(f"{bundle_id}@*"), key=lambda p: p.stat().st_mtime_ns)
+    spec = {"staging": f".staging/{staged[-1].name}" if staged else None, **spec}
     proc = subprocess.run([sys.executable, str(HELPER), "apply", str(root),
                            json.dumps({"bundle_id": bundle_id, "keep": 3, "smoke_tokens": 4, **spec})],
                           capture_output=True, text=True, timeout=60, check=False)
@@ -350,8 +358,8 @@ def test_unpack_takes_the_roles_archive_of_regular_files_and_refuses_anything_el
         for m in staged["missing"]:
             t.add(str(a / m["path"]), arcname=m["path"])
     (Path(staged["staging"]) / "edgepack.json").write_bytes((a / "edgepack.json").read_bytes())
-    proc = subprocess.run([sys.executable, str(HELPER), "unpack", str(root), a_id], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run([sys.executable, str(HELPER), "unpack", str(root), staged["staging_rel"]],
+                          capture_output=True, text=True, check=False)
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and doc["unpacked"] == 3 and not archive.exists()
     code, res = apply_cli(root, a_id)  # every byte checked against the manifest, then installed and switched
@@ -367,8 +375,8 @@ def test_unpack_takes_the_roles_archive_of_regular_files_and_refuses_anything_el
             info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
             info.size = 0 if kind == tarfile.SYMTYPE else 4
             t.addfile(info, io.BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
-        proc = subprocess.run([sys.executable, str(HELPER), "unpack", str(root), b_id], capture_output=True,
-                              text=True, check=False)
+        proc = subprocess.run([sys.executable, str(HELPER), "unpack", str(root), staged["staging_rel"]],
+                              capture_output=True, text=True, check=False)
         doc = json.loads(proc.stdout.strip().splitlines()[-1])
         assert proc.returncode == 3 and doc["refused"], doc
     assert not (tmp_path / "escape.txt").exists() and not (root / "escape.txt").exists()

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.remote import device_helper as h
+from edgepack.remote import device as h
+from edgepack.remote.device import lock as device_lock
+from edgepack.remote.device import service as device_service
+from edgepack.remote.device import signature as device_signature
 
 from .test_device_helper import holding, release
 
@@ -55,7 +58,7 @@ def test_ed25519_agrees_with_the_reference_on_valid_and_altered_signatures() -> 
         assert not h.ed25519_verify(pub, msg, bytes(bad))
         assert not h.ed25519_verify(pub, msg + b"x", good)
     # s >= L (a malleated signature) is refused, as RFC 8032 requires
-    s = int.from_bytes(good[32:], "little") + h._L
+    s = int.from_bytes(good[32:], "little") + device_signature._L
     assert not h.ed25519_verify(pub, msg, good[:32] + s.to_bytes(32, "little"))
 
 
@@ -123,17 +126,17 @@ def test_a_device_that_trusts_a_key_admits_publishes_and_switches_only_signed_re
         sw = h.switch(root, "op-1", unsigned_id)
         assert not sw["ok"] and sw["code"] == "signature_invalid" and "not signed" in sw["error"]
         signed_id, staging = release(tmp_path, "b")
-        assert h.admit(root, f"releases/{signed_id}.partial")["code"] == "signature_invalid"
+        assert h.admit(root, f".staging/{signed_id}@op-1")["code"] == "signature_invalid"
         refused = h.publish(root, "op-1", signed_id)
         assert not refused["ok"] and refused["code"] == "signature_invalid"
         sign(staging, sk)
-        got = h.admit(root, f"releases/{signed_id}.partial")
+        got = h.admit(root, f".staging/{signed_id}@op-1")
         assert got["ok"] and got["signed"] and got["key_id"] == kid and got["bundle_id"] == signed_id
         assert h.publish(root, "op-1", signed_id)["signed"]
     # the deploying side may require a signature of a device that trusts nothing: refused, with what to do
     bare = tmp_path / "bare"
     bid, _ = release(bare, "c")
-    got = h.admit(str(bare), f"releases/{bid}.partial", "yes")
+    got = h.admit(str(bare), f".staging/{bid}@op-1", "yes")
     assert not got["ok"] and "trusts no key" in got["error"]
 
 
@@ -142,7 +145,7 @@ def test_a_symlinked_folder_in_a_release_is_an_entry_and_refused(tmp_path: Path)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "evil.py").write_text("print('not listed')\n")
     os.symlink(tmp_path / "elsewhere", staging / "lib")
-    got = h.admit(str(tmp_path), f"releases/{bundle_id}.partial")
+    got = h.admit(str(tmp_path), f".staging/{bundle_id}@op-1")
     assert not got["ok"] and got["extra"] == ["lib"]
 
 
@@ -164,7 +167,7 @@ def test_a_stale_pid_record_never_kills_a_stranger_that_has_the_pid_now(tmp_path
         assert stranger.poll() is None  # still running
         # The same for the service's pid file after a crash or a reboot.
         (tmp_path / "service.pid").write_text(f"{stranger.pid} 127.0.0.1:1 1\n")
-        assert h._service_pid(root) is None
+        assert device_service._service_pid(root) is None
         with holding(tmp_path, "op-2"):
             assert h.service_stop(root, "op-2")["stopped"] is None
         assert stranger.poll() is None
@@ -177,22 +180,22 @@ def test_what_an_operation_started_is_ended_when_its_identity_matches(tmp_path: 
     root = str(tmp_path)
     os.makedirs(tmp_path / ".ops")
     ours = _sleeper()
-    h._record_pid(root, "op-1", ours.pid)
+    device_lock.record_pid(root, "op-1", ours.pid)
     # A leftover whose group leader is gone but which carries the operation's mark is ours too.
     leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen(['sleep', '300']);"
                                " print(p.pid, flush=True)"], stdout=subprocess.PIPE, start_new_session=True,
                               env=dict(os.environ, **{h.OP_ENV: "op-1"}))
     assert leader.stdout is not None
     orphan = int(leader.stdout.readline())
-    h._record_pid(root, "op-1", leader.pid)
+    device_lock.record_pid(root, "op-1", leader.pid)
     leader.wait()
     try:
-        killed = h._kill_groups(root, "op-1")
+        killed = device_lock._kill_groups(root, "op-1")
         assert ours.wait(timeout=10) == -signal.SIGTERM and ours.pid in killed and orphan in killed
         deadline = time.time() + 10
-        while time.time() < deadline and h._proc_start(orphan) is not None:
+        while time.time() < deadline and device_lock.proc_start(orphan) is not None:
             time.sleep(0.05)
-        gone = h._proc_start(orphan) is None
+        gone = device_lock.proc_start(orphan) is None
         assert gone or Path(f"/proc/{orphan}/stat").read_text().split(")")[1].split()[0] == "Z"  # ended, not reaped
     finally:
         ours.kill()

@@ -12,12 +12,18 @@ DOC = (ROOT / "docs" / "json.md").read_text()
 
 
 def raised_codes() -> set[str]:
-    """Every error code in edgepack/: class-level `code = "..."` and every string in a `code=...` argument."""
+    """Every error code in edgepack/: class-level `code = "..."`, every string in a `code=...` argument, and the
+    device program's (`Failed("...")`, `"code": "..."`)."""
     codes: set[str] = set()
     for path in (ROOT / "edgepack").rglob("*.py"):
-        if path.name == "device_helper.py":  # runs on the device; its errors are data, not EdgepackErrors
-            continue
+        on_device = path.parent.name == "device"  # the device program: its codes are data in its JSON answers
         for node in ast.walk(ast.parse(path.read_text())):
+            if on_device and isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Failed":
+                codes |= _outcomes(node.args[0])
+            if on_device and isinstance(node, ast.Dict):
+                codes |= {v.value for k, v in zip(node.keys, node.values, strict=True)
+                          if isinstance(k, ast.Constant) and k.value == "code" and isinstance(v, ast.Constant)
+                          and isinstance(v.value, str)}
             if isinstance(node, ast.ClassDef):
                 for stmt in node.body:
                     if (isinstance(stmt, ast.Assign) and [getattr(t, "id", None) for t in stmt.targets] == ["code"]
@@ -26,9 +32,21 @@ def raised_codes() -> set[str]:
             if isinstance(node, ast.Call):
                 for kw in node.keywords:
                     if kw.arg == "code":
-                        codes |= {c.value for c in ast.walk(kw.value)
-                                  if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+                        codes |= _outcomes(kw.value) if on_device else {
+                            c.value for c in ast.walk(kw.value)
+                            if isinstance(c, ast.Constant) and isinstance(c.value, str)}
     return codes
+
+
+def _outcomes(node: ast.expr) -> set[str]:
+    """The strings an expression can evaluate to (`a or "x"`, `"x" if c else "y"`), not those it looks up."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, ast.BoolOp):
+        return set().union(*(_outcomes(v) for v in node.values))
+    if isinstance(node, ast.IfExp):
+        return _outcomes(node.body) | _outcomes(node.orelse)
+    return set()
 
 
 def documented_codes() -> set[str]:
