@@ -31,7 +31,7 @@ def rss_mb() -> float:
 
 def genai(path: str, threads: int, new: int) -> dict:
     # The same measurement `edgepack build --tune` uses for its candidates.
-    from edgepack.quality.speed import measure
+    from model_speed import measure
 
     return measure(path, new, threads)
 
@@ -63,7 +63,7 @@ def llama(path: str, threads: int, new: int, mmap: bool = True) -> dict:
 
 def litertlm(path: str, threads: int, new: int) -> dict:
     # Bare LiteRT-LM on a .litertlm (Engine + conversation, greedy): the same measurement --tune uses.
-    from edgepack.quality.speed import measure_litertlm
+    from model_speed import measure_litertlm
 
     return measure_litertlm(path, new, threads)
 

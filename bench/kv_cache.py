@@ -31,8 +31,7 @@ DTYPES = ("fp32", "int8", "int4")
 def probe(model_dir: str, length: int, threads: int) -> dict[str, float]:
     """One fresh process: chat prompt, greedy decode to `length` tokens in all; peak RSS and decode speeds."""
     import onnxruntime_genai as og
-
-    from edgepack.quality.speed import peak_rss_mb
+    from model_speed import peak_rss_mb
 
     config = og.Config(model_dir)
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))

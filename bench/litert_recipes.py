@@ -48,8 +48,8 @@ def speed(d: Path, source: object, tokens: int, threads: int) -> dict:
     spec = {"tokenizer_json": str(d / "tokenizer.json"), "stop_ids": sorted(set(tflite._stop_ids(source))),
             "bos_id": None, "chat_template": tflite._chat_template(source.hf_dir)}
     _package(spec, d / "model.tflite", d / "model.litertlm", 1024)
-    out = subprocess.run([sys.executable, "-m", "edgepack.quality.speed", str(d), "--tokens", str(tokens),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("model_speed.py")), str(d), "--tokens",
+                          str(tokens), "--threads", str(threads)], capture_output=True, text=True, check=True)
     (d / "model.litertlm").unlink()
     return {k: v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()
             if k in ("decode_tok_s", "prefill_ms", "peak_rss_mb", "load_s")}

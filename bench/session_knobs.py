@@ -3,8 +3,9 @@
     python bench/session_knobs.py BUNDLE_OR_MODEL_DIR [--reps 3 --threads 2 --tokens 128 --out results.json]
 
 Each variant is a genai_config overlay (the same mechanism the bundle's run.py uses for threads), measured in a
-fresh process by edgepack.quality.speed (what `build --tune` times with). Rounds alternate the variants, so that
-drift on a shared machine spreads over all of them. Speed is quoted as a ratio to the bundle's own settings.
+fresh process by bench/model_speed.py (a bare loop; `build --tune` times the bundle's runner). Rounds alternate the
+variants, so that drift on a shared machine spreads over all of them. Speed is quoted as a ratio to the bundle's own
+settings.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def main() -> int:
         for name in names:
             if name in errors:
                 continue
-            proc = subprocess.run([sys.executable, "-m", "edgepack.quality.speed", str(model_dir), "--tokens",
-                                   str(args.tokens), "--threads", str(args.threads), "--overlay",
+            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("model_speed.py")), str(model_dir),
+                                   "--tokens", str(args.tokens), "--threads", str(args.threads), "--overlay",
                                    json.dumps(VARIANTS[name])], capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 errors[name] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]

@@ -141,8 +141,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             check_build_memory(cost, source.name)  # the candidates are exported whatever the cache holds
             with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info, \
                     speed_meter(req.tune_on, target, progress) as meter:
-                outcome = tune(source, target, work, progress=progress, meter=meter,
-                               meter_where=getattr(meter, "where", None))
+                outcome = tune(source, target, work, progress=progress, meter=meter, use_cache=req.use_cache)
                 model_dir.rmdir()
                 shutil.move(str(outcome.exported.dir), model_dir)
                 exported = dataclasses.replace(outcome.exported, dir=model_dir)

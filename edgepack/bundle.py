@@ -5,28 +5,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgepack.bundle_format import (
+    DEFAULT_INSTALL_DIR,
+    ID_RE,
+    LOCAL_ONLY,
+    MANIFEST,
+    NAME_RE,
+    NOT_LISTED,
+    SCHEMA,
+    SIGNATURE,
+    derive_id,
+    smoke_result,
+    unsafe_path,
+)
 from edgepack.errors import BundleError
 from edgepack.fsutil import sha256_file
 
-MANIFEST = "edgepack.json"
-SIGNATURE = "edgepack.json.minisig"  # detached minisign signature of the manifest's bytes (edgepack.signing)
-SCHEMA = "edgepack.bundle/1"
-# Files a device may create inside an installed bundle; they are not part of the manifest.
-LOCAL_ONLY = (".venv", "__pycache__", ".cache")  # made on the device: venv, bytecode, XNNPACK cache
+# The contract every reader shares (names, id grammar, canonical JSON, the smoke result): edgepack/bundle_format.py.
 # What a local folder may hold beside its files: the venv its install.sh made, LiteRT-LM's XNNPACK cache. Never in
 # an archive, never a link; bytecode caches are refused everywhere (runs write none: runs.runner_command).
 LOCAL_MADE = (".venv", ".cache")
-NOT_LISTED = (MANIFEST, SIGNATURE)
-# A bundle name becomes a folder, a systemd unit name and a Python string: keep it to these characters.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class Manifest:
             wheel_lock=tuple(LockedWheel(**w) for w in runtime.get("wheel_lock", ())),
             execution_provider=str(runtime.get("execution_provider", "cpu")),
             cpu_features=tuple(target.get("cpu_features", ())),
-            deploy=DeploySettings(install_dir=str(dep.get("install_dir", "~/edgepack")),
+            deploy=DeploySettings(install_dir=str(dep.get("install_dir", DEFAULT_INSTALL_DIR)),
                                   keep_releases=int(dep.get("keep_releases", 3)),
                                   smoke_tokens=int(dep.get("smoke_tokens", 16)), systemd=bool(dep.get("systemd")),
                                   ssh_port=int(dep.get("ssh_port", 22)),
@@ -140,17 +144,6 @@ def check_name(name: str, where: Path | str = "bundle") -> str:
                           hint="Rename the output folder (--out) or the target file; names become folders and "
                                "service names on the device.", name=name)
     return name
-
-
-def canonical(doc: Mapping[str, Any]) -> bytes:
-    """The manifest without its id, as the id is computed (the device helper computes the same bytes)."""
-    return json.dumps({k: v for k, v in doc.items() if k != "bundle_id"}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode()
-
-
-def derive_id(doc: Mapping[str, Any]) -> str:
-    """`<name>-<12 hex>` of the whole manifest: any change to any field or file gives another id."""
-    return f"{doc.get('name', '')}-{hashlib.sha256(canonical(doc)).hexdigest()[:12]}"
 
 
 def list_files(root: Path) -> list[FileEntry]:
@@ -184,7 +177,7 @@ def write_manifest(root: Path, doc: Mapping[str, Any]) -> Manifest:
 
 def safe_relpath(rel: str) -> PurePosixPath:
     p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in rel or rel != p.as_posix():
+    if unsafe_path(rel) or rel != p.as_posix():
         raise BundleError(f"manifest lists an unsafe path {rel!r} (absolute or with '..').",
                           hint="The bundle is corrupt or was tampered with; rebuild it.", file=rel)
     return p
@@ -279,11 +272,6 @@ def verify_bundle(bundle: Path, manifest: Manifest | None = None, *, local: bool
 
 # -- what a bundle's smoke_test.py prints -----------------------------------------------------------------
 
-SMOKE_SCHEMA = 1
-# Exit codes of smoke_test.py: 0 ok, 1 loads but misbehaves, 2 does not load (or no readable smoke section).
-SMOKE_EXIT = {0: "passed", 1: "the model loads but misbehaves", 2: "the model does not load"}
-
-
 @dataclass(frozen=True)
 class SmokeResult:
     """One smoke test's result, read by the contract in docs/bundle-format.md ("The smoke result"): `ok` only when
@@ -302,23 +290,8 @@ class SmokeResult:
     @classmethod
     def parse(cls, stdout: str, exit_code: int) -> SmokeResult:
         """The last JSON object line of stdout (runtimes may print their own lines first)."""
-        doc: dict[str, Any] | None = None
-        for line in reversed(stdout.strip().splitlines()):
-            try:
-                got = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(got, dict) and isinstance(got.get("ok"), bool):
-                doc = got
-                break
-        if doc is None:
-            why = SMOKE_EXIT.get(exit_code, "it was stopped or crashed")
-            doc = {"schema": SMOKE_SCHEMA, "ok": False,
-                   "error": f"smoke_test.py printed no result (exit {exit_code}: {why})"}
-        ok = doc["ok"] is True and exit_code == 0
-        error = str(doc.get("error") or ("" if ok else f"smoke_test.py exited {exit_code} "
-                                                     f"({SMOKE_EXIT.get(exit_code, 'stopped or crashed')})"))
-        doc = {**doc, "ok": ok, "exit_code": exit_code} | ({"error": error} if error else {})
+        doc = smoke_result(stdout, exit_code)
+        ok, error = bool(doc["ok"]), str(doc.get("error") or "")
 
         def num(key: str) -> Any:
             v = doc.get(key)

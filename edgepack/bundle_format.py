@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 MANIFEST = "edgepack.json"
 SIGNATURE = "edgepack.json.minisig"  # detached minisign signature of the manifest's bytes
@@ -45,7 +46,7 @@ def valid_id(value: Any) -> bool:
     return isinstance(value, str) and bool(ID_RE.match(value)) and ".." not in value
 
 
-def id_problem(doc: Mapping[str, Any]) -> Optional[str]:
+def id_problem(doc: Mapping[str, Any]) -> str | None:
     """None when the manifest's id is well formed and the one its content gives; else why not."""
     bundle_id = doc.get("bundle_id")
     if not valid_id(bundle_id):
@@ -90,18 +91,18 @@ INSTALL_EXIT = {3: "no usable Python or venv on the device",
                 8: "check-only: the live copy's runtime is not whole (it is never repaired in place)"}
 
 
-def install_failure(exit_code: Optional[int]) -> Tuple[str, str]:
+def install_failure(exit_code: int | None) -> tuple[str, str]:
     """(error code, sentence) for install.sh's exit code (None: it was stopped)."""
     why = INSTALL_EXIT.get(exit_code) if exit_code is not None else "it was stopped (timed out or interrupted)"
     sentence = "install.sh failed (exit %s%s)" % (exit_code, ": " + why if why else "")
     return ("signature_invalid" if exit_code == 7 else "install_failed"), sentence
 
 
-def smoke_result(stdout: str, exit_code: int) -> Dict[str, Any]:
+def smoke_result(stdout: str, exit_code: int) -> dict[str, Any]:
     """The smoke result by its contract (docs/bundle-format.md): the last JSON line with a boolean "ok" (runtimes
     may print their own lines first); ok only when it says so and the process exited 0. Always has "ok",
     "exit_code", and "error" when not ok."""
-    doc = None  # type: Optional[Dict[str, Any]]
+    doc: dict[str, Any] | None = None
     for line in reversed(stdout.strip().splitlines()):
         try:
             got = json.loads(line)
@@ -121,7 +122,7 @@ def smoke_result(stdout: str, exit_code: int) -> Dict[str, Any]:
     return doc
 
 
-def install_dir(*choices: Optional[str]) -> str:
+def install_dir(*choices: str | None) -> str:
     """Where releases live: the first choice given (a host's own setting, the command line, the target's
     deploy.install_dir), else ~/edgepack. Every command that reaches a device resolves it this one way."""
     return next((c for c in choices if c), DEFAULT_INSTALL_DIR)

@@ -38,6 +38,11 @@ def _device_options(*, required: bool = True) -> Callable[[Callable[..., Any]], 
     return deco
 
 
+_DEVICE_TARGET = click.option("--target", "device_target", metavar="TARGET",
+                              help="With --host and no --install-dir: the target (an id, or a .toml file) whose "
+                                   "deploy.install_dir the releases live in (default ~/edgepack).")
+
+
 def _device(kw: dict[str, Any]) -> Any:
     from edgepack import api
 
@@ -45,7 +50,7 @@ def _device(kw: dict[str, Any]) -> Any:
         return None
     return api.DeviceRequest(host=kw["host"], user=kw["user"], port=kw["port"], identity=kw["identity"],
                              accept_new_host_key=kw["accept_new_host_key"], known_hosts=kw["known_hosts"],
-                             ssh_config=kw["ssh_config"], install_dir=kw["install_dir"],
+                             ssh_config=kw["ssh_config"], install_dir=kw["install_dir"], target=kw.get("device_target"),
                              connect_timeout=kw["connect_timeout"], command_timeout=kw["command_timeout"])
 
 
@@ -164,6 +169,7 @@ def deploy(bundle: Path | None, dist: Path, allow_network: bool, keep: int | Non
 
 
 @cli.command()
+@_DEVICE_TARGET
 @_device_options(required=False)
 @_fleet_options(rollout=False)
 @_json_option
@@ -184,6 +190,7 @@ def status(inventory: Path | None, **kw: Any) -> None:
 
 
 @cli.command()
+@_DEVICE_TARGET
 @_device_options(required=False)
 @_fleet_options(rollout=True)
 @_json_option
@@ -229,6 +236,7 @@ def ansible_role(out: Path, force: bool) -> None:
 
 
 @cli.command("bench")
+@_DEVICE_TARGET
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @_device_options(required=False)
 @click.option("--reps", type=int, default=5, show_default=True, help="Fresh-process runs; the median is reported.")

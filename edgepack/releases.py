@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import read_once, verify_bundle
+from edgepack.bundle_format import install_dir as install_dir_from
 from edgepack.errors import UserError
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.remote.ssh import SSHOptions  # a plain dataclass: paramiko is imported only on connect
@@ -21,6 +22,7 @@ class DeviceRequest(SSHOptions):
     """Which device, how to reach it (the SSH options), and where its releases live."""
 
     install_dir: str | None = None  # default: the bundle target's deploy.install_dir, else ~/edgepack
+    target: str | None = None  # without a bundle (status, rollback, bench): the target whose deploy.install_dir applies
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def _deploy_folder(req: DeployRequest, bundle: Path, progress: ProgressFn) -> An
     verify_bundle(bundle, manifest)
     policy = deploy_policy(bundle, manifest_bytes, manifest, req.require_signature, req.target, progress)
     trusted, signature = policy.keys, policy.signature
-    install_dir = req.device.install_dir or manifest.deploy.install_dir
+    install_dir = install_dir_from(req.device.install_dir, manifest.deploy.install_dir)
     keep = req.keep or manifest.deploy.keep_releases
     device = dataclasses.replace(req.device, default_port=manifest.deploy.ssh_port)
     if req.via == "adb":
@@ -86,7 +88,11 @@ def _deploy_folder(req: DeployRequest, bundle: Path, progress: ProgressFn) -> An
 
 
 def install_dir_of(device: DeviceRequest) -> str:
-    return device.install_dir or "~/edgepack"
+    """--install-dir, else the --target's deploy.install_dir, else ~/edgepack (the contract's one precedence)."""
+    from edgepack.bundle_format import install_dir
+    from edgepack.targets import load_target
+
+    return install_dir(device.install_dir, load_target(device.target).deploy.install_dir if device.target else None)
 
 
 def device_status(device: DeviceRequest) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -15,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack import meter
 from edgepack.backends import exporters
 from edgepack.bundle import read_manifest, verify_bundle
 from edgepack.errors import UserError
-from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.progress import ProgressFn, silent
 from edgepack.releases import DeviceRequest, install_dir_of, latest_bundle
 from edgepack.stages.render import RUNTIME_MODULES, runtime_name
 
@@ -169,7 +169,7 @@ def _has_module(name: str) -> bool:
 
 # -- bench ------------------------------------------------------------------------------------------
 
-BENCH_PROMPT = "Write a haiku about the sea."
+BENCH_PROMPT = meter.PROMPT
 
 
 @dataclass(frozen=True)
@@ -191,27 +191,10 @@ class BenchResult:
     runs: tuple[dict[str, Any], ...]
 
 
-_BENCH_METRICS = ("load_s", "prefill_ms", "decode_tokens_per_s", "peak_rss_mb", "new_tokens")
-
-
-def _summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    import statistics
-
-    out = {}
-    for key in _BENCH_METRICS:
-        vals = [float(r[key]) for r in runs if r.get(key) is not None]
-        if vals:
-            out[key] = {"median": round(statistics.median(vals), 3), "min": round(min(vals), 3),
-                        "max": round(max(vals), 3)}
-    return out
-
-
 def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
-    """Run the bundle's own runner `reps` times in fresh processes (here or on the device); medians + spread."""
-    import subprocess
-
-    args = ["--prompt", req.prompt, *runner_flags(("--json", True), ("--max-tokens", req.max_tokens),
-                                                  ("--threads", req.threads or None))]
+    """Run the bundle's own runner `reps` times in fresh processes (here or on the device); medians + spread
+    (the speed meter tune ranks candidates with, edgepack.meter)."""
+    args = meter.runner_args(req.max_tokens, req.threads, req.prompt)
     runs: list[dict[str, Any]] = []
     if req.device is not None:
         from edgepack.remote.speed import bench_current
@@ -226,15 +209,6 @@ def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
 
         with opened(req.bundle or latest_bundle(Path("dist"))) as bundle, runner_command(bundle, *args) as (cmd, env):
             manifest = read_manifest(bundle)
-            for i in range(req.reps):
-                progress(ProgressEvent("bench", f"run {i + 1}/{req.reps} here"))
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-                if proc.returncode != 0:
-                    raise UserError(f"the bundle's runner failed (exit {proc.returncode}).",
-                                    hint="See stderr_tail.", stderr_tail=proc.stderr.splitlines()[-10:])
-                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs += meter.time_here(cmd, env, req.reps, f"bench {manifest.bundle_id}", progress)
         where, name = f"this machine ({platform.machine()})", manifest.bundle_id
-    for r in runs:
-        r.pop("text", None)
-        r.pop("tokens", None)
-    return BenchResult(where=where, bundle=name, reps=req.reps, summary=_summarize(runs), runs=tuple(runs))
+    return BenchResult(where=where, bundle=name, reps=req.reps, summary=meter.summarize(runs), runs=tuple(runs))

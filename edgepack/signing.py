@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import MANIFEST, Manifest
+from edgepack.bundle_format import key_number, signed_comment
 from edgepack.errors import OutputExistsError, UserError, require
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 
@@ -37,32 +37,26 @@ def _minisign() -> Any:
     return require("minisign", "core", "Signing and verifying bundles")
 
 
-def _id_hex(raw: bytes) -> str:
-    # minisign prints the 8-byte key number as a little-endian integer, so the hex is the bytes reversed
-    # (py-minisign's own default key comment prints them unreversed, which no minisign user would recognise).
-    return format(int.from_bytes(raw, "little"), "X")  # as minisign prints it: no leading zeros
-
-
 def key_id(pubkey: Any) -> str:
     """The key id of a py-minisign PublicKey, as `minisign` prints it (e.g. in `minisign -G` and key comments)."""
-    return _id_hex(base64.b64decode(pubkey.to_base64())[2:10])
+    return key_number(base64.b64decode(pubkey.to_base64())[2:10])
 
 
 def _signature_key_id(sig: Any) -> str:
-    return _id_hex(base64.b64decode(bytes(sig).splitlines()[1])[2:10])
+    return key_number(base64.b64decode(bytes(sig).splitlines()[1])[2:10])
 
 
 def signature_key_id(path: Path) -> str:
     """The key id a signature file names (without checking it): what `inspect` shows."""
     try:
-        return _id_hex(base64.b64decode(path.read_bytes().splitlines()[1])[2:10])
+        return key_number(base64.b64decode(path.read_bytes().splitlines()[1])[2:10])
     except (OSError, IndexError, ValueError):
         return "(unreadable signature file)"
 
 
 def trusted_comment(bundle_id: str, manifest_bytes: bytes) -> str:
-    """What the signature's trusted (signed) comment says: the bundle id and the sha256 of the manifest bytes."""
-    return f"edgepack bundle {bundle_id} sha256:{hashlib.sha256(manifest_bytes).hexdigest()}"
+    """What a bundle's signature vouches for (its trusted comment): this id and these manifest bytes."""
+    return signed_comment(bundle_id, manifest_bytes)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

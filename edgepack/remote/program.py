@@ -54,7 +54,8 @@ LAUNCHER = ("import os,sys\nn=int(sys.argv.pop(1));b=b''\nwhile len(b)<n:\n c=os
 def device_program() -> str:
     """The one text of the device program (standard library only, Python 3.7+)."""
     pkg = resources.files(PACKAGE)
-    sources = {"edgepack": "", "edgepack.remote": ""}
+    sources = {"edgepack": "", "edgepack.remote": "",
+               "edgepack.bundle_format": resources.files("edgepack").joinpath("bundle_format.py").read_text("utf-8")}
     for mod in MODULES:
         name = PACKAGE if mod == "__init__" else f"{PACKAGE}.{mod}"
         sources[name] = pkg.joinpath(f"{mod}.py").read_text(encoding="utf-8")

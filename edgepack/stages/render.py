@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack import __version__
+from edgepack import __version__, bundle_format
 from edgepack.bundle import LockedWheel
 from edgepack.errors import UnknownNameError
 from edgepack.output import to_jsonable
@@ -97,6 +97,10 @@ def render(ctx: BundleContext, template: str, out: Path, *, systemd: bool, andro
         shutil.copyfile(shipped_dir("templates") / "_shared" / plain, out / plain)
         os.chmod(out / plain, 0o755)
         written.append(plain)
+    # The bundle contract verify_bundle.py reads the manifest by: edgepack's own module, the same bytes.
+    shutil.copyfile(Path(bundle_format.__file__), out / "bundle_format.py")
+    os.chmod(out / "bundle_format.py", 0o644)
+    written.append("bundle_format.py")
     if android:
         import jinja2
 

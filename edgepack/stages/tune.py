@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from edgepack.backends import exporters
 from edgepack.backends.base import ExportedModel
 from edgepack.errors import QualityGateError, UserError
+from edgepack.meter import HereMeter, Meter, runner_folder
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn, silent
-from edgepack.stages.validate import QualityReport, validate
+from edgepack.stages.export import export as export_stage
+from edgepack.stages.export import gate
+from edgepack.stages.validate import QualityReport
 from edgepack.targets import TargetProfile
 
 
@@ -40,6 +40,7 @@ class CandidateResult:
     prefill_ms: float | None
     peak_rss_mb: float | None
     export_s: float
+    cached: bool = False  # the export came from the build cache
     chosen: bool = False
 
 
@@ -52,30 +53,19 @@ class TuneOutcome:
     speed_measured_on: str
 
 
-def measure_speed(model_dir: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, float]]:
-    runs = []
-    for _ in range(reps):
-        proc = subprocess.run([sys.executable, "-m", "edgepack.quality.speed", str(model_dir), "--tokens",
-                               str(tokens), "--threads", str(threads)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise UserError(f"timing {model_dir.name} failed: {proc.stderr.strip().splitlines()[-1:]}",
-                            hint="The candidate does not run in the runtime on this machine.")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return runs
-
-
-class SpeedMeter(Protocol):
-    def __call__(self, model_dir: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, float]]: ...
-
-
 def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: ProgressFn = silent,
-         meter: SpeedMeter | None = None, meter_where: str | None = None) -> TuneOutcome:
+         meter: Meter | None = None, use_cache: bool = True) -> TuneOutcome:
+    """Each candidate through the export stage and the gate (both from the build cache when it has them), then,
+    when it passes, timed by `meter` running the bundle's own runner for it (default: here)."""
     import platform
 
     if not target.tune.candidates:
         raise UserError(f"target '{target.id}' names no [tune] candidates.",
                         hint="Add [tune] candidates = [{name = \"...\", scheme = \"int4\", ...}, ...] to the target.")
-    exporter = exporters.get(target.export.format)
+    if meter is None:
+        meter = HereMeter(f"this machine ({platform.machine()})" + ("" if target.is_native else
+                                                                   f", not the {target.resolved_arch()} device"),
+                          progress)
     results: list[CandidateResult] = []
     built: dict[str, tuple[ExportedModel, QualityReport, TargetProfile]] = {}
     for i, cand in enumerate(target.tune.candidates):
@@ -84,25 +74,28 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         out = work / f"cand-{i}"
         out.mkdir(parents=True)
         t0 = time.monotonic()
-        exported = exporter.export(source, cand_target, out, work, progress)
+        made = export_stage(source, cand_target, out, work, progress, use_cache=use_cache)
+        exported = made.model
         export_s = round(time.monotonic() - t0, 2)
-        report = validate(source, out, cand_target, context=exported.context_length, progress=progress)
+        report, _ = gate(source, cand_target, made, progress)
         speed: dict[str, float | None] = {"decode_tok_s": None, "prefill_ms": None, "peak_rss_mb": None}
         spread = None
-        if report.passed:  # time only what could ship
-            runs = (meter or measure_speed)(out, tokens=target.tune.speed_tokens, reps=target.tune.reps,
-                                            threads=target.runtime.threads)
-            dec = [r["decode_tok_s"] for r in runs]
+        if report.passed:  # time only what could ship, with the runner its bundle will ship
+            with runner_folder(_context(source, cand_target, exported, report), cand_target.runtime.template,
+                               out, work) as runner:
+                runs = meter(runner, tokens=target.tune.speed_tokens, reps=target.tune.reps,
+                             threads=target.runtime.threads)
+            dec = [float(r["decode_tokens_per_s"]) for r in runs]
             speed = {"decode_tok_s": round(statistics.median(dec), 2),
-                     "prefill_ms": round(statistics.median(r["prefill_ms"] for r in runs), 2),
-                     "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs), 1)}
+                     "prefill_ms": round(statistics.median(float(r["prefill_ms"]) for r in runs), 2),
+                     "peak_rss_mb": round(statistics.median(float(r["peak_rss_mb"]) for r in runs), 1)}
             spread = (round(min(dec), 2), round(max(dec), 2))
         results.append(CandidateResult(
             name=cand.name, options=exported.options, bytes=exported.bytes, passed=report.passed,
             failures=report.failures, ppl_delta_pct=report.ppl_delta_pct, mean_kl=report.mean_kl,
             top1_agreement=report.top1_agreement, greedy_match=report.greedy_match,
             decode_tok_s=speed["decode_tok_s"], decode_tok_s_spread=spread, prefill_ms=speed["prefill_ms"],
-            peak_rss_mb=speed["peak_rss_mb"], export_s=export_s))
+            peak_rss_mb=speed["peak_rss_mb"], export_s=export_s, cached=made.cached))
         built[cand.name] = (exported, report, cand_target)
     passing = [r for r in results if r.passed]
     if not passing:
@@ -117,9 +110,20 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         if r.name != best.name:
             shutil.rmtree(work / f"cand-{i}", ignore_errors=True)
     exported, report, cand_target = built[best.name]
-    where = meter_where or (f"this machine ({platform.machine()})" + ("" if target.is_native else
-                                                                      f", not the {target.resolved_arch()} device"))
-    return TuneOutcome(cand_target, exported, report, table, where)
+    return TuneOutcome(cand_target, exported, report, table, meter.where)
+
+
+def _context(source: ModelSource, target: TargetProfile, exported: ExportedModel, report: QualityReport) -> Any:
+    """The bundle context the candidate would ship with (its runner is rendered from it)."""
+    from edgepack.stages.render import bundle_context, runtime_name
+    from edgepack.stages.wheels import requirements
+
+    exporter = exporters.get(target.export.format)
+    ctx = bundle_context(f"{source.name}-{target.id}", source, target, exported.options, report,
+                         requirements(target, exported.runtime_versions),
+                         runtime_name(exporter.runtime, target.runtime.template),
+                         system_site=not target.runtime.packages)
+    return dataclasses.replace(ctx, context_length=exported.context_length)
 
 
 def plot(table: tuple[CandidateResult, ...], path: Path, title: str) -> None:
@@ -152,14 +156,15 @@ def plot(table: tuple[CandidateResult, ...], path: Path, title: str) -> None:
 
 
 @contextmanager
-def speed_meter(device: Any, target: TargetProfile, progress: ProgressFn) -> Iterator[Any]:
+def speed_meter(device: Any, target: TargetProfile, progress: ProgressFn) -> Iterator[Meter | None]:
     """With --tune-on: a meter that times candidates on that device; else None (timed here)."""
     if device is None:
         yield None
         return
+    from edgepack.bundle_format import install_dir
     from edgepack.remote.speed import RemoteSpeedMeter
 
-    meter = RemoteSpeedMeter(device, device.install_dir or target.deploy.install_dir, progress)
+    meter = RemoteSpeedMeter(device, install_dir(device.install_dir, target.deploy.install_dir), progress)
     try:
         yield meter
     finally:

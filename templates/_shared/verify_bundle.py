@@ -14,16 +14,22 @@ import base64
 import hashlib
 import json
 import os
-import re
 import sys
 from typing import Any
 
-MANIFEST = "edgepack.json"
-SIGNATURE = "edgepack.json.minisig"
-SCHEMA = "edgepack.bundle/1"
-LOCAL_ONLY = (".venv", "__pycache__", ".cache")  # made on the device: venv, bytecode, runtime caches
-NOT_LISTED = (MANIFEST, SIGNATURE)
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12}$")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bundle_format.py ships beside this file
+from bundle_format import (  # noqa: E402  (the contract every reader shares: edgepack, the device program, this)
+    LOCAL_ONLY,
+    MANIFEST,
+    NOT_LISTED,
+    SCHEMA,
+    SIGNATURE,
+    id_problem,
+    key_number,
+    signed_comment,
+    unsafe_path,
+)
+
 MAX_PROBLEMS = 20
 
 
@@ -33,19 +39,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def unsafe(rel: Any) -> bool:
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
-        return True
-    parts = rel.split("/")
-    return ".." in parts or "" in parts or "." in parts
-
-
-def derive_id(manifest: dict[str, Any]) -> str:
-    canonical = json.dumps({k: v for k, v in manifest.items() if k != "bundle_id"}, sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=True).encode()
-    return "{}-{}".format(manifest.get("name", ""), hashlib.sha256(canonical).hexdigest()[:12])
 
 
 def on_disk(root: str) -> set[str]:
@@ -81,7 +74,7 @@ def check_files(root: str, manifest: dict[str, Any], problems: list[str]) -> Non
             problems.append(f"manifest lists a file entry that is not an object: {entry!r}")
             continue
         rel, size, digest = entry.get("path"), entry.get("bytes"), entry.get("sha256")
-        if not isinstance(rel, str) or unsafe(rel):
+        if not isinstance(rel, str) or unsafe_path(rel):
             problems.append(f"manifest lists an unsafe path {rel!r} (absolute, '..' or a backslash)")
             continue
         if rel in listed:
@@ -102,18 +95,9 @@ def check_files(root: str, manifest: dict[str, Any], problems: list[str]) -> Non
 
 
 def check_id(manifest: dict[str, Any], problems: list[str]) -> None:
-    bundle_id = manifest.get("bundle_id")
-    if not isinstance(bundle_id, str) or not ID_RE.match(bundle_id) or ".." in bundle_id:
-        problems.append(f"bundle_id {bundle_id!r} is not a valid bundle id")
-        return
-    expected = derive_id(manifest)
-    if bundle_id != expected:
-        problems.append(f"bundle_id {bundle_id} does not match the manifest's content ({expected}): "
-                        "the manifest was edited after the build")
-
-
-def id_hex(raw: bytes) -> str:
-    return format(int.from_bytes(raw, "little"), "X")  # as minisign prints the key number: no leading zeros
+    problem = id_problem(manifest)
+    if problem:
+        problems.append(problem)
 
 
 def check_signature(root: str, manifest_bytes: bytes, bundle_id: Any, keys_dir: str, required: bool,
@@ -145,14 +129,14 @@ def check_signature(root: str, manifest_bytes: bytes, bundle_id: Any, keys_dir: 
     for pub in pub_files:
         try:
             pk = minisign.PublicKey.from_file(pub)
-            keys[id_hex(base64.b64decode(pk.to_base64())[2:10])] = pk
+            keys[key_number(base64.b64decode(pk.to_base64())[2:10])] = pk
         except (OSError, ValueError) as exc:
             problems.append(f"trusted key {pub} is not a minisign public key ({exc})")
     try:
         with open(sig_path, "rb") as fh:
             sig_bytes = fh.read()
         sig = minisign.Signature.from_bytes(sig_bytes)
-        sig_id = id_hex(base64.b64decode(sig_bytes.splitlines()[1])[2:10])
+        sig_id = key_number(base64.b64decode(sig_bytes.splitlines()[1])[2:10])
     except (OSError, ValueError, IndexError) as exc:
         problems.append(f"{SIGNATURE} is not a minisign signature ({exc})")
         return {"signed": False, "key_id": None}
@@ -166,7 +150,7 @@ def check_signature(root: str, manifest_bytes: bytes, bundle_id: Any, keys_dir: 
         problems.append(f"the signature does not match {MANIFEST} (key {sig_id}): the manifest or the signature "
                         "was changed after signing")
         return {"signed": False, "key_id": None}
-    expected = f"edgepack bundle {bundle_id} sha256:{hashlib.sha256(manifest_bytes).hexdigest()}"
+    expected = signed_comment(str(bundle_id), manifest_bytes)
     if sig.trusted_comment != expected:
         problems.append(f"the signature's trusted comment {sig.trusted_comment!r} does not name this bundle "
                         f"(expected {expected!r})")

@@ -349,9 +349,10 @@ def test_a_device_that_names_the_controllers_files_gets_none_of_them(fleet: list
                                                f"edgepack_install_dir={dev}/edgepack\n"))
         kh.write_text(kh.read_text() + evil.host_key_line())
         answer = {"ok": True, "install_dir": "@DIR@", "bundle_id": "@ID@", "current": None, "present": None,
-                  "staging": "@DIR@/releases/@ID@.partial", "missing_bytes": 10, "reused": 0, "reused_bytes": 0,
-                  "staged": 0, "missing": [{"path": "../../minisign.key", "bytes": 10},  # into the controller's tar
-                                           {"path": "../../minisign.key", "bytes": 1 << 30}]}  # its own copy
+                  "staging": "@DIR@/.staging/@ID@@op-1", "staging_rel": ".staging/@ID@@op-1", "missing_bytes": 10,
+                  "reused": 0, "reused_bytes": 0, "staged": 0,
+                  "missing": [{"path": "../../minisign.key", "bytes": 10},  # into the controller's tar
+                              {"path": "../../minisign.key", "bytes": 1 << 30}]}  # its own copy
         forged.write_text(json.dumps(answer))
         proc, doc = rollout(inv, kh, ctl / "dist" / "a", "--batch", "100%")
         err = doc["error"]
@@ -370,7 +371,8 @@ def test_a_device_that_names_the_controllers_files_gets_none_of_them(fleet: list
         assert f"{dev}/elsewhere" in row["error"]["message"] and not (dev / "elsewhere").exists()
 
         # Plain ansible-playbook with edgepack's role: the same refusal, in Ansible's own words.
-        forged.write_text(json.dumps(answer | {"staging": "@DIR@/releases/@ID@.partial",
+        forged.write_text(json.dumps(answer | {"staging": "@DIR@/.staging/@ID@@op-1",
+                                               "staging_rel": ".staging/@ID@@op-1",
                                                "missing": [{"path": "../../minisign.key", "bytes": 10}]}))
         assert cli("ansible-role", "--out", str(tmp_path / "ops")).returncode == 0
         plain = ansible_playbook(inv, kh, tmp_path / "ops" / "deploy.yml", "--limit", "evil",

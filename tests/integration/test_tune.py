@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,33 @@ def test_tune_candidates_are_schema_checked(tmp_path: Path) -> None:
     with pytest.raises(TargetError, match=r"tune.candidates\[0\].blocksize"):
         load_target(str(p))
     assert [c.name for c in load_target("rpi5").tune.candidates][:1] == ["int4-rtn"]
+
+
+def test_tune_times_each_candidate_with_the_runner_its_bundle_ships_and_reuses_the_cache(tiny_model: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The meter gets the candidate's runner folder: the bundle's own run.py and runner core beside its model, run
+    in a fresh process (the numbers `edgepack bench` reports for the bundle). A second tune exports nothing."""
+    from edgepack.meter import HereMeter
+    from edgepack.models import resolve_model
+    from edgepack.stages.tune import tune
+    from edgepack.targets import load_target
+
+    t = target_with(tmp_path, max_ppl_increase_pct=0.001, max_mean_kl=0.00001, min_top1_agreement=1.0)
+    seen: dict[str, set[str]] = {}
+
+    class Recording(HereMeter):
+        def __call__(self, runner: Path, **kw: int) -> list[dict]:  # type: ignore[override]
+            seen[runner.name] = {(Path(d) / f).relative_to(runner).as_posix()
+                                 for d, _, names in os.walk(runner, followlinks=True) for f in names}
+            assert (runner / "model").resolve() != runner / "model"  # the candidate's export, not a copy
+            return super().__call__(runner, **kw)
+
+    source, target = resolve_model(str(tiny_model)), load_target(str(t))
+    first = tune(source, target, tmp_path / "w1", meter=Recording("here"))
+    (files,) = seen.values()  # only fp32 passes: only it is timed
+    assert {"run.py", "edgepack_runner.py", "edgepack_cli.py", "smoke_test.py", "model/genai_config.json"} <= files
+    row = next(r for r in first.table if r.chosen)
+    assert row.name == "fp32" and row.decode_tok_s and row.peak_rss_mb and not row.cached
+    again = tune(source, target, tmp_path / "w2", meter=Recording("here"))
+    assert all(r.cached for r in again.table), [(r.name, r.cached) for r in again.table]
+    assert [r.passed for r in again.table] == [r.passed for r in first.table]

@@ -11,6 +11,7 @@ from pathlib import Path
 from edgepack.remote.program import LAUNCHER, MODULES, PACKAGE, device_program, launch
 
 DEVICE = Path(__file__).resolve().parents[2] / "edgepack" / "remote" / "device"
+CONTRACT = DEVICE.parents[1] / "bundle_format.py"  # the bundle contract, packed with them
 OLDEST = (3, 7)  # the oldest Python a supported device image ships (Debian 10 / Raspberry Pi OS buster)
 # Standard-library modules that are newer than OLDEST (none may be imported on the device).
 NEWER = {"graphlib", "tomllib", "zoneinfo", "_zoneinfo"}
@@ -23,12 +24,14 @@ def test_every_module_is_in_the_text_and_nothing_else_is() -> None:
 
 
 def test_the_program_uses_the_standard_library_only_and_the_oldest_pythons_syntax() -> None:
-    for path in DEVICE.glob("*.py"):
+    for path in [*DEVICE.glob("*.py"), CONTRACT]:
         tree = ast.parse(path.read_text(), feature_version=OLDEST)  # a newer construct is a SyntaxError here
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
+                if name == "edgepack.bundle_format":  # packed into the text with the device modules
+                    continue
                 top = name.split(".")[0]
                 assert top in PROBED or (top in sys.stdlib_module_names and top not in NEWER), f"{path.name}: {name}"
             assert not isinstance(node, ast.JoinedStr), f"{path.name}:{node.lineno}: an f-string (keep % formatting)"
@@ -81,6 +84,8 @@ def test_a_session_gets_the_program_and_its_requests_on_one_stdin(tmp_path: Path
 def test_the_package_is_the_text(tmp_path: Path) -> None:
     """What runs on the device is the package's own source, module by module (no copy to drift)."""
     text = device_program()
+    sources = eval(text.split("\n")[2].split(" = ", 1)[1])
     for mod in MODULES:
-        assert (DEVICE / f"{mod}.py").read_text() in eval(text.split("\n")[2].split(" = ", 1)[1]).values()
+        assert sources[PACKAGE if mod == "__init__" else f"{PACKAGE}.{mod}"] == (DEVICE / f"{mod}.py").read_text()
+    assert sources["edgepack.bundle_format"] == CONTRACT.read_text()
     assert f"{PACKAGE}.main" in text

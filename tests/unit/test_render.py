@@ -36,7 +36,8 @@ def test_render_writes_valid_python_and_shell(tmp_path: Path) -> None:
     files = render(context(), "onnxruntime-genai", tmp_path, systemd=True)
     # No playbooks or roles: a fleet runs edgepack's own (tests/unit/test_ansible_role.py), the bundle is data.
     assert set(files) == {"run.py", "smoke_test.py", "install.sh", "README.md", "edgepack-demo-rpi5.service",
-                          "verify_bundle.py", "edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py"}
+                          "verify_bundle.py", "bundle_format.py", "edgepack_runner.py", "edgepack_cli.py",
+                          "edgepack_server.py"}
     assert not (tmp_path / "ansible").exists()
     for py in ("run.py", "smoke_test.py", "edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py"):
         compile((tmp_path / py).read_text(), py, "exec")

@@ -50,6 +50,7 @@ def make_bundle(tmp_path: Path) -> Path:
     (b / "model" / "w.bin").write_bytes(bytes(range(256)) * 4)
     (b / "run.py").write_text("print('hi')\n")
     shutil.copy(SCRIPT, b / "verify_bundle.py")
+    shutil.copy(ROOT / "edgepack" / "bundle_format.py", b / "bundle_format.py")  # shipped beside it
     write_manifest(b)
     return b
 

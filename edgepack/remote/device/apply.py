@@ -9,6 +9,8 @@ import shutil
 import signal
 import time
 
+from edgepack.bundle_format import install_failure, smoke_result
+
 from .facts import facts
 from .files import hashes, mkdirs, remove_extra, reuse, verify
 from .lock import OP_ENV, acquire, link_lost, record_pid, release_lock, require_lock
@@ -16,10 +18,6 @@ from .releases import current_folder, locate, prune, publish, releases_dir, roll
 from .rules import Refused, check_bundle_id, check_op, inside, install_root, staging_id, staging_rel
 from .service import install_unit, service_check, service_start
 from .signature import TRUSTED_KEYS, add_signature, check_release, minisign_public_key, trust, trusted_keys
-
-INSTALL_WHY = {4: "the wheels do not fit this device's Python, or one does not match its pinned sha256",
-               6: "the release does not match its manifest", 7: "the signature check failed"}
-SMOKE_WHY = {1: "the model loads but misbehaves", 2: "the model does not load"}  # as bundle.SMOKE_EXIT
 
 
 class Failed(Exception):
@@ -166,28 +164,6 @@ def _brief(res):
     return dict(res, stdout=None, stdout_tail=res["stdout"].splitlines()[-20:])
 
 
-def _smoke_doc(stdout, exit_code):
-    """The smoke result by its contract (docs/bundle-format.md): the last JSON line with a boolean "ok"; ok only
-    when it says so and the process exited 0."""
-    doc = None
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            got = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(got, dict) and isinstance(got.get("ok"), bool):
-            doc = got
-            break
-    why = SMOKE_WHY.get(exit_code, "it was stopped or crashed")
-    if doc is None:
-        doc = {"schema": 1, "ok": False, "error": "smoke_test.py printed no result (exit %s: %s)" % (exit_code, why)}
-    ok = doc["ok"] is True and exit_code == 0
-    doc = dict(doc, ok=ok, exit_code=exit_code)
-    if not ok and not doc.get("error"):
-        doc["error"] = "smoke_test.py exited %s (%s)" % (exit_code, why)
-    return doc
-
-
 def _restart_service(root, op, unit_file, addr, log):
     """(Re)start the install dir's service on `current`, as `edgepack deploy` does: a system unit for root on a
     systemd-booted device, systemd's user manager where the session has one, else a supervised process."""
@@ -299,13 +275,11 @@ def _apply(root, op, bundle_id, spec, live, steps):
         if check_only:
             raise Failed("install_failed", "the live copy releases/%s has no working runtime (exit %s) and no fresh "
                          "copy was uploaded" % (folder, res["exit_code"]), install=res, fresh_copy_needed=True)
-        raise Failed("signature_invalid" if res["exit_code"] == 7 else "install_failed",
-                     "install.sh failed (exit %s%s)" % (res["exit_code"], ": " + INSTALL_WHY[res["exit_code"]]
-                                                        if res["exit_code"] in INSTALL_WHY else ""), install=res)
+        raise Failed(*install_failure(res["exit_code"]), install=res)
     steps.begin("smoke")
     res = _run_step(root, op, [os.path.join(release, ".venv", "bin", "python"), os.path.join(release, "smoke_test.py"),
                                "--tokens", str(int(spec.get("smoke_tokens", 16)))], {}, 900)
-    smoke = _smoke_doc(res["stdout"], -1 if res["exit_code"] is None else res["exit_code"])
+    smoke = smoke_result(res["stdout"], -1 if res["exit_code"] is None else res["exit_code"])
     steps.append({"name": "smoke", "ok": smoke["ok"], "seconds": res["seconds"], "smoke": smoke, "run": _brief(res)})
     if not smoke["ok"]:
         raise Failed("smoke_test_failed", "the smoke test failed: %s" % smoke.get("error"), smoke=smoke,

@@ -5,20 +5,10 @@ import json
 import os
 import shutil
 
+from edgepack.bundle_format import ID_RE, INSTALLED, LOCAL_ONLY, MANIFEST, SIGNATURE, derive_id
+
 from .lock import require_lock
-from .rules import (
-    ID_RE,
-    INSTALLED,
-    LOCAL_ONLY,
-    MANIFEST,
-    SIGNATURE,
-    STAGING,
-    derive_id,
-    inside,
-    install_root,
-    sha256_file,
-    staging_id,
-)
+from .rules import STAGING, inside, install_root, sha256_file, staging_id
 
 
 def _staged_before(root, bundle_id, rel):

@@ -8,11 +8,11 @@ import os
 import shutil
 import time
 
+from edgepack.bundle_format import FOLDER_RE, LOCAL_ONLY
+
 from .files import verify_dir
 from .lock import lock_path, require_lock
 from .rules import (
-    FOLDER_RE,
-    LOCAL_ONLY,
     STAGING,
     STALE_S,
     Refused,

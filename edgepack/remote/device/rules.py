@@ -2,17 +2,12 @@
 path stays inside the install dir once symlinks are resolved."""
 
 import hashlib
-import json
 import os
 import re
 
-MANIFEST = "edgepack.json"
-SIGNATURE = "edgepack.json.minisig"
-LOCAL_ONLY = (".venv", "__pycache__", ".cache")
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12}$")
-FOLDER_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12})(\.[0-9]{1,4})?$")
+from edgepack.bundle_format import FOLDER_RE, ID_RE
+
 OP_RE = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
-INSTALLED = os.path.join(".venv", ".edgepack-installed")
 
 
 class Refused(Exception):
@@ -60,12 +55,6 @@ def check_op(value):
     if not OP_RE.match(value):
         raise Refused("bad operation id %r" % (value,))
     return value
-
-
-def derive_id(manifest):
-    body = json.dumps({k: v for k, v in manifest.items() if k != "bundle_id"}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True).encode()
-    return "%s-%s" % (manifest.get("name", ""), hashlib.sha256(body).hexdigest()[:12])
 
 
 STAGING = ".staging"  # <install_dir>/.staging/<bundle id>@<operation>: one upload's folder, owned by the operation that

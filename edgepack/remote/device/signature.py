@@ -5,9 +5,11 @@ import hashlib
 import os
 import re
 
+from edgepack.bundle_format import MANIFEST, SIGNATURE, key_number, signed_comment
+
 from .files import verify_dir
 from .lock import require_lock
-from .rules import MANIFEST, SIGNATURE, Refused, check_folder, inside, install_root, staging_id
+from .rules import Refused, check_folder, inside, install_root, staging_id
 
 # minisign's format (https://jedisct1.github.io/minisign/): a public key is base64("Ed" || key number[8] || key[32]);
 # a signature file is an untrusted comment, base64(algorithm[2] || key number[8] || signature[64]), a trusted
@@ -81,10 +83,6 @@ def ed25519_verify(public_key, message, signature):
     return _ed_same(_ed_mul(s, _ED_BASE), _ed_add(r, _ed_mul(h, a)))
 
 
-def _key_number(raw):
-    return format(int.from_bytes(raw, "little"), "X")  # as minisign prints it
-
-
 def minisign_public_key(text):
     """(key id, 32-byte key) from a .pub file's text or its bare base64 line; Refused when it is not one."""
     import base64
@@ -98,7 +96,7 @@ def minisign_public_key(text):
         raw = b""
     if len(raw) != 42 or raw[:2] != b"Ed":
         raise Refused("%r is not a minisign public key (base64 \"RW...\", 56 characters)" % (line[:60],))
-    return _key_number(raw[2:10]), raw[10:]
+    return key_number(raw[2:10]), raw[10:]
 
 
 def trusted_keys(root):
@@ -139,7 +137,7 @@ def signature_check(directory, keys, bundle_id, sig_path=None):
     prefix = "trusted comment: "
     if len(sig) != 74 or sig[:2] not in (b"Ed", b"ED") or not comment_line.startswith(prefix) or len(global_sig) != 64:
         return {"signed": False, "key_id": None, "error": "%s is not a minisign signature" % SIGNATURE}
-    kid = _key_number(sig[2:10])
+    kid = key_number(sig[2:10])
     if kid not in keys:
         return {"signed": False, "key_id": kid, "error": "the release is signed by key %s, which this device does not "
                 "trust (trusted: %s)" % (kid, ", ".join(sorted(keys)) or "none")}
@@ -149,7 +147,7 @@ def signature_check(directory, keys, bundle_id, sig_path=None):
             and ed25519_verify(keys[kid], sig[10:] + comment.encode("utf-8"), global_sig)):
         return {"signed": False, "key_id": kid, "error": "the signature does not match %s (key %s): the manifest or "
                 "the signature was changed after signing" % (MANIFEST, kid)}
-    expected = "edgepack bundle %s sha256:%s" % (bundle_id, hashlib.sha256(data).hexdigest())
+    expected = signed_comment(bundle_id, data)
     if comment != expected:
         return {"signed": False, "key_id": kid, "error": "the signature is valid but names another bundle (%r, "
                 "expected %r)" % (comment[:200], expected)}

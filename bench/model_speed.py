@@ -1,6 +1,7 @@
-"""Decode speed of a model folder (onnxruntime-genai, or a LiteRT-LM .litertlm), measured in its own process.
+"""(Research tool, not edgepack: `build --tune` and `bench` time the bundle's own runner, edgepack/meter.py.)
+Decode speed of a model folder (onnxruntime-genai, or a LiteRT-LM .litertlm), measured in its own process.
 
-    python -m edgepack.quality.speed MODEL_DIR [--tokens 64] [--threads 0] [--overlay JSON]   → one JSON line
+    python bench/model_speed.py MODEL_DIR [--tokens 64] [--threads 0] [--overlay JSON]   → one JSON line
 """
 
 from __future__ import annotations
