@@ -5,21 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.backends import exporters
-from edgepack.build_memory import build_cost, check_build_memory, machine_memory
 from edgepack.bundle import LockedWheel, Manifest, check_name, read_manifest, verify_bundle, write_manifest
-from edgepack.context import ContextChoice, choose_context
+from edgepack.context import ContextChoice
 from edgepack.errors import UserError
 from edgepack.fsutil import check_writable_parent, dir_bytes, staging_dir
 from edgepack.models import resolve_model
 from edgepack.output import to_jsonable
-from edgepack.plan import check_fits
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.releases import DeployRequest as DeployRequest  # re-exported: the API is edgepack.api
 from edgepack.releases import DeviceRequest as DeviceRequest
@@ -44,13 +40,13 @@ from edgepack.runs import runner_command as runner_command
 from edgepack.runs import runner_flags as runner_flags
 from edgepack.runs import serve as serve
 from edgepack.stages.export import export as export_stage
-from edgepack.stages.export import gate, with_format
+from edgepack.stages.export import gate
 from edgepack.stages.render import bundle_context, manifest_for, render, runtime_name
+from edgepack.stages.resolve import profile, resolve
 from edgepack.stages.sbom import license_summary
 from edgepack.stages.sbom import write as write_sbom
 from edgepack.stages.validate import QualityReport, enforce, unvalidated
 from edgepack.stages.wheels import requirements, vendor_wheels
-from edgepack.targets import check_candidates, load_target
 
 
 @dataclass(frozen=True)
@@ -93,33 +89,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     """resolve → export → quantize (checked) → validate → wheels → render → publish."""
     stages = StageRecorder(progress)
     with stages.stage("resolve", f"target {req.target}, model {req.model}") as info:
-        target = with_format(load_target(req.target), req.format)
-        if req.tune:
-            check_candidates(target)  # every candidate now, not the fourth one an hour into the tune
-        if req.eval_text is not None:
-            target = dataclasses.replace(target, quality=dataclasses.replace(
-                target.quality, eval_text=str(req.eval_text.expanduser().resolve())))
-        if req.checks is not None:
-            target = dataclasses.replace(target, quality=dataclasses.replace(
-                target.quality, checks=str(req.checks.expanduser().resolve())))
-        exporter = exporters.get(target.export.format)
-        source = resolve_model(req.model, progress=progress)
-        if req.adapter is not None:
-            from edgepack.adapter import merge_adapter
-
-            source = merge_adapter(source, req.adapter, progress=progress)
-        config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
-        context = choose_context(config, target, req.context)
-        target = context.apply(target)
-        if context.capped:
-            progress(ProgressEvent("resolve", f"context {context.tokens} tokens: {context.reason}"))
-        family = exporter.check_supported(source, target)
-        fit = check_fits(source, target)
-        cost = build_cost(config, target, machine_memory())
-        info.update(artifact=str(source.hf_dir), origin=source.origin, architecture=source.architecture,
-                    family=family.id, planned_peak_mib=round(fit.total / 2**20, 1), context=context.tokens,
-                    context_source=context.source, planned_build_peak_mib=round(cost.peak / 2**20),
-                    build_memory_mib=round(cost.budget / 2**20) if cost.budget else None)
+        r = resolve(req.model, profile(req.target, fmt=req.format, eval_text=req.eval_text, checks=req.checks,
+                                       tune=req.tune), adapter=req.adapter, context=req.context, progress=progress)
+        info.update(r.record())
+    target, source, exporter, context = r.target, r.source, r.exporter, r.context
     final = req.out / f"{source.name}-{target.id}"
     check_name(final.name, f"model {source.name} + target {target.id}")
     if req.sign is not None:
@@ -136,24 +109,19 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         if req.tune:
             if req.skip_validation:
                 raise UserError("--tune needs the quality gate; it cannot be combined with --skip-validation.")
-            from edgepack.stages.tune import plot, speed_meter, tune
+            from edgepack.stages.tune import plot, tune_stage
 
-            check_build_memory(cost, source.name)  # the candidates are exported whatever the cache holds
-            with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info, \
-                    speed_meter(req.tune_on, target, progress) as meter:
-                outcome = tune(source, target, work, progress=progress, meter=meter, use_cache=req.use_cache)
-                model_dir.rmdir()
-                shutil.move(str(outcome.exported.dir), model_dir)
-                exported = dataclasses.replace(outcome.exported, dir=model_dir)
-                target, report, tune_table, tuned_on = outcome.target, outcome.report, outcome.table, \
-                    outcome.speed_measured_on
-                chosen = next(r for r in tune_table if r.chosen)
-                info.update(chosen=chosen.name, artifact="model/", bytes=exported.bytes)
+            with stages.stage("tune", f"{len(target.tune.candidates)} candidates from target {target.id}") as info:
+                outcome = tune_stage(r, work, model_dir, req.tune_on, use_cache=req.use_cache, progress=progress)
+                exported, target, report, tune_table, tuned_on = (outcome.exported, outcome.target, outcome.report,
+                                                                  outcome.table, outcome.speed_measured_on)
+                info.update(chosen=next(t.name for t in tune_table if t.chosen), artifact="model/",
+                            bytes=exported.bytes)
             if req.plot:
                 plot(tune_table, req.plot, f"{source.name} for {target.id}: speed vs quality ({tuned_on})")
         else:
             with stages.stage("export", f"{target.export.format} via {exporter.runtime}") as info:
-                made = export_stage(source, target, model_dir, work, progress, use_cache=req.use_cache, cost=cost)
+                made = export_stage(source, target, model_dir, work, progress, use_cache=req.use_cache, cost=r.cost)
                 exported = made.model
                 info.update(artifact="model/", bytes=exported.bytes, scheme=exported.scheme, cached=made.cached)
             with stages.stage("quantize", f"checking the {exported.scheme} graph") as info:
@@ -184,7 +152,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
-            doc = manifest_for(name, source, target, exported, report, reqs, lock, family.id, context=context) | extra
+            doc = manifest_for(name, source, target, exported, report, reqs, lock, r.family.id, context=context,
+                               fit=r.fit) | extra
             files.append(write_sbom(tmp, doc, lock, target))
             manifest = write_manifest(tmp, doc)
             info.update(artifact=str(final), files=files)
@@ -214,7 +183,7 @@ def plan(req: PlanRequest, progress: ProgressFn = silent) -> Any:
     the build's own peak memory and time against this machine."""
     from edgepack.plan import plan_for_target
 
-    target = with_format(load_target(req.target), req.format)
+    target = profile(req.target, fmt=req.format)
     source = resolve_model(req.model, progress=progress)
     config = json.loads((source.hf_dir / "config.json").read_text(encoding="utf-8"))
     return plan_for_target(config, target, context=req.context)

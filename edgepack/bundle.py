@@ -82,6 +82,7 @@ class Manifest:
     cpu_features: tuple[str, ...]  # what the vendored runtime needs of the device's CPU (target device.cpu_features)
     deploy: DeploySettings
     doc: Mapping[str, Any]
+    memory_peak_bytes: int | None = None  # the build's memory plan of the runtime on the device (runtime.memory)
 
     @property
     def bytes(self) -> int:
@@ -134,7 +135,11 @@ class Manifest:
                                   ssh_port=int(dep.get("ssh_port", 22)),
                                   trusted_keys=tuple(dep.get("trusted_keys", ())),
                                   serve_addr=str(dep.get("serve_addr", "127.0.0.1:8089"))),
-            doc=doc)
+            doc=doc, memory_peak_bytes=_int_or_none(runtime.get("memory", {}).get("peak_bytes")))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def check_name(name: str, where: Path | str = "bundle") -> str:

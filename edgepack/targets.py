@@ -360,21 +360,10 @@ def _parse_tune(section: Any, base_quantize: dict[str, Any], source: str) -> Tun
     return TuneSpec(tuple(candidates), speed_tokens, reps)
 
 
-# The export formats a profile may name: the exporters registered in edgepack/backends under these names (a unit
-# test keeps the two equal). Data here, so that profiles are checked without importing the exporters.
-EXPORT_FORMATS = ("onnx", "tflite")
-
-
 def _check_consistency(p: TargetProfile) -> None:
-    if p.export.format not in EXPORT_FORMATS:
-        raise UnknownNameError("export format", p.export.format, EXPORT_FORMATS,
-                               hint=f"Fix export.format in {p.source}.")
-    if p.quantize.scheme == "fp16" and p.export.execution_provider == "cpu" and p.export.format == "onnx":
-        raise TargetError(
-            f"{p.source}: quantize.scheme = \"fp16\" needs export.execution_provider = \"cuda\": the builder's fp16 "
-            "CPU graph fails to decode in onnxruntime-genai 0.18 (\"Shape mismatch attempting to re-use buffer\").",
-            hint="On the CPU use int4, int8 or fp32.", path=p.source, field="quantize.scheme",
-            allowed=["int4", "int8", "fp32"])
+    from edgepack.backends import exporters  # each exporter checks the profile's rules of its format
+
+    exporters.get(p.export.format).check_profile(p)
     q = p.quantize
     # imatrix searches asymmetric (integer zero point) grids too; GPTQ's error feedback is symmetric only.
     if q.algorithm in ("gptq", "imatrix") and (q.scheme != "int4" or q.sensitive_layers_int8
@@ -386,21 +375,6 @@ def _check_consistency(p: TargetProfile) -> None:
             hint=f"Use scheme = \"int4\"{', symmetric = true' if q.algorithm == 'gptq' else ''}, "
                  "sensitive_layers_int8 = false (int8_layers and head_precision still apply).",
             path=p.source, field="quantize.algorithm")
-    if q.algorithm == "weight_only" and (p.export.format != "tflite" or q.scheme != "int8"):
-        raise TargetError(f"{p.source}: quantize.algorithm = \"weight_only\" is the TFLite int8 recipe with float "
-                          "activations (export.format = \"tflite\", scheme = \"int8\").",
-                          hint="ONNX int8 is weight-only already; remove the field.", path=p.source,
-                          field="quantize.algorithm")
-    if q.litert_layers and (p.export.format != "tflite" or q.scheme != "int8"):
-        raise TargetError(f"{p.source}: quantize.litert_layers mixes LiteRT int8 recipes per layer (export.format = "
-                          f"\"tflite\", scheme = \"int8\"; this target has {p.export.format}, {q.scheme}).",
-                          hint="Remove it; on ONNX, int8_layers and head_precision set per-layer precision.",
-                          path=p.source, field="quantize.litert_layers")
-    if q.algorithm == "smoothquant" and (p.export.format != "tflite" or q.scheme != "int8"):
-        raise TargetError(f"{p.source}: quantize.algorithm = \"smoothquant\" is the TFLite dynamic int8 recipe "
-                          "(export.format = \"tflite\", scheme = \"int8\").",
-                          hint="On ONNX int4, algorithm = \"imatrix\" is the activation-aware choice.", path=p.source,
-                          field="quantize.algorithm")
     if any(r.blocks == "outliers" for r in q.litert_layers) and q.algorithm != "smoothquant":
         raise TargetError(f"{p.source}: quantize.litert_layers blocks = \"outliers\" are found by SmoothQuant's "
                           "calibration (algorithm = \"smoothquant\").",

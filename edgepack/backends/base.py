@@ -50,6 +50,9 @@ class Exporter(Protocol):
     packages: tuple[str, ...]  # the runtime distributions to vendor with it
 
     @staticmethod
+    def check_profile(p: TargetProfile) -> None: ...  # this format's rules for a target profile | TargetError
+
+    @staticmethod
     def check_supported(source: ModelSource, target: TargetProfile) -> Family: ...  # families.toml row | ModelError
 
     @staticmethod

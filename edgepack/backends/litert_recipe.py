@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import UserError
-from edgepack.targets import LayerRule
+from edgepack.errors import TargetError, UserError
+from edgepack.targets import LayerRule, TargetProfile
 
 # litert-torch's layer names: GatedFeedForward computes w2(act(w1(x)) * w3(x)).
 _LINEAR_PART = {"qkv_projection": "attention.qkv", "output_projection": "attention.output",
@@ -172,3 +172,24 @@ def verify(path: Path, expected: dict[tuple[int, int], tuple[Op, str]]) -> None:
     if wrong:
         raise UserError(f"the LiteRT recipe did not apply to {len(wrong)} op(s); first: {wrong[0]}",
                         hint="Report it with the model id and the target's quantize section.")
+
+
+def check_litert_fields(p: TargetProfile) -> None:
+    """The [quantize] fields that only LiteRT's int8 recipes read: refused on any other format or scheme (each
+    exporter's check_profile calls this)."""
+    q = p.quantize
+    if q.algorithm == "weight_only" and (p.export.format != "tflite" or q.scheme != "int8"):
+        raise TargetError(f"{p.source}: quantize.algorithm = \"weight_only\" is the TFLite int8 recipe with float "
+                          "activations (export.format = \"tflite\", scheme = \"int8\").",
+                          hint="ONNX int8 is weight-only already; remove the field.", path=p.source,
+                          field="quantize.algorithm")
+    if q.litert_layers and (p.export.format != "tflite" or q.scheme != "int8"):
+        raise TargetError(f"{p.source}: quantize.litert_layers mixes LiteRT int8 recipes per layer (export.format = "
+                          f"\"tflite\", scheme = \"int8\"; this target has {p.export.format}, {q.scheme}).",
+                          hint="Remove it; on ONNX, int8_layers and head_precision set per-layer precision.",
+                          path=p.source, field="quantize.litert_layers")
+    if q.algorithm == "smoothquant" and (p.export.format != "tflite" or q.scheme != "int8"):
+        raise TargetError(f"{p.source}: quantize.algorithm = \"smoothquant\" is the TFLite dynamic int8 recipe "
+                          "(export.format = \"tflite\", scheme = \"int8\").",
+                          hint="On ONNX int4, algorithm = \"imatrix\" is the activation-aware choice.", path=p.source,
+                          field="quantize.algorithm")

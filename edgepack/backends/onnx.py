@@ -10,7 +10,7 @@ from typing import Any
 from edgepack.backends import exporters, kv_cache, streaming
 from edgepack.backends.base import ExportedModel, GraphStats
 from edgepack.build_memory import out_of_memory, run_converter
-from edgepack.errors import BuilderCrashError, ModelError, UserError, require
+from edgepack.errors import BuilderCrashError, ModelError, TargetError, UserError, require
 from edgepack.families import ConfigShape, Family, shape_of
 from edgepack.families import check as check_family
 from edgepack.fsutil import dir_bytes
@@ -179,6 +179,20 @@ class OnnxExporter:
     runtime = "onnxruntime-genai"
     template = "onnxruntime-genai"
     packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")
+
+    @staticmethod
+    def check_profile(p: TargetProfile) -> None:
+        """This format's rules for a target profile (targets.py checks the rest when it loads one)."""
+        from edgepack.backends.litert_recipe import check_litert_fields
+
+        if p.quantize.scheme == "fp16" and p.export.execution_provider == "cpu":
+            raise TargetError(
+                f"{p.source}: quantize.scheme = \"fp16\" needs export.execution_provider = \"cuda\": the builder's "
+                "fp16 CPU graph fails to decode in onnxruntime-genai 0.18 (\"Shape mismatch attempting to re-use "
+                "buffer\").",
+                hint="On the CPU use int4, int8 or fp32.", path=p.source, field="quantize.scheme",
+                allowed=["int4", "int8", "fp32"])
+        check_litert_fields(p)
 
     @staticmethod
     def check_supported(source: ModelSource, target: TargetProfile) -> Family:

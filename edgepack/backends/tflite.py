@@ -123,6 +123,13 @@ class TfliteExporter:
     packages: tuple[str, ...] = ("litert-lm-api",)
 
     @staticmethod
+    def check_profile(p: TargetProfile) -> None:
+        """This format's rules for a target profile (targets.py checks the rest when it loads one)."""
+        from edgepack.backends.litert_recipe import check_litert_fields
+
+        check_litert_fields(p)
+
+    @staticmethod
     def check_supported(source: ModelSource, target: TargetProfile) -> Family:
         # Which families (architecture, rope type, sliding window) convert: edgepack/data/families.toml.
         return check_family(shape_of(source.hf_dir / "config.json"), "tflite", "TFLite")

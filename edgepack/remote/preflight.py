@@ -37,7 +37,11 @@ _LITERT_MEMORY_FACTOR = {"weight_only_int8": 21.0, "dynamic_int8": 2.6}
 
 
 def memory_needed(manifest: Manifest) -> int:
-    """Bytes of RAM the bundle's runtime is expected to need on the device."""
+    """Bytes of RAM the bundle's runtime is expected to need on the device: the build's memory plan (edgepack
+    plan's model, recorded in the manifest), else, for a bundle built before it was recorded, a factor of the
+    model's size."""
+    if manifest.memory_peak_bytes:
+        return manifest.memory_peak_bytes
     factor = 1.3
     if manifest.format == "tflite":
         recipe = manifest.recipe

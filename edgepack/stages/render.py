@@ -172,9 +172,10 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, option
 
 
 def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-              reqs: list[str], lock: list[LockedWheel], family: str, *, context: Any = None) -> dict[str, Any]:
+              reqs: list[str], lock: list[LockedWheel], family: str, *, context: Any = None,
+              fit: Any = None) -> dict[str, Any]:
     """The manifest's document (less files and id); `context` (plan.ContextChoice) records why the bundle holds
-    runtime.context_length tokens."""
+    runtime.context_length tokens; `fit` (plan.Plan) is the runtime's memory plan, which deploy's preflight reads."""
     import hashlib
 
 
@@ -204,7 +205,11 @@ def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported
                     "context_length": exported.context_length,
                     **({"context": {"source": context.source, "requested": context.requested,
                                     "model_context": context.model_context, "reason": context.reason}}
-                       if context is not None else {})},
+                       if context is not None else {}),
+                    **({"memory": {"peak_bytes": fit.total, "weights_bytes": fit.weights.resident,
+                                   "kv_cache_bytes": fit.kv.allocated, "prefill_bytes": fit.prefill,
+                                   "runtime_bytes": fit.runtime_overhead, "context": fit.kv.context}}
+                       if fit is not None else {})},
         "smoke": smoke_spec(report, target),
         "tools": tool_versions(),
         "validated": report.validated,

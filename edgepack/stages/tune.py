@@ -53,8 +53,19 @@ class TuneOutcome:
     speed_measured_on: str
 
 
+def tune_stage(r: Any, work: Path, model_dir: Path, device: Any, *, use_cache: bool,
+               progress: ProgressFn = silent) -> TuneOutcome:
+    """`build --tune`: the candidates of the resolved build (stages.resolve.Resolved) tuned, timed here or on
+    `device` (--tune-on); the winner's files end up in `model_dir`."""
+    with speed_meter(device, r.target, progress) as meter:
+        outcome = tune(r.source, r.target, work, progress=progress, meter=meter, use_cache=use_cache, cost=r.cost)
+    model_dir.rmdir()
+    shutil.move(str(outcome.exported.dir), model_dir)
+    return dataclasses.replace(outcome, exported=dataclasses.replace(outcome.exported, dir=model_dir))
+
+
 def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: ProgressFn = silent,
-         meter: Meter | None = None, use_cache: bool = True) -> TuneOutcome:
+         meter: Meter | None = None, use_cache: bool = True, cost: Any = None) -> TuneOutcome:
     """Each candidate through the export stage and the gate (both from the build cache when it has them), then,
     when it passes, timed by `meter` running the bundle's own runner for it (default: here)."""
     import platform
@@ -74,7 +85,7 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         out = work / f"cand-{i}"
         out.mkdir(parents=True)
         t0 = time.monotonic()
-        made = export_stage(source, cand_target, out, work, progress, use_cache=use_cache)
+        made = export_stage(source, cand_target, out, work, progress, use_cache=use_cache, cost=cost)
         exported = made.model
         export_s = round(time.monotonic() - t0, 2)
         report, _ = gate(source, cand_target, made, progress)

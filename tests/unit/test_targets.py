@@ -143,11 +143,24 @@ def test_format_override_switches_runtime_and_drops_knobs_the_other_format_lacks
     assert with_format(load_target("rpi5"), None) == load_target("rpi5")
 
 
-def test_the_export_formats_profiles_may_name_are_the_registered_exporters() -> None:
+def test_each_exporter_checks_its_own_profile_rules(tmp_path: Path) -> None:
+    """A profile's format rules live with its exporter: an unknown format names the registered ones; fp16 on the
+    CPU is the ONNX exporter's refusal; LiteRT-only fields are refused on ONNX and need int8 on TFLite."""
     from edgepack.backends import exporters
-    from edgepack.targets import EXPORT_FORMATS
+    from edgepack.errors import TargetError, UnknownNameError
 
-    assert sorted(EXPORT_FORMATS) == exporters.names()
+    with pytest.raises(UnknownNameError) as err:
+        load_target(str(write(tmp_path, '[device]\narch = "x"\n[export]\nformat = "gguf"\n')))
+    assert sorted(err.value.fields["known"]) == exporters.names()
+    with pytest.raises(TargetError, match="needs export.execution_provider"):
+        load_target(str(write(tmp_path, '[device]\narch = "x"\n[quantize]\nscheme = "fp16"\n')))
+    for fmt, scheme in (("onnx", "int8"), ("tflite", "int4")):
+        with pytest.raises(TargetError, match="smoothquant"):
+            load_target(str(write(tmp_path, f'[device]\narch = "x"\n[export]\nformat = "{fmt}"\n[quantize]\n'
+                                            f'scheme = "{scheme}"\nalgorithm = "smoothquant"\n')))
+    ok = load_target(str(write(tmp_path, '[device]\narch = "x"\n[export]\nformat = "tflite"\n[quantize]\n'
+                                         'scheme = "int8"\nalgorithm = "smoothquant"\n')))
+    assert ok.quantize.algorithm == "smoothquant"
 
 
 def test_a_quantized_embedding_is_int4_whether_the_table_is_tied_or_not(tmp_path: Path) -> None:
