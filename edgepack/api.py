@@ -151,9 +151,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                                       android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
-            extra = {"tune": {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}} if req.tune else {}
             doc = manifest_for(name, source, target, exported, report, reqs, lock, r.family.id, context=context,
-                               fit=r.fit) | extra
+                               fit=r.fit)
+            if req.tune:
+                doc["tune"] = {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}
             files.append(write_sbom(tmp, doc, lock, target))
             manifest = write_manifest(tmp, doc)
             info.update(artifact=str(final), files=files)

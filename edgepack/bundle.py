@@ -9,7 +9,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypedDict
 
 from edgepack.bundle_format import (
     DEFAULT_INSTALL_DIR,
@@ -31,6 +31,23 @@ from edgepack.fsutil import sha256_file
 # What a local folder may hold beside its files: the venv its install.sh made, LiteRT-LM's XNNPACK cache. Never in
 # an archive, never a link; bytecode caches are refused everywhere (runs write none: runs.runner_command).
 LOCAL_MADE = (".venv", ".cache")
+
+
+class ManifestDoc(TypedDict, total=False):
+    """edgepack.json as the build writes it (docs/bundle-format.md), section by section; write_manifest adds
+    `schema`, `files`, `content_sha256` and `bundle_id` (derived from all the rest)."""
+
+    name: str
+    edgepack_version: str
+    target: dict[str, Any]  # id, arch, python, wheel_platforms, cpu_features, profile, profile_sha256
+    model: dict[str, Any]  # the ModelSource (less build-machine paths) and its family
+    export: dict[str, Any]  # format, scheme, builder_options, graph
+    quality: dict[str, Any]  # the QualityReport
+    runtime: dict[str, Any]  # template, requirements, wheels, wheel_lock, execution_provider, context, memory
+    smoke: dict[str, Any]  # what smoke_test.py re-checks on the device
+    tools: dict[str, str]
+    validated: bool
+    tune: dict[str, Any]  # with --tune: where the speeds were measured and every candidate's row
 
 
 @dataclass(frozen=True)
@@ -168,7 +185,7 @@ def content_id(files: list[FileEntry]) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: Path, doc: Mapping[str, Any]) -> Manifest:
+def write_manifest(root: Path, doc: ManifestDoc | Mapping[str, Any]) -> Manifest:
     check_name(str(doc.get("name", "")), root)
     files = list_files(root)
     out = {k: v for k, v in doc.items() if k not in ("bundle_id", "files", "content_sha256", "schema")}

@@ -375,11 +375,6 @@ def _check_consistency(p: TargetProfile) -> None:
             hint=f"Use scheme = \"int4\"{', symmetric = true' if q.algorithm == 'gptq' else ''}, "
                  "sensitive_layers_int8 = false (int8_layers and head_precision still apply).",
             path=p.source, field="quantize.algorithm")
-    if any(r.blocks == "outliers" for r in q.litert_layers) and q.algorithm != "smoothquant":
-        raise TargetError(f"{p.source}: quantize.litert_layers blocks = \"outliers\" are found by SmoothQuant's "
-                          "calibration (algorithm = \"smoothquant\").",
-                          hint="Set algorithm = \"smoothquant\", or list the blocks.", path=p.source,
-                          field="quantize.litert_layers")
     if q.calibration_text and q.algorithm not in ("gptq", "imatrix", "smoothquant"):
         raise TargetError(f"{p.source}: quantize.calibration_text is read by algorithm = \"gptq\", \"imatrix\" or "
                           "\"smoothquant\" only.", hint="Remove it, or set one of those algorithms.", path=p.source,

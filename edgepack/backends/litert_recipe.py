@@ -193,3 +193,8 @@ def check_litert_fields(p: TargetProfile) -> None:
                           "(export.format = \"tflite\", scheme = \"int8\").",
                           hint="On ONNX int4, algorithm = \"imatrix\" is the activation-aware choice.", path=p.source,
                           field="quantize.algorithm")
+    if any(r.blocks == "outliers" for r in q.litert_layers) and q.algorithm != "smoothquant":
+        raise TargetError(f"{p.source}: quantize.litert_layers blocks = \"outliers\" are found by SmoothQuant's "
+                          "calibration (algorithm = \"smoothquant\").",
+                          hint="Set algorithm = \"smoothquant\", or list the blocks.", path=p.source,
+                          field="quantize.litert_layers")

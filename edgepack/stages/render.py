@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__, bundle_format
-from edgepack.bundle import LockedWheel
+from edgepack.bundle import LockedWheel, ManifestDoc
 from edgepack.errors import UnknownNameError
 from edgepack.output import to_jsonable
 from edgepack.resources import shipped_dir
@@ -173,7 +173,7 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, option
 
 def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
               reqs: list[str], lock: list[LockedWheel], family: str, *, context: Any = None,
-              fit: Any = None) -> dict[str, Any]:
+              fit: Any = None) -> ManifestDoc:
     """The manifest's document (less files and id); `context` (plan.ContextChoice) records why the bundle holds
     runtime.context_length tokens; `fit` (plan.Plan) is the runtime's memory plan, which deploy's preflight reads."""
     import hashlib

@@ -14,7 +14,7 @@ import json
 import re
 import uuid
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def wheel_license(path: Path) -> str:
     return " AND ".join(ids) if ids else UNKNOWN
 
 
-def build_sbom(doc: dict[str, Any], lock: Iterable[LockedWheel], wheels_dir: Path, epoch: int) -> str:
+def build_sbom(doc: Mapping[str, Any], lock: Iterable[LockedWheel], wheels_dir: Path, epoch: int) -> str:
     """The SBOM's JSON for a bundle whose manifest (without its files) is `doc`."""
     from cyclonedx.factory.license import LicenseFactory
     from cyclonedx.model import HashAlgorithm, HashType, Property
@@ -156,7 +156,7 @@ def check_denied(summary: dict[str, list[str]], deny: Iterable[str], target: str
                             code="license_denied", component=comps[0], license=license_, components=comps)
 
 
-def write(folder: Path, doc: dict[str, Any], lock: list[LockedWheel], target: Any) -> str:
+def write(folder: Path, doc: Mapping[str, Any], lock: list[LockedWheel], target: Any) -> str:
     """sbom.cdx.json into the bundle being built; a license the target denies fails the build here."""
     from edgepack.stages.pack import source_date_epoch
 
