@@ -159,6 +159,39 @@ def test_prune_keeps_both_pointers_and_removes_stale_partials(tmp_path: Path) ->
         assert res["stale_removed"] == ["b-x-000000000000.partial"]
 
 
+def test_prune_never_removes_another_operations_upload(tmp_path: Path) -> None:
+    """An upload in progress (Ansible copies into its staging folder outside the lock) survives another
+    operation's prune; an upload abandoned for a day, and the pruning operation's own leftovers, do not."""
+    root = str(tmp_path)
+    staging = tmp_path / ".staging"
+    (staging / "b-x-000000000000@op-ansible").mkdir(parents=True)  # being copied into right now
+    (staging / "b-x-000000000000@op-ansible" / "w.bin").write_bytes(b"w")
+    (staging / "b-y-000000000000@op-1").mkdir()  # this operation's own
+    old = staging / "b-z-000000000000@op-gone"
+    old.mkdir()
+    os.utime(old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    with holding(tmp_path, "op-1"):
+        res = h.prune(root, "op-1", "3")
+    assert sorted(res["stale_removed"]) == [".staging/b-y-000000000000@op-1", ".staging/b-z-000000000000@op-gone"]
+    assert (staging / "b-x-000000000000@op-ansible" / "w.bin").read_bytes() == b"w"
+
+
+def test_an_interrupted_upload_is_resumed_by_the_next_operation(tmp_path: Path) -> None:
+    """The next operation's staging links what the interrupted one received whole (hashed, as nothing verified
+    it); a file that arrived cut short is asked for again."""
+    root = tmp_path / "device"
+    a_id, a = fake_bundle(tmp_path, "a")
+    files = json.loads((a / "edgepack.json").read_text())["files"]
+    first = h.stage(str(root), a_id, json.dumps(files))
+    (Path(first["staging"]) / "weights.bin").write_bytes((a / "weights.bin").read_bytes())
+    (Path(first["staging"]) / "install.sh").write_bytes((a / "install.sh").read_bytes()[:5])  # cut short
+    second = h.stage(str(root), a_id, json.dumps(files))
+    assert second["staging"] != first["staging"]
+    assert {m["path"] for m in second["missing"]} == {"install.sh", "smoke_test.py"} and second["reused"] == 1
+    linked = (Path(second["staging"]) / "weights.bin").stat().st_ino
+    assert linked == (Path(first["staging"]) / "weights.bin").stat().st_ino
+
+
 def test_the_unit_serves_the_install_dir_it_was_deployed_to(tmp_path: Path) -> None:
     """The bundle's unit has a placeholder, not the target's default install dir: --install-dir deploys work."""
     root = tmp_path / "opt" / "models"
