@@ -69,8 +69,8 @@ def test_tune_candidates_are_schema_checked(tmp_path: Path) -> None:
     assert [c.name for c in load_target("rpi5").tune.candidates][:1] == ["int4-rtn"]
 
 
-def test_tune_times_each_candidate_with_the_runner_its_bundle_ships_and_reuses_the_cache(tiny_model: Path,
-                                                                                      tmp_path: Path) -> None:
+def test_tune_times_each_candidate_with_the_runner_its_bundle_ships_and_reuses_the_cache(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The meter gets the candidate's runner folder: the bundle's own run.py and runner core beside its model, run
     in a fresh process (the numbers `edgepack bench` reports for the bundle). A second tune exports nothing."""
     from edgepack.meter import HereMeter
@@ -78,6 +78,7 @@ def test_tune_times_each_candidate_with_the_runner_its_bundle_ships_and_reuses_t
     from edgepack.stages.tune import tune
     from edgepack.targets import load_target
 
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))  # this test's own: the first tune exports
     t = target_with(tmp_path, max_ppl_increase_pct=0.001, max_mean_kl=0.00001, min_top1_agreement=1.0)
     seen: dict[str, set[str]] = {}
 
