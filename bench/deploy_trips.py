@@ -1,5 +1,6 @@
-"""What one `edgepack deploy --host` costs on the wire: remote processes started, device-program round trips, bytes
-sent on their stdin (the program itself, mostly), SFTP uploads, and the wall time, against a real sshd on loopback.
+"""What one `edgepack deploy --host` costs on the wire: remote processes started, device-program round trips (a process,
+or a request in a session), bytes of their command lines and stdin (the program itself, mostly), SFTP uploads, and
+the wall time, against a real sshd on loopback.
 
     python bench/deploy_trips.py BUNDLE [--reps 3]
 
@@ -24,11 +25,12 @@ def _count() -> dict[str, int]:
     """Patch paramiko's channel so every process started and every stdin byte is counted."""
     import paramiko
 
-    counts = {"processes": 0, "stdin_bytes": 0, "requests": 0, "sftp_files": 0}
+    counts = {"processes": 0, "command_bytes": 0, "stdin_bytes": 0, "requests": 0, "sftp_files": 0}
     exec_command, sendall = paramiko.Channel.exec_command, paramiko.Channel.sendall
 
     def counted_exec(self: Any, command: str) -> Any:
         counts["processes"] += 1
+        counts["command_bytes"] += len(command.encode() if isinstance(command, str) else command)
         self._edgepack_exec = True
         return exec_command(self, command)
 
@@ -74,7 +76,8 @@ def main() -> None:
                     res = api.deploy(req)
                     assert res.smoke["ok"]
                     row = {k: counts[k] - before[k] for k in counts}
-                    row["processes_plus_requests"] = row["processes"] + row["requests"]
+                    row["round_trips"] = row["processes"] + row["requests"]
+                    row["program_bytes"] = row["command_bytes"] + row["stdin_bytes"]
                     rows[kind].append(dict(row, seconds=round(time.monotonic() - t0, 2)))
         finally:
             server.stop()
