@@ -126,16 +126,17 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
         up.stage(fresh=False)
         answer = _apply(dev, spec, up, live, progress)
         if not answer["ok"] and answer.get("code") == "upload_mismatch" and up.staging:
-            bad = sorted(set(answer.get("verify", {}).get("missing", [])) | set(answer["verify"].get("changed", [])))
+            check: dict[str, Any] = answer["verify"] if isinstance(answer.get("verify"), dict) else {}
+            listed = {f.path for f in manifest.files}  # the device's answer is data: only the manifest's paths
+            bad = sorted((set(check.get("missing", [])) | set(check.get("changed", []))) & listed)
             if bad:  # one repair round: resend exactly what the device has wrong, then apply again
                 progress(ProgressEvent("verify", f"re-sending {len(bad)} file(s) that arrived wrong: "
                                                  f"{', '.join(bad[:3])}"))
                 up.send(set(bad), repair=True)
                 answer = _apply(dev, spec, up, live, progress)
         if not answer["ok"] and answer.get("fresh_copy_needed") and not up.staging:
-            progress(ProgressEvent("install", f"the live copy releases/{answer['install'].get('folder', bundle_id)} "
-                                              "has no working runtime; sending a fresh copy instead of repairing it "
-                                              "in place"))
+            progress(ProgressEvent("install", f"the live copy of {bundle_id} has no working runtime; sending a fresh "
+                                              "copy instead of repairing it in place"))
             up.stage(fresh=True)
             answer = _apply(dev, spec, up, live, progress)
         if not answer["ok"]:

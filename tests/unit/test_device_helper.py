@@ -414,3 +414,24 @@ def test_unpack_takes_the_roles_archive_of_regular_files_and_refuses_anything_el
         assert proc.returncode == 3 and doc["refused"], doc
     assert not (tmp_path / "escape.txt").exists() and not (root / "escape.txt").exists()
     assert not (Path(staged["staging"]) / "smoke_test.py").is_symlink()
+
+
+def test_a_live_copy_whose_runtime_broke_is_not_repaired_in_place_a_fresh_copy_is_asked_for(tmp_path: Path) -> None:
+    """`apply` of a release that is live but whose venv broke: check-only install fails, nothing is touched, and
+    the answer asks for a fresh copy; staged fresh (stage ... fresh=yes), it goes to releases/<id>.2."""
+    root = tmp_path / "device"
+    a_id, a = fake_bundle(tmp_path, "a")
+    (a / "install.sh").write_text('set -e\nif [ -n "${EDGEPACK_CHECK_ONLY:-}" ]; then [ -x "$EDGEPACK_VENV/bin/python" ]'
+                                  ' || exit 8; exit 0; fi\n' + (a / "install.sh").read_text())
+    a_id = write_manifest(a, {"name": "b-a"}).bundle_id
+    stage_and_copy(root, a, a_id)
+    assert apply_cli(root, a_id)[0] == 0
+    (root / "releases" / a_id / ".venv" / "bin" / "python").unlink()  # the live runtime broke
+    code, res = apply_cli(root, a_id)
+    assert code == 1 and res["code"] == "install_failed" and res["fresh_copy_needed"] and res["current"] == a_id
+    files = json.loads((a / "edgepack.json").read_text())["files"]
+    staged = h.stage(str(root), a_id, json.dumps(files), '{"command": "t"}', "", "yes")
+    assert staged["present"] is None and staged["missing"] == []  # every file linked from the live copy
+    (Path(staged["staging"]) / "edgepack.json").write_bytes((a / "edgepack.json").read_bytes())
+    code, res = apply_cli(root, a_id)
+    assert code == 0 and res["release_folder"] == f"{a_id}.2" and os.readlink(root / "current") == f"releases/{a_id}.2"
