@@ -421,8 +421,8 @@ def test_a_live_copy_whose_runtime_broke_is_not_repaired_in_place_a_fresh_copy_i
     the answer asks for a fresh copy; staged fresh (stage ... fresh=yes), it goes to releases/<id>.2."""
     root = tmp_path / "device"
     a_id, a = fake_bundle(tmp_path, "a")
-    (a / "install.sh").write_text('set -e\nif [ -n "${EDGEPACK_CHECK_ONLY:-}" ]; then [ -x "$EDGEPACK_VENV/bin/python" ]'
-                                  ' || exit 8; exit 0; fi\n' + (a / "install.sh").read_text())
+    check_only = 'if [ -n "${EDGEPACK_CHECK_ONLY:-}" ]; then [ -x "$EDGEPACK_VENV/bin/python" ] || exit 8; exit 0; fi\n'
+    (a / "install.sh").write_text("set -e\n" + check_only + (a / "install.sh").read_text())
     a_id = write_manifest(a, {"name": "b-a"}).bundle_id
     stage_and_copy(root, a, a_id)
     assert apply_cli(root, a_id)[0] == 0
