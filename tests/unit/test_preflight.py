@@ -87,3 +87,26 @@ def test_a_runtime_needing_lse_atomics_is_refused_on_a_cortex_a72() -> None:
     assert [p.check for p in problems] == ["cpu"] and "atomics" in problems[0].found
     assert check(m, facts(cpu_features=[*a72, "atomics"])) == []
     assert check(m, facts(cpu_features=None)) == []  # unknown: not refused on a guess
+
+
+def test_the_memory_check_is_the_builds_plan_when_the_manifest_records_one() -> None:
+    """One memory model: the build's plan (runtime.memory.peak_bytes, what `edgepack plan` prints) is what the
+    device must have available; a bundle from before it was recorded keeps the old estimate."""
+    planned = manifest(runtime={"wheels": WHEELS, "memory": {"peak_bytes": 3_000_000_000}})
+    assert not check(planned, facts(mem_available_bytes=3_100_000_000))
+    (problem,) = check(planned, facts(mem_available_bytes=2_900_000_000))
+    assert problem.check == "memory" and ">= 3000 MB" in problem.expected
+    assert not check(manifest(), facts(mem_available_bytes=400_000_000))  # 100 MB of weights: the old factor
+
+
+def test_where_releases_live_is_one_rule(tmp_path: object) -> None:
+    """--install-dir, else the --target's deploy.install_dir, else ~/edgepack (status, rollback, bench --host)."""
+    from pathlib import Path
+
+    from edgepack.releases import DeviceRequest, install_dir_of
+
+    target = Path(str(tmp_path)) / "board.toml"
+    target.write_text('[device]\narch = "aarch64"\n[deploy]\ninstall_dir = "/opt/models"\n')
+    assert install_dir_of(DeviceRequest(host="pi", target=str(target))) == "/opt/models"
+    assert install_dir_of(DeviceRequest(host="pi", target=str(target), install_dir="/srv/x")) == "/srv/x"
+    assert install_dir_of(DeviceRequest(host="pi")) == "~/edgepack"
