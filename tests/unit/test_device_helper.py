@@ -435,3 +435,21 @@ def test_a_live_copy_whose_runtime_broke_is_not_repaired_in_place_a_fresh_copy_i
     (Path(staged["staging"]) / "edgepack.json").write_bytes((a / "edgepack.json").read_bytes())
     code, res = apply_cli(root, a_id)
     assert code == 0 and res["release_folder"] == f"{a_id}.2" and os.readlink(root / "current") == f"releases/{a_id}.2"
+
+
+def test_apply_streams_one_progress_line_per_step_before_its_answer(tmp_path: Path) -> None:
+    """What `edgepack deploy --host` shows as it happens: each step announced when it starts (the long ones) and
+    reported when it ends, then the answer, whose steps are the reported ones."""
+    root = tmp_path / "device"
+    a_id, a = fake_bundle(tmp_path, "a")
+    staged = stage_and_copy(root, a, a_id)
+    proc = subprocess.run([sys.executable, str(HELPER), "apply", str(root),
+                           json.dumps({"bundle_id": a_id, "staging": staged["staging_rel"], "smoke_tokens": 4})],
+                          capture_output=True, text=True, timeout=60, check=False)
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    *progress, answer = lines
+    assert proc.returncode == 0 and answer["ok"] and all(set(p) == {"progress"} for p in progress)
+    done = [p["progress"] for p in progress if not p["progress"].get("begin")]
+    begun = [p["progress"]["name"] for p in progress if p["progress"].get("begin")]
+    assert done == answer["steps"] and all(isinstance(s["seconds"], float | int) for s in done)
+    assert begun == ["verify", "install", "smoke"]
