@@ -193,10 +193,11 @@ def targets_show(target: str) -> None:
     """One target profile, every field resolved (an id or a path to a .toml)."""
     import json
 
-    from edgepack.targets import check_candidates, load_target, profile_to_dict
+    from edgepack.backends import check_candidates, check_profile
+    from edgepack.targets import load_target, profile_to_dict
 
     def go(_o: Output) -> tuple[Any, str]:
-        profile = load_target(target)
+        profile = check_profile(load_target(target))
         check_candidates(profile)  # showing a target is how a user checks one: its tune candidates too
         data = profile_to_dict(profile)
         return data, json.dumps(data, indent=2)

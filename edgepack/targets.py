@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -316,21 +316,8 @@ def parse_target(data: dict[str, Any], *, target_id: str, source: str) -> Target
         parts[name] = _build(cls, section, f"{name}.", source)
     parts["tune"] = _parse_tune(data.get("tune", {}), data.get("quantize", {}), source)
     profile = TargetProfile(id=target_id, source=source, **parts)
-    _check_consistency(profile)
+    check_rules(profile)
     return profile
-
-
-def check_candidates(profile: TargetProfile) -> None:
-    """Check each [tune] candidate as a [quantize] of its own, naming it.
-
-    Called before a tune starts (and by `targets show`), not on every load: a candidate inherits the target's
-    [quantize], so a build that changes, say, the algorithm must not fail on a candidate it never builds."""
-    for cand in profile.tune.candidates:
-        try:
-            _check_consistency(replace(profile, quantize=cand.quantize))
-        except TargetError as exc:
-            raise TargetError(f"tune candidate '{cand.name}': {exc.message}", hint=exc.hint,
-                              **{**exc.fields, "field": f"tune.candidates.{cand.name}"}) from exc
 
 
 def _parse_tune(section: Any, base_quantize: dict[str, Any], source: str) -> TuneSpec:
@@ -360,10 +347,17 @@ def _parse_tune(section: Any, base_quantize: dict[str, Any], source: str) -> Tun
     return TuneSpec(tuple(candidates), speed_tokens, reps)
 
 
-def _check_consistency(p: TargetProfile) -> None:
-    from edgepack.backends import exporters  # each exporter checks the profile's rules of its format
+# The export formats a profile may name: the exporters registered in edgepack/backends under these names (a unit
+# test keeps the two equal). Data here, so that the schema is checked without importing the exporters; each
+# exporter checks its own format's rules (`backends.check_profile`) before a build or plan uses the profile.
+EXPORT_FORMATS = ("onnx", "tflite")
 
-    exporters.get(p.export.format).check_profile(p)
+
+def check_rules(p: TargetProfile) -> None:
+    """The rules every format shares (its exporter checks its own: backends.check_profile)."""
+    if p.export.format not in EXPORT_FORMATS:
+        raise UnknownNameError("export format", p.export.format, EXPORT_FORMATS,
+                               hint=f"Fix export.format in {p.source}.")
     q = p.quantize
     # imatrix searches asymmetric (integer zero point) grids too; GPTQ's error feedback is symmetric only.
     if q.algorithm in ("gptq", "imatrix") and (q.scheme != "int4" or q.sensitive_layers_int8

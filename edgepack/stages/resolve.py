@@ -37,10 +37,11 @@ class Resolved:
 def profile(target_ref: str, *, fmt: str | None = None, eval_text: Path | None = None,
             checks: Path | None = None, tune: bool = False) -> TargetProfile:
     """The target file, with the build's options applied: --format, the user's evaluation text and checks."""
+    from edgepack.backends import check_candidates, check_profile
     from edgepack.stages.export import with_format
-    from edgepack.targets import check_candidates, load_target
+    from edgepack.targets import load_target
 
-    target = with_format(load_target(target_ref), fmt)
+    target = check_profile(with_format(load_target(target_ref), fmt))
     if tune:
         check_candidates(target)  # every candidate now, not the fourth one an hour into the tune
     if eval_text is not None or checks is not None:

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from edgepack.backends import check_profile
 from edgepack.backends.litert_recipe import Op, classify, plan
 from edgepack.errors import TargetError, UserError
 from edgepack.targets import LayerRule, layer_rules
@@ -108,14 +109,15 @@ def test_a_target_file_carries_rules_and_they_need_tflite_int8(tmp_path) -> None
     bad = tmp_path / "b.toml"
     bad.write_text(re.sub(r'scheme = "int8"\nalgorithm = "\w+"', 'scheme = "int4"', text))
     with pytest.raises(TargetError, match="litert_layers"):
-        load_target(str(bad))
+        check_profile(load_target(str(bad)))  # LiteRT's fields: the exporter's rules
     bad.write_text(shipped.replace('algorithm = "smoothquant"', 'algorithm = "default"'))
     with pytest.raises(TargetError, match='"outliers" are found by SmoothQuant'):
-        load_target(str(bad))
+        check_profile(load_target(str(bad)))
 
 
 def test_a_tune_candidate_that_inherits_rules_it_cannot_use_is_refused_before_a_tune(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from edgepack.targets import check_candidates, load_target, shipped_dir
+    from edgepack.backends import check_candidates
+    from edgepack.targets import load_target, shipped_dir
 
     text = (shipped_dir("targets") / "android-arm64.toml").read_text().replace(
         '  { name = "int4-b32", scheme = "int4", algorithm = "default", block_size = 32, litert_layers = [] },',

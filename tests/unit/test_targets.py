@@ -94,12 +94,14 @@ def test_list_targets_matches_files() -> None:
 
 def test_fp16_on_cpu_is_refused_with_the_reason(tmp_path: Path) -> None:
     p = write(tmp_path, '[device]\narch = "x86_64"\n[quantize]\nscheme = "fp16"\n')
+    from edgepack.backends import check_profile  # the ONNX exporter's rule
+
     with pytest.raises(TargetError, match="execution_provider = \"cuda\"") as err:
-        load_target(str(p))
+        check_profile(load_target(str(p)))
     assert err.value.fields["allowed"] == ["int4", "int8", "fp32"]
     cuda = '[device]\narch = "aarch64"\n[export]\nexecution_provider = "cuda"\n[quantize]\nscheme = "fp16"\n'
     p = write(tmp_path, cuda)
-    assert load_target(str(p)).quantize.scheme == "fp16"
+    assert check_profile(load_target(str(p))).quantize.scheme == "fp16"
 
 
 def test_example_target_files_validate() -> None:
@@ -143,23 +145,32 @@ def test_format_override_switches_runtime_and_drops_knobs_the_other_format_lacks
     assert with_format(load_target("rpi5"), None) == load_target("rpi5")
 
 
-def test_each_exporter_checks_its_own_profile_rules(tmp_path: Path) -> None:
-    """A profile's format rules live with its exporter: an unknown format names the registered ones; fp16 on the
-    CPU is the ONNX exporter's refusal; LiteRT-only fields are refused on ONNX and need int8 on TFLite."""
+def test_the_export_formats_profiles_may_name_are_the_registered_exporters() -> None:
     from edgepack.backends import exporters
+    from edgepack.targets import EXPORT_FORMATS
+
+    assert sorted(EXPORT_FORMATS) == exporters.names()
+
+
+def test_each_exporter_checks_its_own_profile_rules(tmp_path: Path) -> None:
+    """A profile's format rules live with its exporter (backends.check_profile, which builds, plans and `targets
+    show` apply): fp16 on the CPU is the ONNX exporter's refusal; LiteRT-only fields are refused on ONNX and need
+    int8 on TFLite. An unknown format is refused on load, naming the registered ones."""
+    from edgepack.backends import check_profile, exporters
     from edgepack.errors import TargetError, UnknownNameError
 
     with pytest.raises(UnknownNameError) as err:
         load_target(str(write(tmp_path, '[device]\narch = "x"\n[export]\nformat = "gguf"\n')))
     assert sorted(err.value.fields["known"]) == exporters.names()
     with pytest.raises(TargetError, match="needs export.execution_provider"):
-        load_target(str(write(tmp_path, '[device]\narch = "x"\n[quantize]\nscheme = "fp16"\n')))
+        check_profile(load_target(str(write(tmp_path, '[device]\narch = "x"\n[quantize]\nscheme = "fp16"\n'))))
     for fmt, scheme in (("onnx", "int8"), ("tflite", "int4")):
         with pytest.raises(TargetError, match="smoothquant"):
-            load_target(str(write(tmp_path, f'[device]\narch = "x"\n[export]\nformat = "{fmt}"\n[quantize]\n'
-                                            f'scheme = "{scheme}"\nalgorithm = "smoothquant"\n')))
-    ok = load_target(str(write(tmp_path, '[device]\narch = "x"\n[export]\nformat = "tflite"\n[quantize]\n'
-                                         'scheme = "int8"\nalgorithm = "smoothquant"\n')))
+            check_profile(load_target(str(write(tmp_path, f'[device]\narch = "x"\n[export]\nformat = "{fmt}"\n'
+                                                          f'[quantize]\nscheme = "{scheme}"\nalgorithm = '
+                                                          '"smoothquant"\n'))))
+    ok = check_profile(load_target(str(write(tmp_path, '[device]\narch = "x"\n[export]\nformat = "tflite"\n'
+                                                       '[quantize]\nscheme = "int8"\nalgorithm = "smoothquant"\n'))))
     assert ok.quantize.algorithm == "smoothquant"
 
 
