@@ -122,6 +122,17 @@ def smoke_result(stdout: str, exit_code: int) -> dict[str, Any]:
     return doc
 
 
+def live_sentence(previous: str | None, switched_to: str | None, where: str = "") -> str:
+    """What is live after a deploy step failed or was interrupted: every deploy error ends with it (the device
+    program's and edgepack's). `where` names the device (" on HOST") when the reader is not on it."""
+    if switched_to:
+        return ("The switch was done: `current`%s points at releases/%s (it passed its smoke test); a rollback "
+                "(`edgepack rollback`) returns to %s." % (where, switched_to,
+                                                         previous or "nothing (it was the first release)"))
+    return "`current`%s was not changed: it still points at %s." % (
+        where, "releases/" + previous if previous else "nothing (no release was live)")
+
+
 def install_dir(*choices: str | None) -> str:
     """Where releases live: the first choice given (a host's own setting, the command line, the target's
     deploy.install_dir), else ~/edgepack. Every command that reaches a device resolves it this one way."""

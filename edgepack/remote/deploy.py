@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest
+from edgepack.bundle_format import live_sentence
 from edgepack.errors import EdgepackError, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote import preflight
@@ -58,12 +59,7 @@ class _Live:
         self.switched_to: str | None = None
 
     def sentence(self) -> str:
-        if self.switched_to:
-            return (f"The switch was done: `current` on {self.host} points at releases/{self.switched_to} "
-                    f"(it passed its smoke test); `edgepack rollback` returns to "
-                    f"{self.previous or 'nothing (it was the first release)'}.")
-        return (f"`current` on {self.host} was not changed: it still points at "
-                f"{'releases/' + self.previous if self.previous else 'nothing (no release was live)'}.")
+        return live_sentence(self.previous, self.switched_to, f" on {self.host}")
 
 
 def deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: str, allow_network: bool,

@@ -9,7 +9,7 @@ import shutil
 import signal
 import time
 
-from edgepack.bundle_format import install_failure, smoke_result
+from edgepack.bundle_format import install_failure, live_sentence, smoke_result
 
 from .facts import facts
 from .files import hashes, mkdirs, remove_extra, reuse, verify
@@ -302,14 +302,6 @@ def _apply(root, op, bundle_id, spec, live, steps):
             "service_check": check, "pruned": pr["removed"]}
 
 
-def _live_sentence(root, live):
-    if live["switched_to"]:
-        return ("The switch was done: `current` points at releases/%s (it passed its smoke test); a rollback "
-                "returns to %s." % (live["switched_to"], live["previous"] or "nothing (it was the first release)"))
-    return "`current` was not changed: it still points at %s." % (
-        "releases/" + live["previous"] if live["previous"] else "nothing (no release was live)")
-
-
 class _Steps(list):
     """The steps `apply` ran, each also printed at once as one progress line ({"progress": step}) with the seconds
     since the one before, so the controller shows progress as it happens; the answer is the last line."""
@@ -346,7 +338,7 @@ def apply(install_dir, spec_json, op=""):
             out = _apply(root, op, bundle_id, spec, live, steps)
         except Failed as exc:
             out = dict(exc.evidence, ok=False, code=exc.code, message=exc.message,
-                       error="%s. %s" % (exc.message, _live_sentence(root, live)))
+                       error="%s. %s" % (exc.message, live_sentence(live["previous"], live["switched_to"])))
     return dict(out, install_dir=root, current=current_folder(root), previous=live["previous"],
                 switched=bool(live["switched_to"]), steps=list(steps))
 
