@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+sys.dont_write_bytecode = True  # a bundle holds its listed files only: no __pycache__ from this import
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bundle_format.py ships beside this file
 from bundle_format import (  # noqa: E402  (the contract every reader shares: edgepack, the device program, this)
     LOCAL_ONLY,

@@ -72,6 +72,7 @@ def readers(b: Path, device_root: Path) -> dict[str, bool]:
     assert script.stdout.strip(), script.stderr
     doc = json.loads(script.stdout)
     assert (script.returncode == 0) == doc["ok"]
+    assert not (b / "__pycache__").exists()  # its import of bundle_format.py leaves no bytecode in the bundle
     # The device program checks a release folder inside its install dir (the one deploy is about to run).
     release = device_root / "releases" / "r"
     shutil.rmtree(device_root, ignore_errors=True)
