@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -41,7 +40,7 @@ from edgepack.runs import runner_flags as runner_flags
 from edgepack.runs import serve as serve
 from edgepack.stages.export import export as export_stage
 from edgepack.stages.export import gate
-from edgepack.stages.render import bundle_context, manifest_for, render, runtime_name
+from edgepack.stages.render import bundle_context, manifest_for, render
 from edgepack.stages.resolve import profile, resolve
 from edgepack.stages.sbom import license_summary
 from edgepack.stages.sbom import write as write_sbom
@@ -143,12 +142,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=[w.file for w in lock])
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
             name = final.name
-            ctx = bundle_context(name, source, target, exported.options, report, reqs,
-                           runtime_name(exporter.runtime, target.runtime.template),
-                           system_site=not target.runtime.packages)
-            ctx = dataclasses.replace(ctx, model_mb=round(exported.bytes / 1e6, 1),
-                                      context_length=exported.context_length,
-                                      android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
+            ctx = bundle_context(name, source, target, exported, report, reqs)
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             doc = manifest_for(name, source, target, exported, report, reqs, lock, r.family.id, context=context,

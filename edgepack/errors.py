@@ -47,6 +47,21 @@ class ModelError(UserError):
     code = "model_invalid"
 
 
+class DeviceLocked(UserError):
+    """Another edgepack operation holds the device's install dir (nothing was changed)."""
+
+    kind = "device-locked"
+    code = "device_locked"
+
+
+class Interrupted(UserError):
+    """Ctrl-C or a cancelled CI job during a device operation (exit 130: the device is in a stated, safe state)."""
+
+    kind = "interrupted"
+    code = "interrupted"
+    exit_code = 130
+
+
 class MissingExtraError(UserError):
     kind = "missing-extra"
     code = "missing_extra"

@@ -5,14 +5,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from edgepack.backends.onnx import embedding_table
 from edgepack.errors import UserError
 from edgepack.shape import Matmul, ModelShape, matmuls
 
-if TYPE_CHECKING:
-    from edgepack.plan import PlanRequest
+
+class Quantization(Protocol):
+    """The quantize settings weight storage depends on (plan.PlanRequest has them)."""
+
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def symmetric(self) -> bool: ...
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def head_precision(self) -> str: ...
+    @property
+    def embedding_precision(self) -> str: ...
+    @property
+    def sensitive_layers_int8(self) -> bool: ...
+    @property
+    def int8_layers(self) -> tuple[int, ...]: ...
+    @property
+    def recipe(self) -> str | None: ...
+    @property
+    def execution_provider(self) -> str: ...
 
 MIB = 1 << 20
 
@@ -38,7 +60,7 @@ class WeightBytes:
     layout: str  # in words: bits, block, which parts are at which precision
 
 
-def io_bytes(req: PlanRequest) -> int:
+def io_bytes(req: Quantization) -> int:
     if req.scheme == "fp32":
         return 4
     return 2 if req.scheme == "fp16" or req.execution_provider == "cuda" else 4
@@ -58,7 +80,7 @@ def _mixed_layers(layers: int) -> set[int]:
     return {i for i in range(layers) if i < layers / 8 or i >= 7 * layers / 8 or (i - round(layers / 8)) % 3 == 2}
 
 
-def onnx_weights(s: ModelShape, req: PlanRequest, context: int) -> WeightBytes:
+def onnx_weights(s: ModelShape, req: Quantization, context: int) -> WeightBytes:
     io = io_bytes(req)
     quantized = req.scheme in ("int4", "int8")
     base_bits = 4 if req.scheme == "int4" else 8
@@ -126,7 +148,7 @@ def onnx_weights(s: ModelShape, req: PlanRequest, context: int) -> WeightBytes:
     return WeightBytes(embedding, body, head, other, file, resident, transient, ", ".join(parts))
 
 
-def litert_recipe(req: PlanRequest) -> str:
+def litert_recipe(req: Quantization) -> str:
     """The litert-torch recipe a tflite build uses (edgepack.backends.litert_convert)."""
     if req.recipe:
         if req.recipe not in LITERT_RECIPES:
@@ -136,7 +158,7 @@ def litert_recipe(req: PlanRequest) -> str:
         req.scheme, f"dynamic_int4_block{req.block_size}")
 
 
-def litert_weights(s: ModelShape, req: PlanRequest) -> WeightBytes:
+def litert_weights(s: ModelShape, req: Quantization) -> WeightBytes:
     recipe = litert_recipe(req)
     mats = matmuls(s)
 

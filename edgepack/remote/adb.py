@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import MANIFEST, SIGNATURE, Manifest
-from edgepack.errors import RemoteError, UserError
+from edgepack.errors import DeviceLocked, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecorder
 from edgepack.remote.deploy import DeployOutcome
-from edgepack.remote.session import DeviceLocked, heartbeat, new_op_id
+from edgepack.remote.session import heartbeat, new_op_id
 from edgepack.remote.ssh import CommandResult
 
 ROOT = "/data/local/tmp/edgepack"

@@ -18,10 +18,10 @@ from typing import Any
 
 from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest
 from edgepack.bundle_format import live_sentence
-from edgepack.errors import EdgepackError, RemoteError, UserError
+from edgepack.errors import DeviceLocked, EdgepackError, Interrupted, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote import preflight
-from edgepack.remote.session import Device, DeviceLocked, Interrupted
+from edgepack.remote.session import Device
 from edgepack.remote.ssh import CommandResult, Connection
 
 APPLY_TIMEOUT = 3600.0  # the device bounds each step itself (install and smoke 900 s, the service check 120 s)
@@ -228,9 +228,7 @@ def _apply(dev: Device, spec: dict[str, Any], up: _Upload, live: _Live, progress
             live.switched_to = str(s.get("current"))
         run = s.get("run")
         if isinstance(run, dict):
-            up.commands += (CommandResult(str(run.get("command")), run.get("exit_code"), float(run.get("seconds", 0)),
-                                          tuple(run.get("stdout_tail") or ()), tuple(run.get("stderr_tail") or ()),
-                                          killed=bool(run.get("killed"))),)
+            up.commands += (_command(run),)
         if name == "verify" and s.get("reused"):
             return
         detail = {k: v for k, v in s.items() if k not in ("name", "seconds", "run")}
@@ -273,14 +271,18 @@ def _stop(dev: Device, live: _Live) -> None:
         live.switched_to = answer.get("current") if answer.get("switched") else None
 
 
+def _command(run: dict[str, Any]) -> CommandResult:
+    """A command the device program ran for us (install.sh, the smoke test), as edgepack records commands."""
+    tail = run.get("stdout_tail") or (run.get("stdout") or "").splitlines()[-20:]
+    return CommandResult(str(run.get("command")), run.get("exit_code"), float(run.get("seconds", 0)), tuple(tail),
+                         tuple(run.get("stderr_tail") or ()), killed=bool(run.get("killed")))
+
+
 def _failure(host: str, a: dict[str, Any]) -> EdgepackError:
     """The device's failed `apply`, as the error edgepack raises for it (its message; the live sentence follows)."""
     code, msg = str(a.get("code") or "device_refused"), str(a.get("message") or a.get("error"))
     run = a.get("install") or (a.get("evidence") if code == "smoke_test_failed" else None)
-    evidence = {"evidence": CommandResult(str(run.get("command")), run.get("exit_code"), float(run.get("seconds", 0)),
-                                          tuple(run.get("stdout_tail") or (run.get("stdout") or "").splitlines()[-20:]),
-                                          tuple(run.get("stderr_tail") or ()), killed=bool(run.get("killed")))} \
-        if isinstance(run, dict) else {}
+    evidence = {"evidence": _command(run)} if isinstance(run, dict) else {}
     if code == "interrupted":
         return Interrupted(f"interrupted on {host}: {msg}.", hint="Run the same command again.", host=host)
     hints = {"upload_mismatch": "Run the same command again: the upload resumes with what is missing or wrong; if it "

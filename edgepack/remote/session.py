@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from edgepack.errors import RemoteError, UserError
+from edgepack.errors import DeviceLocked, RemoteError, UserError
 from edgepack.remote.program import device_program, launch
 from edgepack.remote.ssh import CommandResult, Connection
 
@@ -30,19 +30,6 @@ Progress = Callable[[dict[str, Any]], None]
 def new_op_id() -> str:
     """Unique per operation: names the lock holder and every temp name the operation uses on the device."""
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-class DeviceLocked(UserError):
-    kind = "device-locked"
-    code = "device_locked"
-
-
-class Interrupted(UserError):
-    """Ctrl-C or a cancelled CI job during a device operation (exit 1: the device is in a stated, safe state)."""
-
-    kind = "interrupted"
-    code = "interrupted"
-    exit_code = 130
 
 
 @contextmanager

@@ -156,19 +156,25 @@ def smoke_spec(report: QualityReport, target: TargetProfile) -> dict[str, Any]:
             "task_checks": checks}
 
 
-def bundle_context(name: str, source: ModelSource, target: TargetProfile, options: dict[str, str],
-             report: QualityReport, reqs: list[str], runtime: str, system_site: bool) -> BundleContext:
+def bundle_context(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
+                   reqs: list[str]) -> BundleContext:
+    """What the templates render a bundle's runner from: the same for the bundle and for a tune candidate's
+    runner folder (meter.runner_folder), so the candidate is timed with the runner its bundle ships."""
+    from edgepack.backends import exporters
+
+    runtime = runtime_name(exporters.get(target.export.format).runtime, target.runtime.template)
     return BundleContext(
         name=name, edgepack_version=__version__, target_id=target.id,
         target_description=target.device.description or target.id, arch=target.resolved_arch(),
         python=target.resolved_python(), format=target.export.format, runtime=runtime,
-        execution_provider=target.export.execution_provider, scheme_summary=scheme_summary(target, options),
+        execution_provider=target.export.execution_provider, scheme_summary=scheme_summary(target, exported.options),
         model_origin=source.origin, model_revision=source.revision, weights_sha256=source.weights_sha256,
         architecture=source.architecture, threads=target.runtime.threads,
         max_new_tokens=target.runtime.max_new_tokens, requirements=tuple(reqs),
-        import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=system_site,
-        serve_addr="127.0.0.1:8089",
-        quality=report)
+        import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=not target.runtime.packages,
+        serve_addr="127.0.0.1:8089", quality=report, model_mb=round(exported.bytes / 1e6, 1),
+        context_length=exported.context_length,
+        android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
 
 
 def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,

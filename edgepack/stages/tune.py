@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.backends import exporters
 from edgepack.backends.base import ExportedModel
 from edgepack.errors import QualityGateError, UserError
 from edgepack.meter import HereMeter, Meter, runner_folder
@@ -126,15 +125,11 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
 
 def _context(source: ModelSource, target: TargetProfile, exported: ExportedModel, report: QualityReport) -> Any:
     """The bundle context the candidate would ship with (its runner is rendered from it)."""
-    from edgepack.stages.render import bundle_context, runtime_name
+    from edgepack.stages.render import bundle_context
     from edgepack.stages.wheels import requirements
 
-    exporter = exporters.get(target.export.format)
-    ctx = bundle_context(f"{source.name}-{target.id}", source, target, exported.options, report,
-                         requirements(target, exported.runtime_versions),
-                         runtime_name(exporter.runtime, target.runtime.template),
-                         system_site=not target.runtime.packages)
-    return dataclasses.replace(ctx, context_length=exported.context_length)
+    return bundle_context(f"{source.name}-{target.id}", source, target, exported, report,
+                          requirements(target, exported.runtime_versions))
 
 
 def plot(table: tuple[CandidateResult, ...], path: Path, title: str) -> None:
