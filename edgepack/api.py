@@ -66,6 +66,8 @@ class BuildRequest:
     sign: Path | None = None  # a minisign secret key: sign the manifest (edgepack.json.minisig) before publishing
     use_cache: bool = True  # reuse a cached export and gate measurements (cache.py); EDGEPACK_NO_CACHE=1 also off
     context: int = 0  # prompt + reply tokens; 0 = the target's runtime.context_length, the model's own if shorter
+    runtime_adapters: tuple[tuple[str, Path], ...] = ()  # (NAME, PEFT folder): shipped as adapters on the base
+    lora_slots: tuple[str, ...] = ()  # PEFT module names (or "all") to give LoRA slots for adapters packed later
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                                        tune=req.tune), adapter=req.adapter, context=req.context, progress=progress)
         info.update(r.record())
     target, source, exporter, context = r.target, r.source, r.exporter, r.context
+    with_adapters = bool(req.runtime_adapters or req.lora_slots)
+    if with_adapters:
+        from edgepack.stages import adapters as adapter_stage
+
+        adapter_stage.check_target(target, req.runtime_adapters or (("slots", Path()),))
     final = req.out / f"{source.name}-{target.id}"
     check_name(final.name, f"model {source.name} + target {target.id}")
     if req.sign is not None:
@@ -134,6 +141,14 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                     report, cached = gate(source, target, made, progress)
                     info.update(passed=report.passed, ppl_delta_pct=report.ppl_delta_pct, cached=cached)
                 enforce(report, target)
+        adapters: list[Any] = []
+        if with_adapters:
+            with stages.stage("adapters", f"{len(req.runtime_adapters)} runtime LoRA adapters") as info:
+                adapters = adapter_stage.build(source, target, req.runtime_adapters, model_dir, tmp,
+                                               context=exported.context_length, gate=not req.skip_validation,
+                                               slots=req.lora_slots, progress=progress)
+                info.update(artifact=f"{adapter_stage.FOLDER}/", bytes=sum(a.bytes for a in adapters),
+                            adapters=[a.name for a in adapters])
         reqs = requirements(target, exported.runtime_versions)
         lock: list[LockedWheel] = []
         if req.vendor_wheels and reqs:
@@ -147,6 +162,9 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                            android=target.runtime.android_sample)
             doc = manifest_for(name, source, target, exported, report, reqs, lock, r.family.id, context=context,
                                fit=r.fit)
+            if with_adapters:
+                doc["adapters"] = to_jsonable(adapters)
+                doc["export"]["lora_slots"] = list(adapter_stage.slots_in(model_dir))
             if req.tune:
                 doc["tune"] = {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}
             files.append(write_sbom(tmp, doc, lock, target))

@@ -48,6 +48,8 @@ class ManifestDoc(TypedDict, total=False):
     tools: dict[str, str]
     validated: bool
     tune: dict[str, Any]  # with --tune: where the speeds were measured and every candidate's row
+    adapters: list[dict[str, Any]]  # runtime LoRA adapters (stages/adapters.AdapterEntry): file, gate, smoke
+    base: dict[str, Any]  # an adapter pack's release: the bundle id and name it adds adapters to
 
 
 @dataclass(frozen=True)

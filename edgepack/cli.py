@@ -26,6 +26,12 @@ from edgepack.output import Output, build_summary, inspect_summary
 @click.option("--skip-validation", is_flag=True, help="Skip the quality gate (recorded in the manifest).")
 @click.option("--adapter", type=click.Path(path_type=Path),
               help="A PEFT LoRA adapter folder: merged into MODEL (its base) before export.")
+@click.option("--runtime-adapter", "runtime_adapters", multiple=True, metavar="NAME=DIR",
+              help="A PEFT LoRA folder shipped as adapter NAME beside the quantized base, chosen per request "
+                   "(repeatable; ONNX targets).")
+@click.option("--lora-slots", metavar="MODULES",
+              help="Give the base LoRA slots for these modules (q_proj,v_proj,... or all), for adapters packed "
+                   "later with `edgepack adapter pack`.")
 @click.option("--eval-text", type=click.Path(path_type=Path),
               help="Gate on this UTF-8 text of your domain instead of the shipped one.")
 @click.option("--checks", "checks_file", type=click.Path(path_type=Path),
@@ -48,7 +54,8 @@ from edgepack.output import Output, build_summary, inspect_summary
 def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip_validation: bool,
           adapter: Path | None, eval_text: Path | None, checks_file: Path | None, no_wheels: bool, tune: bool,
           plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
-          install_dir: str | None, sign_key: Path | None, no_cache: bool, context: int) -> None:
+          install_dir: str | None, sign_key: Path | None, no_cache: bool, context: int,
+          runtime_adapters: tuple[str, ...], lora_slots: str | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -57,7 +64,11 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
     from edgepack import api
 
     def go(o: Output) -> tuple[Any, str]:
+        from edgepack.stages.adapters import parse
+
+        slots = tuple(m.strip() for m in lora_slots.split(",") if m.strip()) if lora_slots else ()
         res = api.build(api.BuildRequest(model=model, target=target, out=out, force=force, format=fmt,
+                                         runtime_adapters=parse(runtime_adapters), lora_slots=slots,
                                          eval_text=eval_text, adapter=adapter, checks=checks_file,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
                                          tune=tune, plot=plot, sign=sign_key, use_cache=not no_cache,

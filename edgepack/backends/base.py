@@ -60,7 +60,7 @@ class Exporter(Protocol):
                progress: ProgressFn) -> ExportedModel: ...
 
     @staticmethod
-    def scorer(model_dir: Path) -> Scorer: ...
+    def scorer(model_dir: Path, adapter: Path | None = None) -> Scorer: ...  # adapter: a runtime LoRA (onnx)
 
 
 def run_logged(cmd: list[str], log: Path, **env: str) -> tuple[int, list[str]]:

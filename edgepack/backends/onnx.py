@@ -307,8 +307,8 @@ class OnnxExporter:
                              context_length=context)
 
     @staticmethod
-    def scorer(model_dir: Path) -> GenaiScorer:
-        return GenaiScorer(model_dir)
+    def scorer(model_dir: Path, adapter: Path | None = None) -> GenaiScorer:
+        return GenaiScorer(model_dir, adapter)
 
 
 def _provider(model_dir: Path) -> str:
@@ -320,9 +320,10 @@ def _provider(model_dir: Path) -> str:
 
 
 class GenaiScorer:
-    """Drives onnxruntime-genai exactly as the bundle's runner does, but returns full logits."""
+    """Drives onnxruntime-genai exactly as the bundle's runner does, but returns full logits; with `adapter` (an
+    .onnx_adapter file for this graph's LoRA slots), every generator runs with it active, as the runner does."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, adapter: Path | None = None) -> None:
         import json
 
         og = require("onnxruntime_genai", "onnx", "Scoring ONNX models")
@@ -340,6 +341,10 @@ class GenaiScorer:
             self.scored_on = "cpu (the target's cuda provider is not available on the build machine)"
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = None
+        if adapter is not None:
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(str(adapter), "scored")
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -347,7 +352,10 @@ class GenaiScorer:
     def _generator(self, max_length: int) -> Any:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, do_sample=False)
-        return self._og.Generator(self.model, params)
+        gen = self._og.Generator(self.model, params)
+        if self.adapters is not None:
+            gen.set_active_adapter(self.adapters, "scored")
+        return gen
 
     def logits(self, ids: list[int]) -> Any:
         gen = self._generator(len(ids) + 1)

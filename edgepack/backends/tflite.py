@@ -233,7 +233,9 @@ class TfliteExporter:
                              context_length=kv_len)
 
     @staticmethod
-    def scorer(model_dir: Path) -> LiteRTScorer:
+    def scorer(model_dir: Path, adapter: Path | None = None) -> LiteRTScorer:
+        if adapter is not None:  # resolve refuses runtime adapters for LiteRT targets before any export
+            raise UserError("LiteRT bundles carry no runtime adapters.")
         return LiteRTScorer(model_dir)
 
 

@@ -77,15 +77,16 @@ def judge(tol: QualitySpec, *, delta_pct: float, kl: float, top1: float, greedy:
 
 
 def validate(source: ModelSource, model_dir: Path, target: TargetProfile, *, context: int = 0,
-             progress: ProgressFn = silent) -> QualityReport:
-    """`context`: the bundle's context length; the gate never scores a window longer than it."""
+             progress: ProgressFn = silent, adapter: Path | None = None) -> QualityReport:
+    """`context`: the bundle's context length; the gate never scores a window longer than it. With `adapter` (a
+    runtime LoRA file for the graph's slots), `source` is the float merged model it is scored against."""
     text = texts.for_target(target.quality.eval_text, target.source)
     window = min(texts.WINDOW, context - 1) if context else texts.WINDOW  # the scorer asks for one more position
     ref = score_reference(source, text=text, window=window, progress=progress)
     exporter = exporters.get(target.export.format)
     progress(ProgressEvent("validate", f"scoring the {target.quantize.scheme} model through {exporter.runtime}"))
     try:
-        return _score(source, model_dir, target, ref, exporter.scorer(model_dir), text, progress)
+        return _score(source, model_dir, target, ref, exporter.scorer(model_dir, adapter), text, progress)
     except RuntimeError as exc:
         # The family and the profile were checked before export: a graph the runtime then refuses is a bug of
         # the exporter or the runtime, and no quantize setting is known to fix it (nothing was written).
@@ -159,10 +160,12 @@ def golden_margins(logits: Any, golden: list[int]) -> tuple[bool, ...]:
                  for m, a, g in zip(margin, lp.argmax(axis=-1), golden, strict=True))
 
 
-def enforce(report: QualityReport, target: TargetProfile) -> None:
+def enforce(report: QualityReport, target: TargetProfile, subject: str = "") -> None:
+    """`subject`: what was scored when it is not the bundle's model itself ("runtime adapter 'x'")."""
     if report.validated and not report.passed:
         raise QualityGateError(
-            f"quality gate failed for target '{target.id}': " + "; ".join(report.failures)
+            f"quality gate failed for {subject + ' on ' if subject else ''}target '{target.id}': "
+            + "; ".join(report.failures)
             + f" (ppl {report.ppl_reference} → {report.ppl_quantized}, KL {report.mean_kl}, "
               f"top-1 {report.top1_agreement}, greedy {report.greedy_match}/{report.greedy_tokens}; against "
               f"{report.reference or 'the float model'}, on {report.text}).",

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from edgepack_runner import QUEUE, chat_messages, fit_context, peak_rss_mb, sampling_of
+from edgepack_runner import QUEUE, adapter_names, chat_messages, fit_context, peak_rss_mb, sampling_of
 
 
 def main(rt: Any, doc: str) -> int:
@@ -25,6 +25,8 @@ def main(rt: Any, doc: str) -> int:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--adapter", metavar="NAME", help="answer with the bundle's runtime LoRA adapter NAME "
+                                                       "(default: the base model)")
     ap.add_argument("--threads", type=int, default=rt.threads, help="0 = the runtime's default")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     ap.add_argument("--serve", metavar="ADDR", help="serve the OpenAI-compatible API on HOST:PORT or unix:PATH")
@@ -41,6 +43,10 @@ def main(rt: Any, doc: str) -> int:
         return serve(rt, args)
     if args.prompt is None:
         ap.error("--prompt is required (or use --serve)")
+    if args.adapter and args.adapter not in adapter_names(rt):
+        sys.stderr.write("error: this bundle has no adapter %r; it has: %s\n" % (
+            args.adapter, ", ".join(adapter_names(rt)) or "none (built without --runtime-adapter)"))
+        return 1
     t0 = time.perf_counter()
     rt.load(args.threads)
     load_s = time.perf_counter() - t0
@@ -57,8 +63,9 @@ def main(rt: Any, doc: str) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    out = rt.generate(prepared, n_prompt, args.max_tokens, sampling_of(args), echo)
-    out.update(load_s=round(load_s, 3), peak_rss_mb=peak_rss_mb(), bundle=rt.name)
+    extra = {"adapter": args.adapter} if args.adapter else {}
+    out = rt.generate(prepared, n_prompt, args.max_tokens, sampling_of(args), echo, **extra)
+    out.update(load_s=round(load_s, 3), peak_rss_mb=peak_rss_mb(), bundle=rt.name, adapter=args.adapter)
     if out.get("stopped") == "context_length":
         sys.stderr.write("[stopped at the bundle's context of %d tokens]\n" % rt.context_length)
     if args.json:

@@ -5,7 +5,8 @@ JSON). Each runtime's run.py supplies only a Runtime:
 
     load(threads)                                    the model, once
     prepare(messages, text) -> (prepared, n)         a chat (with the model's template) or raw text, and its tokens
-    generate(prepared, n, max_new, sampling, on_text) -> dict   tokens, each piece of text to on_text
+    generate(prepared, n, max_new, sampling, on_text[, adapter]) -> dict   tokens, each piece of text to on_text
+    adapter_names() -> [name]                        runtime LoRA adapters (optional; generate/logits take adapter=)
     from_ids(ids) -> prepared                        recorded token ids as a raw prompt (the smoke test)
     logits(ids) -> array[len(ids), vocab]            teacher-forced logits, where the runtime exposes them, or
     score(ids) -> [log p(ids[i] | ids[:i]) for i >= 1]   where it exposes only scoring (LiteRT-LM)
@@ -76,6 +77,12 @@ def pick_token(logits: Any, sampling: Dict[str, Any], rng: Any) -> int:
     keep = int(np.searchsorted(np.cumsum(p), float(sampling["top_p"]))) + 1
     p, idx = p[:keep] / p[:keep].sum(), idx[:keep]
     return int(idx[rng.choice(len(p), p=p)])
+
+
+def adapter_names(rt: Any) -> List[str]:
+    """The runtime LoRA adapters a bundle's Runtime carries (only ONNX bundles built with --runtime-adapter)."""
+    names = getattr(rt, "adapter_names", None)
+    return list(names()) if names else []
 
 
 def chat_messages(prompt: str, system: Optional[str]) -> List[Dict[str, str]]:

@@ -1,0 +1,140 @@
+"""Runtime adapters stage: LoRA slots in the exported base, one `.onnx_adapter` per fine-tune, each gated as
+quantized base + adapter against its float merged model (the adapter's own task: --eval-text, --checks)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import ModelError, UserError
+from edgepack.fsutil import sha256_file
+from edgepack.progress import ProgressEvent, ProgressFn, silent
+from edgepack.source import ModelSource
+from edgepack.stages.validate import QualityReport
+from edgepack.targets import TargetProfile
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
+FOLDER = "adapters"
+LITERT_REFUSAL = ("LiteRT-LM applies LoRA adapters on its GPU backend only (measured on CPU: docs/models.md, "
+                  "'Fine-tunes as runtime adapters'), and the LiteRT interpreter has no adapter inputs")
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One runtime adapter of a bundle: its file, where it came from, its gate and its smoke checks."""
+
+    name: str
+    file: str  # adapters/NAME.onnx_adapter, relative to the bundle
+    sha256: str
+    bytes: int
+    rank: int
+    modules: tuple[str, ...]
+    parameters: int
+    source_sha256: str  # of the PEFT folder's adapter_config.json + weights (adapter.merge_adapter)
+    base_model: str  # what adapter_config.json says it was trained on
+    license: str
+    quality: QualityReport
+    smoke: dict[str, Any]
+
+
+def parse(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, Path], ...]:
+    """NAME=DIR items (--runtime-adapter, `adapter pack`) → ((name, folder), ...); a bad one is a UserError."""
+    out: list[tuple[str, Path]] = []
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not folder:
+            raise UserError(f"{item!r} is not NAME=DIR.", hint="Pass --runtime-adapter summarize=./my-lora: a name "
+                                                                "for the adapter and its PEFT folder.")
+        check_name(name)
+        if name in {n for n, _ in out}:
+            raise UserError(f"the adapter name {name!r} is given twice.", hint="Give each adapter its own name.")
+        out.append((name, Path(folder).expanduser().resolve()))
+    return tuple(out)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UserError(f"{name!r} is not a usable adapter name.",
+                        hint="Use 1-48 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit "
+                             "(it becomes a file name and the server's model id).", adapter=name)
+    return name
+
+
+def check_target(target: TargetProfile, adapters: tuple[tuple[str, Path], ...]) -> None:
+    """Before any export: runtime adapters need an ONNX bundle (onnxruntime-genai's adapter inputs)."""
+    if adapters and target.export.format != "onnx":
+        raise UserError(f"target {target.id} builds a {target.export.format} bundle: {LITERT_REFUSAL}.",
+                        hint="Build each fine-tune as its own merged model with --adapter DIR, or use an ONNX "
+                             "target (--format onnx) to ship runtime adapters.", target=target.id)
+
+
+def build(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, Path], ...], model_dir: Path,
+          bundle_dir: Path, *, context: int, gate: bool, slots: tuple[str, ...] = (),
+          progress: ProgressFn = silent) -> list[AdapterEntry]:
+    """Adds the slots the adapters need (and those `slots` names, for adapters packed later) to the base graph in
+    `model_dir`, then writes and gates each adapter (adapters_for)."""
+    from edgepack.backends import lora
+
+    specs = [lora.read_spec(name, folder) for name, folder in adapters]
+    paths = tuple(sorted({s for spec in specs for s in spec.slots} | set(lora.slots_of(slots) if slots else ())))
+    n = lora.add_slots(model_dir, paths)
+    progress(ProgressEvent("adapters", f"{n} LoRA slots at {', '.join(paths)} in the base graph"))
+    return adapters_for(base, target, adapters, model_dir, bundle_dir, context=context, gate=gate,
+                        progress=progress)
+
+
+def slots_in(model_dir: Path) -> tuple[str, ...]:
+    """The slot paths a base graph has ("attn/qkv_proj", ...)."""
+    from edgepack.backends import lora
+
+    return tuple(sorted({re.sub(r"^model\.layers\.\d+\.|\.lora_[AB]$", "", s).replace(".", "/")
+                         for s in lora.base_slots(model_dir)}))
+
+
+def adapters_for(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, Path], ...],
+                 model_dir: Path, bundle_dir: Path, *, context: int, gate: bool,
+                 progress: ProgressFn = silent) -> list[AdapterEntry]:
+    """Each adapter written under `bundle_dir`/adapters for the slots of the base graph in `model_dir`, and gated
+    (unless `gate` is off) against its float merged model; a failing adapter is a QualityGateError naming it."""
+    from edgepack.adapter import merge_adapter
+    from edgepack.backends import lora
+    from edgepack.stages.render import smoke_spec
+    from edgepack.stages.validate import enforce, unvalidated, validate
+
+    out = []
+    for spec in (lora.read_spec(name, folder) for name, folder in adapters):
+        rel = f"{FOLDER}/{spec.name}{lora.SUFFIX}"
+        facts = lora.write_adapter(spec, model_dir, bundle_dir / rel)
+        merged = merge_adapter(base, spec.folder, progress=progress)
+        if gate:
+            progress(ProgressEvent("adapters", f"gating {spec.name}: quantized base + adapter vs the float merged "
+                                               "model"))
+            report = validate(merged, model_dir, target, context=context, progress=progress,
+                              adapter=bundle_dir / rel)
+            enforce(report, target, subject=f"runtime adapter '{spec.name}'")
+        else:
+            report = unvalidated(target)
+        info = merged.adapter
+        if info is None:  # merge_adapter always records it
+            raise ModelError(f"the adapter {spec.name} was merged without its record.")
+        out.append(AdapterEntry(
+            name=spec.name, file=rel, sha256=sha256_file(bundle_dir / rel), bytes=(bundle_dir / rel).stat().st_size,
+            rank=spec.rank, modules=spec.modules, parameters=int(facts["parameters"]), source_sha256=info.sha256,
+            base_model=info.base_model, license=adapter_license(spec.folder, base), quality=report,
+            smoke=smoke_spec(report, target)))
+    return out
+
+
+def adapter_license(folder: Path, base: ModelSource) -> str:
+    """The license the adapter's model card (README.md front matter, as PEFT writes it) names; else the base's."""
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            for line in text.split("---", 2)[1].splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "license" and value.strip():
+                    return value.strip().strip("'\"")
+    return getattr(base, "license", "") or "unknown"
