@@ -102,6 +102,12 @@ class Manifest:
     deploy: DeploySettings
     doc: Mapping[str, Any]
     memory_peak_bytes: int | None = None  # the build's memory plan of the runtime on the device (runtime.memory)
+    base_id: str = ""  # an adapter pack: the bundle whose files it lists but does not carry ("" for a bundle)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The runtime LoRA adapters' names (edgepack.json "adapters")."""
+        return tuple(str(a.get("name", "")) for a in self.doc.get("adapters", ()) if isinstance(a, Mapping))
 
     @property
     def bytes(self) -> int:
@@ -154,7 +160,8 @@ class Manifest:
                                   ssh_port=int(dep.get("ssh_port", 22)),
                                   trusted_keys=tuple(dep.get("trusted_keys", ())),
                                   serve_addr=str(dep.get("serve_addr", "127.0.0.1:8089"))),
-            doc=doc, memory_peak_bytes=_int_or_none(runtime.get("memory", {}).get("peak_bytes")))
+            doc=doc, memory_peak_bytes=_int_or_none(runtime.get("memory", {}).get("peak_bytes")),
+            base_id=str(doc.get("base", {}).get("bundle_id", "")) if isinstance(doc.get("base"), Mapping) else "")
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -187,9 +194,11 @@ def content_id(files: list[FileEntry]) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: Path, doc: ManifestDoc | Mapping[str, Any]) -> Manifest:
+def write_manifest(root: Path, doc: ManifestDoc | Mapping[str, Any], inherited: tuple[FileEntry, ...] = ()
+                   ) -> Manifest:
+    """`inherited`: files an adapter pack lists but does not carry (its base bundle's, already on the device)."""
     check_name(str(doc.get("name", "")), root)
-    files = list_files(root)
+    files = sorted(list_files(root) + list(inherited), key=lambda f: f.path)
     out = {k: v for k, v in doc.items() if k not in ("bundle_id", "files", "content_sha256", "schema")}
     out |= {"schema": SCHEMA, "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files],
             "content_sha256": content_id(files)}
@@ -266,7 +275,9 @@ def scan(bundle: Path, manifest: Manifest, *, local: bool = True) -> list[str]:
 
 def verify_bundle(bundle: Path, manifest: Manifest | None = None, *, local: bool = True) -> Manifest:
     """Every listed file present as a plain file with its size and sha256, and nothing else that could run: no
-    unlisted file or folder, no symlink, no bytecode cache (`scan`); else a BundleError naming each problem."""
+    unlisted file or folder, no symlink, no bytecode cache (`scan`); else a BundleError naming each problem.
+    An adapter pack (`base_id`) may lack its base's files: the device links them from the base release, and
+    checks every file against the signed manifest before anything runs."""
     manifest = manifest or read_manifest(bundle)
     problems = scan(bundle, manifest, local=local)
     for f in manifest.files:
@@ -274,7 +285,8 @@ def verify_bundle(bundle: Path, manifest: Manifest | None = None, *, local: bool
         try:
             st = p.lstat()
         except OSError:
-            problems.append(f"missing {f.path}")
+            if not manifest.base_id:
+                problems.append(f"missing {f.path}")
             continue
         if stat.S_ISLNK(st.st_mode):
             continue  # scan named it

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edgepack import cli_device  # noqa: F401  (registers deploy, status, rollback, bench, serve)
+from edgepack import cli_adapter, cli_device  # noqa: F401  (register adapter; deploy, status, rollback, bench, serve)
 from edgepack.console import _json_option, _run, _State, cli, main  # noqa: F401  (main: the console script)
 from edgepack.errors import UserError
 from edgepack.output import Output, build_summary, inspect_summary

@@ -137,4 +137,4 @@ def adapter_license(folder: Path, base: ModelSource) -> str:
                 key, _, value = line.partition(":")
                 if key.strip() == "license" and value.strip():
                     return value.strip().strip("'\"")
-    return getattr(base, "license", "") or "unknown"
+    return base.license or ""

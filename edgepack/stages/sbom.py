@@ -103,6 +103,16 @@ def build_sbom(doc: Mapping[str, Any], lock: Iterable[LockedWheel], wheels_dir: 
         description=f"{model.get('architecture')} from {model.get('origin')}, quantized {export['scheme']}",
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=model["weights_sha256"])],
         licenses=lic(normalize(model.get("license"))), properties=props)]
+    for a in doc.get("adapters", []):  # runtime LoRA adapters: each its own model component, on the base
+        components.append(Component(
+            type=ComponentType.MACHINE_LEARNING_MODEL, name=a["name"], bom_ref=f"adapter:{a['name']}",
+            version=a["source_sha256"][:12], description=f"LoRA adapter (rank {a['rank']}, "
+            f"{', '.join(a['modules'])}) for {model['name']}, float, file {a['file']}",
+            hashes=[HashType(alg=HashAlgorithm.SHA_256, content=a["sha256"])],
+            licenses=lic(normalize(a.get("license"))),
+            properties=[Property(name="edgepack:file", value=a["file"]),
+                        Property(name="edgepack:base", value="model"),
+                        Property(name="edgepack:source_sha256", value=a["source_sha256"])]))
     components.append(Component(
         type=ComponentType.APPLICATION, name="edgepack", version=__version__, bom_ref="edgepack",
         description="the runner core shipped in the bundle (edgepack_runner.py, edgepack_server.py, smoke_test.py, "
@@ -119,7 +129,8 @@ def build_sbom(doc: Mapping[str, Any], lock: Iterable[LockedWheel], wheels_dir: 
                         Property(name="edgepack:file", value=f"wheels/{w.file}")]))
     tools = [Component(type=ComponentType.APPLICATION, name=k, version=v, bom_ref=f"tool:{k}")
              for k, v in sorted(doc.get("tools", {}).items()) if k != "edgepack"]
-    key = json.dumps([model["weights_sha256"], doc["name"], export, [(w.name, w.sha256) for w in lock]],
+    key = json.dumps([model["weights_sha256"], doc["name"], export, [(w.name, w.sha256) for w in lock]]
+                     + [[a["name"], a["sha256"]] for a in doc.get("adapters", [])],
                      sort_keys=True, default=str)
     bom = Bom(components=components, serial_number=uuid.uuid5(uuid.NAMESPACE_URL, "edgepack-sbom:" + key),
               metadata=BomMetaData(

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler
 from io import BytesIO
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from edgepack_runner import GREEDY, ContextError, fit_context
+from edgepack_runner import GREEDY, ContextError, adapter_names, fit_context
 
 MAX_BODY = 1 << 20  # bytes of request body
 MAX_HEAD = 64 << 10  # bytes of request line and headers
@@ -74,6 +74,7 @@ class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests: Dict[tuple, int] = {}
+        self.models: Dict[str, int] = {}  # completion requests by the model id they selected (base or adapter)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.ttft = [0] * (len(self.BUCKETS) + 1)
@@ -85,6 +86,11 @@ class Metrics:
         path = path if path in ROUTES else "other"  # a client's path is not a label: bounded, no quoting
         with self.lock:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+
+    def model(self, name: str) -> None:
+        # Only ids this server serves get here (Request refuses the rest), so the label set stays bounded.
+        with self.lock:
+            self.models[name] = self.models.get(name, 0) + 1
 
     def generated(self, prompt: int, completion: int, ttft_s: Optional[float]) -> None:
         with self.lock:
@@ -103,6 +109,9 @@ class Metrics:
             lines = ["# TYPE edgepack_requests_total counter"]
             lines += ['edgepack_requests_total{path="%s",status="%d"} %d' % (p, s, n)
                       for (p, s), n in sorted(self.requests.items())]
+            lines += ["# TYPE edgepack_model_requests_total counter"]
+            lines += ['edgepack_model_requests_total{model="%s"} %d' % (_label(m), n)
+                      for m, n in sorted(self.models.items())]
             lines += ["# TYPE edgepack_prompt_tokens_total counter",
                       "edgepack_prompt_tokens_total %d" % self.prompt_tokens,
                       "# TYPE edgepack_completion_tokens_total counter",
@@ -118,6 +127,11 @@ class Metrics:
                       "# TYPE edgepack_accept_backoffs_total counter",
                       "edgepack_accept_backoffs_total %d" % self.accept_backoffs]
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped (an adapter's name is a file name)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Model:
@@ -198,12 +212,34 @@ def _float(body: Dict[str, Any], key: str, default: float, low: float, high: flo
     return float(v)
 
 
+def select_model(rt: Any, want: Any) -> Tuple[str, Optional[str]]:
+    """(the model id served, the runtime adapter to pass as `adapter=` or None) for a request's `model`.
+
+    Absent, empty or the bundle's name: the base. An adapter's name: that adapter, on the same loaded base (nothing
+    is reloaded). Anything else is a 404 (model_not_found) when the bundle carries adapters: serving the base to a
+    mistyped adapter name would look like the fine-tune answering. A bundle without adapters serves one model and
+    keeps ignoring `model`, as it always has: clients send whatever their SDK requires ("gpt-4o", "any")."""
+    if want is None or want == "" or want == rt.name:
+        return rt.name, None
+    names = adapter_names(rt)
+    if not names:
+        return rt.name, None
+    if isinstance(want, str) and want in names:
+        return want, want
+    shown = want if isinstance(want, str) else json.dumps(want)
+    if len(shown) > 200:  # the body may be 1 MiB; the error need not echo all of it
+        shown = shown[:200] + "..."
+    raise ApiError(404, "The model '%s' does not exist; this server has: %s" % (shown, ", ".join([rt.name] + names)),
+                   param="model", code="model_not_found")
+
+
 class Request:
     """A validated completion request."""
 
     def __init__(self, body: Any, chat: bool, rt: Any) -> None:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        self.model, self.adapter = select_model(rt, body.get("model"))
         self.chat = chat
         self.stream = bool(body.get("stream", False))
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
@@ -522,8 +558,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(401, "a valid API key is required (Authorization: Bearer ...)",
                                kind="authentication_error", code="invalid_api_key")
             if path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": self.model.rt.name, "object": "model",
-                                                             "created": 0, "owned_by": "edgepack"}]})
+                rt = self.model.rt
+                base = {"id": rt.name, "object": "model", "created": 0, "owned_by": "edgepack"}
+                # Each runtime adapter is a model of its own to clients, served on the one loaded base (`parent`).
+                self._send(200, {"object": "list", "data": [base] + [dict(base, id=name, parent=rt.name)
+                                                                      for name in adapter_names(rt)]})
             elif path == "/metrics" and self.metrics_on:
                 self._send(200, self.model.metrics.text(self.model.waiting, self.model.busy),
                            ctype="text/plain; version=0.0.4")
@@ -551,6 +590,7 @@ class Handler(BaseHTTPRequestHandler):
             if m.load_error:
                 raise ApiError(500, "the model did not load: %s" % m.load_error, kind="server_error")
             req = Request(body, path == "/v1/chat/completions", m.rt)
+            m.metrics.model(req.model)
             m.run(lambda: self._complete(req))
         except ApiError as err:
             if self._streaming:
@@ -592,7 +632,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._streaming = True
             if req.chat:
-                self._event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": rt.name,
+                self._event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None}]})
 
@@ -603,7 +643,7 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": {"content": piece}} if req.chat else {"index": 0, "text": piece}
                 choice["finish_reason"] = None
                 self._event({"id": cid, "object": obj + ".chunk" if req.chat else obj, "created": created,
-                             "model": rt.name, "choices": [choice]})
+                             "model": req.model, "choices": [choice]})
 
         def on_text(piece: str) -> None:
             if state["first"] is None:
@@ -622,7 +662,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise _Gone()
 
         try:
-            out = rt.generate(prepared, n_prompt, max_new, req.sampling, on_text)
+            # adapter= only when one is selected: LiteRT runtimes' generate does not take the keyword.
+            extra = {"adapter": req.adapter} if req.adapter else {}
+            out = rt.generate(prepared, n_prompt, max_new, req.sampling, on_text, **extra)
             new_tokens, stopped = out["new_tokens"], out.get("stopped")
         except _Stop:
             new_tokens, stopped = state["n"], "stop_string"
@@ -643,16 +685,16 @@ class Handler(BaseHTTPRequestHandler):
             final = {"index": 0, "delta": {}, "finish_reason": finish} if req.chat else \
                 {"index": 0, "text": "", "finish_reason": finish}
             self._event({"id": cid, "object": obj + ".chunk" if req.chat else obj, "created": created,
-                         "model": rt.name, "choices": [final]})
+                         "model": req.model, "choices": [final]})
             if req.include_usage:
                 self._event({"id": cid, "object": obj + ".chunk" if req.chat else obj, "created": created,
-                             "model": rt.name, "choices": [], "usage": usage})
+                             "model": req.model, "choices": [], "usage": usage})
             self.wfile.write(b"data: [DONE]\n\n")
             self.model.metrics.request(self.path, 200)
             return
         choice = {"index": 0, "message": {"role": "assistant", "content": state["text"]}, "finish_reason": finish} \
             if req.chat else {"index": 0, "text": state["text"], "finish_reason": finish, "logprobs": None}
-        self._send(200, {"id": cid, "object": obj, "created": created, "model": rt.name, "choices": [choice],
+        self._send(200, {"id": cid, "object": obj, "created": created, "model": req.model, "choices": [choice],
                          "usage": usage})
 
     def _event(self, data: Dict[str, Any]) -> None:

@@ -10,11 +10,14 @@ Loads the model through the bundle's own runtime (run.py's Runtime) and re-check
   2. quality: the check text's perplexity within max_ppl_drift_pct of the build's, and (with logits) top-1 agreement
      with the build machine's picks of at least min_top1;
   3. task checks: the user's quality.checks pass as often as the build allowed;
-  4. speed: a free-running greedy reply of --tokens tokens.
+  4. speed: a free-running greedy reply of --tokens tokens;
+  5. adapters: for each runtime LoRA adapter in edgepack.json's "adapters", checks 1-3 against that adapter's own
+     "smoke" section, through the same loaded base (adapter=NAME); speed is measured for the base only.
 
 Prints exactly one JSON line, the smoke result (docs/bundle-format.md, "The smoke result"): {"schema": 1, "ok": ...,
-"golden_match": ..., "tokens_per_s": ..., "problems": [...], ...}. Exit 0 when ok, 1 when the model loads but
-misbehaves, 2 when it cannot load at all. Standard library, plus numpy for runtimes that hand back logits.
+"golden_match": ..., "tokens_per_s": ..., "problems": [...], ...}, plus "adapters": {NAME: {..., "passed": ...}}
+when the bundle carries adapters. Exit 0 when ok (every adapter included), 1 when the model loads but misbehaves,
+2 when it cannot load at all. Standard library, plus numpy for runtimes that hand back logits.
 """
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ def _ignore(piece: str) -> None:
     pass
 
 
+def _with(adapter: Optional[str]) -> Dict[str, Any]:
+    """The keyword that selects a runtime adapter, passed only when one is selected: runtimes without adapters
+    (LiteRT) do not take it."""
+    return {"adapter": adapter} if adapter else {}
+
+
 def log_softmax(rows: Any) -> Any:
     import numpy as np
 
@@ -48,26 +57,27 @@ class Scores:
     """What the runtime says of a recorded token sequence: log p(ids[i] | ids[:i]) for i >= 1, and the argmax at each
     position where it exposes logits (None where it does not)."""
 
-    def __init__(self, rt: Any, ids: List[int]) -> None:
+    def __init__(self, rt: Any, ids: List[int], adapter: Optional[str] = None) -> None:
         self.top1: Optional[List[int]] = None
         self.logp: Optional[List[float]] = None
+        extra = _with(adapter)
         if hasattr(rt, "logits"):
             import numpy as np
 
-            lp = log_softmax(rt.logits(ids))
+            lp = log_softmax(rt.logits(ids, **extra))
             self.top1 = [int(t) for t in lp.argmax(axis=-1)]
             self.logp = [float(x) for x in lp[np.arange(len(ids) - 1), np.array(ids[1:])]]
         else:
-            got = rt.score(ids)
+            got = rt.score(ids, **extra)
             self.logp = None if got is None else [float(x) for x in got]
 
 
-def golden(rt: Any, spec: Dict[str, Any], problems: List[str]) -> Dict[str, Any]:
+def golden(rt: Any, spec: Dict[str, Any], problems: List[str], adapter: Optional[str] = None) -> Dict[str, Any]:
     prompt, gold, checked = spec["prompt_ids"], spec["golden_tokens"], spec["golden_checked"]
     required = [i for i, c in enumerate(checked) if c]
     if not prompt or not gold:  # an unvalidated build (--skip-validation) recorded nothing to reproduce
         return {"golden_match": 0, "golden_required": 0}
-    s = Scores(rt, prompt + gold)
+    s = Scores(rt, prompt + gold, adapter)
     if s.top1 is not None:
         picked = [s.top1[len(prompt) - 1 + i] for i in range(len(gold))]
         wrong = [i for i in required if picked[i] != gold[i]]
@@ -88,11 +98,11 @@ def golden(rt: Any, spec: Dict[str, Any], problems: List[str]) -> Dict[str, Any]
     return {"golden_match": len(required) - len(wrong), "golden_required": len(required)}
 
 
-def quality(rt: Any, spec: Dict[str, Any], problems: List[str]) -> Dict[str, Any]:
+def quality(rt: Any, spec: Dict[str, Any], problems: List[str], adapter: Optional[str] = None) -> Dict[str, Any]:
     ids, build_ppl = spec["check_ids"], spec["build_ppl"]
     if not ids or build_ppl is None:
         return {}
-    s = Scores(rt, ids)
+    s = Scores(rt, ids, adapter)
     if s.logp is None:
         problems.append("cannot score the check text (the device tokenizer does not round-trip it)")
         return {}
@@ -112,7 +122,7 @@ def quality(rt: Any, spec: Dict[str, Any], problems: List[str]) -> Dict[str, Any
     return out
 
 
-def task_checks(rt: Any, spec: Dict[str, Any], problems: List[str]) -> Dict[str, Any]:
+def task_checks(rt: Any, spec: Dict[str, Any], problems: List[str], adapter: Optional[str] = None) -> Dict[str, Any]:
     from edgepack_runner import GREEDY
 
     checks = spec.get("task_checks")
@@ -121,7 +131,7 @@ def task_checks(rt: Any, spec: Dict[str, Any], problems: List[str]) -> Dict[str,
     passed, failed = 0, []
     for c in checks["items"]:
         text = rt.generate(rt.from_ids(c["prompt_ids"]), len(c["prompt_ids"]), c["max_tokens"], GREEDY,
-                           _ignore)["text"]
+                           _ignore, **_with(adapter))["text"]
         if c["kind"] == "contains":
             ok = c["value"] in text
         elif c["kind"] == "regex":
@@ -165,8 +175,38 @@ def speed(rt: Any, spec: Dict[str, Any], tokens: int, logits: bool, problems: Li
     return out
 
 
-def check(spec: Dict[str, Any], tokens: Optional[int], threads: Optional[int]) -> tuple:
-    """(exit code, the smoke result)."""
+def adapter_checks(rt: Any, entry: Any, label: str, problems: List[str]) -> Dict[str, Any]:
+    """Checks 1-3 for one runtime adapter (a manifest "adapters" entry), against its own smoke section. Its
+    problems also go to `problems`, named by the adapter (`label`), so any adapter failing fails the smoke test."""
+    from edgepack_runner import adapter_names
+
+    name = entry.get("name") if isinstance(entry, dict) else None
+    mine: List[str] = []
+    out: Dict[str, Any] = {}
+    spec = entry.get("smoke") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name:
+        mine.append("the entry has no name")
+    elif name not in adapter_names(rt):
+        mine.append("not among the runtime's adapters (%s)" % (", ".join(adapter_names(rt)) or "none"))
+    elif not isinstance(spec, dict) or spec.get("schema") != SCHEMA:
+        mine.append("no smoke section this file can read (schema %r, this smoke_test.py reads %d)"
+                    % (spec.get("schema") if isinstance(spec, dict) else None, SCHEMA))
+    else:
+        try:
+            out.update(golden(rt, spec, mine, name))
+            out.update(quality(rt, spec, mine, name))
+            out.update(task_checks(rt, spec, mine, name))
+        except Exception as exc:  # one adapter's failure is reported; the others are still checked
+            mine.append("the runtime failed: %s: %s" % (type(exc).__name__, exc))
+    out.update(passed=not mine, problems=mine)
+    problems.extend("adapter %s: %s" % (label, p) for p in mine)
+    return out
+
+
+def check(spec: Dict[str, Any], tokens: Optional[int], threads: Optional[int],
+          adapters: Optional[List[Any]] = None) -> tuple:
+    """(exit code, the smoke result). `adapters`: the manifest's "adapters" entries, each checked after the base on
+    the model loaded once."""
     result: Dict[str, Any] = {"schema": SCHEMA, "ok": False, "bundle": None, "runtime": None}
     problems: List[str] = []
     try:
@@ -188,6 +228,12 @@ def check(spec: Dict[str, Any], tokens: Optional[int], threads: Optional[int]) -
                             problems))
     except Exception as exc:
         problems.append("the runtime failed: %s: %s" % (type(exc).__name__, exc))
+    if adapters:  # the key only for bundles with adapters: the results of the others are unchanged
+        result["adapters"] = {}
+        for i, entry in enumerate(adapters):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            label = name if isinstance(name, str) and name else "#%d" % i  # a nameless entry, by its position
+            result["adapters"][label] = adapter_checks(rt, entry, label, problems)
     result.update(ok=not problems, problems=problems)
     if problems:
         result["error"] = "; ".join(problems)
@@ -201,7 +247,11 @@ def main() -> int:
     args = ap.parse_args()
     try:
         with open(os.path.join(HERE, "edgepack.json")) as fh:
-            spec = json.load(fh)["smoke"]
+            manifest = json.load(fh)
+        spec = manifest["smoke"]
+        adapters = manifest.get("adapters") or []
+        if not isinstance(adapters, list):
+            raise ValueError("adapters is not a list")
         if spec.get("schema") != SCHEMA:
             raise ValueError("smoke schema %r, this smoke_test.py reads %d" % (spec.get("schema"), SCHEMA))
     except (OSError, ValueError, KeyError) as exc:
@@ -209,7 +259,7 @@ def main() -> int:
         print(json.dumps({"schema": SCHEMA, "ok": False, "bundle": None, "runtime": None, "error": error,
                           "problems": [error]}))
         return 2
-    code, result = check(spec, args.tokens, args.threads)
+    code, result = check(spec, args.tokens, args.threads, adapters)
     print(json.dumps(result))
     return code
 

@@ -401,3 +401,74 @@ def test_binding_beyond_loopback_without_a_key_is_refused(monkeypatch: pytest.Mo
                               threads=0)
     assert core.serve(Echo(), args) == 2
     assert "needs an API key" in capsys.readouterr().err
+
+
+class Tuned(Echo):
+    """Echo with two runtime adapters; records the keywords of each generate (base requests must pass none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kw: list[dict] = []
+
+    def adapter_names(self) -> list[str]:
+        return ["sql", "tone"]
+
+    def generate(self, prepared, n, max_new, sampling, on_text, **kw):  # type: ignore[no-untyped-def]
+        self.kw.append(kw)
+        return super().generate(prepared, n, max_new, sampling, on_text)
+
+
+def sse(srv: dict, path: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed reply, up to [DONE]."""
+    c = http.client.HTTPConnection("127.0.0.1", srv["port"], timeout=30)
+    c.request("POST", path, body=json.dumps(body))
+    r = c.getresponse()
+    assert r.status == 200
+    lines = r.read().decode().split("\n\n")
+    c.close()
+    assert lines[-2] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-2]]
+
+
+def test_models_lists_the_base_then_each_adapter() -> None:
+    with running(Tuned()) as srv:
+        status, _, body = request(srv, "GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in body["data"]] == ["echo", "sql", "tone"]
+        assert "parent" not in body["data"][0] and all(m["parent"] == "echo" and m["object"] == "model"
+                                                       and m["owned_by"] == "edgepack" for m in body["data"][1:])
+    with running() as srv:  # no adapters: the one model, as before
+        assert request(srv, "GET", "/v1/models")[2]["data"] == [
+            {"id": "echo", "object": "model", "created": 0, "owned_by": "edgepack"}]
+
+
+def test_a_request_for_an_adapter_generates_with_it_and_echoes_its_name() -> None:
+    rt = Tuned()
+    with running(rt) as srv:
+        status, _, body = request(srv, "POST", "/v1/completions", {"model": "sql", "prompt": "a b"})
+        assert status == 200 and body["model"] == "sql" and body["choices"][0]["text"] == " w0 w1 w2 w3", body
+        assert rt.kw == [{"adapter": "sql"}]
+        events = sse(srv, CHAT, {**chat(), "model": "tone", "stream": True, "stream_options": {"include_usage": True}})
+        assert len(events) >= 3 and "usage" in events[-1] and {e["model"] for e in events} == {"tone"}
+        assert rt.kw[-1] == {"adapter": "tone"}
+        for base in ({}, {"model": ""}, {"model": "echo"}):  # the base: generate gets no adapter keyword
+            status, _, body = request(srv, "POST", CHAT, {**chat(), **base})
+            assert status == 200 and body["model"] == "echo" and rt.kw[-1] == {}, (base, body)
+        text = srv["model"].metrics.text(0, False)
+        assert 'edgepack_model_requests_total{model="sql"} 1' in text
+        assert 'edgepack_model_requests_total{model="tone"} 1' in text
+        assert 'edgepack_model_requests_total{model="echo"} 3' in text
+
+
+def test_an_unknown_model_is_a_404_in_openai_shape() -> None:
+    rt = Tuned()
+    with running(rt) as srv:
+        for path, body in (("/v1/completions", {"model": "sq", "prompt": "a"}),
+                           (CHAT, {**chat(), "model": "sq", "stream": True})):
+            status, _, got = request(srv, "POST", path, body)
+            assert status == 404 and got == {"error": {
+                "message": "The model 'sq' does not exist; this server has: echo, sql, tone",
+                "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}, got
+        assert rt.kw == [] and request(srv, "GET", "/health")[0] == 200
+    with running() as srv:  # a bundle without adapters serves one model and ignores `model`, as it always has
+        status, _, got = request(srv, "POST", CHAT, {**chat(), "model": "gpt-4o"})
+        assert status == 200 and got["model"] == "echo"

@@ -141,3 +141,81 @@ def test_smoke_result_contract() -> None:
     assert not crashed.ok and "printed no result" in crashed.error and crashed.doc["exit_code"] == -1
     bad = SmokeResult.parse('{"ok": false, "error": "generated nothing", "problems": ["generated nothing"]}', 1)
     assert bad.problems == ("generated nothing",) and bad.error == "generated nothing"
+
+
+class Tuned(Chain):
+    """A runtime that carries one runtime adapter, "plus2": with it the model predicts (t + 2) % VOCAB after t.
+    Records the keywords of every logits/generate call, to tell base calls from adapter calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.loads = 0
+
+    def load(self, threads: int) -> None:
+        self.loads += 1
+
+    def adapter_names(self) -> list[str]:
+        return ["plus2"]
+
+    def logits(self, ids: list[int], **kw: Any) -> np.ndarray:
+        self.calls.append(("logits", kw))
+        step = 2 if kw.get("adapter") == "plus2" else 1
+        out = np.zeros((len(ids), VOCAB), np.float32)
+        for i, t in enumerate(ids):
+            out[i, (t + step) % VOCAB] = 5.0
+        return out
+
+    def generate(self, ids: list[int], n_prompt: int, max_new: int, sampling: dict, on_text: Any,
+                 **kw: Any) -> dict:
+        self.calls.append(("generate", kw))
+        step = 2 if kw.get("adapter") == "plus2" else 1
+        new = [(ids[-1] + step * (1 + i)) % VOCAB for i in range(max_new)]
+        return {"text": " ".join(map(str, new)), "new_tokens": len(new), "prefill_ms": 1.0,
+                "decode_tokens_per_s": 100.0}
+
+
+def adapter_entry(name: str = "plus2", **kw: Any) -> dict[str, Any]:
+    """A manifest "adapters" entry whose smoke section is what the "plus2" model reproduces (the base's schema)."""
+    check = [3, 5, 7, 9, 11, 13]
+    lp = smoke.log_softmax(Tuned().logits(check, adapter="plus2"))
+    checks = {"file": "c.jsonl", "build_passed": 1, "allowed_drop": 0, "items": [
+        {"id": "evens", "kind": "contains", "value": "4 6", "prompt_ids": [2], "max_tokens": 3, "float_text": ""}]}
+    s = spec(golden_tokens=[4, 6, 8], check_ids=check, build_ppl=float(np.exp(-lp[np.arange(5), check[1:]].mean())),
+             build_top1=[5, 7, 9, 11, 13], task_checks=checks)
+    return {"name": name, "file": f"adapters/{name}.onnx_adapter", "sha256": "0" * 64, "bytes": 1, "rank": 8,
+            "modules": ["q_proj"], "quality": {}, "smoke": {**s, **kw}}
+
+
+def run_adapters(rt: Any, adapters: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    sys.modules["run"] = types.SimpleNamespace(RUNTIME=rt)  # type: ignore[assignment]
+    try:
+        return smoke.check(spec(), None, None, adapters)  # type: ignore[no-any-return]
+    finally:
+        del sys.modules["run"]
+
+
+def test_each_adapter_is_checked_with_its_own_smoke_section_on_the_one_loaded_base() -> None:
+    rt = Tuned()
+    code, res = run_adapters(rt, [adapter_entry()])
+    assert code == 0 and res["ok"] and res["problems"] == [], res
+    got = res["adapters"]["plus2"]
+    assert got["passed"] and got["problems"] == [] and got["golden_match"] == got["golden_required"] == 3
+    assert abs(got["ppl_drift_pct"]) < 1e-6 and got["top1_vs_build"] == 1.0 and got["checks_passed"] == 1
+    assert res["golden_match"] == 3 and "tokens_per_s" in res and "tokens_per_s" not in got  # speed: base only
+    assert rt.loads == 1
+    # golden + quality logits and the task check's generate with adapter=plus2; the base's calls pass no keyword.
+    assert [c for c in rt.calls if c[1]] == [("logits", {"adapter": "plus2"})] * 2 + [("generate",
+                                                                                        {"adapter": "plus2"})]
+    assert sum(1 for c in rt.calls if not c[1]) == 3  # base: golden, quality, speed
+    assert "adapters" not in run_with(Chain(), spec())[1]  # a bundle without adapters: the result is as before
+
+
+def test_a_failing_adapter_fails_the_smoke_test_and_is_named() -> None:
+    code, res = run_adapters(Tuned(), [adapter_entry(golden_tokens=[4, 6, 9]), adapter_entry("gone")])
+    assert code == 1 and not res["ok"]
+    assert res["golden_match"] == 3  # the base itself passed
+    bad = res["adapters"]["plus2"]
+    assert not bad["passed"] and bad["golden_match"] == 2
+    assert "adapter plus2: at golden positions [2] the device picked [8] but the build recorded [9]" in res["error"]
+    assert not res["adapters"]["gone"]["passed"]  # listed in the manifest, not carried by the runtime
+    assert "adapter gone: not among the runtime's adapters (plus2)" in res["problems"]
