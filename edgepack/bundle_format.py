@@ -27,6 +27,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12}$")
 # A release folder on a device: the id, or id.N for a fresh copy of a release whose first copy went bad in use.
 FOLDER_RE = re.compile(r"^([a-z0-9][a-z0-9._-]{0,95}-[0-9a-f]{12})(\.[0-9]{1,4})?$")
+# A runtime adapter's name: adapters/NAME.onnx_adapter and the server's model id.
+ADAPTER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 
 DEFAULT_INSTALL_DIR = "~/edgepack"
 

@@ -312,6 +312,8 @@ def status_summary(st: dict[str, Any]) -> str:
     rows.append(f"service: {'running' if svc.get('running') else 'not running'} ({svc.get('supervisor')}"
                 f"{', pid ' + str(svc['pid']) if svc.get('pid') else ''}"
                 f"{', ' + svc['addr'] if svc.get('addr') else ''})")
+    if st.get("adapters"):
+        rows.append(f"adapters of current: {', '.join(st['adapters'])}")
     if st.get("locked_by"):
         h = st["locked_by"]
         rows.append(f"locked by `{h.get('command')}` from {h.get('host')} since {h.get('since')}")

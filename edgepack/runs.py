@@ -59,6 +59,7 @@ class RunRequest:
     system: str | None = None
     sampling: Sampling = Sampling()
     extra_args: tuple[str, ...] = ()
+    adapter: str | None = None  # a runtime LoRA adapter the bundle carries (its name); None = the base
 
 
 def bundle_python(bundle: Path) -> str:
@@ -104,7 +105,8 @@ def _run_folder(req: RunRequest) -> tuple[int, str]:
     import subprocess
 
     args = ["--prompt", req.prompt, *runner_flags(("--max-tokens", req.max_tokens), ("--json", req.json_output),
-                                                   ("--raw", req.raw), ("--system", req.system)),
+                                                   ("--raw", req.raw), ("--system", req.system),
+                                                   ("--adapter", req.adapter)),
             *req.sampling.args(), *req.extra_args]
     with runner_command(req.bundle, *args) as (cmd, env):
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest
-from edgepack.bundle_format import live_sentence
+from edgepack.bundle_format import ADAPTER_RE, live_sentence
 from edgepack.errors import DeviceLocked, EdgepackError, Interrupted, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote import preflight
@@ -177,6 +177,13 @@ class _Upload:
             return
         self.staging = str(got["staging_rel"])
         missing = {str(f["path"]) for f in got["missing"]}
+        absent = sorted(p for p in missing if not (self.bundle / p).is_file())
+        if absent and m.base_id:  # an adapter pack carries only its own files; the device must have the base's
+            raise UserError(f"{self.dev.conn.hostname} does not have the base bundle {m.base_id} this adapter pack "
+                            f"extends ({len(absent)} of its files are missing there, e.g. {absent[0]}). Nothing "
+                            "was written.", hint=f"Deploy the base bundle ({m.base_id}) to the device first, then "
+                                                 "the pack.", host=self.dev.conn.hostname, base=m.base_id,
+                            code="base_missing", missing=absent[:20])
         if got.get("reused"):
             self.progress(ProgressEvent("upload", f"{got['reused']} files ({got['reused_bytes'] / 1e6:.1f} MB) are "
                                                   "already on the device in another release: linked there, not sent"))
@@ -330,7 +337,9 @@ def status(conn: Connection, install_dir: str) -> dict[str, Any]:
         if res.stdout.strip() in ("active", "activating", "failed", "inactive") and res.exit_code != 127:
             service = {"supervisor": f"systemd ({service['unit_scope']})", "unit": service["unit"],
                        "state": res.stdout.strip(), "running": res.stdout.strip() == "active"}
-    return st | {"host": conn.hostname, "service": service}
+    # The device's answer is data: only names an adapter may have are shown.
+    adapters = [a for a in st.get("adapters") or [] if isinstance(a, str) and ADAPTER_RE.match(a)]
+    return st | {"host": conn.hostname, "service": service, "adapters": adapters}
 
 
 def rollback(conn: Connection, install_dir: str) -> dict[str, Any]:

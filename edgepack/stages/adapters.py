@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.bundle_format import ADAPTER_RE
 from edgepack.errors import ModelError, UserError
 from edgepack.fsutil import sha256_file
 from edgepack.progress import ProgressEvent, ProgressFn, silent
@@ -15,7 +16,6 @@ from edgepack.source import ModelSource
 from edgepack.stages.validate import QualityReport
 from edgepack.targets import TargetProfile
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 FOLDER = "adapters"
 LITERT_REFUSAL = ("LiteRT-LM applies LoRA adapters on its GPU backend only (measured on CPU: docs/models.md, "
                   "'Fine-tunes as runtime adapters'), and the LiteRT interpreter has no adapter inputs")
@@ -55,7 +55,7 @@ def parse(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, Path], ...]:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not ADAPTER_RE.match(name):
         raise UserError(f"{name!r} is not a usable adapter name.",
                         hint="Use 1-48 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit "
                              "(it becomes a file name and the server's model id).", adapter=name)

@@ -201,9 +201,22 @@ def status(install_dir):
                     holder = json.loads(fh.read() or "{}")
                 except ValueError:
                     holder = {}
-    return {"install_dir": root, "current": current_folder(root), "rollback_target": _rollback_target(root),
+    current = current_folder(root)
+    return {"install_dir": root, "current": current, "rollback_target": _rollback_target(root),
             "releases": _folders(root), "history": _history(root)[-10:], "locked_by": holder,
-            "partial": _staged(root)}
+            "partial": _staged(root), "adapters": _adapters(root, current)}
+
+
+def _adapters(root, folder):
+    """The runtime adapters of a release, by name, as its (verified at install) manifest lists them."""
+    if not folder:
+        return []
+    try:
+        with open(os.path.join(releases_dir(root), folder, "edgepack.json")) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return sorted(str(a.get("name")) for a in doc.get("adapters") or [] if isinstance(a, dict))
 
 
 def rollback(install_dir, op):
