@@ -284,7 +284,8 @@ def run(bundle: Path, prompt: str, max_tokens: int | None, raw: bool, system: st
     def go(_o: Output) -> tuple[Any, str]:
         _code, stdout = api.run(api.RunRequest(
             bundle=bundle, prompt=prompt, max_tokens=max_tokens, json_output=True, raw=raw, system=system,
-            adapter=adapter, sampling=api.Sampling(sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)))
+            adapter=adapter,
+            sampling=api.Sampling(sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)))
         data = json.loads(stdout.strip().splitlines()[-1])
         return data, data["text"] if not json_mode else ""
 
