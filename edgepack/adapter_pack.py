@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle import SIGNATURE, Manifest, verify_bundle, write_manifest
+from edgepack.bundle import MANIFEST, SIGNATURE, Manifest, verify_bundle, write_manifest
 from edgepack.errors import UserError
 from edgepack.fsutil import dir_bytes, staging_dir
 from edgepack.output import to_jsonable
@@ -30,7 +30,7 @@ class PackRequest:
     adapters: tuple[tuple[str, Path], ...]  # (NAME, PEFT folder)
     out: Path | None = None  # default: <bundle>.adapters-<names> beside the bundle
     model: str | None = None  # the float base for the gate; default: where the bundle's model came from
-    target: str | None = None  # the target profile for the gate's tolerances; default: the bundle's target id
+    target: str | None = None  # the target profile for the gate's tolerances; default: the one the bundle records
     eval_text: Path | None = None  # the adapters' own task text and checks
     checks: Path | None = None
     skip_validation: bool = False
@@ -53,7 +53,7 @@ class PackResult:
 def pack(req: PackRequest, progress: ProgressFn = silent) -> PackResult:
     from edgepack.models import resolve_model
     from edgepack.stages import adapters as adapter_stage
-    from edgepack.stages.resolve import profile
+    from edgepack.stages.resolve import built_with, profile, with_texts
     from edgepack.stages.sbom import build_sbom
 
     bundle = req.bundle.expanduser().resolve()
@@ -68,7 +68,8 @@ def pack(req: PackRequest, progress: ProgressFn = silent) -> PackResult:
                         hint="Build the base with --runtime-adapter NAME=DIR or --lora-slots all (`edgepack build "
                              "--lora-slots q_proj,v_proj,...`), deploy it once, then pack adapters for it.",
                         bundle=str(bundle))
-    target = profile(req.target or base.target_id, eval_text=req.eval_text, checks=req.checks)
+    target = (profile(req.target, eval_text=req.eval_text, checks=req.checks) if req.target else
+              with_texts(built_with(bundle / MANIFEST, dict(base.doc)), req.eval_text, req.checks))
     source = resolve_model(req.model or str(base.doc["model"]["origin"]), progress=progress)
     if source.weights_sha256 != base.doc["model"]["weights_sha256"]:
         raise UserError(f"{source.name} is not the model {bundle.name} was built from (weights sha256 "

@@ -23,7 +23,8 @@ def adapter() -> None:
               help="The pack folder (default: <bundle>.adapters-<names> beside the bundle).")
 @click.option("--model", help="The float model the bundle was built from, for the gate (default: the bundle's "
                               "model origin).")
-@click.option("--target", help="Target id or .toml for the gate's tolerances (default: the bundle's target).")
+@click.option("--target", help="Target id or .toml for the gate's tolerances (default: the profile the bundle "
+                               "records).")
 @click.option("--eval-text", type=click.Path(path_type=Path), help="Gate the adapters on this text of their task.")
 @click.option("--checks", "checks_file", type=click.Path(path_type=Path),
               help="A JSONL file of the adapters' task checks, gated and re-run on the device.")

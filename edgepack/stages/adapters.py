@@ -17,8 +17,10 @@ from edgepack.stages.validate import QualityReport
 from edgepack.targets import TargetProfile
 
 FOLDER = "adapters"
-LITERT_REFUSAL = ("LiteRT-LM applies LoRA adapters on its GPU backend only (measured on CPU: docs/models.md, "
-                  "'Fine-tunes as runtime adapters'), and the LiteRT interpreter has no adapter inputs")
+LITERT_REFUSAL = ("LiteRT-LM documents runtime LoRA for its GPU backend; on CPU (measured with litert-lm 0.18.1, "
+                  "docs/models.md) it applies one only to a model whose signatures and adapter file are rewritten "
+                  "by hand, at ranks 16 and 32, attention only, and litert-torch cannot export it for grouped-query "
+                  "attention")
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,28 @@ def profile(target_ref: str, *, fmt: str | None = None, eval_text: Path | None =
     target = check_profile(with_format(load_target(target_ref), fmt))
     if tune:
         check_candidates(target)  # every candidate now, not the fourth one an hour into the tune
+    return with_texts(target, eval_text, checks)
+
+
+def with_texts(target: TargetProfile, eval_text: Path | None, checks: Path | None) -> TargetProfile:
+    """The user's evaluation text and task checks (--eval-text, --checks) in place of the target's."""
     if eval_text is not None or checks is not None:
         q = target.quality
         target = dataclasses.replace(target, quality=dataclasses.replace(
             q, eval_text=str(eval_text.expanduser().resolve()) if eval_text else q.eval_text,
             checks=str(checks.expanduser().resolve()) if checks else q.checks))
     return target
+
+
+def built_with(manifest_path: Path, doc: dict[str, Any]) -> TargetProfile:
+    """The target profile a bundle was built with, as its manifest records it (less the evaluation text and checks,
+    which it names but does not carry)."""
+    from edgepack.backends import check_profile
+    from edgepack.targets import parse_target
+
+    data = {k: v for k, v in doc["target"]["profile"].items() if k not in ("id", "source", "tune")}
+    data["quality"] = {**data.get("quality", {}), "eval_text": "", "checks": ""}
+    return check_profile(parse_target(data, target_id=str(doc["target"]["id"]), source=str(manifest_path)))
 
 
 def resolve(model: str, target: TargetProfile, *, adapter: Path | None = None, context: int = 0,
