@@ -166,41 +166,52 @@ def test_a_litert_target_refuses_runtime_adapters_and_offers_the_merged_build(ti
 
 # -- packs to a device ------------------------------------------------------------------------------------------
 
-@needs_sshd
-def test_a_second_adapter_ships_in_a_small_signed_pack_and_keeps_the_first(tiny_model: Path, tiny_target: Path,
-                                                                           adapters: dict[str, Path], device: dict,
-                                                                           tmp_path: Path) -> None:
-    from .test_device_safety import current, deploy, rewritten
+@pytest.fixture(scope="module")
+def signed_base_and_pack(tiny_model: Path, tiny_target: Path, adapters: dict[str, Path],
+                         tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An int4 base with adapter "one" and vendored wheels, and a pack that adds "two"; both signed."""
     from .test_signatures_hold import keypair
 
-    key, pub = keypair(tmp_path)
-    proc = cli("--json", "build", str(tiny_model), "--target", str(tiny_target), "--out", str(tmp_path / "dist"),
+    root = tmp_path_factory.mktemp("packs")
+    key, pub = keypair(root)
+    proc = cli("--json", "build", str(tiny_model), "--target", str(tiny_target), "--out", str(root / "dist"),
                "--runtime-adapter", f"one={adapters['one']}", "--sign", str(key))
-    base = Path(envelope(proc)["result"]["bundle"])
+    doc = envelope(proc)
+    assert proc.returncode == 0, (doc["error"], proc.stderr[-2000:])
+    base = Path(doc["result"]["bundle"])
+    proc = cli("--json", "adapter", "pack", str(base), f"two={adapters['two']}", "--sign", str(key), "--out",
+               str(root / "pack-two"))
+    made = envelope(proc)
+    assert proc.returncode == 0, (made["error"], proc.stderr[-2000:])
+    assert made["result"]["adapters"] == ["one", "two"] and made["result"]["base_id"] == doc["result"]["bundle_id"]
+    return {"base": base, "base_id": doc["result"]["bundle_id"], "pack": Path(made["result"]["pack"]),
+            "pack_id": made["result"]["bundle_id"], "key": key, "pub": pub, "root": root}
+
+
+@needs_sshd
+def test_a_second_adapter_ships_in_a_small_signed_pack_and_keeps_the_first(signed_base_and_pack: dict,
+                                                                           device: dict, tmp_path: Path) -> None:
+    from .test_device_safety import current, deploy, rewritten
+
+    s = signed_base_and_pack
+    base, pack, pub = s["base"], s["pack"], s["pub"]
+    proc, out = deploy(device, "--require-signature", pub, str(pack))  # no base there yet: refused, nothing sent
+    assert proc.returncode == 1 and out["error"]["code"] == "base_missing", out["error"]
+    assert s["base_id"] in out["error"]["message"] and not (Path(device["install_dir"]) / "current").exists()
     first, doc = deploy(device, "--require-signature", pub, str(base))
     assert first.returncode == 0, (doc["error"], first.stderr[-2000:])
     base_bytes = sum(f["bytes"] for f in json.loads((base / "edgepack.json").read_text())["files"])
-
-    proc = cli("--json", "adapter", "pack", str(base), f"two={adapters['two']}", "--sign", str(key), "--out",
-               str(tmp_path / "pack-two"))
-    made = envelope(proc)
-    assert proc.returncode == 0, (made["error"], proc.stderr[-2000:])
-    pack = Path(made["result"]["pack"])
-    assert made["result"]["adapters"] == ["one", "two"] and made["result"]["base_id"] == doc["result"]["bundle_id"]
-
-    # Tampered (the adapter changed, the manifest rewritten to match, so unsigned) and unsigned packs: refused.
+    # Tampered (the adapter changed, the manifest rewritten to match, so unsigned): refused, nothing changes.
     evil = rewritten(pack, tmp_path / "evil", lambda d: (d / "adapters" / "two.onnx_adapter").write_bytes(
         (d / "adapters" / "two.onnx_adapter").read_bytes()[:-8] + b"\0" * 8))
-    for bad in (evil,):
-        proc, out = deploy(device, "--require-signature", pub, str(bad))
-        assert proc.returncode != 0 and out["error"]["code"] in ("signature_missing", "signature_invalid",
-                                                                 "unsigned"), out["error"]
-        assert current(device).endswith(doc["result"]["bundle_id"])
+    proc, out = deploy(device, "--require-signature", pub, str(evil))
+    assert proc.returncode == 1 and out["error"]["code"].startswith("signature"), out["error"]
+    assert current(device).endswith(s["base_id"])
 
     second, out = deploy(device, "--require-signature", pub, str(pack))
     assert second.returncode == 0, (out["error"], second.stderr[-2000:])
     res = out["result"]
-    assert res["bundle_id"] == made["result"]["bundle_id"] and res["uploaded_bytes"] < 0.05 * base_bytes
+    assert res["bundle_id"] == s["pack_id"] and res["uploaded_bytes"] < 0.05 * base_bytes
     assert res["smoke"]["ok"] and set(res["smoke"]["adapters"]) == {"one", "two"}
     status = envelope(cli("--json", "status", *device["args"]))["result"]
     assert status["adapters"] == ["one", "two"] and status["current"] == res["bundle_id"]
@@ -213,4 +224,36 @@ def test_a_second_adapter_ships_in_a_small_signed_pack_and_keeps_the_first(tiny_
         assert r.returncode == 0 and json.loads(r.stdout)["adapter"] == name, r.stderr[-1000:]
     # Rolled back like a release: the base with its first adapter is live again.
     back = envelope(cli("--json", "rollback", *device["args"]))
-    assert back["ok"] and current(device).endswith(doc["result"]["bundle_id"])
+    assert back["ok"] and current(device).endswith(s["base_id"])
+
+
+@needs_sshd
+@pytest.mark.skipif(not has("ansible"), reason="needs the [fleet] extra (ansible-core)")
+def test_a_fleet_rolls_a_pack_out_to_boards_with_its_base_and_stops_on_one_without(signed_base_and_pack: dict,
+                                                                                  tmp_path: Path) -> None:
+    from ..sshd import make_server
+    from .test_fleet import rollout, rows
+    from .test_fleet_as_one_deploy import current, inventory_line, one_deploy
+
+    s = signed_base_and_pack
+    boards = [make_server(tmp_path / f"sshd{i}") for i in range(2)]
+    for b in boards:
+        b.start()
+    try:
+        kh = tmp_path / "known_hosts"
+        kh.write_text("".join(b.host_key_line() for b in boards))
+        installs = [tmp_path / f"board{i}" / "edgepack" for i in range(2)]
+        proc = one_deploy(boards[0], s["base"], installs[0], "--known-hosts", str(kh))
+        assert proc.returncode == 0, envelope(proc)["error"]
+        inv = tmp_path / "inventory.ini"
+        inv.write_text("[boards]\n" + "".join(inventory_line(b, i).replace("board ", f"board{n} ", 1) + "\n"
+                                              for n, (b, i) in enumerate(zip(boards, installs, strict=True))))
+        proc, doc = rollout(inv, kh, s["pack"], "--canary", "0", "--batch", "100%", "--max-fail", "50%",
+                            "--require-signature", s["pub"])
+        got = rows(doc)
+        assert got["board0"]["state"] == "done" and current(installs[0]) == s["pack_id"], got
+        assert got["board1"]["state"] == "failed" and got["board1"]["error"]["code"] == "base_missing"
+        assert not (installs[1] / "current").exists()
+    finally:
+        for b in boards:
+            b.stop()
