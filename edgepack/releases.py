@@ -78,6 +78,11 @@ def _deploy_folder(req: DeployRequest, bundle: Path, progress: ProgressFn) -> An
     if req.via == "adb":
         from edgepack.remote.adb import deploy_adb
 
+        if manifest.base_id:
+            raise UserError(f"{bundle.name} is an adapter pack; over adb a phone gets whole bundles.",
+                            hint="Build the bundle with all its adapters (edgepack build --runtime-adapter NAME=DIR "
+                                 "...) and deploy that, or deploy the pack over SSH (--host).", code="invalid_input")
+
         return deploy_adb(bundle, manifest, manifest_bytes, serial=req.device.host or None, trusted=trusted,
                           signature=signature, progress=progress)
     with Connection(device) as conn:
