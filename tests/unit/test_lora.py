@@ -56,8 +56,9 @@ def test_q_and_v_adapters_packed_into_one_slot_add_exactly_their_two_branches(tm
     model = qkv_graph(tmp_path / "m", w)
     prefix = "base_model.model.model.layers.0.self_attn"
     a_q, b_q, a_v, b_v = (rng.standard_normal(s) for s in ((2, K), (4, 2), (2, K), (2, 2)))
-    folder = peft_folder(tmp_path / "ad", {f"{prefix}.q_proj.lora_A.weight": a_q, f"{prefix}.q_proj.lora_B.weight": b_q,
-                                           f"{prefix}.v_proj.lora_A.weight": a_v, f"{prefix}.v_proj.lora_B.weight": b_v})
+    folder = peft_folder(tmp_path / "ad", {
+        f"{prefix}.q_proj.lora_A.weight": a_q, f"{prefix}.q_proj.lora_B.weight": b_q,
+        f"{prefix}.v_proj.lora_A.weight": a_v, f"{prefix}.v_proj.lora_B.weight": b_v})
     spec = lora.read_spec("ad", folder)
     assert spec.slots == ("attn/qkv_proj",) and spec.scale == 2.0
     assert lora.add_slots(model, spec.slots) == 1
