@@ -7,9 +7,10 @@ onnxruntime-genai overrides them per generator from an `.onnx_adapter` file (`og
 without reloading. The rank is a symbolic dimension: any rank fits, and only the modules decide whether an
 adapter fits a base.
 
-The builder packs q, k and v into one `attn/qkv_proj` MatMul; a PEFT adapter's q/k/v pairs become one pair for it:
-A = [A_q | A_k | A_v] side by side, B block-diagonal onto the q, k and v columns, which is exactly the sum of the
-three branches. The LoRA scale (lora_alpha / r, or / sqrt(r) with rsLoRA) is folded into B.
+Slots are per PEFT module. The builder packs q, k and v into one `attn/qkv_proj` MatMul: its slot is three
+branches, one per module, whose outputs are concatenated onto the q, k and v columns (so a base with a slot for
+one of them has all three; an adapter that leaves one out leaves its branch at rank 0). The LoRA scale
+(lora_alpha / r, or / sqrt(r) with rsLoRA) is folded into B; the file holds exactly the adapter's parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgepack.errors import ModelError, UserError
 SLOT_OF = {"q_proj": "attn/qkv_proj", "k_proj": "attn/qkv_proj", "v_proj": "attn/qkv_proj",
            "o_proj": "attn/o_proj", "gate_proj": "mlp/gate_proj", "up_proj": "mlp/up_proj",
            "down_proj": "mlp/down_proj"}
+PACKED = {"attn/qkv_proj": ("q_proj", "k_proj", "v_proj")}  # one MatMul, its modules in column order
 SUFFIX = ".onnx_adapter"
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
@@ -47,7 +49,8 @@ class AdapterSpec:
 
     @property
     def slots(self) -> tuple[str, ...]:
-        return tuple(sorted({SLOT_OF[m] for m in self.modules}))
+        """The slots (module names) a base needs for this adapter."""
+        return slots_of(self.modules)
 
 
 def read_spec(name: str, folder: Path) -> AdapterSpec:
@@ -80,23 +83,28 @@ def read_spec(name: str, folder: Path) -> AdapterSpec:
 
 
 def slots_of(modules: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """PEFT module names (or "all") → the graph's slot paths; an unknown name is a UserError listing the known."""
+    """PEFT module names (or "all") → the slots a base gets for them (q, k and v go together: one packed MatMul);
+    an unknown name is a UserError listing the known."""
     if list(modules) == ["all"]:
         modules = list(SLOT_OF)
     unknown = [m for m in modules if m not in SLOT_OF]
     if unknown:
         raise UserError(f"{', '.join(unknown)} is not a module a LoRA slot can adapt.",
                         hint=f"Name some of {', '.join(SLOT_OF)}, or all.", modules=list(modules))
-    return tuple(sorted({SLOT_OF[m] for m in modules}))
+    out = {m for m in modules}
+    for members in PACKED.values():
+        if out & set(members):
+            out |= set(members)
+    return tuple(m for m in SLOT_OF if m in out)
 
 
-def slot_input(layer: int, slot: str, which: str) -> str:
-    return f"model.layers.{layer}.{slot.replace('/', '.')}.lora_{which}"
+def slot_input(layer: int, module: str, which: str) -> str:
+    return f"model.layers.{layer}.{SLOT_OF[module].split('/')[0]}.{module}.lora_{which}"
 
 
-def add_slots(model_dir: Path, slots: tuple[str, ...]) -> int:
-    """Adds a LoRA slot beside every quantized or float MatMul at `slots` in each layer; returns how many.
-    Only model.onnx's graph changes: the weights file is untouched, the defaults are rank-0 (empty) tensors."""
+def add_slots(model_dir: Path, modules: tuple[str, ...]) -> int:
+    """Adds a LoRA slot for each module (slots_of) beside its MatMul in every layer; returns how many MatMuls got
+    one. Only model.onnx's graph changes: the weights file is untouched, the defaults are rank-0 (empty) tensors."""
     import onnx
     from onnx import helper
 
@@ -105,7 +113,9 @@ def add_slots(model_dir: Path, slots: tuple[str, ...]) -> int:
     graph = model.graph
     dtype = graph.output[0].type.tensor_type.elem_type  # the graph's activations: float32 on CPU, float16 on CUDA
     width = _widths(graph)
-    pattern = re.compile(r"^/model/layers\.(\d+)/(" + "|".join(re.escape(s) for s in slots) + r")/MatMul")
+    columns = _columns(model_dir)
+    paths = sorted({SLOT_OF[m] for m in modules})
+    pattern = re.compile(r"^/model/layers\.(\d+)/(" + "|".join(re.escape(p) for p in paths) + r")/MatMul")
     nodes: list[Any] = []
     count = 0
     for node in graph.node:
@@ -113,23 +123,33 @@ def add_slots(model_dir: Path, slots: tuple[str, ...]) -> int:
         hit = pattern.match(node.name) if node.op_type in ("MatMulNBits", "MatMul") else None
         if not hit:
             continue
-        layer, slot = int(hit.group(1)), hit.group(2)
+        layer, where = int(hit.group(1)), hit.group(2)
         k, n = width(node)
-        a, b = slot_input(layer, slot, "A"), slot_input(layer, slot, "B")
-        for name, shape in ((a, [k, 0]), (b, [0, n])):
-            graph.initializer.append(helper.make_tensor(name, dtype, shape, []))
-            graph.input.append(helper.make_tensor_value_info(name, dtype, [shape[0] or "lora_rank",
-                                                                            shape[1] or "lora_rank"]))
+        members = PACKED.get(where) or tuple(m for m in modules if SLOT_OF[m] == where)
+        prefix = f"/model/layers.{layer}/{where}/lora"
+        deltas = []
+        for m in members:
+            a, b = slot_input(layer, m, "A"), slot_input(layer, m, "B")
+            n_m = columns[m][1] if m in columns and where in PACKED else n
+            for name, shape in ((a, [k, 0]), (b, [0, n_m])):
+                graph.initializer.append(helper.make_tensor(name, dtype, shape, []))
+                graph.input.append(helper.make_tensor_value_info(name, dtype, [shape[0] or "lora_rank",
+                                                                                shape[1] or "lora_rank"]))
+            nodes += [helper.make_node("MatMul", [node.input[0], a], [f"{prefix}/{m}/xA"], name=f"{prefix}/{m}/A"),
+                      helper.make_node("MatMul", [f"{prefix}/{m}/xA", b], [f"{prefix}/{m}/xAB"],
+                                       name=f"{prefix}/{m}/B")]
+            deltas.append(f"{prefix}/{m}/xAB")
+        if len(deltas) > 1:
+            nodes.append(helper.make_node("Concat", deltas, [f"{prefix}/delta"], name=f"{prefix}/Concat", axis=-1))
+            delta = f"{prefix}/delta"
+        else:
+            delta = deltas[0]
         out = node.output[0]
-        base_out = f"{out}/base"
-        node.output[0] = base_out
-        prefix = f"/model/layers.{layer}/{slot}/lora"
-        nodes += [helper.make_node("MatMul", [node.input[0], a], [f"{prefix}/xA"], name=f"{prefix}/MatMul_A"),
-                  helper.make_node("MatMul", [f"{prefix}/xA", b], [f"{prefix}/xAB"], name=f"{prefix}/MatMul_B"),
-                  helper.make_node("Add", [base_out, f"{prefix}/xAB"], [out], name=f"{prefix}/Add")]
+        node.output[0] = f"{out}/base"
+        nodes.append(helper.make_node("Add", [f"{out}/base", delta], [out], name=f"{prefix}/Add"))
         count += 1
     if count == 0:
-        raise UserError(f"the exported graph has no MatMul at {', '.join(slots)} to give a LoRA slot.",
+        raise UserError(f"the exported graph has no MatMul at {', '.join(paths)} to give a LoRA slot.",
                         hint="This exporter's graph is not the onnxruntime-genai builder's; report it.")
     del graph.node[:]
     graph.node.extend(nodes)
@@ -138,6 +158,14 @@ def add_slots(model_dir: Path, slots: tuple[str, ...]) -> int:
     onnx.save_model(model, str(tmp))
     tmp.replace(path)
     return count
+
+
+def _columns(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """(first column, width) of q, k and v in the packed qkv MatMul's output (genai_config's attention shape)."""
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    head, heads, kv = config["head_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    return {"q_proj": (0, heads * head), "k_proj": (heads * head, kv * head),
+            "v_proj": ((heads + kv) * head, kv * head)}
 
 
 def _widths(graph: Any) -> Any:
@@ -162,6 +190,12 @@ def base_slots(model_dir: Path) -> dict[str, list[int]]:
     return {i.name: list(i.dims) for i in graph.initializer if re.search(r"\.lora_[AB]$", i.name)}
 
 
+def slot_modules(model_dir: Path) -> tuple[str, ...]:
+    """The modules a base graph has slots for, in SLOT_OF's order."""
+    names = {re.sub(r"^model\.layers\.\d+\.\w+\.|\.lora_[AB]$", "", s) for s in base_slots(model_dir)}
+    return tuple(m for m in SLOT_OF if m in names)
+
+
 def write_adapter(spec: AdapterSpec, model_dir: Path, out: Path) -> dict[str, Any]:
     """The PEFT adapter as an `.onnx_adapter` for this base's slots; a module or layer the base has no slot for is
     a ModelError naming both. Returns what the manifest records of it."""
@@ -177,44 +211,33 @@ def write_adapter(spec: AdapterSpec, model_dir: Path, out: Path) -> dict[str, An
                          hint="Save it again with `model.save_pretrained(folder)` (safetensors is its default).",
                          adapter=spec.name)
     slots = base_slots(model_dir)
-    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    head, heads, kv = config["head_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    columns = {"q_proj": (0, heads * head), "k_proj": (heads * head, kv * head),
-               "v_proj": ((heads + kv) * head, kv * head)}
-    pairs: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    pairs: dict[tuple[int, str], dict[str, Any]] = {}
     for key, value in load_file(str(weights)).items():
         m = _KEY.search(key)
         if not m:
             raise ModelError(f"the adapter {spec.name} has a tensor {key} that is not a layer's LoRA matrix.",
                              hint="Runtime adapters carry q/k/v/o and MLP LoRA matrices only; merge it with "
                                   "--adapter instead.", adapter=spec.name)
-        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        pairs.setdefault((layer, SLOT_OF[module]), {}).setdefault(module, {})[which] = value.astype(np.float32)
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.astype(np.float32)
     dtype = np.float16 if _float16(model_dir) else np.float32
     params: dict[str, Any] = {}
-    for (layer, slot), modules in sorted(pairs.items()):
-        a_name, b_name = slot_input(layer, slot, "A"), slot_input(layer, slot, "B")
+    for (layer, module), pair in sorted(pairs.items()):
+        a_name, b_name = slot_input(layer, module, "A"), slot_input(layer, module, "B")
         if a_name not in slots:
-            have = sorted({re.sub(r"^model\.layers\.\d+\.|\.lora_[AB]$", "", s).replace(".", "/") for s in slots})
-            raise ModelError(f"the adapter {spec.name} adapts {slot} of layer {layer}, but this base has LoRA "
+            have = list(slot_modules(model_dir))
+            raise ModelError(f"the adapter {spec.name} adapts {module} of layer {layer}, but this base has LoRA "
                              f"slots for {', '.join(have) or 'nothing'}.",
-                             hint=f"Build the base again with --runtime-adapter {spec.name}=... among its "
-                                  "adapters, so the base gets slots for its modules.",
+                             hint=f"Build the base again with --runtime-adapter {spec.name}=... among its adapters (or "
+                                  "--lora-slots all), so the base gets slots for its modules.",
                              adapter=spec.name, adapter_modules=list(spec.modules), base_slots=have)
-        k, n = slots[a_name][0], slots[b_name][1]
-        names = sorted(modules)
-        a = np.concatenate([modules[mod]["A"].T for mod in names], axis=1)  # [K, sum r]
-        b = np.zeros((a.shape[1], n), np.float32)
-        row = 0
-        for mod in names:
-            lb = modules[mod]["B"] * spec.scale  # [N_mod, r]
-            col, width = columns[mod] if slot == "attn/qkv_proj" else (0, n)
-            b[row:row + lb.shape[1], col:col + width] = lb.T
-            row += lb.shape[1]
-        if a.shape[0] != k:
-            raise ModelError(f"the adapter {spec.name}'s {slot} of layer {layer} takes {a.shape[0]} inputs; "
-                             f"the base's takes {k}.", hint="Pass the base model the adapter was trained on.",
-                             adapter=spec.name)
+        if set(pair) != {"A", "B"}:
+            raise ModelError(f"the adapter {spec.name} has only lora_{''.join(pair)} for {module} of layer {layer}.",
+                             hint="The adapter folder is incomplete; save it again.", adapter=spec.name)
+        a, b = pair["A"].T, pair["B"].T * spec.scale  # [K, r], [r, N]
+        if a.shape[0] != slots[a_name][0] or b.shape[1] != slots[b_name][1]:
+            raise ModelError(f"the adapter {spec.name}'s {module} of layer {layer} is {a.shape[0]}→{b.shape[1]}; "
+                             f"the base's is {slots[a_name][0]}→{slots[b_name][1]}.",
+                             hint="Pass the base model the adapter was trained on.", adapter=spec.name)
         params[a_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a.astype(dtype)))
         params[b_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b.astype(dtype)))
     fmt = ort.AdapterFormat()

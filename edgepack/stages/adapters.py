@@ -3,7 +3,6 @@ quantized base + adapter against its float merged model (the adapter's own task:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,19 +79,18 @@ def build(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, P
     from edgepack.backends import lora
 
     specs = [lora.read_spec(name, folder) for name, folder in adapters]
-    paths = tuple(sorted({s for spec in specs for s in spec.slots} | set(lora.slots_of(slots) if slots else ())))
-    n = lora.add_slots(model_dir, paths)
-    progress(ProgressEvent("adapters", f"{n} LoRA slots at {', '.join(paths)} in the base graph"))
+    modules = lora.slots_of([m for spec in specs for m in spec.modules] + list(slots))
+    n = lora.add_slots(model_dir, modules)
+    progress(ProgressEvent("adapters", f"LoRA slots for {', '.join(modules)} at {n} MatMuls of the base graph"))
     return adapters_for(base, target, adapters, model_dir, bundle_dir, context=context, gate=gate,
                         progress=progress)
 
 
 def slots_in(model_dir: Path) -> tuple[str, ...]:
-    """The slot paths a base graph has ("attn/qkv_proj", ...)."""
+    """The modules a base graph has LoRA slots for (q_proj, ...)."""
     from edgepack.backends import lora
 
-    return tuple(sorted({re.sub(r"^model\.layers\.\d+\.|\.lora_[AB]$", "", s).replace(".", "/")
-                         for s in lora.base_slots(model_dir)}))
+    return lora.slot_modules(model_dir)
 
 
 def adapters_for(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, Path], ...],

@@ -150,7 +150,7 @@ def test_an_adapter_the_base_has_no_slots_for_is_refused_naming_both(two_adapter
     doc = envelope(proc)
     assert proc.returncode == 1, proc.stderr[-2000:]
     msg = doc["error"]["message"]
-    assert "wide" in msg and "attn/o_proj" in msg and "attn/qkv_proj" in msg and "mlp/down_proj" in msg
+    assert "wide" in msg and "adapts o_proj" in msg and "slots for q_proj, k_proj, v_proj, down_proj" in msg
     assert "--runtime-adapter" in doc["error"]["hint"] and not (tmp_path / "pack").exists()
 
 

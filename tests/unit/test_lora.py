@@ -60,10 +60,10 @@ def test_q_and_v_adapters_packed_into_one_slot_add_exactly_their_two_branches(tm
         f"{prefix}.q_proj.lora_A.weight": a_q, f"{prefix}.q_proj.lora_B.weight": b_q,
         f"{prefix}.v_proj.lora_A.weight": a_v, f"{prefix}.v_proj.lora_B.weight": b_v})
     spec = lora.read_spec("ad", folder)
-    assert spec.slots == ("attn/qkv_proj",) and spec.scale == 2.0
+    assert spec.slots == ("q_proj", "k_proj", "v_proj") and spec.scale == 2.0
     assert lora.add_slots(model, spec.slots) == 1
     facts = lora.write_adapter(spec, model, tmp_path / "ad.onnx_adapter")
-    assert facts["parameters"] == K * 4 + 4 * 8  # A [K, 2+2], B [2+2, 8]: q's and v's ranks side by side
+    assert facts["parameters"] == (K * 2 + 2 * 4) + (K * 2 + 2 * 2)  # exactly q's and v's pairs, nothing padded
 
     x = rng.standard_normal((1, 3, K)).astype(np.float32)
     session = ort.InferenceSession(str(model / "model.onnx"))
@@ -82,14 +82,14 @@ def test_an_adapter_for_a_module_the_base_has_no_slot_for_names_both(tmp_path: P
     from edgepack.backends import lora
 
     model = qkv_graph(tmp_path / "m", np.ones((K, 8)))
-    lora.add_slots(model, ("attn/qkv_proj",))
+    lora.add_slots(model, lora.slots_of(["q_proj"]))
     folder = peft_folder(tmp_path / "ad", {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight":
                                            np.ones((2, K)),
                                            "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight":
                                            np.ones((8, 2))}, target_modules=["o_proj"])
     with pytest.raises(ModelError) as err:
         lora.write_adapter(lora.read_spec("ad", folder), model, tmp_path / "ad.onnx_adapter")
-    assert "attn/o_proj" in err.value.message and "attn/qkv_proj" in err.value.message
+    assert "adapts o_proj" in err.value.message and "slots for q_proj, k_proj, v_proj" in err.value.message
     assert not (tmp_path / "ad.onnx_adapter").exists()
 
 
@@ -113,8 +113,8 @@ def test_names_and_folders_on_the_command_line(tmp_path: Path) -> None:
     for bad in (["nodir"], ["=x"], ["A=x"], ["a=x", "a=y"], ["../a=x"]):
         with pytest.raises(UserError):
             parse(bad)
-    assert slots_of(["all"]) == ("attn/o_proj", "attn/qkv_proj", "mlp/down_proj", "mlp/gate_proj", "mlp/up_proj")
-    assert slots_of(["k_proj", "v_proj"]) == ("attn/qkv_proj",)
+    assert slots_of(["all"]) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert slots_of(["down_proj", "v_proj"]) == ("q_proj", "k_proj", "v_proj", "down_proj")  # q, k, v: one MatMul
     with pytest.raises(UserError):
         slots_of(["lm_head"])
 
