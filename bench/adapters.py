@@ -2,11 +2,12 @@
 adapter, and the cost of switching adapters between requests, through onnxruntime-genai as the bundle runs it.
 
     python bench/adapters.py [--model smollm2-135m] [--target host] [--rank 16] [--adapters 4] [--reps 5]
-                             [--out bench/results/adapters.json]
+                             [--rounds 3] [--out bench/results/adapters.json]
 
 Makes `--adapters` random PEFT LoRA adapters (rank `--rank`, all seven projection modules, nothing trained) and
 builds, with the CLI, a base with all of them as runtime adapters, the first one merged (`--adapter`), and the plain
-base. Each measurement runs in a fresh process (peak RSS is the process's own): decode tokens/s of the plain base,
+base. Each measurement runs in a fresh process, on one thread, `--rounds` times interleaved (the median is kept):
+decode tokens/s of the plain base,
 the base with slots and no adapter, the base with adapter 0 active, and the merged build; RSS after loading the base
 and after each adapter; the time to the first token of a request with and without an adapter, alternating adapters.
 Speeds are ratios against the plain base measured in the same run."""
@@ -43,7 +44,10 @@ def measure(bundle: Path, adapter: str | None, reps: int, tokens: int, load_all:
     import onnxruntime_genai as og
 
     before = rss_mb()
-    model = og.Model(str(bundle / "model"))
+    config = og.Config(str(bundle / "model"))  # one thread: a 2-core machine's timings are steadier
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1,
+                                                                          "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
     tok = og.Tokenizer(model)
     loaded = rss_mb()
     adapters, per_adapter = None, []
@@ -132,6 +136,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per configuration, interleaved")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
@@ -153,11 +158,16 @@ def main() -> None:
         merged, merged_s = cli("build", a.model, "--target", a.target, "--out", str(tmp / "merged"), "--no-wheels",
                                "--adapter", str(loras[0]))
         b_plain, b_slots, b_merged = (Path(r["bundle"]) for r in (plain, slots, merged))
-        runs = {"plain base": in_fresh_process(b_plain, None, a.reps, a.tokens, False),
-                "base with slots, no adapter": in_fresh_process(b_slots, None, a.reps, a.tokens, False),
-                "base with slots, adapter a0": in_fresh_process(b_slots, "a0", a.reps, a.tokens, False),
-                "merged a0": in_fresh_process(b_merged, None, a.reps, a.tokens, False),
-                "all adapters loaded": in_fresh_process(b_slots, None, a.reps, a.tokens, True)}
+        configs = {"plain base": (b_plain, None, False), "base with slots, no adapter": (b_slots, None, False),
+                   "base with slots, adapter a0": (b_slots, "a0", False), "merged a0": (b_merged, None, False),
+                   "all adapters loaded": (b_slots, None, True)}
+        rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
+        for _ in range(a.rounds):  # interleaved, each in a fresh process: drift hits every configuration alike
+            for k, (b, adapter, load_all) in configs.items():
+                rounds[k].append(in_fresh_process(b, adapter, a.reps, a.tokens, load_all))
+        runs = {k: v[-1] | {"decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in v),
+                            "decode_tokens_per_s_rounds": [r["decode_tokens_per_s"] for r in v]}
+                for k, v in rounds.items()}
         ref = runs["plain base"]["decode_tokens_per_s"]
         manifest = json.loads((b_slots / "edgepack.json").read_text())
         result = {

@@ -146,7 +146,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             with stages.stage("adapters", f"{len(req.runtime_adapters)} runtime LoRA adapters") as info:
                 adapters = adapter_stage.build(source, target, req.runtime_adapters, model_dir, tmp,
                                                context=exported.context_length, gate=not req.skip_validation,
-                                               slots=req.lora_slots, progress=progress)
+                                               slots=req.lora_slots, progress=progress,
+                                               exported=None if req.tune else made)
                 info.update(artifact=f"{adapter_stage.FOLDER}/", bytes=sum(a.bytes for a in adapters),
                             adapters=[a.name for a in adapters])
         reqs = requirements(target, exported.runtime_versions)

@@ -284,6 +284,11 @@ def inspect_summary(res: Any) -> str:
         f"trust    {res.signature}",
         "licenses " + ("; ".join(f"{lic}: {len(c)}" for lic, c in res.licenses.items()) if res.licenses
                        else "(no sbom.cdx.json: built by an older edgepack)"),
+        *[f"adapter  {a['name']}  rank {a['rank']} {','.join(a['modules'])}  {a['bytes'] / 1e6:.1f} MB  "
+          + (f"ppl {a['quality']['ppl_delta_pct']:+.2f} % vs its float merged model" if a["quality"]["validated"]
+             else "NOT VALIDATED") for a in m.get("adapters", [])],
+        *([f"pack     adapters for {m['base']['bundle_id']}: the base's files are listed, not carried"]
+          if m.get("base") else []),
     ])
 
 

@@ -72,7 +72,7 @@ def check_target(target: TargetProfile, adapters: tuple[tuple[str, Path], ...]) 
 
 
 def build(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, Path], ...], model_dir: Path,
-          bundle_dir: Path, *, context: int, gate: bool, slots: tuple[str, ...] = (),
+          bundle_dir: Path, *, context: int, gate: bool, slots: tuple[str, ...] = (), exported: Any = None,
           progress: ProgressFn = silent) -> list[AdapterEntry]:
     """Adds the slots the adapters need (and those `slots` names, for adapters packed later) to the base graph in
     `model_dir`, then writes and gates each adapter (adapters_for)."""
@@ -83,7 +83,7 @@ def build(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, P
     n = lora.add_slots(model_dir, modules)
     progress(ProgressEvent("adapters", f"LoRA slots for {', '.join(modules)} at {n} MatMuls of the base graph"))
     return adapters_for(base, target, adapters, model_dir, bundle_dir, context=context, gate=gate,
-                        progress=progress)
+                        exported=exported, progress=progress)
 
 
 def slots_in(model_dir: Path) -> tuple[str, ...]:
@@ -94,10 +94,11 @@ def slots_in(model_dir: Path) -> tuple[str, ...]:
 
 
 def adapters_for(base: ModelSource, target: TargetProfile, adapters: tuple[tuple[str, Path], ...],
-                 model_dir: Path, bundle_dir: Path, *, context: int, gate: bool,
+                 model_dir: Path, bundle_dir: Path, *, context: int, gate: bool, exported: Any = None,
                  progress: ProgressFn = silent) -> list[AdapterEntry]:
     """Each adapter written under `bundle_dir`/adapters for the slots of the base graph in `model_dir`, and gated
-    (unless `gate` is off) against its float merged model; a failing adapter is a QualityGateError naming it."""
+    (unless `gate` is off) against its float merged model; a failing adapter is a QualityGateError naming it.
+    `exported` (stages.export.Exported, the base's export in `model_dir`): the gate's measurements are cached."""
     from edgepack.adapter import merge_adapter
     from edgepack.backends import lora
     from edgepack.stages.render import smoke_spec
@@ -111,8 +112,14 @@ def adapters_for(base: ModelSource, target: TargetProfile, adapters: tuple[tuple
         if gate:
             progress(ProgressEvent("adapters", f"gating {spec.name}: quantized base + adapter vs the float merged "
                                                "model"))
-            report = validate(merged, model_dir, target, context=context, progress=progress,
-                              adapter=bundle_dir / rel)
+            if exported is not None:
+                from edgepack.stages.export import gate as cached_gate
+
+                report, _ = cached_gate(merged, target, exported, progress, adapter=bundle_dir / rel,
+                                        slots=slots_in(model_dir))
+            else:
+                report = validate(merged, model_dir, target, context=context, progress=progress,
+                                  adapter=bundle_dir / rel)
             enforce(report, target, subject=f"runtime adapter '{spec.name}'")
         else:
             report = unvalidated(target)

@@ -68,10 +68,17 @@ def export(source: ModelSource, target: TargetProfile, model_dir: Path, work: Pa
     return Exported(model, key, False, cache, content)
 
 
-def gate(source: ModelSource, target: TargetProfile, exp: Exported, progress: ProgressFn) -> tuple[QualityReport, bool]:
-    """The gate's measurements (cached ones judged against this target's tolerances); (report, from the cache)."""
+def gate(source: ModelSource, target: TargetProfile, exp: Exported, progress: ProgressFn, *,
+         adapter: Path | None = None, slots: tuple[str, ...] = ()) -> tuple[QualityReport, bool]:
+    """The gate's measurements (cached ones judged against this target's tolerances); (report, from the cache).
+    With `adapter` (a runtime adapter file for the export's LoRA `slots`), `source` is its float merged model and
+    the measurements are cached under the export's key, the slots and the adapter file's sha256."""
     model = exp.model
     gkey = _gate_key(exp.key, exp.content, target, model.context_length) if exp.cache else {}
+    if exp.cache and adapter is not None:
+        from edgepack.fsutil import sha256_file
+
+        gkey |= {"adapter": sha256_file(adapter), "slots": list(slots)}
     measured = exp.cache.get_gate(gkey) if exp.cache else None
     if measured is not None and measured.data is not None:
         progress(ProgressEvent("validate", "measurements reused from the build cache (taken on these exact model "
@@ -82,7 +89,7 @@ def gate(source: ModelSource, target: TargetProfile, exp: Exported, progress: Pr
     if measured is not None and measured.discarded:
         progress(ProgressEvent("validate", f"the build cache's measurements were discarded: {measured.discarded}; "
                                            "scoring again"))
-    report = validate(source, model.dir, target, context=model.context_length, progress=progress)
+    report = validate(source, model.dir, target, context=model.context_length, progress=progress, adapter=adapter)
     if exp.cache:
         exp.cache.put_gate(gkey, report, f"{source.name} for {target.id}: {model.scheme}")
     return report, False
