@@ -76,6 +76,7 @@ def pack(req: PackRequest, progress: ProgressFn = silent) -> PackResult:
                         f"{source.weights_sha256[:12]} vs {str(base.doc['model']['weights_sha256'])[:12]}).",
                         hint="Pass --model with the float model the bundle was built from (the gate scores each "
                              "adapter against it, merged).", bundle=str(bundle))
+    adapter_stage.check_names(req.adapters, base.name)
     names = tuple(n for n, _ in req.adapters)
     out = (req.out or bundle.parent / f"{bundle.name}.adapters-{'-'.join(names)}").expanduser().resolve()
     with staging_dir(out, force=req.force) as tmp:

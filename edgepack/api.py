@@ -101,6 +101,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         adapter_stage.check_target(target, req.runtime_adapters or (("slots", Path()),))
     final = req.out / f"{source.name}-{target.id}"
     check_name(final.name, f"model {source.name} + target {target.id}")
+    if with_adapters:
+        adapter_stage.check_names(req.runtime_adapters, final.name)
     if req.sign is not None:
         from edgepack.signing import check_key
 

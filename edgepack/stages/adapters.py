@@ -63,6 +63,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_names(adapters: tuple[tuple[str, Path], ...], bundle_name: str) -> None:
+    """An adapter may not be called what the bundle is: the server's model ids are the bundle's name and theirs."""
+    if any(name == bundle_name for name, _ in adapters):
+        raise UserError(f"the adapter name {bundle_name!r} is the bundle's own name (the server's id for the base).",
+                        hint="Give the adapter another name.", adapter=bundle_name)
+
+
 def check_target(target: TargetProfile, adapters: tuple[tuple[str, Path], ...]) -> None:
     """Before any export: runtime adapters need an ONNX bundle (onnxruntime-genai's adapter inputs)."""
     if adapters and target.export.format != "onnx":
