@@ -28,6 +28,9 @@ SLOT_OF = {"q_proj": "attn/qkv_proj", "k_proj": "attn/qkv_proj", "v_proj": "attn
            "o_proj": "attn/o_proj", "gate_proj": "mlp/gate_proj", "up_proj": "mlp/up_proj",
            "down_proj": "mlp/down_proj"}
 PACKED = {"attn/qkv_proj": ("q_proj", "k_proj", "v_proj")}  # one MatMul, its modules in column order
+# Modules fused in the Hugging Face model (Phi-3) that the builder splits or packs: a LoRA on one is a LoRA on each
+# part with the same A and its rows of B (q, k, v by the attention shape; gate, up by halves, as Phi3MLP chunks).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 SUFFIX = ".onnx_adapter"
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
@@ -60,11 +63,11 @@ def read_spec(name: str, folder: Path) -> AdapterSpec:
     config, _ = read_adapter(folder)
     modules = config.get("target_modules") or ()
     mods = tuple(sorted(modules)) if isinstance(modules, list) else (str(modules),)
-    unknown = [m for m in mods if m not in SLOT_OF]
+    unknown = [m for m in mods if m not in SLOT_OF and m not in FUSED]
     hint = "Pass it with --adapter to merge it into the base instead (a whole model, any LoRA setting)."
     if unknown:
         raise ModelError(f"the adapter {name} adapts {', '.join(unknown)}; a runtime adapter can adapt "
-                         f"{', '.join(SLOT_OF)}.", hint=hint, adapter=name, modules=list(mods))
+                         f"{', '.join([*SLOT_OF, *FUSED])}.", hint=hint, adapter=name, modules=list(mods))
     for key, bad, what in (("use_dora", True, "DoRA"), ("modules_to_save", None, "modules_to_save")):
         value = config.get(key)
         if value and (bad is None or value == bad):
@@ -87,6 +90,7 @@ def slots_of(modules: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     an unknown name is a UserError listing the known."""
     if list(modules) == ["all"]:
         modules = list(SLOT_OF)
+    modules = [part for m in modules for part in FUSED.get(m, (m,))]
     unknown = [m for m in modules if m not in SLOT_OF]
     if unknown:
         raise UserError(f"{', '.join(unknown)} is not a module a LoRA slot can adapt.",
@@ -219,6 +223,7 @@ def write_adapter(spec: AdapterSpec, model_dir: Path, out: Path) -> dict[str, An
                              hint="Runtime adapters carry q/k/v/o and MLP LoRA matrices only; merge it with "
                                   "--adapter instead.", adapter=spec.name)
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.astype(np.float32)
+    pairs = _unfused(pairs, _columns(model_dir))
     dtype = np.float16 if _float16(model_dir) else np.float32
     params: dict[str, Any] = {}
     for (layer, module), pair in sorted(pairs.items()):
@@ -248,6 +253,27 @@ def write_adapter(spec: AdapterSpec, model_dir: Path, out: Path) -> dict[str, An
     fmt.export_adapter(str(out))
     return {"rank": spec.rank, "modules": list(spec.modules), "layers": len({layer for layer, _ in pairs}),
             "parameters": int(sum(np.prod(v.shape()) for v in params.values()))}
+
+
+def _unfused(pairs: dict[tuple[int, str], dict[str, Any]], columns: dict[str, tuple[int, int]]
+             ) -> dict[tuple[int, str], dict[str, Any]]:
+    """A fused module's pair (FUSED) as one pair per part: the same A, each part's rows of B."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for (layer, module), pair in pairs.items():
+        parts = FUSED.get(module)
+        if parts is None or set(pair) != {"A", "B"}:
+            out[(layer, module)] = pair
+            continue
+        rows = pair["B"].shape[0]
+        spans = ([columns[p] for p in parts] if module == "qkv_proj" else
+                 [(0, rows // 2), (rows // 2, rows - rows // 2)])
+        if sum(width for _, width in spans) != rows:
+            raise ModelError(f"the adapter's {module} of layer {layer} has {rows} output rows; this base's parts "
+                             f"({', '.join(parts)}) have {sum(w for _, w in spans)}.",
+                             hint="Pass the base model the adapter was trained on.")
+        for part, (start, width) in zip(parts, spans, strict=True):
+            out[(layer, part)] = {"A": pair["A"], "B": pair["B"][start:start + width]}
+    return out
 
 
 def _float16(model_dir: Path) -> bool:

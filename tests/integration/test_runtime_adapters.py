@@ -142,6 +142,26 @@ def test_the_server_serves_each_adapter_by_model_id_without_reloading(served: st
     assert err.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+def test_a_phi3_adapter_on_its_fused_modules_is_its_merged_model(tmp_path: Path) -> None:
+    """Phi-3's qkv_proj and gate_up_proj are one module each in transformers; the builder packs q, k and v and
+    splits gate and up: the adapter's B is split onto them."""
+    import tokenizers
+
+    from edgepack.testing import make_tiny
+
+    base = make_tiny("phi3", tmp_path / "tiny-phi3")
+    adapter = lora(base, tmp_path / "phi-lora", 3, modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    target = exact_fp32_target(FIXTURES / "tiny-target.toml", tmp_path / "tiny-fp32.toml")
+    proc = cli("--json", "build", str(base), "--target", str(target), "--out", str(tmp_path / "dist"), "--no-wheels",
+               "--runtime-adapter", f"task={adapter}")
+    doc = envelope(proc)
+    assert proc.returncode == 0, (doc["error"], proc.stderr[-2000:])
+    bundle = Path(doc["result"]["bundle"])
+    ids = tokenizers.Tokenizer.from_file(str(base / "tokenizer.json")).encode(PROMPT).ids
+    got = tokens(bundle, "--adapter", "task")
+    assert got == greedy(merged(base, adapter), ids, 12) and got != tokens(bundle)
+
+
 def test_an_adapter_the_base_has_no_slots_for_is_refused_naming_both(two_adapter_bundle: Path, tiny_model: Path,
                                                                      adapters: dict[str, Path],
                                                                      tmp_path: Path) -> None:
