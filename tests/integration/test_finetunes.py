@@ -176,3 +176,24 @@ def test_malformed_checks_name_the_line(tiny_model: Path, tmp_path: Path) -> Non
                str(FIXTURES / "tiny-target.toml"), "--out", str(tmp_path / "dist"), "--no-wheels")
     err = envelope(proc)["error"]
     assert proc.returncode == 1 and err["line"] == 2 and "exactly one of" in err["message"], err
+
+
+def test_the_streamed_merge_is_peft_merge_bit_for_bit(tiny_model: Path, tmp_path: Path) -> None:
+    """--adapter merges one tensor at a time (bench/merge_memory.py: 545 MB peak instead of 6.7 GB at 1.1B); what
+    it writes is exactly what peft's merge_and_unload writes, and the config reads it as float32."""
+    import torch
+
+    from edgepack.adapter import _merge, _peft_merge
+    from edgepack.checkpoint import Checkpoint
+
+    adapter = make_adapter(tiny_model, tmp_path / "lora", seed=5)
+    _merge(tiny_model, adapter, tmp_path / "streamed")
+    _peft_merge(tiny_model, adapter, tmp_path / "peft")
+    s, p = Checkpoint(tmp_path / "streamed"), Checkpoint(tmp_path / "peft")
+    changed = 0
+    for name in p.entries:
+        a, b = s.read(name).to(torch.float32), p.read(name).to(torch.float32)
+        assert torch.equal(a, b), name
+        changed += int(not torch.equal(a, Checkpoint(tiny_model).read(name).to(torch.float32)))
+    assert changed == 3 * 2  # q_proj, v_proj, down_proj in each of the two layers
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["dtype"] == "float32"
