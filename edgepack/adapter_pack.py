@@ -110,7 +110,9 @@ def _release_doc(base: Manifest, added: list[dict[str, Any]]) -> dict[str, Any]:
     doc["adapters"] = sorted([a for a in doc.get("adapters", []) if a["name"] not in names] + added,
                              key=lambda a: a["name"])
     doc["base"] = {"bundle_id": base.bundle_id, "name": base.name}
-    return doc
+    from edgepack.stages.adapters import with_memory
+
+    return with_memory(doc)
 
 
 def _kept(base: Manifest, doc: dict[str, Any]) -> set[str]:

@@ -168,6 +168,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             if with_adapters:
                 doc["adapters"] = to_jsonable(adapters)
                 doc["export"]["lora_slots"] = list(adapter_stage.slots_in(model_dir))
+                adapter_stage.with_memory(doc)
             if req.tune:
                 doc["tune"] = {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}
             files.append(write_sbom(tmp, doc, lock, target))

@@ -82,6 +82,8 @@ def test_two_adapters_on_one_base_say_what_their_merged_models_say(two_adapter_b
     b = two_adapter_bundle
     m = json.loads((b / "edgepack.json").read_text())
     assert [a["name"] for a in m["adapters"]] == ["one", "two"]
+    memory = m["runtime"]["memory"]  # deploy's preflight counts the adapters the runner loads
+    assert memory["adapters_bytes"] == sum(a["bytes"] for a in m["adapters"]) > 0
     for a in m["adapters"]:
         assert a["file"] == f"adapters/{a['name']}.onnx_adapter" and a["quality"]["passed"] and a["rank"] == 4
         assert (b / a["file"]).stat().st_size < 0.2 * (b / "model" / "model.onnx.data").stat().st_size
