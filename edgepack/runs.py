@@ -67,6 +67,10 @@ def bundle_python(bundle: Path) -> str:
     has the runtime, else the venv the bundle's own install.sh made (.venv is outside the manifest, so it is
     only used when this Python cannot run the bundle)."""
     manifest = verify_bundle(bundle)
+    if manifest.base_id:
+        raise UserError(f"{bundle.name} is an adapter pack: it runs on a device that has its base bundle "
+                        f"({manifest.base_id}).", hint="Run the base bundle here with --adapter NAME, or deploy the "
+                        "pack (edgepack deploy --host H PACK).", code="invalid_input")
     if manifest.arch != platform.machine():
         raise UserError(f"bundle {bundle.name} is for {manifest.arch}; this machine is {platform.machine()}.",
                         hint="Deploy it with `edgepack deploy --host <device>` (or `edgepack bench --host`), "

@@ -370,6 +370,10 @@ def opened(path: Path) -> Iterator[Path]:
 def pack(bundle: Path, out: Path | None, fmt: str | None) -> tuple[Path, Manifest, int, int, str]:
     """Verify `bundle` and write its archive; returns (archive, manifest, entries, bytes, format)."""
     manifest = verify_bundle(bundle)
+    if manifest.base_id:
+        raise UserError(f"{bundle.name} is an adapter pack: it lists its base's files without carrying them, and an "
+                        "archive holds every file it lists.", hint="Deploy the pack folder as it is (edgepack deploy "
+                        "--host H PACK); archive the base bundle.", code="invalid_input")
     if out is None:
         out = bundle.parent / f"{manifest.bundle_id}.tar.{'zst' if fmt == 'zst' else 'gz'}"
     got = archive_format(out)

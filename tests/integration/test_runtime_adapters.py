@@ -210,6 +210,17 @@ def signed_base_and_pack(tiny_model: Path, tiny_target: Path, adapters: dict[str
             "pack_id": made["result"]["bundle_id"], "key": key, "pub": pub, "root": root}
 
 
+def test_a_pack_is_inspected_and_signed_like_a_bundle_but_never_run_or_archived_here(signed_base_and_pack: dict
+                                                                                     ) -> None:
+    pack = signed_base_and_pack["pack"]
+    shown = cli("inspect", str(pack), "--trusted-key", signed_base_and_pack["pub"])
+    assert shown.returncode == 0, shown.stderr
+    assert "adapter  two" in shown.stdout and "adapter  one" in shown.stdout and "pack     adapters for" in shown.stdout
+    for args in (("run", str(pack), "--prompt", "hi"), ("pack", str(pack))):
+        proc = cli("--json", *args)
+        assert proc.returncode == 1 and "adapter pack" in envelope(proc)["error"]["message"], proc.stderr[-800:]
+
+
 @needs_sshd
 def test_a_second_adapter_ships_in_a_small_signed_pack_and_keeps_the_first(signed_base_and_pack: dict,
                                                                            device: dict, tmp_path: Path) -> None:
