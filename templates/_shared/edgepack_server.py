@@ -78,6 +78,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.ttft = [0] * (len(self.BUCKETS) + 1)
+        self.arena_max = 0  # the malloc arena cap applied at start (0: none), what keeps memory flat under load
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.accept_backoffs = 0
@@ -125,7 +126,8 @@ class Metrics:
                       "# TYPE edgepack_queue_depth gauge", "edgepack_queue_depth %d" % queue_depth,
                       "# TYPE edgepack_busy gauge", "edgepack_busy %d" % int(busy),
                       "# TYPE edgepack_accept_backoffs_total counter",
-                      "edgepack_accept_backoffs_total %d" % self.accept_backoffs]
+                      "edgepack_accept_backoffs_total %d" % self.accept_backoffs,
+                      "# TYPE edgepack_malloc_arena_max gauge", "edgepack_malloc_arena_max %d" % self.arena_max]
         return "\n".join(lines) + "\n"
 
 
@@ -1044,8 +1046,9 @@ def serve(rt: Any, args: Any) -> int:
     elif os.environ.get("EDGEPACK_API_KEY"):
         key = os.environ["EDGEPACK_API_KEY"].strip()
     addr = args.serve
-    cap_malloc_arenas()  # before the model loads and the first thread starts
+    arenas = cap_malloc_arenas()  # before the model loads and the first thread starts
     model = Model(rt, args.queue)
+    model.metrics.arena_max = arenas
     handler = bind_handler(model, key or None, bool(args.metrics))
     if addr.startswith("unix:") or addr.startswith("/"):
         path = addr[5:] if addr.startswith("unix:") else addr
