@@ -64,6 +64,13 @@ def merge_adapter(base: ModelSource, folder: Path, *, progress: ProgressFn = sil
                                weights_sha256=merged_sha, adapter=info)
 
 
+def lora_scale(config: dict[str, Any]) -> float:
+    """What PEFT multiplies B·A by: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    rank = int(config.get("r") or 0) or 1
+    alpha = float(config.get("lora_alpha") or rank)
+    return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+
+
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -92,9 +99,7 @@ def streamed_merge(base_dir: Path, adapter_dir: Path, tensors: dict[str, Any], c
     from edgepack.checkpoint import Checkpoint
 
     torch = require("torch", "onnx", "Merging LoRA adapters")
-    rank = int(config.get("r") or 0)
-    alpha = float(config.get("lora_alpha") or rank)
-    scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+    scale = lora_scale(config)
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         m = _LORA_KEY.match(key)

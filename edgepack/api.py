@@ -98,7 +98,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
     if with_adapters:
         from edgepack.stages import adapters as adapter_stage
 
-        adapter_stage.check_target(target, req.runtime_adapters or (("slots", Path()),))
+        adapter_stage.check_target(target)
     final = req.out / f"{source.name}-{target.id}"
     check_name(final.name, f"model {source.name} + target {target.id}")
     if with_adapters:

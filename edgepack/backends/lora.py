@@ -42,13 +42,8 @@ class AdapterSpec:
     name: str
     folder: Path
     rank: int
-    alpha: float
-    rslora: bool
+    scale: float  # lora_alpha / r, or / sqrt(r) with rsLoRA (adapter.lora_scale): folded into B
     modules: tuple[str, ...]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -58,7 +53,7 @@ class AdapterSpec:
 
 def read_spec(name: str, folder: Path) -> AdapterSpec:
     """A PEFT LoRA folder as a runtime adapter; a setting the slots cannot carry is a ModelError naming it."""
-    from edgepack.adapter import read_adapter
+    from edgepack.adapter import lora_scale, read_adapter
 
     config, _ = read_adapter(folder)
     modules = config.get("target_modules") or ()
@@ -80,9 +75,7 @@ def read_spec(name: str, folder: Path) -> AdapterSpec:
         raise ModelError(f"the adapter {name} has per-module ranks (rank_pattern/alpha_pattern).", hint=hint,
                          adapter=name)
     rank: Any = config.get("r") or 0
-    alpha: Any = config.get("lora_alpha") or rank or 1
-    return AdapterSpec(name=name, folder=folder, rank=int(rank), alpha=float(alpha),
-                       rslora=bool(config.get("use_rslora")), modules=mods)
+    return AdapterSpec(name=name, folder=folder, rank=int(rank), scale=lora_scale(config), modules=mods)
 
 
 def slots_of(modules: tuple[str, ...] | list[str]) -> tuple[str, ...]:

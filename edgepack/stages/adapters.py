@@ -70,9 +70,10 @@ def check_names(adapters: tuple[tuple[str, Path], ...], bundle_name: str) -> Non
                         hint="Give the adapter another name.", adapter=bundle_name)
 
 
-def check_target(target: TargetProfile, adapters: tuple[tuple[str, Path], ...]) -> None:
-    """Before any export: runtime adapters need an ONNX bundle (onnxruntime-genai's adapter inputs)."""
-    if adapters and target.export.format != "onnx":
+def check_target(target: TargetProfile) -> None:
+    """Before any export: runtime adapters and LoRA slots need an ONNX bundle (onnxruntime-genai's adapter
+    inputs)."""
+    if target.export.format != "onnx":
         raise UserError(f"target {target.id} builds a {target.export.format} bundle: {LITERT_REFUSAL}.",
                         hint="Build each fine-tune as its own merged model with --adapter DIR, or use an ONNX "
                              "target (--format onnx) to ship runtime adapters.", target=target.id)
