@@ -160,7 +160,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=[w.file for w in lock])
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
             name = final.name
-            ctx = bundle_context(name, source, target, exported, report, reqs)
+            ctx = bundle_context(name, source, target, exported, report, reqs, fit=r.fit)
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             doc = manifest_for(name, source, target, exported, report, reqs, lock, r.family.id, context=context,

@@ -211,6 +211,10 @@ def plan_summary(plan: Any) -> str:
         f"  KV cache    {_mib(kv.allocated)} ({kv.bytes_per_token:,} bytes/token, {kv.dtype}"
         + (", past and present apart" if kv.buffers > 1 else "") + ")",
     ]
+    if plan.prompt_cache.slots:
+        pc = plan.prompt_cache
+        lines.append(f"  prompt cache {pc.slots} slot{'s' if pc.slots > 1 else ''} of {pc.tokens} tokens kept between "
+                     f"requests ({_mib(pc.kept)}; one is the request's own KV cache)")
     if plan.prefill:
         lines.append(f"  prefill     {_mib(plan.prefill)} for a prompt that fills the context")
     lines.append(f"  runtime     {_mib(plan.runtime_overhead)}")

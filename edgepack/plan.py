@@ -59,6 +59,8 @@ class PlanRequest:
     ram_mb: int = 0  # the device's RAM in MiB; 0 = unknown (the plan then fits by definition)
     kv_cache: str = "auto"  # runtime.kv_cache: auto (the graph's own: fp32 on the CPU, fp16 on CUDA), fp32, fp16, int8
     headroom_pct: float = 10.0  # RAM kept free for the OS and the estimate's error
+    prompt_cache_slots: int = 0  # runtime.prompt_cache_slots (ONNX): KV states the server keeps between requests
+    prompt_cache_mb: int = 0  # runtime.prompt_cache_mb: what they may hold in all (0: each the whole context)
 
     @classmethod
     def for_target(cls, config: Mapping[str, Any], target: TargetProfile, *, context: int = 0,
@@ -76,7 +78,9 @@ class PlanRequest:
                    sensitive_layers_int8=q.sensitive_layers_int8, int8_layers=q.int8_layers, recipe=recipe,
                    execution_provider=target.export.execution_provider,
                    context=context or target.runtime.context_length, ram_mb=target.device.ram_mb,
-                   kv_cache=target.runtime.kv_cache if chosen == "onnx" else "auto")
+                   kv_cache=target.runtime.kv_cache if chosen == "onnx" else "auto",
+                   prompt_cache_slots=target.runtime.prompt_cache_slots if chosen == "onnx" else 0,
+                   prompt_cache_mb=target.runtime.prompt_cache_mb)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,15 @@ class KvCache:
     # 1: past and present share one buffer of `context` tokens; 2: a quantized cache on the CPU, where the runtime
     # keeps the past and the present (one token longer) as separate tensors (the builder's past_present_share_buffer)
     buffers: int = 1
+
+
+@dataclass(frozen=True)
+class PromptCacheSize:
+    """The KV states the server keeps between requests (prefix reuse): `slots` of `tokens` each, `kept` bytes."""
+
+    slots: int = 0
+    tokens: int = 0
+    kept: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,7 @@ class Plan:
     notes: tuple[str, ...]
     context: ContextChoice | None = None  # how the context was chosen (plan_for_target)
     build: BuildCost | None = None  # the build's own peak memory and time on this machine (plan_for_target)
+    prompt_cache: PromptCacheSize = PromptCacheSize()  # counted in `total` beyond the one request's KV cache
 
 
 KV_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
@@ -171,8 +185,31 @@ def _context(s: ModelShape, req: PlanRequest) -> int:
     return own if req.fmt == "onnx" else min(DEFAULT_LITERT_CONTEXT, own)
 
 
+MIN_SLOT_TOKENS = 256  # a kept slot shorter than this would hold no chat worth reusing
+
+
+def prompt_cache_size(req: PlanRequest, kv: KvCache) -> PromptCacheSize:
+    """The slots' size: each holds the context, or runtime.prompt_cache_mb shared out, at the KV's bytes/token."""
+    if not req.prompt_cache_slots:
+        return PromptCacheSize()
+    per_token = kv.allocated / kv.context
+    tokens = kv.context
+    if req.prompt_cache_mb:
+        tokens = min(tokens, int(req.prompt_cache_mb * MIB / req.prompt_cache_slots / per_token))
+        if tokens < min(MIN_SLOT_TOKENS, kv.context):
+            raise UserError(f"runtime.prompt_cache_mb = {req.prompt_cache_mb} gives each of "
+                            f"{req.prompt_cache_slots} prompt cache slots {tokens} tokens "
+                            f"({per_token / 1024:.0f} KiB of K/V a token); a slot needs {MIN_SLOT_TOKENS} at least.",
+                            hint=f"Raise runtime.prompt_cache_mb to "
+                                 f"{math.ceil(MIN_SLOT_TOKENS * per_token * req.prompt_cache_slots / MIB)} or more, "
+                                 "use fewer slots, or set runtime.prompt_cache_slots = 0 (no reuse).",
+                            field="runtime.prompt_cache_mb")
+    return PromptCacheSize(req.prompt_cache_slots, tokens, req.prompt_cache_slots * math.ceil(tokens * per_token))
+
+
 def _bare(req: PlanRequest, s: ModelShape) -> tuple[WeightBytes, KvCache, int, int, int, str]:
-    """(weights, kv, prefill, runtime overhead, total, runtime) for one request, without a suggestion."""
+    """(weights, kv, prefill, runtime overhead, total, runtime) for one request, without a suggestion. The total
+    counts the prompt cache's other slots: a request uses one slot, or frees one for a KV of its own."""
     context = _context(s, req)
     if req.fmt == "onnx":
         weights = onnx_weights(s, req, context)
@@ -192,7 +229,9 @@ def _bare(req: PlanRequest, s: ModelShape) -> tuple[WeightBytes, KvCache, int, i
         raise UserError(f"a plan knows the onnx and tflite formats, not '{req.fmt}'.", field="fmt",
                         allowed=["onnx", "tflite"])
     loaded = weights.resident + overhead
-    total = max(loaded + weights.load_transient, loaded + kv.allocated + prefill)
+    cache = prompt_cache_size(req, kv)
+    others = cache.kept // cache.slots * (cache.slots - 1) if cache.slots else 0
+    total = max(loaded + weights.load_transient, loaded + kv.allocated + prefill + others)
     return weights, kv, prefill, overhead, total, runtime
 
 
@@ -320,7 +359,7 @@ def estimate(req: PlanRequest) -> Plan:
         notes.append("the device's RAM is unknown (ram_mb = 0): nothing to compare against.")
     suggestion = None if fits else _suggest(req, s, budget)
     return Plan(req, runtime, s, count_params(s), weights, kv, prefill, overhead, total, budget, fits, suggestion,
-                tuple(notes))
+                tuple(notes), prompt_cache=prompt_cache_size(req, kv))
 
 
 def plan_for_target(config: Mapping[str, Any], target: TargetProfile, *, context: int = 0,

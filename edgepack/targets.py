@@ -98,6 +98,7 @@ class QualitySpec:
     checks_max_drop: float = 0.0
 
 
+MAX_PROMPT_CACHE_SLOTS = 8
 MIN_CONTEXT = 256  # tokens: the quality gate's chat prompt + 32-token reply and the 128-token device check fit
 
 
@@ -115,6 +116,14 @@ class RuntimeSpec:
     # onnxruntime's GroupQueryAttention, a quarter of fp32 per token. Each exporter says which it supports
     # (backends/kv_cache.py for ONNX; docs/targets.md has the measurements, and why not int4).
     kv_cache: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    # Prefix reuse (ONNX): conversations whose KV state the server keeps for their next request (0 = none), and
+    # the MiB those kept states may take in all (0 = each holds the whole context). `edgepack plan` counts them;
+    # docs/serve.md ("Prompt cache") has the measurements.
+    prompt_cache_slots: int = 1
+    prompt_cache_mb: int = 0
+    # Speculative decoding by default (ONNX): "off", or "ngram" (prompt lookup: drafts copied from the tokens seen,
+    # greedy output unchanged). A request may choose either; measure first (`edgepack bench --scenario extraction`).
+    speculative: Literal["off", "ngram"] = "off"
     android_sample: bool = False  # render android/ (Kotlin + Gradle integration sample) into the bundle
 
 
@@ -384,6 +393,15 @@ def check_rules(p: TargetProfile) -> None:
         raise TargetError(f"{p.source}: runtime.max_new_tokens ({p.runtime.max_new_tokens}) must be below "
                           f"runtime.context_length ({p.runtime.context_length}): the prompt needs room too.",
                           path=p.source, field="runtime.max_new_tokens")
+    if not 0 <= p.runtime.prompt_cache_slots <= MAX_PROMPT_CACHE_SLOTS or p.runtime.prompt_cache_mb < 0:
+        raise TargetError(f"{p.source}: runtime.prompt_cache_slots must be 0 (off) to {MAX_PROMPT_CACHE_SLOTS}, and "
+                          "runtime.prompt_cache_mb 0 (each slot holds the whole context) or more.", path=p.source,
+                          field="runtime.prompt_cache_slots", allowed=f"0..{MAX_PROMPT_CACHE_SLOTS}")
+    if p.runtime.speculative != "off" and p.export.format != "onnx":
+        raise TargetError(f"{p.source}: runtime.speculative = \"{p.runtime.speculative}\" needs onnxruntime-genai "
+                          f"(export.format = \"onnx\"); the {p.export.format} runners decode one token at a time.",
+                          hint="Set runtime.speculative = \"off\" for this target.", path=p.source,
+                          field="runtime.speculative", allowed=["off"])
     if not 1 <= p.quality.golden_tokens <= 32:
         raise TargetError(f"{p.source}: quality.golden_tokens must be between 1 and 32.",
                           path=p.source, field="quality.golden_tokens", allowed="1..32")

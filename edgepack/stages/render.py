@@ -54,12 +54,16 @@ class BundleContext:
     android_litertlm_version: str = ""  # the LiteRT-LM release the bundle was scored with (android/ sample)
     model_mb: float = 0.0
     context_length: int = 0  # prompt + reply tokens the bundle holds; the runner enforces it
+    prompt_cache_slots: int = 0  # KV states the server keeps between requests (plan.PromptCacheSize)
+    prompt_cache_tokens: int = 0  # tokens each holds (0: the context)
+    speculative: str = "off"  # runtime.speculative: the requests' default
 
 
 # runtime template folder → files it renders (template name → output name, executable?)
 _SHARED = {"install.sh.j2": ("install.sh", True), "README.md.j2": ("README.md", False)}
 # the runner core (the same files in every bundle): command line, server, smoke test; and the manifest check
-_PLAIN = ("edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py", "smoke_test.py", "verify_bundle.py")
+_PLAIN = ("edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py", "edgepack_scenarios.py", "smoke_test.py",
+          "verify_bundle.py")
 _RUNTIME = {"run.py.j2": ("run.py", True)}
 _ANDROID = {"README.md.j2": "android/README.md", "EdgepackModel.kt.j2": "android/EdgepackModel.kt",
             "build.gradle.kts.snippet.j2": "android/build.gradle.kts.snippet"}
@@ -157,9 +161,10 @@ def smoke_spec(report: QualityReport, target: TargetProfile) -> dict[str, Any]:
 
 
 def bundle_context(name: str, source: ModelSource, target: TargetProfile, exported: Any, report: QualityReport,
-                   reqs: list[str]) -> BundleContext:
+                   reqs: list[str], fit: Any = None) -> BundleContext:
     """What the templates render a bundle's runner from: the same for the bundle and for a tune candidate's
-    runner folder (meter.runner_folder), so the candidate is timed with the runner its bundle ships."""
+    runner folder (meter.runner_folder), so the candidate is timed with the runner its bundle ships. `fit`
+    (plan.Plan) sizes the prompt cache's slots; without it each holds the context."""
     from edgepack.backends import exporters
 
     runtime = runtime_name(exporters.get(target.export.format).runtime, target.runtime.template)
@@ -174,6 +179,9 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, export
         import_check=RUNTIME_MODULES.get(runtime, runtime), system_site_packages=not target.runtime.packages,
         serve_addr="127.0.0.1:8089", quality=report, model_mb=round(exported.bytes / 1e6, 1),
         context_length=exported.context_length,
+        prompt_cache_slots=fit.prompt_cache.slots if fit is not None else target.runtime.prompt_cache_slots,
+        prompt_cache_tokens=fit.prompt_cache.tokens if fit is not None else 0,
+        speculative=target.runtime.speculative,
         android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
 
 
@@ -209,12 +217,16 @@ def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported
                     "wheel_lock": to_jsonable(lock),
                     "execution_provider": target.export.execution_provider,
                     "context_length": exported.context_length,
+                    "prompt_cache": {"slots": fit.prompt_cache.slots if fit is not None else 0,
+                                     "tokens": fit.prompt_cache.tokens if fit is not None else 0},
+                    "speculative": target.runtime.speculative,
                     **({"context": {"source": context.source, "requested": context.requested,
                                     "model_context": context.model_context, "reason": context.reason}}
                        if context is not None else {}),
                     **({"memory": {"peak_bytes": fit.total, "weights_bytes": fit.weights.resident,
                                    "kv_cache_bytes": fit.kv.allocated, "prefill_bytes": fit.prefill,
-                                   "runtime_bytes": fit.runtime_overhead, "context": fit.kv.context}}
+                                   "runtime_bytes": fit.runtime_overhead, "context": fit.kv.context,
+                                   "prompt_cache_bytes": fit.prompt_cache.kept}}
                        if fit is not None else {})},
         "smoke": smoke_spec(report, target),
         "tools": tool_versions(),

@@ -12,12 +12,14 @@ import time
 from typing import Any
 
 from edgepack_runner import QUEUE, adapter_names, chat_messages, fit_context, peak_rss_mb, sampling_of
+from edgepack_scenarios import SCENARIOS
 
 
 def main(rt: Any, doc: str) -> int:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", help="the user message (or raw text with --raw)")
-    ap.add_argument("--system", help="an optional system message")
+    ap.add_argument("--system", help="an optional system message; with --serve, the one clients send: its KV is "
+                                     "computed at load (prompt cache)")
     ap.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
     ap.add_argument("--max-tokens", type=int, default=rt.max_new_tokens)
     ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -27,6 +29,9 @@ def main(rt: Any, doc: str) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--adapter", metavar="NAME", help="answer with the bundle's runtime LoRA adapter NAME "
                                                        "(default: the base model)")
+    ap.add_argument("--speculative", choices=getattr(rt, "speculative_modes", ("off",)),
+                    help="speculative decoding: ngram (prompt lookup) or off (default: the bundle's, %s)"
+                    % getattr(rt, "speculative", "off"))
     ap.add_argument("--threads", type=int, default=rt.threads, help="0 = the runtime's default")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     ap.add_argument("--serve", metavar="ADDR", help="serve the OpenAI-compatible API on HOST:PORT or unix:PATH")
@@ -36,7 +41,23 @@ def main(rt: Any, doc: str) -> int:
                                                                      "without an API key")
     ap.add_argument("--metrics", action="store_true", help="with --serve: GET /metrics in Prometheus text format")
     ap.add_argument("--queue", type=int, default=QUEUE, help="with --serve: requests that may wait for the model")
+    ap.add_argument("--prompt-cache-slots", type=int, metavar="N",
+                    help="with --serve: conversations whose KV state is kept for their next request (default: the "
+                         "bundle's, %d; 0 = none)" % getattr(rt, "prompt_cache_slots", 0))
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), help="play a bench scenario (edgepack_scenarios.py) "
+                                                                  "and print its JSON result")
     args = ap.parse_args()
+    if args.prompt_cache_slots is not None:
+        if args.prompt_cache_slots < 0:
+            ap.error("--prompt-cache-slots must be 0 or more")
+        rt.prompt_cache_slots = args.prompt_cache_slots
+    if args.scenario:
+        t0 = time.perf_counter()
+        rt.load(args.threads)
+        doc = SCENARIOS[args.scenario](rt)
+        doc.update(load_s=round(time.perf_counter() - t0, 3), peak_rss_mb=peak_rss_mb(), bundle=rt.name)
+        print(json.dumps(doc))
+        return 0
     if args.serve:
         from edgepack_server import serve
 
@@ -64,6 +85,8 @@ def main(rt: Any, doc: str) -> int:
             sys.stdout.flush()
 
     extra = {"adapter": args.adapter} if args.adapter else {}
+    if args.speculative:
+        extra["speculative"] = args.speculative
     out = rt.generate(prepared, n_prompt, args.max_tokens, sampling_of(args), echo, **extra)
     out.update(load_s=round(load_s, 3), peak_rss_mb=peak_rss_mb(), bundle=rt.name, adapter=args.adapter)
     if out.get("stopped") == "context_length":

@@ -20,7 +20,7 @@ Standard library only; Python 3.8+.
 from __future__ import annotations
 
 import resource
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 QUEUE = 8  # requests waiting for the model beyond the one generating; more get 429 + Retry-After
 
@@ -87,3 +87,106 @@ def adapter_names(rt: Any) -> List[str]:
 
 def chat_messages(prompt: str, system: Optional[str]) -> List[Dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+# -- prompt cache: KV states kept between requests ------------------------------------------------------------
+#
+# A chat sends its whole history every turn. A slot keeps one conversation's KV state after its request, and the
+# next request that starts with the same tokens appends only what is new. Only KV computed by a prefill is reused
+# (`exact`): a decode step computes a token's K/V through other kernels (one row), and reusing those would change
+# later logits in the last bits, so greedy output would differ from a full prefill. The reply's tokens are
+# therefore `pending` after the request, and `settle` prefills them (in chunks, while the server is idle): then
+# the whole turn is exact, and a prefill in two chunks equals one prefill bit for bit (tests check both).
+
+SETTLE_CHUNK = 16  # tokens prefilled per idle step: a waiting request waits at most one chunk
+# A slot's KV is allocated (and zeroed) at its full size: it starts at SLOT_PAGE tokens and doubles, up to the
+# slot's length, when a conversation outgrows it (that turn is prefilled in full once).
+SLOT_PAGE = 1024
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Slot:
+    """One kept KV state: the runtime's object (`state`), the request kind it was made for (`key`: adapter,
+    sampling, speculative), the tokens whose K/V it holds exactly, and the reply tokens still to settle."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+        self.key: Any = None
+        self.exact: List[int] = []
+        self.pending: List[int] = []
+        self.used = 0
+        self.size = 0  # tokens the state was allocated for
+
+
+class PromptCache:
+    """`slots` kept states of `length` tokens each (0 slots: off). The runtime makes and drives the states; this
+    picks the slot and the prefix to reuse, and counts reused and prefilled prompt tokens for /metrics."""
+
+    def __init__(self, slots: int, length: int) -> None:
+        self.slots = [Slot() for _ in range(max(slots, 0))]
+        self.length = length
+        self.clock = 0
+        self.reused = 0
+        self.prefilled = 0
+
+    def take(self, key: Any, ids: List[int], total: int, reusable: bool = True) -> Tuple[Optional[Slot], int]:
+        """The slot for a request of `ids` needing `total` tokens in all, and how many of `ids` it can keep
+        (never all: the last prompt token is appended to get the next logits). (None, 0): no slot fits; the
+        least recently used one was freed, so a fresh state stays within the memory the slots were planned for."""
+        self.clock += 1
+        if not self.slots:
+            return None, 0
+        if total > self.length:
+            lru = min(self.slots, key=lambda s: s.used)
+            self.drop(lru)
+            return None, 0
+        best, n = None, 0
+        if reusable:
+            for s in self.slots:
+                if s.state is not None and s.key == key and s.size >= total:
+                    k = min(common_prefix(s.exact, ids), len(ids) - 1)
+                    if best is None or k > n:
+                        best, n = s, k
+        if best is None or n == 0:
+            best, n = min(self.slots, key=lambda s: (s.state is not None, s.used)), 0
+        best.used = self.clock
+        return best, n
+
+    def done(self, slot: Slot, key: Any, ids: List[int], new: List[int]) -> None:
+        """After a request: `slot` holds `ids` exactly and `new` to settle."""
+        slot.key = key
+        slot.exact = list(ids)
+        slot.pending = list(new[: max(slot.size - len(ids), 0)])
+
+    def size_for(self, total: int) -> int:
+        """The allocation of a new slot state for a request of `total` tokens."""
+        size = SLOT_PAGE
+        while size < total:
+            size *= 2
+        return min(size, self.length)
+
+    def count(self, reused: int, prefilled: int) -> None:
+        self.reused += reused
+        self.prefilled += prefilled
+
+    def unsettled(self) -> Optional[Slot]:
+        for s in sorted(self.slots, key=lambda s: -s.used):
+            if s.state is not None and s.pending:
+                return s
+        return None
+
+    @staticmethod
+    def drop(slot: Slot) -> None:
+        slot.state, slot.key, slot.exact, slot.pending, slot.size = None, None, [], [], 0
+
+    def stats(self) -> Dict[str, int]:
+        return {"slots": len(self.slots), "slot_tokens": self.length, "kept": sum(s.state is not None
+                                                                                 for s in self.slots),
+                "reused_tokens": self.reused, "prefilled_tokens": self.prefilled}

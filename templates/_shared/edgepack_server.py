@@ -105,7 +105,7 @@ class Metrics:
                         self.ttft[i] += 1
                 self.ttft[-1] += 1
 
-    def text(self, queue_depth: int, busy: bool) -> str:
+    def text(self, queue_depth: int, busy: bool, cache: Optional[Dict[str, int]] = None) -> str:
         with self.lock:
             lines = ["# TYPE edgepack_requests_total counter"]
             lines += ['edgepack_requests_total{path="%s",status="%d"} %d' % (p, s, n)
@@ -128,6 +128,14 @@ class Metrics:
                       "# TYPE edgepack_accept_backoffs_total counter",
                       "edgepack_accept_backoffs_total %d" % self.accept_backoffs,
                       "# TYPE edgepack_malloc_arena_max gauge", "edgepack_malloc_arena_max %d" % self.arena_max]
+            if cache is not None:  # the prompt cache (edgepack_runner.PromptCache): prompt tokens reused vs prefilled
+                lines += ["# TYPE edgepack_prompt_tokens_reused_total counter",
+                          "edgepack_prompt_tokens_reused_total %d" % cache["reused_tokens"],
+                          "# TYPE edgepack_prompt_tokens_prefilled_total counter",
+                          "edgepack_prompt_tokens_prefilled_total %d" % cache["prefilled_tokens"],
+                          "# TYPE edgepack_prompt_cache_slots gauge",
+                          "edgepack_prompt_cache_slots %d" % cache["slots"],
+                          "# TYPE edgepack_prompt_cache_kept gauge", "edgepack_prompt_cache_kept %d" % cache["kept"]]
         return "\n".join(lines) + "\n"
 
 
@@ -139,8 +147,10 @@ def _label(value: str) -> str:
 class Model:
     """The loaded runtime, one generation at a time, and a bounded queue in front of it."""
 
-    def __init__(self, rt: Any, queue: int) -> None:
+    def __init__(self, rt: Any, queue: int, system: Optional[str] = None) -> None:
         self.rt = rt
+        self.system = system  # the system prompt clients send: its KV is prefilled at load (prompt cache)
+        self.idle = threading.Event()  # set after each generation: kept replies are settled while nothing waits
         self.ready = threading.Event()
         self.load_error: Optional[str] = None
         self.gen_lock = threading.Lock()
@@ -154,9 +164,34 @@ class Model:
     def load(self, threads: int) -> None:
         try:
             self.rt.load(threads)
+            if getattr(self.rt, "warm", None) is not None:
+                self.rt.warm(self.system)
         except Exception as exc:  # /health says so; the process stays up to report it
             self.load_error = "%s: %s" % (type(exc).__name__, exc)
+        if not self.load_error and getattr(self.rt, "settle", None) is not None:
+            threading.Thread(target=self._settle, name="edgepack-settle", daemon=True).start()
         self.ready.set()
+
+    def _settle(self) -> None:
+        """While no request waits, prefill the kept replies (Runtime.settle, a chunk at a time) so the next turn
+        of each conversation reuses its whole history exactly. A request arriving waits at most one chunk."""
+        while True:
+            self.idle.wait()
+            self.idle.clear()
+            while True:
+                with self.cond:
+                    if self.waiting or self.busy:
+                        break
+                if not self.gen_lock.acquire(blocking=False):
+                    break
+                try:
+                    more = self.rt.settle()
+                except Exception:  # a slot that cannot settle is prefilled by its next request instead
+                    more = False
+                finally:
+                    self.gen_lock.release()
+                if not more:
+                    break
 
     def run(self, fn: Callable[[], Any]) -> Any:
         with self.cond:
@@ -176,6 +211,7 @@ class Model:
                 self.last_s = time.monotonic() - t0
                 with self.cond:
                     self.busy = False
+                self.idle.set()
 
 
 def _content(msg: Any, i: int) -> Dict[str, str]:
@@ -257,6 +293,10 @@ class Request:
         # Greedy unless the client asks for a temperature above 0: a device's replies are reproducible by default.
         self.sampling = GREEDY if temperature == 0.0 or "temperature" not in body else {
             "sample": True, "temperature": temperature, "top_p": top_p, "top_k": 50, "seed": seed}
+        self.speculative = body.get("speculative")  # an edgepack extension: "ngram" or "off" (default: the bundle's)
+        modes = getattr(rt, "speculative_modes", ("off",))
+        if self.speculative is not None and self.speculative not in modes:
+            raise ApiError(400, "speculative must be one of: %s" % ", ".join(modes), param="speculative")
         stop = body.get("stop")
         if stop is None:
             self.stop: List[str] = []
@@ -566,7 +606,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"object": "list", "data": [base] + [dict(base, id=name, parent=rt.name)
                                                                       for name in adapter_names(rt)]})
             elif path == "/metrics" and self.metrics_on:
-                self._send(200, self.model.metrics.text(self.model.waiting, self.model.busy),
+                cache = getattr(self.model.rt, "cache", None)
+                self._send(200, self.model.metrics.text(self.model.waiting, self.model.busy,
+                                                        cache.stats() if cache is not None else None),
                            ctype="text/plain; version=0.0.4")
             else:
                 raise ApiError(404, "no route %s" % path, code="not_found")
@@ -664,8 +706,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise _Gone()
 
         try:
-            # adapter= only when one is selected: LiteRT runtimes' generate does not take the keyword.
+            # adapter= and speculative= only when asked for: LiteRT runtimes' generate takes neither.
             extra = {"adapter": req.adapter} if req.adapter else {}
+            if req.speculative:
+                extra["speculative"] = req.speculative
             out = rt.generate(prepared, n_prompt, max_new, req.sampling, on_text, **extra)
             new_tokens, stopped = out["new_tokens"], out.get("stopped")
         except _Stop:
@@ -1047,7 +1091,7 @@ def serve(rt: Any, args: Any) -> int:
         key = os.environ["EDGEPACK_API_KEY"].strip()
     addr = args.serve
     arenas = cap_malloc_arenas()  # before the model loads and the first thread starts
-    model = Model(rt, args.queue)
+    model = Model(rt, args.queue, getattr(args, "system", None))
     model.metrics.arena_max = arenas
     handler = bind_handler(model, key or None, bool(args.metrics))
     if addr.startswith("unix:") or addr.startswith("/"):

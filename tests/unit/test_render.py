@@ -37,9 +37,10 @@ def test_render_writes_valid_python_and_shell(tmp_path: Path) -> None:
     # No playbooks or roles: a fleet runs edgepack's own (tests/unit/test_ansible_role.py), the bundle is data.
     assert set(files) == {"run.py", "smoke_test.py", "install.sh", "README.md", "edgepack-demo-rpi5.service",
                           "verify_bundle.py", "bundle_format.py", "edgepack_runner.py", "edgepack_cli.py",
-                          "edgepack_server.py"}
+                          "edgepack_server.py", "edgepack_scenarios.py"}
     assert not (tmp_path / "ansible").exists()
-    for py in ("run.py", "smoke_test.py", "edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py"):
+    for py in ("run.py", "smoke_test.py", "edgepack_runner.py", "edgepack_cli.py", "edgepack_server.py",
+               "edgepack_scenarios.py"):
         compile((tmp_path / py).read_text(), py, "exec")
         assert os.access(tmp_path / py, os.X_OK)
     assert subprocess.run(["sh", "-n", str(tmp_path / "install.sh")]).returncode == 0
