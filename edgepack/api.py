@@ -114,6 +114,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         model_dir.mkdir()
         tune_table: tuple[Any, ...] = ()
         tuned_on = ""
+        speculative = None
         if req.tune:
             if req.skip_validation:
                 raise UserError("--tune needs the quality gate; it cannot be combined with --skip-validation.")
@@ -123,8 +124,10 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 outcome = tune_stage(r, work, model_dir, req.tune_on, use_cache=req.use_cache, progress=progress)
                 exported, target, report, tune_table, tuned_on = (outcome.exported, outcome.target, outcome.report,
                                                                   outcome.table, outcome.speed_measured_on)
+                speculative = outcome.speculative
                 info.update(chosen=next(t.name for t in tune_table if t.chosen), artifact="model/",
-                            bytes=exported.bytes)
+                            bytes=exported.bytes,
+                            **({"speculative": speculative.chosen} if speculative is not None else {}))
             if req.plot:
                 plot(tune_table, req.plot, f"{source.name} for {target.id}: speed vs quality ({tuned_on})")
         else:
@@ -171,6 +174,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                 adapter_stage.with_memory(doc)
             if req.tune:
                 doc["tune"] = {"speed_measured_on": tuned_on, "candidates": to_jsonable(tune_table)}
+                if speculative is not None:
+                    doc["tune"]["speculative"] = to_jsonable(speculative)
             files.append(write_sbom(tmp, doc, lock, target))
             manifest = write_manifest(tmp, doc)
             info.update(artifact=str(final), files=files)

@@ -269,10 +269,12 @@ def plan_cmd(model: str, target: str, context: int, fmt: str | None) -> None:
 @click.option("--top-k", type=click.IntRange(min=1), help="With --sample.")
 @click.option("--seed", type=int, help="With --sample: a fixed seed gives the same reply.")
 @click.option("--adapter", metavar="NAME", help="Answer with the bundle's runtime adapter NAME (default: the base).")
+@click.option("--speculative", type=click.Choice(["off", "ngram"]),
+              help="Speculative decoding (ONNX bundles): ngram (prompt lookup) or off (default: the bundle's).")
 @_json_option
 def run(bundle: Path, prompt: str, max_tokens: int | None, raw: bool, system: str | None, sample: bool,
         temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
-        adapter: str | None) -> None:
+        adapter: str | None, speculative: str | None) -> None:
     """Run a bundle's own runner on this machine (when its arch matches)."""
     import json
 
@@ -284,7 +286,7 @@ def run(bundle: Path, prompt: str, max_tokens: int | None, raw: bool, system: st
     def go(_o: Output) -> tuple[Any, str]:
         _code, stdout = api.run(api.RunRequest(
             bundle=bundle, prompt=prompt, max_tokens=max_tokens, json_output=True, raw=raw, system=system,
-            adapter=adapter,
+            adapter=adapter, speculative=speculative,
             sampling=api.Sampling(sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)))
         data = json.loads(stdout.strip().splitlines()[-1])
         return data, data["text"] if not json_mode else ""

@@ -242,8 +242,11 @@ def ansible_role(out: Path, force: bool) -> None:
 @click.option("--reps", type=int, default=5, show_default=True, help="Fresh-process runs; the median is reported.")
 @click.option("--tokens", type=int, default=64, show_default=True, help="New tokens per run.")
 @click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
+@click.option("--scenario", type=click.Choice(["chat", "extraction"]),
+              help="Instead of one prompt: a 10-turn chat (time to first token per turn, prompt cache off and on) "
+                   "or an extraction (decode speed, speculative decoding off and on); each run plays every arm.")
 @_json_option
-def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: Any) -> None:
+def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, scenario: str | None, **kw: Any) -> None:
     """Prefill, decode speed, peak RSS and load time of a bundle, here or on a device's current release (--host)."""
     from edgepack import api
 
@@ -251,10 +254,15 @@ def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: A
 
     def go(o: Output) -> tuple[Any, str]:
         res = api.bench(api.BenchRequest(bundle=bundle, device=device, reps=reps, max_tokens=tokens,
-                                         threads=threads), progress=o.progress)
+                                         threads=threads, scenario=scenario), progress=o.progress)
         rows = [f"{res.bundle} on {res.where}, {res.reps} runs (median, min–max)"]
         for key, v in res.summary.items():
-            rows.append(f"  {key:<20} {v['median']:>10}   ({v['min']} – {v['max']})")
+            rows.append(f"  {key:<{max(20, *map(len, res.summary))}} {v['median']:>10}   ({v['min']} – {v['max']})")
+        if scenario == "chat" and res.runs:  # the first run's turns: what the history costs, arm by arm
+            arms = list(res.runs[0]["turns"][0]["ttft_ms"])
+            rows.append("  time to first token (ms), first run: turn, prompt tokens, " + ", ".join(arms))
+            rows += [f"  {t['turn']:>4} {t['prompt_tokens']:>6} " + " ".join(f"{t['ttft_ms'][a]:>10}" for a in arms)
+                     for t in res.runs[0]["turns"]]
         return res, "\n".join(rows)
 
     _run("bench", go)
@@ -268,14 +276,18 @@ def bench_cmd(bundle: Path | None, reps: int, tokens: int, threads: int, **kw: A
 @click.option("--insecure-no-auth", is_flag=True, help="Bind beyond loopback without an API key.")
 @click.option("--metrics", is_flag=True, help="Serve GET /metrics (Prometheus text format).")
 @click.option("--threads", type=int, default=0, help="0 = the bundle's default.")
+@click.option("--system", help="The system prompt clients send: its KV is computed at load (prompt cache).")
+@click.option("--prompt-cache-slots", type=click.IntRange(min=0),
+              help="Conversations whose KV is kept for their next request (default: the bundle's; 0 = none).")
 def serve(bundle: Path, addr: str, api_key_file: Path | None, insecure_no_auth: bool, metrics: bool,
-          threads: int) -> None:
+          threads: int, system: str | None, prompt_cache_slots: int | None) -> None:
     """Serve BUNDLE's OpenAI-compatible API here (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     from edgepack import api
 
     try:
         code = api.serve(api.ServeRequest(bundle=bundle, addr=addr, api_key_file=api_key_file,
-                                          insecure_no_auth=insecure_no_auth, metrics=metrics, threads=threads))
+                                          insecure_no_auth=insecure_no_auth, metrics=metrics, threads=threads,
+                                          system=system, prompt_cache_slots=prompt_cache_slots))
     except KeyboardInterrupt:
         code = 130
     except UserError as exc:

@@ -30,6 +30,14 @@ def runner_args(tokens: int, threads: int = 0, prompt: str = PROMPT) -> list[str
             *(["--threads", str(threads)] if threads else [])]
 
 
+SCENARIOS = ("chat", "extraction")  # the runner core's edgepack_scenarios.py
+
+
+def scenario_args(scenario: str, threads: int = 0) -> list[str]:
+    """`run.py` arguments that play a bench scenario (one JSON document: every arm, per turn)."""
+    return ["--scenario", scenario, "--json", *(["--threads", str(threads)] if threads else [])]
+
+
 def result(stdout: str, what: str) -> dict[str, Any]:
     """The runner's JSON document (its last line), without the text and tokens."""
     try:
@@ -44,9 +52,11 @@ def result(stdout: str, what: str) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """metric → median, min, max over the runs."""
+    """metric → median, min, max over the runs (a scenario's: every number at its top level)."""
     out = {}
-    for key in METRICS:
+    keys = METRICS if not runs or "scenario" not in runs[0] else [
+        k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for key in keys:
         vals = [float(r[key]) for r in runs if r.get(key) is not None]
         if vals:
             out[key] = {"median": round(statistics.median(vals), 3), "min": round(min(vals), 3),
@@ -73,7 +83,8 @@ class Meter(Protocol):
 
     where: str
 
-    def __call__(self, runner: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, Any]]: ...
+    def __call__(self, runner: Path, *, tokens: int, reps: int, threads: int,
+                 args: list[str] | None = None) -> list[dict[str, Any]]: ...
 
 
 class HereMeter:
@@ -82,10 +93,11 @@ class HereMeter:
     def __init__(self, where: str, progress: ProgressFn = silent) -> None:
         self.where, self.progress = where, progress
 
-    def __call__(self, runner: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, Any]]:
+    def __call__(self, runner: Path, *, tokens: int, reps: int, threads: int,
+                 args: list[str] | None = None) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="edgepack-nopyc-") as nopyc:
             cmd = [sys.executable, "-B", "-X", f"pycache_prefix={nopyc}", str(runner / "run.py"),
-                   *runner_args(tokens, threads)]
+                   *(args if args is not None else runner_args(tokens, threads))]
             return time_here(cmd, None, reps, f"timing {runner.name}", self.progress)
 
 

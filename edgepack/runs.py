@@ -60,6 +60,7 @@ class RunRequest:
     sampling: Sampling = Sampling()
     extra_args: tuple[str, ...] = ()
     adapter: str | None = None  # a runtime LoRA adapter the bundle carries (its name); None = the base
+    speculative: str | None = None  # "ngram" or "off"; None = the bundle's runtime.speculative
 
 
 def bundle_python(bundle: Path) -> str:
@@ -110,7 +111,7 @@ def _run_folder(req: RunRequest) -> tuple[int, str]:
 
     args = ["--prompt", req.prompt, *runner_flags(("--max-tokens", req.max_tokens), ("--json", req.json_output),
                                                    ("--raw", req.raw), ("--system", req.system),
-                                                   ("--adapter", req.adapter)),
+                                                   ("--adapter", req.adapter), ("--speculative", req.speculative)),
             *req.sampling.args(), *req.extra_args]
     with runner_command(req.bundle, *args) as (cmd, env):
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -132,6 +133,8 @@ class ServeRequest:
     insecure_no_auth: bool = False
     metrics: bool = False
     threads: int = 0
+    system: str | None = None  # the system prompt clients send: prefilled at load
+    prompt_cache_slots: int | None = None  # None: the bundle's runtime.prompt_cache_slots
 
 
 def serve(req: ServeRequest) -> int:
@@ -143,7 +146,9 @@ def serve(req: ServeRequest) -> int:
 
     args = ["--serve", req.addr, *runner_flags(("--api-key-file", req.api_key_file),
                                                ("--insecure-no-auth", req.insecure_no_auth),
-                                               ("--metrics", req.metrics), ("--threads", req.threads or None))]
+                                               ("--metrics", req.metrics), ("--threads", req.threads or None),
+                                               ("--system", req.system),
+                                               ("--prompt-cache-slots", req.prompt_cache_slots))]
     with opened(req.bundle) as folder, runner_command(folder, *args) as (cmd, env):
         return _serve(subprocess.Popen(cmd, env=env))
 
@@ -186,6 +191,7 @@ class BenchRequest:
     max_tokens: int = 64
     threads: int = 0  # 0 = the bundle's default
     prompt: str = BENCH_PROMPT
+    scenario: str | None = None  # a runner-core scenario (meter.SCENARIOS): every arm of it, per run
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,11 @@ class BenchResult:
 def bench(req: BenchRequest, progress: ProgressFn = silent) -> BenchResult:
     """Run the bundle's own runner `reps` times in fresh processes (here or on the device); medians + spread
     (the speed meter tune ranks candidates with, edgepack.meter)."""
-    args = meter.runner_args(req.max_tokens, req.threads, req.prompt)
+    if req.scenario is not None and req.scenario not in meter.SCENARIOS:
+        raise UserError(f"no bench scenario '{req.scenario}'.", hint=f"Use one of: {', '.join(meter.SCENARIOS)}.",
+                        allowed=list(meter.SCENARIOS))
+    args = (meter.scenario_args(req.scenario, req.threads) if req.scenario
+            else meter.runner_args(req.max_tokens, req.threads, req.prompt))
     runs: list[dict[str, Any]] = []
     if req.device is not None:
         from edgepack.remote.speed import bench_current

@@ -121,9 +121,10 @@ class RuntimeSpec:
     # docs/serve.md ("Prompt cache") has the measurements.
     prompt_cache_slots: int = 1
     prompt_cache_mb: int = 0
-    # Speculative decoding by default (ONNX): "off", or "ngram" (prompt lookup: drafts copied from the tokens seen,
-    # greedy output unchanged). A request may choose either; measure first (`edgepack bench --scenario extraction`).
-    speculative: Literal["off", "ngram"] = "off"
+    # Speculative decoding by default (ONNX): "ngram" (prompt lookup: drafts copied from the tokens seen, checked
+    # by one batched pass), "off", or "auto": off, unless `build --tune` measured n-gram faster on the device
+    # (its extraction and chat scenarios; docs/performance.md). A request may choose either.
+    speculative: Literal["auto", "off", "ngram"] = "auto"
     android_sample: bool = False  # render android/ (Kotlin + Gradle integration sample) into the bundle
 
 
@@ -176,6 +177,11 @@ class TargetProfile:
     deploy: DeploySpec = field(default_factory=DeploySpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
     bundle: BundleSpec = field(default_factory=BundleSpec)
+
+    @property
+    def speculative(self) -> str:
+        """runtime.speculative as the bundle's runner has it: `auto` that no tune measured is off."""
+        return "off" if self.runtime.speculative == "auto" or self.export.format != "onnx" else self.runtime.speculative
 
     def resolved_arch(self) -> str:
         return platform.machine() if self.device.arch == "native" else self.device.arch
@@ -397,11 +403,11 @@ def check_rules(p: TargetProfile) -> None:
         raise TargetError(f"{p.source}: runtime.prompt_cache_slots must be 0 (off) to {MAX_PROMPT_CACHE_SLOTS}, and "
                           "runtime.prompt_cache_mb 0 (each slot holds the whole context) or more.", path=p.source,
                           field="runtime.prompt_cache_slots", allowed=f"0..{MAX_PROMPT_CACHE_SLOTS}")
-    if p.runtime.speculative != "off" and p.export.format != "onnx":
+    if p.runtime.speculative == "ngram" and p.export.format != "onnx":
         raise TargetError(f"{p.source}: runtime.speculative = \"{p.runtime.speculative}\" needs onnxruntime-genai "
                           f"(export.format = \"onnx\"); the {p.export.format} runners decode one token at a time.",
                           hint="Set runtime.speculative = \"off\" for this target.", path=p.source,
-                          field="runtime.speculative", allowed=["off"])
+                          field="runtime.speculative", allowed=["auto", "off"])
     if not 1 <= p.quality.golden_tokens <= 32:
         raise TargetError(f"{p.source}: quality.golden_tokens must be between 1 and 32.",
                           path=p.source, field="quality.golden_tokens", allowed="1..32")

@@ -43,7 +43,8 @@ class RemoteSpeedMeter:
         self.root = posixpath.join(self.dev.install_dir, "tune")
         self.progress = progress
 
-    def __call__(self, runner: Path, *, tokens: int, reps: int, threads: int) -> list[dict[str, Any]]:
+    def __call__(self, runner: Path, *, tokens: int, reps: int, threads: int,
+                 args: list[str] | None = None) -> list[dict[str, Any]]:
         remote = posixpath.join(self.root, runner.name)
         self.conn.run(["rm", "-rf", remote], what="clear the tune folder")
         files = sorted(Path(d) / f for d, _, names in os.walk(runner, followlinks=True) for f in names)  # model/ too
@@ -55,7 +56,8 @@ class RemoteSpeedMeter:
         try:
             for i in range(reps):
                 self.progress(ProgressEvent("tune", f"timing {runner.name} on {self.where}: run {i + 1}/{reps}"))
-                cmd = [self.python, "-B", posixpath.join(remote, "run.py"), *runner_args(tokens, threads)]
+                cmd = [self.python, "-B", posixpath.join(remote, "run.py"),
+                       *(args if args is not None else runner_args(tokens, threads))]
                 res = self.conn.run(cmd, what=f"time {runner.name} on the device", pidfile=self.dev.pidfile)
                 runs.append(result(res.stdout, f"timing {runner.name} on {self.conn.hostname}"))
         finally:

@@ -181,7 +181,7 @@ def bundle_context(name: str, source: ModelSource, target: TargetProfile, export
         context_length=exported.context_length,
         prompt_cache_slots=fit.prompt_cache.slots if fit is not None else target.runtime.prompt_cache_slots,
         prompt_cache_tokens=fit.prompt_cache.tokens if fit is not None else 0,
-        speculative=target.runtime.speculative,
+        speculative=target.speculative,
         android_litertlm_version=exported.runtime_versions.get("litert-lm-api", ""))
 
 
@@ -219,7 +219,7 @@ def manifest_for(name: str, source: ModelSource, target: TargetProfile, exported
                     "context_length": exported.context_length,
                     "prompt_cache": {"slots": fit.prompt_cache.slots if fit is not None else 0,
                                      "tokens": fit.prompt_cache.tokens if fit is not None else 0},
-                    "speculative": target.runtime.speculative,
+                    "speculative": target.speculative,
                     **({"context": {"source": context.source, "requested": context.requested,
                                     "model_context": context.model_context, "reason": context.reason}}
                        if context is not None else {}),

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgepack.backends.base import ExportedModel
 from edgepack.errors import QualityGateError, UserError
-from edgepack.meter import HereMeter, Meter, runner_folder
+from edgepack.meter import HereMeter, Meter, runner_folder, scenario_args
 from edgepack.models import ModelSource
 from edgepack.progress import ProgressEvent, ProgressFn, silent
 from edgepack.stages.export import export as export_stage
@@ -43,6 +43,22 @@ class CandidateResult:
     chosen: bool = False
 
 
+# n-gram speculative decoding is switched on by --tune only where it decodes at least this much faster on the
+# extraction scenario and no slower on the chat scenario (edgepack_scenarios.py), on the meter's machine.
+SPECULATIVE_MIN_GAIN = 1.05
+
+
+@dataclass(frozen=True)
+class SpeculativeChoice:
+    """`runtime.speculative = "auto"` under --tune: what the A/B measured and what the bundle got."""
+
+    chosen: Literal["ngram", "off"]
+    extraction_speedup: float | None  # n-gram decode tok/s over plain, the reply copying the prompt
+    chat_speedup: float | None  # the same in the 10-turn chat (prompt cache on in both arms)
+    same_tokens: bool  # n-gram's greedy tokens were the plain arm's in both scenarios
+    reason: str
+
+
 @dataclass(frozen=True)
 class TuneOutcome:
     target: TargetProfile  # with the chosen candidate's [quantize]
@@ -50,6 +66,7 @@ class TuneOutcome:
     report: QualityReport
     table: tuple[CandidateResult, ...]
     speed_measured_on: str
+    speculative: SpeculativeChoice | None = None  # with runtime.speculative = "auto" (ONNX)
 
 
 def tune_stage(r: Any, work: Path, model_dir: Path, device: Any, *, use_cache: bool,
@@ -120,7 +137,30 @@ def tune(source: ModelSource, target: TargetProfile, work: Path, *, progress: Pr
         if r.name != best.name:
             shutil.rmtree(work / f"cand-{i}", ignore_errors=True)
     exported, report, cand_target = built[best.name]
-    return TuneOutcome(cand_target, exported, report, table, meter.where)
+    choice = None
+    if cand_target.export.format == "onnx" and cand_target.runtime.speculative == "auto":
+        progress(ProgressEvent("tune", f"speculative decoding: n-gram against plain, on {meter.where}"))
+        with runner_folder(_context(source, cand_target, exported, report), cand_target.runtime.template,
+                           exported.dir, work) as runner:
+            choice = choose_speculative(meter, runner, target.runtime.threads)
+        cand_target = dataclasses.replace(cand_target, runtime=dataclasses.replace(cand_target.runtime,
+                                                                                   speculative=choice.chosen))
+    return TuneOutcome(cand_target, exported, report, table, meter.where, choice)
+
+
+def choose_speculative(meter: Meter, runner: Path, threads: int) -> SpeculativeChoice:
+    """A/B n-gram speculative decoding with the bundle's own runner: on only where it measured faster."""
+    ext = meter(runner, tokens=0, reps=1, threads=threads, args=scenario_args("extraction", threads))[0]
+    chat = meter(runner, tokens=0, reps=1, threads=threads, args=scenario_args("chat", threads))[0]
+    ex = ext.get("ngram_speedup")
+    plain, ngram = chat.get("decode_tokens_per_s_prompt_cache"), chat.get("decode_tokens_per_s_prompt_cache_ngram")
+    cx = round(ngram / plain, 3) if plain and ngram else None
+    same = bool((ext.get("same_tokens") or {}).get("ngram")) and bool(
+        (chat.get("same_tokens") or {}).get("prompt_cache+ngram"))
+    on = ex is not None and cx is not None and ex >= SPECULATIVE_MIN_GAIN and cx >= 1.0
+    reason = (f"n-gram decoded {ex}x plain on the extraction scenario and {cx}x in the chat"
+              + ("" if on else f"; it is switched on at >= {SPECULATIVE_MIN_GAIN}x and >= 1.0x"))
+    return SpeculativeChoice("ngram" if on else "off", ex, cx, same, reason)
 
 
 def _context(source: ModelSource, target: TargetProfile, exported: ExportedModel, report: QualityReport) -> Any:

@@ -8,7 +8,7 @@ copied as is): what a chat on the device feels like with each speed feature on a
                off and "ngram", alternated `reps` times.
 
 Arms a runtime does not have (LiteRT: no prompt cache, no speculative decoding) are left out and listed under
-`unsupported`. Every arm is greedy: `same_tokens` says whether each arm's tokens equal the plain arm's.
+`unsupported`. Every arm is greedy: `same_tokens` says, arm by arm, whether its tokens equal the plain arm's.
 
 Standard library only; Python 3.8+.
 """
@@ -64,11 +64,12 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
         caches = {name: (PromptCache(len(on.slots), on.length) if spec["cache"] else PromptCache(0, on.length))
                   for name, spec in arms.items()}
     history = [{"role": "system", "content": SYSTEM}]
-    rows, same = [], True
+    rows: List[Dict[str, Any]] = []
+    same = {name: True for name in arms}
     for name in caches:  # what the server does at load: the system prompt's KV, ready before the first turn
         rt.cache = caches[name]
         if arms[name]["cache"]:
-            rt.warm(SYSTEM)
+            rt.warm(SYSTEM, arms[name]["speculative"])
     for turn in range(turns):
         history.append({"role": "user", "content": QUESTION % TOPICS[turn % len(TOPICS)]})
         ids, n = rt.prepare(history, None)
@@ -90,7 +91,7 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
             if first is None:
                 first = out
             elif out["tokens"] != first["tokens"]:
-                same = False
+                same[name] = False
         history.append({"role": "assistant", "content": first["text"]})
         rows.append(row)
     if caches:
@@ -126,7 +127,7 @@ def extraction(rt: Any, reps: int = 3) -> Dict[str, Any]:
             rt.cache = cache
     doc: Dict[str, Any] = {"scenario": "extraction", "prompt_tokens": n, "new_tokens": len(tokens["off"]),
                            "reps": reps, "unsupported": _unsupported(rt),
-                           "same_tokens": all(t == tokens["off"] for t in tokens.values()),
+                           "same_tokens": {m: t == tokens["off"] for m, t in tokens.items()},
                            "runs_tokens_per_s": rates}
     doc["decode_tokens_per_s"] = round(statistics.median(rates["off"]), 2)
     if "ngram" in rates:
