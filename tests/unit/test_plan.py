@@ -199,3 +199,19 @@ def test_an_untied_quantized_embedding_is_an_int4_table_of_its_own() -> None:
     assert estimate(replace(rpi5, embedding_precision="fp32")).weights.embedding == 32000 * 2048 * 4
     assert estimate(replace(rpi5, symmetric=False)).weights.embedding == w.embedding + 32000 * 64 // 2
     assert "embedding int4 table" in w.layout
+
+
+def test_prompt_cache_slots_are_counted_beyond_the_requests_own_kv() -> None:
+    one = estimate(replace(HOST_INT4, prompt_cache_slots=1))
+    assert one.total == estimate(HOST_INT4).total  # one slot is the request's own KV cache, already counted
+    assert (one.prompt_cache.slots, one.prompt_cache.tokens, one.prompt_cache.kept) == (1, 2048, one.kv.allocated)
+    three = estimate(replace(HOST_INT4, prompt_cache_slots=3))
+    assert three.total - one.total == 2 * one.kv.allocated
+    capped = estimate(replace(HOST_INT4, prompt_cache_slots=3, prompt_cache_mb=90))
+    per_token = one.kv.bytes_per_token
+    assert capped.prompt_cache.tokens == int(90 * MIB / 3 / per_token) < 2048
+    assert capped.total - one.total == 2 * capped.prompt_cache.kept // 3
+    assert "prompt cache 3 slots of" in plan_summary(capped)
+    with pytest.raises(UserError, match="a slot needs 256 at least") as err:
+        estimate(replace(HOST_INT4, prompt_cache_slots=4, prompt_cache_mb=10))
+    assert err.value.fields["field"] == "runtime.prompt_cache_mb"

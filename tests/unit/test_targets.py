@@ -202,3 +202,19 @@ def test_the_exporter_and_the_plan_read_one_embedding_rule() -> None:
     assert table(False, "int4") == "int4" and table(False, "int4", precision="fp32") == "float"
     assert table(True, "int8") == "float"  # the builder writes a float table at int8 even when asked to share
     assert table(True, "fp32", symmetric=False) == "shared"  # symmetry means nothing to a float graph
+
+
+def test_prompt_cache_and_speculative_fields(tmp_path: Path) -> None:
+    t = load_target(str(write(tmp_path, '[device]\narch = "aarch64"\n')))
+    assert (t.runtime.prompt_cache_slots, t.runtime.prompt_cache_mb, t.runtime.speculative) == (1, 0, "auto")
+    assert t.speculative == "off"  # auto is off until build --tune measures n-gram faster
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[runtime]\nspeculative = "ngram"\n')
+    assert load_target(str(p)).speculative == "ngram"
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[runtime]\nprompt_cache_slots = 9\n')
+    with pytest.raises(TargetError, match="prompt_cache_slots must be 0 \\(off\\) to 8"):
+        load_target(str(p))
+    p = write(tmp_path, '[device]\narch = "aarch64"\n[export]\nformat = "tflite"\n[runtime]\ntemplate = "litert-lm"\n'
+                        'speculative = "ngram"\n')
+    with pytest.raises(TargetError, match="needs onnxruntime-genai") as err:
+        load_target(str(p))
+    assert err.value.fields["allowed"] == ["auto", "off"]
