@@ -39,9 +39,9 @@ def status_mb(pid: int, key: str) -> float:
     return 0.0
 
 
-def one(bundle: Path, env: dict[str, str], clients: int, requests: int) -> dict[str, float]:
+def one(bundle: Path, env: dict[str, str], clients: int, requests: int, *flags: str) -> dict[str, float]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(bundle / "run.py"), "--serve", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([sys.executable, str(bundle / "run.py"), "--serve", f"127.0.0.1:{port}", *flags],
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, "/health", proc)
@@ -83,13 +83,20 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--prompt-cache", action="store_true",
+                    help="compare the server without its prompt cache (--prompt-cache-slots 0) and with it (issue 24)")
     args = ap.parse_args()
-    variants = {"glibc default": {"EDGEPACK_MALLOC_ARENA_MAX": "0"}, "MALLOC_ARENA_MAX=2 (env)": {
-        "EDGEPACK_MALLOC_ARENA_MAX": "0", "MALLOC_ARENA_MAX": "2"}, "runner core (mallopt, 2 arenas)": {}}
+    variants: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+        "glibc default": ({"EDGEPACK_MALLOC_ARENA_MAX": "0"}, ()),
+        "MALLOC_ARENA_MAX=2 (env)": ({"EDGEPACK_MALLOC_ARENA_MAX": "0", "MALLOC_ARENA_MAX": "2"}, ()),
+        "runner core (mallopt, 2 arenas)": ({}, ())}
+    if args.prompt_cache:
+        variants = {"no prompt cache": ({}, ("--prompt-cache-slots", "0")), "prompt cache (1 slot)": ({}, ())}
     out = {}
-    for name, env in variants.items():
-        out[name] = [one(args.bundle, env, args.clients, args.requests) for _ in range(args.reps)]
-        print(name, out[name], flush=True)
+    for _ in range(args.reps):  # interleaved: the machine's noise falls on every variant alike
+        for name, (env, flags) in variants.items():
+            out.setdefault(name, []).append(one(args.bundle, env, args.clients, args.requests, *flags))
+            print(name, out[name][-1], flush=True)
     print(json.dumps(out, indent=1))
     return 0
 

@@ -100,8 +100,11 @@ def chat_messages(prompt: str, system: Optional[str]) -> List[Dict[str, str]]:
 
 SETTLE_CHUNK = 16  # tokens prefilled per idle step: a waiting request waits at most one chunk
 # A slot's KV is allocated (and zeroed) at its full size: it starts at SLOT_PAGE tokens and doubles, up to the
-# slot's length, when a conversation outgrows it (that turn is prefilled in full once).
+# slot's length. A conversation that leaves less than `reserve` tokens free (the next question and reply) is moved
+# to a larger allocation while the server is idle: the old KV is freed first, then its tokens are prefilled again,
+# a chunk at a time, so memory stays one slot's and the next turn still finds its history.
 SLOT_PAGE = 1024
+NEXT_QUESTION = 256  # tokens a next question may take, besides its reply (`reserve`)
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -123,15 +126,17 @@ class Slot:
         self.pending: List[int] = []
         self.used = 0
         self.size = 0  # tokens the state was allocated for
+        self.grow = False  # move to a larger allocation when idle
 
 
 class PromptCache:
     """`slots` kept states of `length` tokens each (0 slots: off). The runtime makes and drives the states; this
     picks the slot and the prefix to reuse, and counts reused and prefilled prompt tokens for /metrics."""
 
-    def __init__(self, slots: int, length: int) -> None:
+    def __init__(self, slots: int, length: int, reserve: int = 0) -> None:
         self.slots = [Slot() for _ in range(max(slots, 0))]
         self.length = length
+        self.reserve = reserve  # free tokens a kept conversation needs for its next turn
         self.clock = 0
         self.reused = 0
         self.prefilled = 0
@@ -164,6 +169,7 @@ class PromptCache:
         slot.key = key
         slot.exact = list(ids)
         slot.pending = list(new[: max(slot.size - len(ids), 0)])
+        slot.grow = slot.size < self.length and len(ids) + len(new) + self.reserve > slot.size
 
     def size_for(self, total: int) -> int:
         """The allocation of a new slot state for a request of `total` tokens."""
@@ -177,14 +183,23 @@ class PromptCache:
         self.prefilled += prefilled
 
     def unsettled(self) -> Optional[Slot]:
+        """The most recently used slot with idle work: a reply to prefill, or a move to a larger allocation."""
         for s in sorted(self.slots, key=lambda s: -s.used):
-            if s.state is not None and s.pending:
+            if s.state is not None and (s.pending or s.grow):
                 return s
         return None
 
+    def regrow(self, slot: Slot) -> List[int]:
+        """Free `slot`'s state for a larger one: its tokens become pending; the runtime allocates the new state
+        at `slot.size` and prefills them as it settles. Returns the tokens."""
+        tokens = slot.exact + slot.pending
+        slot.state, slot.exact, slot.pending, slot.grow = None, [], tokens, False
+        slot.size = self.size_for(len(tokens) + self.reserve)
+        return tokens
+
     @staticmethod
     def drop(slot: Slot) -> None:
-        slot.state, slot.key, slot.exact, slot.pending, slot.size = None, None, [], [], 0
+        slot.state, slot.key, slot.exact, slot.pending, slot.size, slot.grow = None, None, [], [], 0, False
 
     def stats(self) -> Dict[str, int]:
         return {"slots": len(self.slots), "slot_tokens": self.length, "kept": sum(s.state is not None

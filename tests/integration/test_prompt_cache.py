@@ -121,3 +121,32 @@ def test_a_runtime_without_the_features_plays_the_plain_arm_only() -> None:
     assert doc["unsupported"] == ["prompt_cache", "ngram"] and list(doc["turns"][0]["ttft_ms"]) == ["plain"]
     assert doc["ttft_growth_plain"] == 3.0
     assert json.loads(json.dumps(doc)) == doc
+
+
+def test_a_conversation_outgrowing_its_slot_keeps_its_history(smollm2_host_bundle: Path) -> None:
+    """The bundle's own Runtime in this process: a 700-token conversation fills its 1,024-token slot; while idle
+    it moves to 2,048 tokens, and the next turn reuses all of it with the tokens a full prefill gives."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bundle_run_growth", smollm2_host_bundle / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rt = mod.RUNTIME
+    rt.load(2)
+    greedy = runner_core("edgepack_runner").GREEDY
+    text = (Path(__file__).resolve().parents[2] / "edgepack" / "data").glob("*.txt")
+    words = " ".join(next(iter(sorted(text))).read_text().split()[:2000])
+    ids = rt.prepare(None, words)[0][:700]
+    first = rt.generate(ids, len(ids), 24, greedy, lambda piece: None)
+    slot = next(s for s in rt.cache.slots if s.state is not None)
+    assert slot.size == 1024 and slot.grow
+    steps = 0
+    while rt.settle():
+        steps += 1
+    assert slot.size == 2048 and len(slot.exact) == 724 and not slot.pending and steps > 700 // 16
+    more = ids + first["tokens"] + rt.prepare(None, " And then, in the second part of the text,")[0]
+    kept = rt.generate(more, len(more), 24, greedy, lambda piece: None)
+    assert kept["reused_tokens"] == 724
+    rt.cache = type(rt.cache)(0, rt.cache.length)
+    assert rt.generate(more, len(more), 24, greedy, lambda piece: None)["tokens"] == kept["tokens"]

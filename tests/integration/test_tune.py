@@ -38,6 +38,11 @@ def test_tune_picks_the_only_candidate_within_tolerance(tiny_model: Path, tmp_pa
     assert m["export"]["scheme"] == "fp32" and m["target"]["profile"]["quantize"]["scheme"] == "fp32"
     assert [c["name"] for c in m["tune"]["candidates"]] == ["int4", "int8", "fp32"]
     assert "this machine" in m["tune"]["speed_measured_on"]
+    # runtime.speculative = "auto": n-gram decoding was A/B'd with the winner's own runner, and the bundle got what
+    # that measured (a tiny random model copies little, so usually off; either way the reason has the numbers)
+    spec = m["tune"]["speculative"]
+    assert spec["chosen"] in ("ngram", "off") and m["runtime"]["speculative"] == spec["chosen"]
+    assert spec["extraction_speedup"] > 0 and spec["chat_speedup"] > 0 and "x plain" in spec["reason"]
     if has("matplotlib"):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -159,3 +159,21 @@ def test_speculative_is_a_request_option_the_bundle_must_have(served: Any) -> No
     status, body = _post(port, {"messages": [{"role": "user", "content": "x"}], "speculative": "draft"})
     assert status == 400 and body["error"]["param"] == "speculative"
     assert "off, ngram" in body["error"]["message"]
+
+
+def test_a_conversation_filling_its_slot_moves_to_a_larger_one_while_idle() -> None:
+    cache = runner.PromptCache(1, 4096, reserve=384)
+    slot, _ = cache.take("k", [1] * 600, 624)
+    slot.state, slot.size = object(), cache.size_for(624)
+    cache.done(slot, "k", [1] * 600, [2] * 24)
+    assert not slot.grow  # 600 + 24 + 384 fit in 1024
+    cache.done(slot, "k", [1] * 700, [2] * 24)
+    assert slot.grow and cache.unsettled() is slot
+    tokens = cache.regrow(slot)
+    assert tokens == [1] * 700 + [2] * 24 and slot.pending == tokens and slot.exact == []
+    assert slot.state is None and slot.size == 2048 and not slot.grow
+    full = runner.PromptCache(1, 1024, reserve=384)
+    s, _ = full.take("k", [1] * 700, 724)
+    s.state, s.size = object(), 1024
+    full.done(s, "k", [1] * 700, [2] * 24)
+    assert not s.grow  # already the slot's whole length
