@@ -79,7 +79,9 @@ class PlanRequest:
                    execution_provider=target.export.execution_provider,
                    context=context or target.runtime.context_length, ram_mb=target.device.ram_mb,
                    kv_cache=target.runtime.kv_cache if chosen == "onnx" else "auto",
-                   prompt_cache_slots=target.runtime.prompt_cache_slots if chosen == "onnx" else 0,
+                   # litert-lm keeps no K/V between requests; the plain litert runner and onnxruntime-genai do
+                   prompt_cache_slots=target.runtime.prompt_cache_slots
+                   if chosen == "onnx" or target.runtime.template == "litert" else 0,
                    prompt_cache_mb=target.runtime.prompt_cache_mb)
 
 

@@ -403,6 +403,11 @@ def check_rules(p: TargetProfile) -> None:
         raise TargetError(f"{p.source}: runtime.prompt_cache_slots must be 0 (off) to {MAX_PROMPT_CACHE_SLOTS}, and "
                           "runtime.prompt_cache_mb 0 (each slot holds the whole context) or more.", path=p.source,
                           field="runtime.prompt_cache_slots", allowed=f"0..{MAX_PROMPT_CACHE_SLOTS}")
+    if p.runtime.prompt_cache_mb and p.export.format != "onnx":
+        raise TargetError(f"{p.source}: runtime.prompt_cache_mb sizes ONNX bundles' prompt cache slots; a LiteRT "
+                          "runner allocates each slot's K/V at the whole context.",
+                          hint="Remove it; runtime.prompt_cache_slots sets how many (each one context's K/V).",
+                          path=p.source, field="runtime.prompt_cache_mb")
     if p.runtime.speculative == "ngram" and p.export.format != "onnx":
         raise TargetError(f"{p.source}: runtime.speculative = \"{p.runtime.speculative}\" needs onnxruntime-genai "
                           f"(export.format = \"onnx\"); the {p.export.format} runners decode one token at a time.",

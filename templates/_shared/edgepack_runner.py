@@ -133,10 +133,13 @@ class PromptCache:
     """`slots` kept states of `length` tokens each (0 slots: off). The runtime makes and drives the states; this
     picks the slot and the prefix to reuse, and counts reused and prefilled prompt tokens for /metrics."""
 
-    def __init__(self, slots: int, length: int, reserve: int = 0) -> None:
+    def __init__(self, slots: int, length: int, reserve: int = 0, align: int = 1) -> None:
         self.slots = [Slot() for _ in range(max(slots, 0))]
         self.length = length
         self.reserve = reserve  # free tokens a kept conversation needs for its next turn
+        # Positions a runtime prefills in fixed chunks (LiteRT's prefill signature): the exact K/V ends at a multiple
+        # of `align`, a reused prefix too, so the rest is chunked exactly as a full prefill chunks it.
+        self.align = max(align, 1)
         self.clock = 0
         self.reused = 0
         self.prefilled = 0
@@ -156,7 +159,7 @@ class PromptCache:
         if reusable:
             for s in self.slots:
                 if s.state is not None and s.key == key and s.size >= total:
-                    k = min(common_prefix(s.exact, ids), len(ids) - 1)
+                    k = min(common_prefix(s.exact, ids), len(ids) - 1) // self.align * self.align
                     if best is None or k > n:
                         best, n = s, k
         if best is None or n == 0:
@@ -164,11 +167,16 @@ class PromptCache:
         best.used = self.clock
         return best, n
 
+    def like(self, slots: int) -> "PromptCache":
+        """An empty cache of `slots` slots shaped as this one (the bench scenarios' arms)."""
+        return PromptCache(slots, self.length, self.reserve, self.align)
+
     def done(self, slot: Slot, key: Any, ids: List[int], new: List[int]) -> None:
-        """After a request: `slot` holds `ids` exactly and `new` to settle."""
+        """After a request: `slot` holds `ids` exactly (up to the alignment) and the rest and `new` to settle."""
+        exact = len(ids) // self.align * self.align
         slot.key = key
-        slot.exact = list(ids)
-        slot.pending = list(new[: max(slot.size - len(ids), 0)])
+        slot.exact = list(ids[:exact])
+        slot.pending = (list(ids[exact:]) + list(new))[: max(slot.size - exact, 0)]
         slot.grow = slot.size < self.length and len(ids) + len(new) + self.reserve > slot.size
 
     def size_for(self, total: int) -> int:
@@ -185,7 +193,7 @@ class PromptCache:
     def unsettled(self) -> Optional[Slot]:
         """The most recently used slot with idle work: a reply to prefill, or a move to a larger allocation."""
         for s in sorted(self.slots, key=lambda s: -s.used):
-            if s.state is not None and (s.pending or s.grow):
+            if s.state is not None and (len(s.pending) >= self.align or s.grow):
                 return s
         return None
 

@@ -1,8 +1,8 @@
 """The bench scenarios every bundle's runner can play (`run.py --scenario chat|extraction --json`; the runner core,
 copied as is): what a chat on the device feels like with each speed feature on and off, in one process.
 
-  chat         a system prompt and 10 turns of ~40-token questions with 24-token greedy replies, the history
-               growing: time to first token (TTFT) per turn without a prompt cache, with it (the reply settled
+  chat         a system prompt and 10 turns (fewer where the context ends) of ~40-token questions with 24-token
+               greedy replies, the history growing: time to first token (TTFT) per turn without a prompt cache, with it (the reply settled
                in the idle time between turns, timed apart), and with it and n-gram speculative decoding.
   extraction   a reply that copies the prompt (fields out of an invoice): decode tok/s with speculative decoding
                off and "ngram", alternated `reps` times.
@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any, Dict, List
 
-from edgepack_runner import GREEDY, PromptCache, chat_messages
+from edgepack_runner import GREEDY, chat_messages
 
 SYSTEM = "You are a concise assistant on a small device. Answer in one or two sentences."
 TOPICS = ("depth", "colour", "salt", "heat", "life", "waves", "tides", "ice", "light", "sound")
@@ -61,8 +61,7 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
     caches = {}
     if "prompt_cache" in arms:
         on = rt.cache
-        caches = {name: (PromptCache(len(on.slots), on.length) if spec["cache"] else PromptCache(0, on.length))
-                  for name, spec in arms.items()}
+        caches = {name: on.like(len(on.slots) if spec["cache"] else 0) for name, spec in arms.items()}
     history = [{"role": "system", "content": SYSTEM}]
     rows: List[Dict[str, Any]] = []
     same = {name: True for name in arms}
@@ -73,6 +72,8 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
     for turn in range(turns):
         history.append({"role": "user", "content": QUESTION % TOPICS[turn % len(TOPICS)]})
         ids, n = rt.prepare(history, None)
+        if rt.context_length and n + REPLY_TOKENS > rt.context_length:
+            break  # a small context: the turns that fit
         row: Dict[str, Any] = {"turn": turn + 1, "prompt_tokens": n, "ttft_ms": {}, "decode_tokens_per_s": {},
                                "reused_tokens": {}, "settle_ms": {}}
         first = None
@@ -96,11 +97,12 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
         rows.append(row)
     if caches:
         rt.cache = caches.get("prompt_cache", rt.cache)
-    doc: Dict[str, Any] = {"scenario": "chat", "turns": rows, "same_tokens": same, "unsupported": _unsupported(rt)}
+    doc: Dict[str, Any] = {"scenario": "chat", "turns": rows, "turns_played": len(rows), "same_tokens": same,
+                           "unsupported": _unsupported(rt)}
     for name in arms:
         key = name.replace("+", "_")
         doc["ttft_ms_turn1_" + key] = rows[0]["ttft_ms"][name]
-        doc["ttft_ms_turn%d_%s" % (turns, key)] = rows[-1]["ttft_ms"][name]
+        doc["ttft_ms_last_" + key] = rows[-1]["ttft_ms"][name]
         doc["ttft_growth_" + key] = round(rows[-1]["ttft_ms"][name] / rows[0]["ttft_ms"][name], 3)
         rates = [r["decode_tokens_per_s"][name] for r in rows if r["decode_tokens_per_s"][name]]
         doc["decode_tokens_per_s_" + key] = round(statistics.median(rates), 2) if rates else None
@@ -115,7 +117,7 @@ def extraction(rt: Any, reps: int = 3) -> Dict[str, Any]:
     tokens: Dict[str, Any] = {}
     cache = getattr(rt, "cache", None)
     if cache is not None:  # every run prefills the prompt: decode speed alone is compared
-        rt.cache = PromptCache(0, cache.length)
+        rt.cache = cache.like(0)
     try:
         for _ in range(reps):
             for mode in modes:

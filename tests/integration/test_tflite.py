@@ -199,6 +199,15 @@ def test_plain_tflite_bundle_runs_on_the_litert_interpreter(tiny_model: Path, tm
     assert smoke.returncode == 0 and line["ok"] and line["top1_vs_build"] == 1.0, line
     run = cli("--json", "run", str(bundle), "--prompt", "hi", "--max-tokens", "4")
     assert run.returncode == 0, run.stderr[-1500:]
+    # The prompt cache on the Interpreter runner: K/V reused at whole prefill chunks, so every turn gives the tokens a
+    # full prefill gives; LiteRT has no speculative decoding.
+    play = subprocess.run([sys.executable, str(bundle / "run.py"), "--scenario", "chat", "--json"],
+                          capture_output=True, text=True, check=False)
+    assert play.returncode == 0, play.stderr[-2000:]
+    chat = json.loads(play.stdout.strip().splitlines()[-1])
+    assert chat["unsupported"] == ["ngram"] and chat["same_tokens"] == {"plain": True, "prompt_cache": True}
+    reused = [t["reused_tokens"]["prompt_cache"] for t in chat["turns"]]
+    assert chat["turns_played"] >= 3 and reused[-1] >= 128 and all(r % 128 == 0 for r in reused), reused
 
 
 def _mixed_target(tmp_path: Path, rule: str) -> Path:
