@@ -47,6 +47,11 @@ def _generate(rt: Any, ids: Any, n: int, max_new: int, speculative: str) -> Dict
     return rt.generate(ids, n, max_new, GREEDY, lambda piece: None, **extra)
 
 
+def _said(out: Dict[str, Any]) -> Any:
+    """What a generation produced: its token ids, or its text where a runtime gives no ids (LiteRT-LM)."""
+    return out.get("tokens", out.get("text"))
+
+
 def _unsupported(rt: Any) -> List[str]:
     out = []
     if getattr(rt, "cache", None) is None:
@@ -91,7 +96,7 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
                 row["settle_ms"][name] = round((time.perf_counter() - t0) * 1000, 2)
             if first is None:
                 first = out
-            elif out["tokens"] != first["tokens"]:
+            elif _said(out) != _said(first):
                 same[name] = False
         history.append({"role": "assistant", "content": first["text"]})
         rows.append(row)
@@ -115,6 +120,7 @@ def extraction(rt: Any, reps: int = 3) -> Dict[str, Any]:
     modes = ["off"] + (["ngram"] if "ngram" in getattr(rt, "speculative_modes", ()) else [])
     rates: Dict[str, List[float]] = {m: [] for m in modes}
     tokens: Dict[str, Any] = {}
+    new_tokens = 0
     cache = getattr(rt, "cache", None)
     if cache is not None:  # every run prefills the prompt: decode speed alone is compared
         rt.cache = cache.like(0)
@@ -123,11 +129,12 @@ def extraction(rt: Any, reps: int = 3) -> Dict[str, Any]:
             for mode in modes:
                 out = _generate(rt, ids, n, EXTRACT_TOKENS, mode)
                 rates[mode].append(out["decode_tokens_per_s"] or 0.0)
-                tokens.setdefault(mode, out["tokens"])
+                tokens.setdefault(mode, _said(out))
+                new_tokens = out["new_tokens"]
     finally:
         if cache is not None:
             rt.cache = cache
-    doc: Dict[str, Any] = {"scenario": "extraction", "prompt_tokens": n, "new_tokens": len(tokens["off"]),
+    doc: Dict[str, Any] = {"scenario": "extraction", "prompt_tokens": n, "new_tokens": new_tokens,
                            "reps": reps, "unsupported": _unsupported(rt),
                            "same_tokens": {m: t == tokens["off"] for m, t in tokens.items()},
                            "runs_tokens_per_s": rates}
