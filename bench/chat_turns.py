@@ -7,7 +7,8 @@ the tokens in its context, its prompt cache). One run, one machine: quote ratios
 
 The chat is the scenario of `run.py --scenario chat` (edgepack_scenarios.py): a system prompt, ~40-token questions,
 24-token greedy replies; each server's own replies go back into the history, as a client's would. `--think` is the
-pause before the next question (a person reads the reply): the bundle's server settles the reply's KV then. Each
+pause before the next question (a person reads the reply): the bundle's server settles the reply's KV then, and
+moves a conversation that fills its slot to a larger one. `--between` is the pause before each chat. Each
 server plays `--chats` chats, each from another topic (only the system prompt repeats between chats); per turn the
 best TTFT is kept (the issue's method).
 """
@@ -77,7 +78,10 @@ def metrics(port: int) -> dict[str, float]:
 def server(name: str, cmd: list[str], port: int, ready: str, args: argparse.Namespace) -> dict:
     with started(cmd, port, ready):
         turn(port, [{"role": "user", "content": "Hello."}], 4)  # warm-up
-        runs = [chat(port, args.turns, args.think, 3 * c) for c in range(args.chats)]
+        runs = []
+        for c in range(args.chats):
+            time.sleep(args.between)  # another user, later: the server has settled the last chat
+            runs.append(chat(port, args.turns, args.think, 3 * c))
         best = [min(r[0][t] for r in runs) for t in range(args.turns)]
         row = {"server": name, "ttft_ms": best, "ttft_ms_chats": [r[0] for r in runs],
                "turn_last_over_first": round(best[-1] / best[0], 2), "replies": runs[0][1]}
@@ -93,6 +97,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--chats", type=int, default=2)
     ap.add_argument("--think", type=float, default=0.5, help="seconds between a reply and the next question")
+    ap.add_argument("--between", type=float, default=3.0, help="seconds before each chat starts")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     run_py = [sys.executable, str(args.bundle / "run.py"), "--threads", str(args.threads), "--metrics", "--serve"]
@@ -110,7 +115,7 @@ def main() -> None:
         print("llama-cpp-python's server is not installed: its row is skipped", file=sys.stderr)
     same = rows[0]["replies"] == rows[1]["replies"]
     doc = {"bench": "chat_turns", "machine": platform.machine(), "threads": args.threads, "turns": args.turns,
-           "think_s": args.think, "chats": args.chats, "bundle": str(args.bundle),
+           "think_s": args.think, "between_s": args.between, "chats": args.chats, "bundle": str(args.bundle),
            "same_replies_with_and_without_cache": same, "rows": rows}
     for r in rows:
         print(f"{r['server']:<45} " + " ".join(f"{v:7.0f}" for v in r["ttft_ms"])
