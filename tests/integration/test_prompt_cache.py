@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,17 +124,22 @@ def test_a_runtime_without_the_features_plays_the_plain_arm_only() -> None:
     assert json.loads(json.dumps(doc)) == doc
 
 
-def test_a_conversation_outgrowing_its_slot_keeps_its_history(smollm2_host_bundle: Path) -> None:
-    """The bundle's own Runtime in this process: a 700-token conversation fills its 1,024-token slot; while idle
-    it moves to 2,048 tokens, and the next turn reuses all of it with the tokens a full prefill gives."""
+def bundle_runtime(bundle: Path) -> Any:
+    """The bundle's own run.py Runtime, loaded in this process (its runtime is this Python's)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bundle_run_growth", smollm2_host_bundle / "run.py")
+    spec = importlib.util.spec_from_file_location(f"bundle_run_{id(bundle)}_{time.monotonic_ns()}", bundle / "run.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rt = mod.RUNTIME
-    rt.load(2)
+    mod.RUNTIME.load(2)
+    return mod.RUNTIME
+
+
+def test_a_conversation_outgrowing_its_slot_keeps_its_history(smollm2_host_bundle: Path) -> None:
+    """The bundle's own Runtime in this process: a 700-token conversation fills its 1,024-token slot; while idle
+    it moves to 2,048 tokens, and the next turn reuses all of it with the tokens a full prefill gives."""
+    rt = bundle_runtime(smollm2_host_bundle)
     greedy = runner_core("edgepack_runner").GREEDY
     text = (Path(__file__).resolve().parents[2] / "edgepack" / "data").glob("*.txt")
     words = " ".join(next(iter(sorted(text))).read_text().split()[:2000])
@@ -150,3 +156,40 @@ def test_a_conversation_outgrowing_its_slot_keeps_its_history(smollm2_host_bundl
     assert kept["reused_tokens"] == 724
     rt.cache = type(rt.cache)(0, rt.cache.length)
     assert rt.generate(more, len(more), 24, greedy, lambda piece: None)["tokens"] == kept["tokens"]
+
+
+class NoContinuation:
+    """An onnxruntime-genai generator on an execution provider without continuous decoding (DirectML, some NPUs):
+    appending to a sequence that is not empty fails as onnxruntime-genai fails there."""
+
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+
+    def append_tokens(self, ids: Any) -> None:
+        if self.gen.token_count():
+            raise RuntimeError("Continuous decoding is not supported on the selected device type (test)")
+        self.gen.append_tokens(ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gen, name)
+
+
+@pytest.mark.parametrize("where", ["request", "idle"])
+def test_a_runtime_that_cannot_continue_a_sequence_answers_without_the_cache(smollm2_host_bundle: Path,
+                                                                            where: str) -> None:
+    rt = bundle_runtime(smollm2_host_bundle)
+    greedy = runner_core("edgepack_runner").GREEDY
+    make = rt._generator
+    rt._generator = lambda params, adapter: NoContinuation(make(params, adapter))
+    history = [{"role": "user", "content": scenarios.QUESTION % "depth"}]
+    ids, n = rt.prepare(history, None)
+    first = rt.generate(ids, n, 16, greedy, lambda piece: None)
+    if where == "idle":
+        assert rt.settle() is False  # the reply could not be appended: the cache is off, nothing is lost
+    history += [{"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And the salt?"}]
+    ids, n = rt.prepare(history, None)
+    second = rt.generate(ids, n, 16, greedy, lambda piece: None)
+    assert second["reused_tokens"] == 0 and rt.cache.slots == []
+    assert rt.cache.prefilled == len(ids) + first["prompt_tokens"]  # the counters carried over
+    rt._generator = make
+    assert rt.generate(ids, n, 16, greedy, lambda piece: None)["tokens"] == second["tokens"]
