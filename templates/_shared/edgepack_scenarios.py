@@ -2,13 +2,15 @@
 copied as is): what a chat on the device feels like with each speed feature on and off, in one process.
 
   chat         a system prompt and 10 turns (fewer where the context ends) of ~40-token questions with 24-token
-               greedy replies, the history growing: time to first token (TTFT) per turn without a prompt cache, with it (the reply settled
-               in the idle time between turns, timed apart), and with it and n-gram speculative decoding.
+               greedy replies, the history growing: time to first token (TTFT) per turn without a prompt cache,
+               with it (the reply settled in the idle time between turns, timed apart), and with it and n-gram
+               speculative decoding.
   extraction   a reply that copies the prompt (fields out of an invoice): decode tok/s with speculative decoding
                off and "ngram", alternated `reps` times.
 
-Arms a runtime does not have (LiteRT: no prompt cache, no speculative decoding) are left out and listed under
-`unsupported`. Every arm is greedy: `same_tokens` says, arm by arm, whether its tokens equal the plain arm's.
+Arms a runtime does not have (LiteRT: no speculative decoding; LiteRT-LM: no prompt cache either) are left out and
+listed under `unsupported`. Every arm is greedy: `same_tokens` says, arm by arm, whether its tokens equal the plain
+arm's.
 
 Standard library only; Python 3.8+.
 """
