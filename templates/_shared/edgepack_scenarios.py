@@ -79,7 +79,7 @@ def chat(rt: Any, turns: int = 10) -> Dict[str, Any]:
     for turn in range(turns):
         history.append({"role": "user", "content": QUESTION % TOPICS[turn % len(TOPICS)]})
         ids, n = rt.prepare(history, None)
-        if rt.context_length and n + REPLY_TOKENS > rt.context_length:
+        if getattr(rt, "context_length", 0) and n + REPLY_TOKENS > rt.context_length:
             break  # a small context: the turns that fit
         row: Dict[str, Any] = {"turn": turn + 1, "prompt_tokens": n, "ttft_ms": {}, "decode_tokens_per_s": {},
                                "reused_tokens": {}, "settle_ms": {}}

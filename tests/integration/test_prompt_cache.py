@@ -97,17 +97,15 @@ def test_ngram_speculative_decoding_copies_a_prompt_with_the_models_tokens(smoll
     assert "Ada Lovelace" in outs["off"]["text"]
 
 
-def test_bench_scenarios_report_every_arm(smollm2_host_bundle: Path) -> None:
+def test_the_extraction_scenario_reports_both_arms(smollm2_host_bundle: Path) -> None:
     proc = cli("--json", "bench", str(smollm2_host_bundle), "--scenario", "extraction", "--reps", "1")
     doc = envelope(proc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = doc["result"]["runs"][0]
     assert run["scenario"] == "extraction" and run["same_tokens"]["ngram"] and run["unsupported"] == []
     assert {"decode_tokens_per_s", "decode_tokens_per_s_ngram", "ngram_speedup"} <= set(doc["result"]["summary"])
-    proc = cli("bench", str(smollm2_host_bundle), "--scenario", "chat", "--reps", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "time to first token (ms)" in proc.stdout and "prompt_cache+ngram" in proc.stdout
-    assert re.search(r"^\s+10\s+\d+\s", proc.stdout, re.M), proc.stdout  # the tenth turn's row
+    # The chat scenario is played on the tiny LiteRT bundle (test_tflite.py); its ONNX arms by the SmolLM2 runs of
+    # bench/ (docs/performance.md).
 
 
 def test_a_runtime_without_the_features_plays_the_plain_arm_only() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -201,13 +202,16 @@ def test_plain_tflite_bundle_runs_on_the_litert_interpreter(tiny_model: Path, tm
     assert run.returncode == 0, run.stderr[-1500:]
     # The prompt cache on the Interpreter runner: K/V reused at whole prefill chunks, so every turn gives the tokens a
     # full prefill gives; LiteRT has no speculative decoding.
-    play = subprocess.run([sys.executable, str(bundle / "run.py"), "--scenario", "chat", "--json"],
-                          capture_output=True, text=True, check=False)
+    play = cli("--json", "bench", str(bundle), "--scenario", "chat", "--reps", "1")
     assert play.returncode == 0, play.stderr[-2000:]
-    chat = json.loads(play.stdout.strip().splitlines()[-1])
+    chat = envelope(play)["result"]["runs"][0]
     assert chat["unsupported"] == ["ngram"] and chat["same_tokens"] == {"plain": True, "prompt_cache": True}
     reused = [t["reused_tokens"]["prompt_cache"] for t in chat["turns"]]
     assert chat["turns_played"] >= 3 and reused[-1] >= 128 and all(r % 128 == 0 for r in reused), reused
+    table = cli("bench", str(bundle), "--scenario", "chat", "--reps", "1")
+    assert table.returncode == 0 and "time to first token (ms), first run: turn, prompt tokens, plain, prompt_cache" \
+        in table.stdout, table.stdout
+    assert re.search(rf"^\s+{chat['turns_played']}\s+\d+\s", table.stdout, re.M), table.stdout  # the last turn
 
 
 def _mixed_target(tmp_path: Path, rule: str) -> Path:

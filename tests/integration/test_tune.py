@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,9 +87,13 @@ def test_tune_times_each_candidate_with_the_runner_its_bundle_ships_and_reuses_t
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))  # this test's own: the first tune exports
     t = target_with(tmp_path, max_ppl_increase_pct=0.001, max_mean_kl=0.00001, min_top1_agreement=1.0)
     seen: dict[str, set[str]] = {}
+    played: list[str] = []
 
     class Recording(HereMeter):
-        def __call__(self, runner: Path, **kw: int) -> list[dict]:  # type: ignore[override]
+        def __call__(self, runner: Path, **kw: Any) -> list[dict]:  # type: ignore[override]
+            if kw.get("args"):  # runtime.speculative = "auto": the winner's scenarios, n-gram against plain
+                played.append(kw["args"][kw["args"].index("--scenario") + 1])
+                return super().__call__(runner, **kw)
             seen[runner.name] = {(Path(d) / f).relative_to(runner).as_posix()
                                  for d, _, names in os.walk(runner, followlinks=True) for f in names}
             assert (runner / "model").resolve() != runner / "model"  # the candidate's export, not a copy
@@ -97,6 +102,8 @@ def test_tune_times_each_candidate_with_the_runner_its_bundle_ships_and_reuses_t
     source, target = resolve_model(str(tiny_model)), load_target(str(t))
     first = tune(source, target, tmp_path / "w1", meter=Recording("here"))
     (files,) = seen.values()  # only fp32 passes: only it is timed
+    assert played == ["extraction", "chat"] and first.speculative is not None
+    assert played == ["extraction", "chat"] and first.speculative is not None
     assert {"run.py", "edgepack_runner.py", "edgepack_cli.py", "smoke_test.py", "model/genai_config.json"} <= files
     row = next(r for r in first.table if r.chosen)
     assert row.name == "fp32" and row.decode_tok_s and row.peak_rss_mb and not row.cached
