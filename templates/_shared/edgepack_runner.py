@@ -1,7 +1,8 @@
 """The runner core every edgepack bundle ships (copied as is, not a template): peak RSS, sampling and the context
-bound, which everything else builds on. Its siblings: edgepack_cli.py (the command line run.py hands over to),
-edgepack_server.py (the OpenAI-compatible HTTP server) and smoke_test.py (the on-device checks and their result
-JSON). Each runtime's run.py supplies only a Runtime:
+bound, the prompt cache's bookkeeping, which everything else builds on. Its siblings: edgepack_cli.py (the command
+line run.py hands over to), edgepack_server.py (the OpenAI-compatible HTTP server), edgepack_scenarios.py (the bench
+scenarios) and smoke_test.py (the on-device checks and their result JSON). Each runtime's run.py supplies only a
+Runtime:
 
     load(threads)                                    the model, once
     prepare(messages, text) -> (prepared, n)         a chat (with the model's template) or raw text, and its tokens
@@ -10,6 +11,8 @@ JSON). Each runtime's run.py supplies only a Runtime:
     from_ids(ids) -> prepared                        recorded token ids as a raw prompt (the smoke test)
     logits(ids) -> array[len(ids), vocab]            teacher-forced logits, where the runtime exposes them, or
     score(ids) -> [log p(ids[i] | ids[:i]) for i >= 1]   where it exposes only scoring (LiteRT-LM)
+    cache, warm(system), settle() -> more?           a runtime that can rewind its K/V (the prompt cache, below)
+    speculative_modes, generate(..., speculative=)   speculative decoding (onnxruntime-genai: "off", "ngram")
 
 Standard library only; Python 3.8+.
 
