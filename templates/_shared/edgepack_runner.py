@@ -136,9 +136,10 @@ class PromptCache:
     """`slots` kept states of `length` tokens each (0 slots: off). The runtime makes and drives the states; this
     picks the slot and the prefix to reuse, and counts reused and prefilled prompt tokens for /metrics."""
 
-    def __init__(self, slots: int, length: int, reserve: int = 0, align: int = 1) -> None:
+    def __init__(self, slots: int, length: int, reserve: int = 0, align: int = 1, page: int = SLOT_PAGE) -> None:
         self.slots = [Slot() for _ in range(max(slots, 0))]
         self.length = length
+        self.page = page  # a new state's first allocation (LiteRT's is always the whole context)
         self.reserve = reserve  # free tokens a kept conversation needs for its next turn
         # Positions a runtime prefills in fixed chunks (LiteRT's prefill signature): the exact K/V ends at a multiple
         # of `align`, a reused prefix too, so the rest is chunked exactly as a full prefill chunks it.
@@ -172,7 +173,20 @@ class PromptCache:
 
     def like(self, slots: int) -> "PromptCache":
         """An empty cache of `slots` slots shaped as this one (the bench scenarios' arms)."""
-        return PromptCache(slots, self.length, self.reserve, self.align)
+        return PromptCache(slots, self.length, self.reserve, self.align, self.page)
+
+    def claim(self, key: Any, ids: List[int], total: int, seeded: bool) -> Tuple[Optional[Slot], int, bool]:
+        """`take`, then whether the slot's state goes on: (slot, n, True) rewinds it to n; (slot, 0, False) means it
+        was emptied for a new state of `slot.size` tokens; (None, 0, False) runs on a state of its own. A seeded
+        sample never goes on from a kept state (its random state starts with the request: same seed, same text)."""
+        slot, n = self.take(key, ids, total, not seeded)
+        if slot is None:
+            return None, 0, False
+        if slot.state is not None and slot.key == key and slot.size >= total and not seeded:
+            return slot, n, True
+        self.drop(slot)  # its K/V is freed before a new one is allocated
+        slot.size = self.size_for(total)
+        return slot, 0, False
 
     def done(self, slot: Slot, key: Any, ids: List[int], new: List[int]) -> None:
         """After a request: `slot` holds `ids` exactly (up to the alignment) and the rest and `new` to settle."""
@@ -184,7 +198,7 @@ class PromptCache:
 
     def size_for(self, total: int) -> int:
         """The allocation of a new slot state for a request of `total` tokens."""
-        size = SLOT_PAGE
+        size = self.page
         while size < total:
             size *= 2
         return min(size, self.length)

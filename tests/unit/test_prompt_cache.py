@@ -177,3 +177,15 @@ def test_a_conversation_filling_its_slot_moves_to_a_larger_one_while_idle() -> N
     s.state, s.size = object(), 1024
     full.done(s, "k", [1] * 700, [2] * 24)
     assert not s.grow  # already the slot's whole length
+
+
+def test_claim_goes_on_from_a_kept_state_or_empties_the_slot() -> None:
+    cache = runner.PromptCache(1, 4096)
+    slot, n, keep = cache.claim("k", [1, 2, 3], 10, seeded=False)
+    assert (n, keep, slot.size) == (0, False, 1024)
+    slot.state = object()
+    cache.done(slot, "k", [1, 2, 3], [])
+    assert cache.claim("k", [1, 2, 3, 4], 10, seeded=False)[1:] == (3, True)
+    again, n, keep = cache.claim("k", [1, 2, 3, 4], 10, seeded=True)  # same seed, same text: a new state
+    assert (again, n, keep) == (slot, 0, False) and slot.state is None
+    assert runner.PromptCache(1, 600, page=600).claim("k", [1], 10, seeded=False)[0].size == 600
