@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from edgepack.runs import runner_flags as runner_flags
 from edgepack.runs import serve as serve
 from edgepack.stages.export import export as export_stage
 from edgepack.stages.export import gate
-from edgepack.stages.render import bundle_context, manifest_for, render
+from edgepack.stages.render import bundle_context, manifest_for, render, smoke_spec
 from edgepack.stages.resolve import profile, resolve
 from edgepack.stages.sbom import license_summary
 from edgepack.stages.sbom import write as write_sbom
@@ -56,6 +56,7 @@ class BuildRequest:
     force: bool = False
     skip_validation: bool = False
     vendor_wheels: bool = True
+    native: bool | None = None  # native/ (the runtime from C): None = the same as vendor_wheels
     tune: bool = False  # build the profile's [tune] candidates, keep the fastest that passes the gate
     plot: Path | None = None  # with tune: a PNG of speed vs quality
     tune_on: DeviceRequest | None = None  # with tune: time the candidates on this device, not here
@@ -161,13 +162,25 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
             with stages.stage("wheels", f"vendoring runtime wheels for {target.resolved_arch()}") as info:
                 lock = vendor_wheels(target, reqs, tmp / "wheels", progress=progress)
                 info.update(artifact="wheels/", bytes=dir_bytes(tmp / "wheels"), wheels=[w.file for w in lock])
+        name = final.name
+        ctx = bundle_context(name, source, target, exported, report, reqs, fit=r.fit)
+        pack = None
+        if (req.vendor_wheels if req.native is None else req.native) and exporter.native_libraries and reqs:
+            from edgepack.stages.native import build_native
+
+            with stages.stage("native", f"the runtime from C for {target.resolved_arch()}") as info:
+                pack = build_native(tmp, target, exporter.native_libraries, ctx.runtime, reqs, ctx,
+                                    smoke_spec(report, target), progress=progress)
+                info.update(artifact="native/", bytes=pack.bytes, program=pack.program,
+                            **({"why_no_program": pack.why_no_program} if pack.program is None else {}))
+            ctx = replace(ctx, native_program=pack.program or f"{pack.files[0].split('/')[0]}/")
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
-            name = final.name
-            ctx = bundle_context(name, source, target, exported, report, reqs, fit=r.fit)
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)
             doc = manifest_for(name, source, target, exported, report, reqs, lock, r.family.id, context=context,
                                fit=r.fit)
+            if pack is not None:
+                doc["native"] = to_jsonable(pack)
             if with_adapters:
                 doc["adapters"] = to_jsonable(adapters)
                 doc["export"]["lora_slots"] = list(adapter_stage.slots_in(model_dir))

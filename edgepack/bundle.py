@@ -50,6 +50,7 @@ class ManifestDoc(TypedDict, total=False):
     tune: dict[str, Any]  # with --tune: where the speeds were measured and every candidate's row
     adapters: list[dict[str, Any]]  # runtime LoRA adapters (stages/adapters.AdapterEntry): file, gate, smoke
     base: dict[str, Any]  # an adapter pack's release: the bundle id and name it adds adapters to
+    native: dict[str, Any]  # native/ (stages/native.NativePack): libraries, the C program, why it is absent
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Manifest:
     doc: Mapping[str, Any]
     memory_peak_bytes: int | None = None  # the build's memory plan of the runtime on the device (runtime.memory)
     base_id: str = ""  # an adapter pack: the bundle whose files it lists but does not carry ("" for a bundle)
+    native_program: str = ""  # the C program that runs the model without Python (native/edgepack-chat), or ""
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -161,7 +163,9 @@ class Manifest:
                                   trusted_keys=tuple(dep.get("trusted_keys", ())),
                                   serve_addr=str(dep.get("serve_addr", "127.0.0.1:8089"))),
             doc=doc, memory_peak_bytes=_int_or_none(runtime.get("memory", {}).get("peak_bytes")),
-            base_id=str(doc.get("base", {}).get("bundle_id", "")) if isinstance(doc.get("base"), Mapping) else "")
+            base_id=str(doc.get("base", {}).get("bundle_id", "")) if isinstance(doc.get("base"), Mapping) else "",
+            native_program=str((doc.get("native") or {}).get("program") or "")
+            if isinstance(doc.get("native"), Mapping) else "")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -37,6 +37,9 @@ from edgepack.output import Output, build_summary, inspect_summary
 @click.option("--checks", "checks_file", type=click.Path(path_type=Path),
               help="A JSONL file of task checks (prompt + what must come back), gated and re-run on the device.")
 @click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
+@click.option("--native/--no-native", "native", default=None,
+              help="native/: the runtime's libraries, a C header and edgepack-chat compiled for the target, to use "
+                   "the model from C without Python (ONNX; default: on, off with --no-wheels).")
 @click.option("--tune", is_flag=True, help="Build the target's [tune] candidates; keep the fastest that passes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --tune: write speed vs quality as a PNG.")
 @click.option("--tune-on", metavar="HOST", help="With --tune: time the candidates on this device (over SSH).")
@@ -55,7 +58,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
           adapter: Path | None, eval_text: Path | None, checks_file: Path | None, no_wheels: bool, tune: bool,
           plot: Path | None, tune_on: str | None, ssh_config: Path | None, known_hosts: Path | None,
           install_dir: str | None, sign_key: Path | None, no_cache: bool, context: int,
-          runtime_adapters: tuple[str, ...], lora_slots: str | None) -> None:
+          runtime_adapters: tuple[str, ...], lora_slots: str | None, native: bool | None) -> None:
     """Export MODEL, quantize it for TARGET, check its quality, and write a bundle.
 
     MODEL is an alias (smollm2-135m, tinyllama, ...), a hub id (org/name[@revision]), a local Hugging Face
@@ -71,6 +74,7 @@ def build(model: str, target: str, out: Path, fmt: str | None, force: bool, skip
                                          runtime_adapters=parse(runtime_adapters), lora_slots=slots,
                                          eval_text=eval_text, adapter=adapter, checks=checks_file,
                                          skip_validation=skip_validation, vendor_wheels=not no_wheels,
+                                         native=native,
                                          tune=tune, plot=plot, sign=sign_key, use_cache=not no_cache,
                                          context=context,
                                          tune_on=api.DeviceRequest(host=tune_on, ssh_config=ssh_config,

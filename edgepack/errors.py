@@ -54,6 +54,12 @@ class DeviceLocked(UserError):
     code = "device_locked"
 
 
+class NoPythonError(UserError):
+    """The device has no python3, which the device program (signature check, atomic switch, rollback) needs."""
+
+    code = "device_unfit"
+
+
 class Interrupted(UserError):
     """Ctrl-C or a cancelled CI job during a device operation (exit 130: the device is in a stated, safe state)."""
 

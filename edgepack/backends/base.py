@@ -22,6 +22,16 @@ class GraphStats:
 
 
 @dataclass(frozen=True)
+class NativeLibrary:
+    """One shared library of a runtime for a bundle's native/ (stages/native.py): the distribution whose wheel
+    carries it, the member's pattern (a regex) in the wheel, and its name in native/ (its soname)."""
+
+    package: str
+    member: str
+    name: str
+
+
+@dataclass(frozen=True)
 class ExportedModel:
     dir: Path
     format: str
@@ -48,6 +58,7 @@ class Exporter(Protocol):
     runtime: str
     template: str  # the runtime template a target gets when --format picks this exporter
     packages: tuple[str, ...]  # the runtime distributions to vendor with it
+    native_libraries: tuple[NativeLibrary, ...]  # its shared libraries for native/ (stages/native.py); () = none
 
     @staticmethod
     def check_profile(p: TargetProfile) -> None: ...  # this format's rules for a target profile | TargetError

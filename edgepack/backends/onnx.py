@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters, kv_cache, streaming
-from edgepack.backends.base import ExportedModel, GraphStats
+from edgepack.backends.base import ExportedModel, GraphStats, NativeLibrary
 from edgepack.build_memory import out_of_memory, run_converter
 from edgepack.errors import BuilderCrashError, ModelError, TargetError, UserError, require
 from edgepack.families import ConfigShape, Family, shape_of
@@ -179,6 +179,11 @@ class OnnxExporter:
     runtime = "onnxruntime-genai"
     template = "onnxruntime-genai"
     packages: tuple[str, ...] = ("onnxruntime-genai", "onnxruntime")
+    # native/ (stages/native.py): the C API library and the onnxruntime it loads, out of their wheels, by soname
+    native_libraries: tuple[NativeLibrary, ...] = (
+        NativeLibrary("onnxruntime-genai", r"onnxruntime_genai/libonnxruntime-genai\.so", "libonnxruntime-genai.so"),
+        NativeLibrary("onnxruntime", r"onnxruntime/capi/libonnxruntime\.so\.1\.[0-9.]+", "libonnxruntime.so.1"),
+    )
 
     @staticmethod
     def check_profile(p: TargetProfile) -> None:

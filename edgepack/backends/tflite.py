@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.backends import exporters
-from edgepack.backends.base import ExportedModel, GraphStats
+from edgepack.backends.base import ExportedModel, GraphStats, NativeLibrary
 from edgepack.backends.litert_convert import problem as litert_problem
 from edgepack.build_memory import out_of_memory, run_converter
 from edgepack.errors import ModelError, UserError, require
@@ -121,6 +121,8 @@ class TfliteExporter:
     runtime = "litert-lm"
     template = "litert-lm"
     packages: tuple[str, ...] = ("litert-lm-api",)
+    # No native/ yet: liblitert-lm.so has a C API, but no C sample is written for it (docs/native.md)
+    native_libraries: tuple[NativeLibrary, ...] = ()
 
     @staticmethod
     def check_profile(p: TargetProfile) -> None:

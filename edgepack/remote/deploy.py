@@ -18,7 +18,7 @@ from typing import Any
 
 from edgepack.bundle import MANIFEST, SIGNATURE, LockedWheel, Manifest
 from edgepack.bundle_format import ADAPTER_RE, live_sentence
-from edgepack.errors import DeviceLocked, EdgepackError, Interrupted, RemoteError, UserError
+from edgepack.errors import DeviceLocked, EdgepackError, Interrupted, NoPythonError, RemoteError, UserError
 from edgepack.progress import ProgressEvent, ProgressFn, StageRecord, StageRecorder, silent
 from edgepack.remote import preflight
 from edgepack.remote.session import Device
@@ -93,7 +93,10 @@ def _deploy(conn: Connection, bundle: Path, manifest: Manifest, *, install_dir: 
     dev = Device(conn, install_dir)
     bundle_id = manifest.bundle_id
     with t.stage("preflight", f"checking {conn.hostname} against {manifest.name}") as d:
-        facts = dev.facts(manifest.execution_provider)
+        try:
+            facts = dev.facts(manifest.execution_provider)
+        except NoPythonError:
+            raise preflight.without_python(manifest, conn.hostname) from None
         problems = preflight.check(manifest, facts)
         refetch = any(p.check == "python" for p in problems) and bool(facts.get("glibc"))
         if refetch:  # we bring wheels for this Python, hashed here and pinned in their lock (so does --allow-network)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgepack.bundle import Manifest
-from edgepack.errors import UserError
+from edgepack.errors import NoPythonError, UserError
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,19 @@ def enforce(problems: list[Problem], host: str) -> None:
                                                         for p in problems) + ". Nothing was written.",
             hint=first.fix[0].upper() + first.fix[1:] + ".",
             host=host, problems=[p.__dict__ for p in problems], code="device_unfit")
+
+
+def without_python(manifest: Manifest, host: str) -> NoPythonError:
+    """The refusal for a device with no python3, before anything is written: deploy's device program (its own
+    signature check, the atomic switch, rollback) runs on Python, so such a device takes the bundle in its image."""
+    native = (f"this bundle's {manifest.native_program} runs the model there without Python" if manifest.native_program
+              else "a bundle built with native/ (ONNX targets; `edgepack build --native`) runs the model there without "
+                   "Python")
+    problem = Problem("python", "no python3 on the device", "python3 with venv (deploy's device program: signature "
+                      "check, atomic switch, rollback)",
+                      f"put the bundle into the device's image instead: {native}; examples/image/ has a Yocto recipe "
+                      "and a Buildroot package that install it from the packed archive (docs/native.md). Or install "
+                      "Python on the device (Debian: sudo apt install python3 python3-venv)")
+    return NoPythonError(f"preflight on {host} failed: python: found {problem.found}, expected {problem.expected}. "
+                         "Nothing was written.", hint=problem.fix[0].upper() + problem.fix[1:] + ".", host=host,
+                         problems=[problem.__dict__])

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from edgepack.errors import DeviceLocked, RemoteError, UserError
+from edgepack.errors import DeviceLocked, NoPythonError, RemoteError
 from edgepack.remote.program import device_program, launch
 from edgepack.remote.ssh import CommandResult, Connection
 
@@ -144,9 +144,10 @@ class Device:
             res = self.conn.run(["python3", "-", *argv], stdin=device_program(), what=what, timeout=timeout,
                                 check=False)
             if res.exit_code == 127:
-                raise UserError(f"{self.conn.hostname} has no python3.",
-                                hint="Install Python 3 on the device (Debian: sudo apt install python3 python3-venv).",
-                                host=self.conn.hostname, code="device_unfit")
+                raise NoPythonError(f"{self.conn.hostname} has no python3.",
+                                    hint="Install Python 3 on the device (Debian: sudo apt install python3 "
+                                         "python3-venv), or put the bundle into the device's image instead "
+                                         "(docs/native.md).", host=self.conn.hostname)
             out = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
         try:
             data = json.loads(out)

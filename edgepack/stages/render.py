@@ -57,6 +57,7 @@ class BundleContext:
     prompt_cache_slots: int = 0  # KV states the server keeps between requests (plan.PromptCacheSize)
     prompt_cache_tokens: int = 0  # tokens each holds (0: the context)
     speculative: str = "off"  # runtime.speculative: the requests' default
+    native_program: str = ""  # native/edgepack-chat (or native/ where it was not compiled); "" = no native pack
 
 
 # runtime template folder → files it renders (template name → output name, executable?)

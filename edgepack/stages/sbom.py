@@ -127,9 +127,24 @@ def build_sbom(doc: Mapping[str, Any], lock: Iterable[LockedWheel], wheels_dir: 
             purl=PackageURL(type="pypi", name=name, version=w.version),
             properties=[Property(name="edgepack:role", value="runtime" if name in top else "dependency"),
                         Property(name="edgepack:file", value=f"wheels/{w.file}")]))
+    native = doc.get("native") or {}
+    for n in native.get("libraries", []):  # native/: the same runtime, its shared libraries out of the wheels
+        components.append(Component(
+            type=ComponentType.LIBRARY, name=n["package"], version=n["version"], bom_ref=f"native:{n['file']}",
+            description=f"{Path(n['file']).name}, the shared library of {n['wheel']}",
+            hashes=[HashType(alg=HashAlgorithm.SHA_256, content=n["sha256"])], licenses=lic(n["license"]),
+            purl=PackageURL(type="pypi", name=n["package"], version=n["version"]),
+            properties=[Property(name="edgepack:role", value="native"), Property(name="edgepack:file", value=n["file"]),
+                        Property(name="edgepack:wheel_sha256", value=n["wheel_sha256"])]))
+    if native.get("program"):
+        components.append(Component(
+            type=ComponentType.APPLICATION, name="edgepack-chat", version=__version__, bom_ref="native:program",
+            description=f"edgepack's C sample, compiled for {native['arch']} with {native['compiler']}",
+            licenses=lic("Apache-2.0"), properties=[Property(name="edgepack:file", value=native["program"])]))
     tools = [Component(type=ComponentType.APPLICATION, name=k, version=v, bom_ref=f"tool:{k}")
              for k, v in sorted(doc.get("tools", {}).items()) if k != "edgepack"]
-    key = json.dumps([model["weights_sha256"], doc["name"], export, [(w.name, w.sha256) for w in lock]]
+    key = json.dumps([model["weights_sha256"], doc["name"], export, [(w.name, w.sha256) for w in lock],
+                      [n["sha256"] for n in native.get("libraries", [])]]
                      + [[a["name"], a["sha256"]] for a in doc.get("adapters", [])],
                      sort_keys=True, default=str)
     bom = Bom(components=components, serial_number=uuid.uuid5(uuid.NAMESPACE_URL, "edgepack-sbom:" + key),
