@@ -110,6 +110,19 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _executables(folder):
+    """Uploads arrive 0644: the C program a verified manifest names (its "native" program) gets its execute bit."""
+    try:
+        with open(os.path.join(folder, "edgepack.json"), encoding="utf-8") as fh:
+            program = (json.load(fh).get("native") or {}).get("program")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(program, str) and program:
+        path = inside(folder, program)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, 0o755)
+
+
 def publish(install_dir, op, bundle_id, staging=""):
     """Move a verified staging folder (default: this operation's, .staging/<id>@<op>) to its release folder. A bad
     folder of the same id is replaced only when no pointer uses it; otherwise the release gets a fresh folder."""
@@ -127,6 +140,7 @@ def publish(install_dir, op, bundle_id, staging=""):
     if not check["ok"]:
         return {"ok": False, "code": check.get("code", "upload_mismatch"),
                 "error": check.get("error") or "the staging folder does not verify", "verify": check}
+    _executables(staging)
     _fsync_tree(staging)
     pointed = _pointers(root)
     folder = bundle_id
