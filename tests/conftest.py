@@ -133,6 +133,23 @@ def tiny_target() -> Path:
 
 
 @pytest.fixture(scope="session")
+def native_bundle(tiny_model: Path, tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with native/ (edgepack-chat compiled here) and no wheels, as a device without Python takes
+    it, moved after the build: the program finds its libraries and model relative to itself."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("dist-native")
+    proc = cli("--json", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(out), "--no-wheels",
+               "--native")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = Path(envelope(proc)["result"]["bundle"])
+    moved = tmp_path_factory.mktemp("elsewhere") / built.name
+    shutil.copytree(built, moved)
+    shutil.rmtree(built)
+    return moved
+
+
+@pytest.fixture(scope="session")
 def smollm2_host_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real shipped model built for `host` once per run (about a minute on 2 cores)."""
     return build_smollm2("host", tmp_path_factory.mktemp("dist"))

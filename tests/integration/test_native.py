@@ -22,21 +22,6 @@ pytestmark = [pytest.mark.integration, needs_onnx,
 PROMPT = "The sea is"
 
 
-@pytest.fixture(scope="module")
-def native_bundle(tiny_model: Path, tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with native/ and no wheels (a device without Python needs none), copied elsewhere: the
-    program finds its libraries and model relative to itself."""
-    out = tmp_path_factory.mktemp("dist-native")
-    proc = cli("--json", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(out), "--no-wheels",
-               "--native")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    built = Path(envelope(proc)["result"]["bundle"])
-    moved = tmp_path_factory.mktemp("elsewhere") / built.name
-    shutil.copytree(built, moved)
-    shutil.rmtree(built)
-    return moved
-
-
 def native(bundle: Path, *args: str, program: Path | None = None, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(program or bundle / "native" / "edgepack-chat"), *args], capture_output=True,
@@ -87,8 +72,9 @@ def test_smoke_mode_checks_the_golden_tokens(native_bundle: Path, tmp_path: Path
     assert tokens is not None
     wrong = ", ".join(str(int(t) + 1) for t in tokens.group(1).split(","))
     checked = ", ".join("1" for _ in spec["golden_tokens"])
-    header.write_text(re.sub(r"#define EDGEPACK_GOLDEN_CHECKED \{.*\}", f"#define EDGEPACK_GOLDEN_CHECKED {{{checked}}}",
-                             text.replace(tokens.group(0), f"#define EDGEPACK_GOLDEN_TOKENS {{{wrong}}}")))
+    text = text.replace(tokens.group(0), f"#define EDGEPACK_GOLDEN_TOKENS {{{wrong}}}")
+    every = f"#define EDGEPACK_GOLDEN_CHECKED {{{checked}}}"
+    header.write_text(re.sub(r"#define EDGEPACK_GOLDEN_CHECKED \{.*\}", every, text))
     program = _cmake_install(src, tmp_path)
     bad = native(native_bundle, "--smoke", "--model", str(native_bundle / "model"), program=program)
     res = json.loads(bad.stdout)
@@ -123,8 +109,8 @@ def test_cmake_and_pkg_config_build_against_the_bundle(native_bundle: Path, tmp_
                            env={**os.environ, "PKG_CONFIG_PATH": str(native_bundle / "native")})
     assert flags.returncode == 0, flags.stderr
     out = tmp_path / "by-pkg-config"
-    cc = subprocess.run(["cc", "-o", str(out), str(native_bundle / "native" / "edgepack-chat.c"), *flags.stdout.split()],
-                        capture_output=True, text=True)
+    source = native_bundle / "native" / "edgepack-chat.c"
+    cc = subprocess.run(["cc", "-o", str(out), str(source), *flags.stdout.split()], capture_output=True, text=True)
     assert cc.returncode == 0, cc.stderr
     ran = native(native_bundle, "--prompt", PROMPT, "--max-tokens", "6", "--raw", "--json", "--model",
                  str(native_bundle / "model"), program=out,
