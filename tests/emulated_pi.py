@@ -100,12 +100,16 @@ def _kill_chrooted(root: Path) -> None:
 
 @contextlib.contextmanager
 def emulated_pi(root: Path, user_pubkey: Path, host_key: Path, port: int, sshd_extra: str = "",
-                cpu: str = "cortex-a76") -> Iterator[subprocess.Popen[bytes]]:
+                cpu: str = "cortex-a76", python: bool = True) -> Iterator[subprocess.Popen[bytes]]:
     """Unpack the rootfs into `root`, mount what sshd and Python need, run sshd inside on 127.0.0.1:port.
     sshd_extra: more sshd_config lines (e.g. SetEnv to make sessions look like Termux's). cpu: the CPU qemu-user
     emulates for every process of the device (QEMU_CPU, also set in each SSH session, so AT_HWCAP and the
-    instructions that trap are that CPU's; without it qemu emulates "max", which has every feature)."""
+    instructions that trap are that CPU's; without it qemu emulates "max", which has every feature). python=False:
+    the same userland with Python removed, as a firmware image without it."""
     subprocess.run(["tar", "xzf", str(rootfs_tarball()), "-C", str(root)], check=True)
+    if not python:
+        for p in [*(root / "usr" / "bin").glob("python3*"), *(root / "usr" / "lib").glob("python3*")]:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     mounts: list[Path] = []
 
     def bind(src: str, dst: Path, *extra: str) -> None:

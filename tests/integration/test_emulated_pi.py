@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_onnx, needs_sshd,
 
 
 def _device(tmp_path_factory: pytest.TempPathFactory, name: str, port: int, sshd_extra: str = "",  # type: ignore[no-untyped-def]
-            cpu: str = "cortex-a76"):
+            cpu: str = "cortex-a76", python: bool = True):
     from ..sshd import keygen
 
     d = tmp_path_factory.mktemp(name)
@@ -32,7 +32,7 @@ def _device(tmp_path_factory: pytest.TempPathFactory, name: str, port: int, sshd
         rootfs_tarball()  # environment preparation (debootstrap from Debian's mirror), not product code
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         pytest.skip(f"could not build the emulated Pi's rootfs here: {exc}")
-    with emulated_pi(root, d / "id_ed25519.pub", d / "host_key", port, sshd_extra, cpu=cpu) as proc:
+    with emulated_pi(root, d / "id_ed25519.pub", d / "host_key", port, sshd_extra, cpu=cpu, python=python) as proc:
         deadline = time.monotonic() + 120  # sshd starts slowly under emulation
         while True:
             try:
@@ -51,7 +51,9 @@ def _device(tmp_path_factory: pytest.TempPathFactory, name: str, port: int, sshd
         (d / "ssh_config").write_text(f"Host {name}.local\n  HostName 127.0.0.1\n{port_line}  User root\n"
                                       f"  IdentityFile {d / 'id_ed25519'}\n")
         yield {"root": root, "args": ["--host", f"{name}.local", "--ssh-config", str(d / "ssh_config"),
-                                      "--known-hosts", str(d / "known_hosts"), "--command-timeout", "1200"]}
+                                      "--known-hosts", str(d / "known_hosts"), "--command-timeout", "1200"],
+               "ssh": ["ssh", "-F", str(d / "ssh_config"), "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
+                       "-o", "BatchMode=yes", f"{name}.local"]}
 
 
 TERMUX_PORT = 8022
@@ -90,6 +92,58 @@ def test_rpi5_bundle_runs_on_the_emulated_pi(pi: dict, smollm2_rpi5_bundle: Path
     manifest = json.loads((smollm2_rpi5_bundle / "edgepack.json").read_text())
     current = pi["root"] / "root" / "edgepack" / "current"
     assert current.is_symlink() and current.resolve().name == manifest["bundle_id"]
+    if not manifest["native"]["program"]:
+        pytest.skip(f"the rpi5 bundle has no native program: {manifest['native']['why_no_program']}")
+    # the deployed release's C program and run.py, on the same ARM device and prompt: the same greedy tokens
+    ask = "--prompt 'Write a haiku about the sea.' --max-tokens 6 --json"
+    replies = []
+    for program in (".venv/bin/python run.py", "native/edgepack-chat"):
+        proc = subprocess.run([*pi["ssh"], f"cd ~/edgepack/current && {program} {ask}"], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        replies.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert replies[1]["tokens"] == replies[0]["tokens"] and replies[1]["text"] == replies[0]["text"], replies
+
+
+@pytest.fixture(scope="module")
+def pi_without_python(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A Raspberry Pi 5 image with no Python at all (Debian's userland with python3 removed)."""
+    from ..sshd import free_port
+
+    yield from _device(tmp_path_factory, "rpi-nopy", free_port(), python=False)
+
+
+def test_a_device_without_python_takes_the_bundle_in_its_image(pi_without_python: dict, smollm2_rpi5_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """deploy refuses before writing anything and points at the image route; the Buildroot package then installs
+    the packed archive into the device's root, and the C program runs there: the golden check and a reply."""
+    from ..image_recipes import buildroot_install
+
+    dev = pi_without_python
+    assert subprocess.run([*dev["ssh"], "command -v python3"], capture_output=True).returncode != 0
+    proc = cli("--json", "deploy", str(smollm2_rpi5_bundle), *dev["args"])
+    err = envelope(proc)["error"]
+    assert proc.returncode == 1 and err["code"] == "device_unfit" and err["problems"][0]["check"] == "python", err
+    assert "Nothing was written" in err["message"] and "native/edgepack-chat" in err["hint"], err
+    assert "examples/image/" in err["hint"] and not (dev["root"] / "root" / "edgepack").exists()
+    manifest = json.loads((smollm2_rpi5_bundle / "edgepack.json").read_text())
+    if not manifest["native"]["program"]:
+        pytest.skip(f"the rpi5 bundle has no native program: {manifest['native']['why_no_program']}")
+    out = tmp_path / f"{smollm2_rpi5_bundle.name}.tar.gz"
+    packed = cli("--json", "pack", str(smollm2_rpi5_bundle), "--out", str(out))
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    archive = Path(envelope(packed)["result"]["archive"])
+    made = buildroot_install(archive, smollm2_rpi5_bundle.name, tmp_path / "br", dev["root"], tmp_path / "staging")
+    assert made.returncode == 0, made.stderr[-2000:]
+    program = f"/opt/edgepack/{smollm2_rpi5_bundle.name}/native/edgepack-chat"
+    smoke = subprocess.run([*dev["ssh"], f"{program} --smoke"], capture_output=True, text=True, timeout=900)
+    res = json.loads(smoke.stdout.strip().splitlines()[-1])
+    # teacher-forced like smoke_test.py: ARM's kernels pick every golden token the x86 build decided clearly
+    assert smoke.returncode == 0 and res["ok"] and res["golden_match"] == res["golden_required"] >= 4, res
+    reply = subprocess.run([*dev["ssh"], f"{program} --prompt 'Write a haiku about the sea.' --max-tokens 6 --json"],
+                           capture_output=True, text=True, timeout=900)
+    doc = json.loads(reply.stdout.strip().splitlines()[-1])
+    assert reply.returncode == 0 and doc["new_tokens"] == 6 and doc["text"].strip(), doc
 
 
 @pytest.fixture(scope="module")
