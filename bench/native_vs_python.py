@@ -42,6 +42,7 @@ def venv_bytes(bundle: Path) -> int:
         venv = Path(tmp) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--no-deps", "--require-hashes",
+                        "--find-links", str(bundle / "wheels"),
                         "-r", str(bundle / "wheels" / "requirements.lock")], check=True, cwd=bundle / "wheels")
         return folder_bytes(venv)
 
