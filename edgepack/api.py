@@ -40,6 +40,7 @@ from edgepack.runs import runner_flags as runner_flags
 from edgepack.runs import serve as serve
 from edgepack.stages.export import export as export_stage
 from edgepack.stages.export import gate
+from edgepack.stages.native import applies, build_native
 from edgepack.stages.render import bundle_context, manifest_for, render, smoke_spec
 from edgepack.stages.resolve import profile, resolve
 from edgepack.stages.sbom import license_summary
@@ -165,9 +166,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         name = final.name
         ctx = bundle_context(name, source, target, exported, report, reqs, fit=r.fit)
         pack = None
-        if (req.vendor_wheels if req.native is None else req.native) and exporter.native_libraries and reqs:
-            from edgepack.stages.native import build_native
-
+        if (req.vendor_wheels if req.native is None else req.native) and applies(target, exporter.native_libraries):
             with stages.stage("native", f"the runtime from C for {target.resolved_arch()}") as info:
                 pack = build_native(tmp, target, exporter.native_libraries, ctx.runtime, reqs, ctx,
                                     smoke_spec(report, target), progress=progress)

@@ -60,6 +60,13 @@ class NativePack:
     bytes: int = 0
 
 
+def applies(target: TargetProfile, libs: tuple[NativeLibrary, ...]) -> bool:
+    """native/ is taken from the wheels edgepack vendors: not for a runtime the device brings itself (the Jetson
+    profile's CUDA onnxruntime-genai from JetPack: runtime.packages is empty)."""
+    vendored = {p.split("==")[0].strip().lower().replace("_", "-") for p in target.runtime.packages}
+    return bool(libs) and {lib.package for lib in libs} <= vendored
+
+
 def toolchain(arch: str) -> Toolchain | None:
     """A C compiler that makes programs for `arch`: EDGEPACK_CC_<ARCH> if set; else, for this machine's arch, CC,
     cc or gcc; else the GNU cross compiler `<arch>-linux-gnu-gcc` (Debian: apt install gcc-<arch>-linux-gnu)."""

@@ -87,3 +87,15 @@ def test_the_device_marks_the_manifests_program_executable(tmp_path: Path) -> No
         _executables(str(tmp_path))
     (tmp_path / "edgepack.json").write_text(json.dumps({"native": None}))
     _executables(str(tmp_path))  # a bundle without native/: nothing to do
+
+
+def test_native_is_for_runtimes_edgepack_vendors() -> None:
+    from edgepack.backends.onnx import OnnxExporter
+    from edgepack.backends.tflite import TfliteExporter
+    from edgepack.stages.native import applies
+    from edgepack.targets import load_target
+
+    libs = OnnxExporter.native_libraries
+    assert applies(load_target("rpi5"), libs) and applies(load_target("host"), libs)
+    assert not applies(load_target("jetson-orin-nano"), libs)  # JetPack's CUDA runtime: nothing vendored to take
+    assert not applies(load_target("android-arm64"), TfliteExporter.native_libraries)
