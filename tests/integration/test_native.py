@@ -149,6 +149,10 @@ def test_the_manifest_and_sbom_record_native(native_bundle: Path) -> None:
     assert genai["hashes"][0]["content"] == n["libraries"][0]["sha256"] and genai["version"] == n["libraries"][0][
         "version"]
     assert "native:program" in refs
+    # the header says which release's C API it declares: the libraries' own
+    header = (native_bundle / "native" / "edgepack_oga.h").read_text()
+    match = re.search(r'#define EDGEPACK_OGA_VERSION "([0-9.]+)"', header)
+    assert match and n["libraries"][0]["version"].startswith(match.group(1) + ".")
     proc = cli("--json", "inspect", str(native_bundle))
     assert proc.returncode == 0 and envelope(proc)["result"]["verified"] is True
 
