@@ -57,7 +57,7 @@ class BuildRequest:
     force: bool = False
     skip_validation: bool = False
     vendor_wheels: bool = True
-    native: bool | None = None  # native/ (the runtime from C): None = the same as vendor_wheels
+    native: bool | None = None  # native/ (the runtime from C); None: with vendor_wheels, where the exporter's default
     tune: bool = False  # build the profile's [tune] candidates, keep the fastest that passes the gate
     plot: Path | None = None  # with tune: a PNG of speed vs quality
     tune_on: DeviceRequest | None = None  # with tune: time the candidates on this device, not here
@@ -166,7 +166,8 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
         name = final.name
         ctx = bundle_context(name, source, target, exported, report, reqs, fit=r.fit)
         pack = None
-        if (req.vendor_wheels if req.native is None else req.native) and applies(target, exporter.native_libraries):
+        native = req.vendor_wheels and exporter.native_default if req.native is None else req.native
+        if native and applies(target, exporter.native_libraries):
             with stages.stage("native", f"the runtime from C for {target.resolved_arch()}") as info:
                 pack = build_native(tmp, target, exporter.native_libraries, ctx.runtime, reqs, ctx,
                                     smoke_spec(report, target), progress=progress)

@@ -39,7 +39,8 @@ from edgepack.output import Output, build_summary, inspect_summary
 @click.option("--no-wheels", is_flag=True, help="Do not vendor runtime wheels (the device needs an index).")
 @click.option("--native/--no-native", "native", default=None,
               help="native/: the runtime's libraries, a C header and edgepack-chat compiled for the target, to use "
-                   "the model from C without Python (ONNX; default: on, off with --no-wheels).")
+                   "the model from C without Python (default: on for ONNX, off with --no-wheels; LiteRT-LM: "
+                   "only with --native).")
 @click.option("--tune", is_flag=True, help="Build the target's [tune] candidates; keep the fastest that passes.")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --tune: write speed vs quality as a PNG.")
 @click.option("--tune-on", metavar="HOST", help="With --tune: time the candidates on this device (over SSH).")

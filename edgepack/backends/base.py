@@ -59,6 +59,7 @@ class Exporter(Protocol):
     template: str  # the runtime template a target gets when --format picks this exporter
     packages: tuple[str, ...]  # the runtime distributions to vendor with it
     native_libraries: tuple[NativeLibrary, ...]  # its shared libraries for native/ (stages/native.py); () = none
+    native_default: bool  # native/ unless --no-native (else only with --native)
 
     @staticmethod
     def check_profile(p: TargetProfile) -> None: ...  # this format's rules for a target profile | TargetError

@@ -184,6 +184,7 @@ class OnnxExporter:
         NativeLibrary("onnxruntime-genai", r"onnxruntime_genai/libonnxruntime-genai\.so", "libonnxruntime-genai.so"),
         NativeLibrary("onnxruntime", r"onnxruntime/capi/libonnxruntime\.so\.1\.[0-9.]+", "libonnxruntime.so.1"),
     )
+    native_default = True  # in every bundle built with runtime binaries
 
     @staticmethod
     def check_profile(p: TargetProfile) -> None:

@@ -121,8 +121,11 @@ class TfliteExporter:
     runtime = "litert-lm"
     template = "litert-lm"
     packages: tuple[str, ...] = ("litert-lm-api",)
-    # No native/ yet: liblitert-lm.so has a C API, but no C sample is written for it (docs/native.md)
-    native_libraries: tuple[NativeLibrary, ...] = ()
+    # native/ with --native (docs/native.md): the wheel's liblitert-lm.so is a glibc build (133 MB on aarch64), for
+    # glibc userlands, not an NDK app: not in a bundle unless asked for
+    native_libraries: tuple[NativeLibrary, ...] = (
+        NativeLibrary("litert-lm-api", r"litert_lm/liblitert-lm\.so", "liblitert-lm.so"),)
+    native_default = False
 
     @staticmethod
     def check_profile(p: TargetProfile) -> None:

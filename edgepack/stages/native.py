@@ -29,14 +29,14 @@ from edgepack.targets import TargetProfile
 FOLDER = "native"
 PROGRAM = "edgepack-chat"
 PKG_CONFIG = "edgepack-runtime.pc"
-SOURCES = ("edgepack-chat.c", "edgepack_oga.h")  # copied as they are
+# templates/_native/<runtime>/ holds the runtime's C sources (copied as they are); _shared/ what is rendered
 RENDERED = {"edgepack_bundle.h.j2": "edgepack_bundle.h", "CMakeLists.txt.j2": "CMakeLists.txt",
             "edgepack-runtime.pc.j2": PKG_CONFIG, "README.md.j2": "README.md"}
 # The flags the build compiles with, and CMakeLists.txt too: the program finds its libraries beside itself
 # ($ORIGIN) and links libonnxruntime.so.1 even though it calls none of it, so onnxruntime-genai, which dlopens
 # onnxruntime, finds the copy already loaded (no ORT_LIB_PATH, no LD_LIBRARY_PATH).
 CFLAGS = ("-std=c11", "-O2", "-Wall", "-Wextra")
-LDFLAGS = ("-Wl,-rpath,$ORIGIN", "-Wl,--allow-shlib-undefined", "-s")
+LDFLAGS = ("-Wl,-rpath,$ORIGIN", "-Wl,--allow-shlib-undefined", "-pthread", "-s")
 
 
 @dataclass(frozen=True)
@@ -143,16 +143,18 @@ def build_native(folder: Path, target: TargetProfile, libs: tuple[NativeLibrary,
     dest.mkdir()
     libraries = [_extract(wheel_dir, wheels, lib, dest) for lib in libs]
     src = shipped_dir("templates") / "_native"
-    for name in SOURCES:
-        shutil.copyfile(src / name, dest / name)
+    plain = {p.name: p for folder in (src / "_shared", src / runtime) for p in folder.iterdir()
+             if p.suffix in (".c", ".h")}
+    for name, path in plain.items():
+        shutil.copyfile(path, dest / name)
         os.chmod(dest / name, 0o644)
     checked = [int(bool(c)) for c in smoke.get("golden_checked") or []]
     native = {"smoke_tokens": int(smoke.get("tokens") or 16), "golden_prompt": list(smoke.get("prompt_ids") or []),
               "golden_tokens": list(smoke.get("golden_tokens") or []), "golden_checked": checked,
-              "libraries": [lib.name for lib in libs], "runtime": runtime,
-              "versions": {lib["package"]: lib["version"] for lib in libraries}, "program": PROGRAM,
-              "cflags": " ".join(CFLAGS), "arch": target.resolved_arch()}
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(src)), undefined=jinja2.StrictUndefined,
+              "libraries": [lib.name for lib in libs], "runtime": runtime, "program": PROGRAM,
+              "version": libraries[0]["version"], "api": f"{runtime} {libraries[0]['version']}",
+              "header": next(p.name for p in sorted((src / runtime).glob("*.h"))), "arch": target.resolved_arch()}
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(src / "_shared")), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     for tpl, name in RENDERED.items():
         (dest / name).write_text(env.get_template(tpl).render(ctx=ctx, native=native), encoding="utf-8")

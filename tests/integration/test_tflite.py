@@ -46,6 +46,32 @@ def test_bundle_is_one_litertlm_with_a_verified_int8_graph(tflite_bundle: Path) 
     assert "EngineConfig(" in (tflite_bundle / "android" / "EdgepackModel.kt").read_text()
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_litert_lm_from_c_gives_run_pys_replies(tiny_model: Path, tmp_path: Path) -> None:
+    """--native on a LiteRT-LM bundle (the same build, from the cache): liblitert-lm.so out of the wheel and
+    edgepack-chat on LiteRT-LM's C API, answering as run.py does with no Python and no environment."""
+    proc = cli("--json", "build", "--target", str(FIXTURES / "tiny-tflite.toml"), str(tiny_model), "--out",
+               str(tmp_path), "--no-wheels", "--native")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = Path(envelope(proc)["result"]["bundle"])
+    native = json.loads((bundle / "edgepack.json").read_text())["native"]
+    assert native["runtime"] == "litert-lm" and native["program"] == "native/edgepack-chat", native
+    assert [lib["file"] for lib in native["libraries"]] == ["native/liblitert-lm.so"]
+    program = str(bundle / "native" / "edgepack-chat")
+    for mode in (["--raw"], [], ["--system", "Be brief."]):
+        args = ["--prompt", "The sea is", "--max-tokens", "6", *mode, "--json"]
+        c = subprocess.run([program, *args], capture_output=True, text=True, env={}, cwd="/", timeout=300)
+        py = subprocess.run([sys.executable, str(bundle / "run.py"), *args], capture_output=True, text=True,
+                            timeout=300)
+        assert c.returncode == 0 and py.returncode == 0, c.stderr[-1500:] + py.stderr[-1500:]
+        got, want = json.loads(c.stdout), json.loads(py.stdout)
+        assert got["text"] == want["text"] and got["new_tokens"] == want["new_tokens"] >= 1, (mode, got, want)
+        assert got["prompt_tokens"] == want["prompt_tokens"] and set(want) <= set(got), (got, want)
+    smoke = subprocess.run([program, "--smoke"], capture_output=True, text=True, env={}, timeout=300)
+    res = json.loads(smoke.stdout)
+    assert smoke.returncode == 0 and res["ok"] and res["greedy_text_prefix_ok"], smoke.stdout + smoke.stderr
+
+
 def test_runner_and_smoke_test_run_on_litert_lm_without_torch(tflite_bundle: Path) -> None:
     smoke = subprocess.run([sys.executable, str(tflite_bundle / "smoke_test.py")], capture_output=True, text=True,
                            check=False)

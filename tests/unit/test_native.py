@@ -46,7 +46,7 @@ def test_the_bundle_header_renders_valid_c_without_golden_tokens(tmp_path: Path)
 
     from edgepack.resources import shipped_dir
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(shipped_dir("templates") / "_native")),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(shipped_dir("templates") / "_native" / "_shared")),
                              undefined=jinja2.StrictUndefined)
 
     class Ctx:
@@ -98,4 +98,6 @@ def test_native_is_for_runtimes_edgepack_vendors() -> None:
     libs = OnnxExporter.native_libraries
     assert applies(load_target("rpi5"), libs) and applies(load_target("host"), libs)
     assert not applies(load_target("jetson-orin-nano"), libs)  # JetPack's CUDA runtime: nothing vendored to take
-    assert not applies(load_target("android-arm64"), TfliteExporter.native_libraries)
+    # LiteRT-LM: its wheel's library serves glibc userlands only, so a bundle has it when asked (--native)
+    assert applies(load_target("android-arm64"), TfliteExporter.native_libraries)
+    assert OnnxExporter.native_default and not TfliteExporter.native_default
