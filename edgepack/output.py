@@ -293,7 +293,15 @@ def inspect_summary(res: Any) -> str:
              else "NOT VALIDATED") for a in m.get("adapters", [])],
         *([f"pack     adapters for {m['base']['bundle_id']}: the base's files are listed, not carried"]
           if m.get("base") else []),
+        *([_native_line(m["native"])] if m.get("native") else []),
     ])
+
+
+def _native_line(n: dict[str, Any]) -> str:
+    libs = f"{n['runtime']} {n['libraries'][0]['version']} for {n['arch']}, {n['bytes'] / 1e6:.1f} MB"
+    if n.get("program"):
+        return f"native   {n['program']} ({libs}; glibc >= {n['glibc_required']}): the model from C, no Python"
+    return f"native   {libs}; edgepack-chat not compiled: {n['why_no_program']}"
 
 
 def deploy_summary(res: Any) -> str:

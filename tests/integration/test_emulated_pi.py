@@ -52,8 +52,8 @@ def _device(tmp_path_factory: pytest.TempPathFactory, name: str, port: int, sshd
                                       f"  IdentityFile {d / 'id_ed25519'}\n")
         yield {"root": root, "args": ["--host", f"{name}.local", "--ssh-config", str(d / "ssh_config"),
                                       "--known-hosts", str(d / "known_hosts"), "--command-timeout", "1200"],
-               "ssh": ["ssh", "-F", str(d / "ssh_config"), "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
-                       "-o", "BatchMode=yes", f"{name}.local"]}
+               "ssh": ["ssh", "-F", str(d / "ssh_config"), "-p", str(port), "-o",
+                       f"UserKnownHostsFile={d / 'known_hosts'}", "-o", "BatchMode=yes", f"{name}.local"]}
 
 
 TERMUX_PORT = 8022
@@ -159,7 +159,7 @@ def tiny_android_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFacto
     src = src.replace('arch = "aarch64"', 'arch = "aarch64"\ncpu_features = ["neon", "atomics"]', 1)
     t.write_text(src.replace("[deploy]", "[deploy]\nssh_port = 8022"))
     out = tmp_path_factory.mktemp("dist-tiny-android")
-    proc = cli("build", "--target", str(t), str(tiny_model), "--out", str(out))
+    proc = cli("build", "--target", str(t), str(tiny_model), "--out", str(out), "--native")  # + LiteRT-LM from C
     (out / "tiny-android.toml").write_text(t.read_text())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "tiny-llama-tiny-android"
@@ -179,6 +179,14 @@ def test_litert_bundle_runs_on_a_termux_style_aarch64_device(phone: dict, tiny_a
     release = phone["root"] / "root" / "edgepack" / "releases" / res["bundle_id"]
     assert any((release / ".cache" / "litert-lm").iterdir())  # XNNPACK cache inside the install dir
     assert res["service"].startswith("none")  # Termux has no systemd
+    # LiteRT-LM's C API on ARM: the release's edgepack-chat (cross-compiled) answers as its run.py does
+    replies = []
+    for program in (".venv/bin/python run.py", "native/edgepack-chat"):
+        proc = subprocess.run([*phone["ssh"], f"cd ~/edgepack/current && {program} --prompt 'The sea is' --raw "
+                               "--max-tokens 6 --json"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        replies.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert replies[1]["text"] == replies[0]["text"] and replies[1]["new_tokens"] == replies[0]["new_tokens"] >= 1
 
 
 @needs_tflite

@@ -155,6 +155,8 @@ def test_the_manifest_and_sbom_record_native(native_bundle: Path) -> None:
     assert match and n["libraries"][0]["version"].startswith(match.group(1) + ".")
     proc = cli("--json", "inspect", str(native_bundle))
     assert proc.returncode == 0 and envelope(proc)["result"]["verified"] is True
+    human = cli("inspect", str(native_bundle)).stdout
+    assert "native   native/edgepack-chat (onnxruntime-genai 0.18" in human and "no Python" in human
 
 
 def test_without_a_compiler_the_program_is_left_out_and_the_manifest_says_why(
