@@ -171,7 +171,7 @@ def build_native(folder: Path, target: TargetProfile, libs: tuple[NativeLibrary,
         glibc = glibc_required(dest / PROGRAM)
         have = target.device.glibc
         cross = target.device.arch != "native"  # a `native` target's device is this machine
-        if cross and have and glibc and _v(glibc) > _v(have):
+        if cross and too_new(glibc, have):
             (dest / PROGRAM).unlink()
             made, why = False, (f"{Path(cc.cc).name} links against glibc {glibc}, newer than the target's {have}; "  # type: ignore[union-attr]
                                 "build it from native/ with CMake against the device's sysroot")
@@ -184,5 +184,9 @@ def build_native(folder: Path, target: TargetProfile, libs: tuple[NativeLibrary,
                       bytes=sum((dest / f).stat().st_size for f in files))
 
 
-def _v(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in version.split(".")[:2])
+def too_new(needed: str, have: str) -> bool:
+    """Does a program needing glibc `needed` fail on a device with glibc `have` ('' = unknown: no)?"""
+    def v(version: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in version.split(".")[:2])
+
+    return bool(needed and have) and v(needed) > v(have)

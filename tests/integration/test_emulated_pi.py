@@ -154,7 +154,8 @@ def tiny_android_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFacto
 
     t = tmp_path_factory.mktemp("t") / "tiny-android.toml"  # deploys name it: --target
     src = (FIXTURES / "tiny-tflite.toml").read_text().replace('arch = "native"', 'arch = "aarch64"')
-    src = src.replace('python = "native"', 'python = "3.11"\nglibc = "2.27"\nwheel_platforms = '
+    # glibc: the emulated phone's own (Debian 12), so the cross-compiled C program (it needs 2.34) is kept
+    src = src.replace('python = "native"', 'python = "3.11"\nglibc = "2.36"\nwheel_platforms = '
                       '["manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"]')
     src = src.replace('arch = "aarch64"', 'arch = "aarch64"\ncpu_features = ["neon", "atomics"]', 1)
     t.write_text(src.replace("[deploy]", "[deploy]\nssh_port = 8022"))

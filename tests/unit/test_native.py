@@ -15,7 +15,7 @@ import pytest
 from edgepack.remote.device.releases import _executables
 from edgepack.remote.device.rules import Refused
 from edgepack.remote.preflight import without_python
-from edgepack.stages.native import glibc_required, toolchain
+from edgepack.stages.native import glibc_required, too_new, toolchain
 
 from .test_preflight import manifest
 
@@ -26,6 +26,10 @@ def test_glibc_required_is_the_newest_symbol_version(tmp_path: Path) -> None:
     assert glibc_required(f) == "2.34"
     f.write_bytes(b"\x7fELF static")
     assert glibc_required(f) == ""
+    # Debian 12's cross glibc gives programs __libc_start_main@GLIBC_2.34: fine on bookworm and Ubuntu 22.04, not on
+    # android-arm64's declared 2.27 (the build leaves the program out there and says why)
+    assert too_new("2.34", "2.27") and not too_new("2.34", "2.36") and not too_new("2.34", "2.34")
+    assert not too_new("", "2.27") and not too_new("2.34", "")
 
 
 def test_toolchain_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
