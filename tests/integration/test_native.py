@@ -173,3 +173,16 @@ def test_without_a_compiler_the_program_is_left_out_and_the_manifest_says_why(
     assert n["program"] is None and "no C compiler" in n["why_no_program"] and n["libraries"]
     assert not (bundle / "native" / "edgepack-chat").exists() and (bundle / "native" / "CMakeLists.txt").is_file()
     assert "was not compiled by this build" in (bundle / "README.md").read_text()
+
+
+def test_a_rebuild_gives_the_same_program_and_bundle_id(native_bundle: Path, tiny_model: Path, tiny_target: Path,
+                                                        tmp_path: Path) -> None:
+    """Reproducible: the same inputs and compiler give the same program bytes (no paths, no debug info)."""
+    proc = cli("--json", "build", "--target", str(tiny_target), str(tiny_model), "--out", str(tmp_path), "--no-wheels",
+               "--native", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = Path(envelope(proc)["result"]["bundle"])
+    program = Path("native") / "edgepack-chat"
+    assert (again / program).read_bytes() == (native_bundle / program).read_bytes()
+    first = json.loads((native_bundle / "edgepack.json").read_text())["bundle_id"]
+    assert envelope(proc)["result"]["bundle_id"] == first
