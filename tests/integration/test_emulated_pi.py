@@ -140,10 +140,7 @@ def test_a_device_without_python_takes_the_bundle_in_its_image(pi_without_python
     res = json.loads(smoke.stdout.strip().splitlines()[-1])
     # teacher-forced like smoke_test.py: ARM's kernels pick every golden token the x86 build decided clearly
     assert smoke.returncode == 0 and res["ok"] and res["golden_match"] == res["golden_required"] >= 4, res
-    reply = subprocess.run([*dev["ssh"], f"{program} --prompt 'Write a haiku about the sea.' --max-tokens 6 --json"],
-                           capture_output=True, text=True, timeout=900)
-    doc = json.loads(reply.stdout.strip().splitlines()[-1])
-    assert reply.returncode == 0 and doc["new_tokens"] == 6 and doc["text"].strip(), doc
+    assert res["tokens"] >= 16 and res["tokens_per_s"], res  # and a free-running greedy reply after the check
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +234,8 @@ def tiny_rpi4_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
     t = tmp_path_factory.mktemp("t4") / "rpi4.toml"
     t.write_text(text)
     out = tmp_path_factory.mktemp("dist-rpi4")
-    proc = cli("--json", "build", "--target", str(t), str(tiny_model), "--out", str(out))
+    # --no-native: this test asks the CPU question of the Python runtime; 62 MB less to send and hash under qemu
+    proc = cli("--json", "build", "--target", str(t), str(tiny_model), "--out", str(out), "--no-native")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(envelope(proc)["result"]["bundle"])
 
