@@ -40,6 +40,7 @@ from edgepack.runs import runner_flags as runner_flags
 from edgepack.runs import serve as serve
 from edgepack.stages.export import export as export_stage
 from edgepack.stages.export import gate
+from edgepack.stages.native import FOLDER as NATIVE_FOLDER
 from edgepack.stages.native import applies, build_native
 from edgepack.stages.render import bundle_context, manifest_for, render, smoke_spec
 from edgepack.stages.resolve import profile, resolve
@@ -173,7 +174,7 @@ def build(req: BuildRequest, progress: ProgressFn = silent) -> BuildResult:
                                     smoke_spec(report, target), progress=progress)
                 info.update(artifact="native/", bytes=pack.bytes, program=pack.program,
                             **({"why_no_program": pack.why_no_program} if pack.program is None else {}))
-            ctx = replace(ctx, native_program=pack.program or f"{pack.files[0].split('/')[0]}/")
+            ctx = replace(ctx, native_program=pack.program or f"{NATIVE_FOLDER}/")
         with stages.stage("render", f"bundle from templates/{target.runtime.template}") as info:
             files = render(ctx, target.runtime.template, tmp, systemd=target.deploy.systemd,
                            android=target.runtime.android_sample)

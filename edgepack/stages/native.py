@@ -158,30 +158,36 @@ def build_native(folder: Path, target: TargetProfile, libs: tuple[NativeLibrary,
                              keep_trailing_newline=True, autoescape=False)
     for tpl, name in RENDERED.items():
         (dest / name).write_text(env.get_template(tpl).render(ctx=ctx, native=native), encoding="utf-8")
-    arch = target.resolved_arch()
-    cc = toolchain(arch)
-    made, why, glibc = False, "", ""
-    if cc is None:
-        why = (f"no C compiler for {arch} here (Debian: apt install gcc-{arch}-linux-gnu; or set "
-               f"EDGEPACK_CC_{arch.upper()}); build it from native/ with CMake in the firmware's toolchain")
-    else:
-        progress(ProgressEvent("native", f"compiling {PROGRAM} for {arch} with {cc.version}"))
-        made, why = compile_program(dest, list(libs), cc)
-    if made:
-        glibc = glibc_required(dest / PROGRAM)
-        have = target.device.glibc
-        cross = target.device.arch != "native"  # a `native` target's device is this machine
-        if cross and too_new(glibc, have):
-            (dest / PROGRAM).unlink()
-            made, why = False, (f"{Path(cc.cc).name} links against glibc {glibc}, newer than the target's {have}; "  # type: ignore[union-attr]
-                                "build it from native/ with CMake against the device's sysroot")
+    made, why, glibc, compiler = _program(dest, target, libs, progress)
     if not made:
         progress(ProgressEvent("native", f"WARNING: {FOLDER}/{PROGRAM} was not compiled: {why}"))
     files = sorted(p.name for p in dest.iterdir())
-    return NativePack(runtime=runtime, arch=arch, libraries=libraries, program=f"{FOLDER}/{PROGRAM}" if made else None,
-                      why_no_program=why, compiler=cc.version if (cc and made) else "", glibc_required=glibc,
-                      files=[f"{FOLDER}/{f}" for f in files],
+    return NativePack(runtime=runtime, arch=target.resolved_arch(), libraries=libraries,
+                      program=f"{FOLDER}/{PROGRAM}" if made else None, why_no_program=why, compiler=compiler,
+                      glibc_required=glibc, files=[f"{FOLDER}/{f}" for f in files],
                       bytes=sum((dest / f).stat().st_size for f in files))
+
+
+def _program(dest: Path, target: TargetProfile, libs: tuple[NativeLibrary, ...], progress: ProgressFn
+             ) -> tuple[bool, str, str, str]:
+    """Compile edgepack-chat for the target in `dest`, kept only where it runs there: (made, why not, the glibc it
+    needs, the compiler)."""
+    arch = target.resolved_arch()
+    cc = toolchain(arch)
+    if cc is None:
+        return False, (f"no C compiler for {arch} here (Debian: apt install gcc-{arch}-linux-gnu; or set "
+                       f"EDGEPACK_CC_{arch.upper()}); build it from native/ with CMake in the firmware's toolchain"), \
+            "", ""
+    progress(ProgressEvent("native", f"compiling {PROGRAM} for {arch} with {cc.version}"))
+    made, why = compile_program(dest, list(libs), cc)
+    if not made:
+        return False, why, "", ""
+    glibc, have = glibc_required(dest / PROGRAM), target.device.glibc
+    if target.device.arch != "native" and too_new(glibc, have):  # a `native` target's device is this machine
+        (dest / PROGRAM).unlink()
+        return False, (f"{Path(cc.cc).name} links against glibc {glibc}, newer than the target's {have}; build it "
+                       "from native/ with CMake against the device's sysroot"), glibc, ""
+    return True, "", glibc, cc.version
 
 
 def too_new(needed: str, have: str) -> bool:

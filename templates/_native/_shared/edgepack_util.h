@@ -208,4 +208,45 @@ static inline void buf_rate(Buf* b, double v) {
     buf_fmt(b, "%.2f", v);
 }
 
+/* appends s to a JSON list being written ("[" already in it) */
+static inline void buf_item(Buf* list, const char* s) {
+  if (list->len > 1) buf_str(list, ", ");
+  buf_json(list, s);
+}
+
+/* ends a reply's JSON document with the keys every runtime's run.py gives after its own, and prints it */
+static inline void print_reply(Buf* out, int n, double prefill_ms, double tokens_per_s, const char* stopped,
+                               double load_s) {
+  buf_fmt(out, ", \"new_tokens\": %.0f", n);
+  buf_fmt(out, ", \"prefill_ms\": %.2f, \"decode_tokens_per_s\": ", prefill_ms);
+  buf_rate(out, tokens_per_s);
+  buf_str(out, ", \"stopped\": ");
+  buf_json(out, stopped);
+  buf_fmt(out, ", \"load_s\": %.3f", load_s);
+  buf_fmt(out, ", \"peak_rss_mb\": %.1f, \"bundle\": ", peak_rss_mb());
+  buf_json(out, EDGEPACK_BUNDLE_NAME);
+  buf_str(out, ", \"adapter\": null, \"program\": \"" PROGRAM "\"}\n");
+  fputs(out->data, stdout);
+  free(out->data);
+}
+
+/* after a streamed reply: its end on stdout, the numbers on stderr (as run.py) */
+static inline void print_summary(int n, double prefill_ms, double tokens_per_s) {
+  fputs("\n", stdout);
+  fprintf(stderr, "[%d tokens, prefill %.2f ms, %.2f tok/s, peak RSS %.1f MB]\n", n, prefill_ms,
+          tokens_per_s < 0 ? 0 : tokens_per_s, peak_rss_mb());
+}
+
+/* ends a smoke result (its runtime's golden keys already in `out`) with the keys every runtime gives; prints it */
+static inline void print_smoke(Buf* out, int n, double tokens_per_s, double prefill_ms, const char* problems_json) {
+  buf_fmt(out, ", \"tokens\": %.0f, \"tokens_per_s\": ", n);
+  buf_rate(out, tokens_per_s);
+  buf_fmt(out, ", \"prefill_ms\": %.2f", prefill_ms);
+  buf_fmt(out, ", \"peak_rss_mb\": %.1f, \"problems\": ", peak_rss_mb());
+  buf_str(out, problems_json);
+  buf_str(out, ", \"program\": \"" PROGRAM "\"}\n");
+  fputs(out->data, stdout);
+  free(out->data);
+}
+
 #endif /* EDGEPACK_UTIL_H */

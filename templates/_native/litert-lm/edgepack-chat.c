@@ -301,22 +301,21 @@ static int smoke(const Args* a, const Loaded* m) {
   buf_fmt(&out, ", \"golden_match\": %.0f", prefix_ok ? (double)prefix : 0);
   buf_fmt(&out, ", \"golden_required\": %.0f, \"greedy_text_prefix_ok\": ", (double)prefix);
   buf_str(&out, prefix_ok ? "true" : "false");
-  buf_fmt(&out, ", \"tokens\": %.0f, \"tokens_per_s\": ", r.n);
-  buf_rate(&out, r.tokens_per_s);
-  buf_fmt(&out, ", \"prefill_ms\": %.2f", r.prefill_ms);
-  buf_fmt(&out, ", \"peak_rss_mb\": %.1f, \"problems\": [", peak_rss_mb());
+  Buf problems = {0};
+  buf_str(&problems, "[");
   if (!prefix_ok) {
     Buf msg = {0};
     buf_str(&msg, "the greedy reply differs from the build's: ");
     buf_str(&msg, r.text.data);
     buf_str(&msg, " vs ");
     buf_str(&msg, expected);
-    buf_json(&out, msg.data);
+    buf_item(&problems, msg.data);
     free(msg.data);
   }
-  if (!r.n) buf_str(&out, prefix_ok ? "\"generated nothing\"" : ", \"generated nothing\"");
-  buf_str(&out, "], \"program\": \"" PROGRAM "\"}\n");
-  fputs(out.data, stdout);
+  if (!r.n) buf_item(&problems, "generated nothing");
+  buf_str(&problems, "]");
+  print_smoke(&out, r.n, r.tokens_per_s, r.prefill_ms, problems.data);
+  free(problems.data);
   free(expected);
   return ok ? 0 : 1;
 }
@@ -345,20 +344,9 @@ int main(int argc, char** argv) {
       buf_str(&out, "{\"text\": ");
       buf_json(&out, r.text.data);
       buf_fmt(&out, ", \"prompt_tokens\": %.0f", n_prompt);
-      buf_fmt(&out, ", \"new_tokens\": %.0f", r.n);
-      buf_fmt(&out, ", \"prefill_ms\": %.2f, \"decode_tokens_per_s\": ", r.prefill_ms);
-      buf_rate(&out, r.tokens_per_s);
-      buf_str(&out, ", \"stopped\": ");
-      buf_json(&out, r.stopped);
-      buf_fmt(&out, ", \"load_s\": %.3f", load_s);
-      buf_fmt(&out, ", \"peak_rss_mb\": %.1f, \"bundle\": ", peak_rss_mb());
-      buf_json(&out, EDGEPACK_BUNDLE_NAME);
-      buf_str(&out, ", \"adapter\": null, \"program\": \"" PROGRAM "\"}\n");
-      fputs(out.data, stdout);
+      print_reply(&out, r.n, r.prefill_ms, r.tokens_per_s, r.stopped, load_s);
     } else if (!rc) {
-      fputs("\n", stdout);
-      fprintf(stderr, "[%d tokens, prefill %.2f ms, %.2f tok/s, peak RSS %.1f MB]\n", r.n, r.prefill_ms,
-              r.tokens_per_s < 0 ? 0 : r.tokens_per_s, peak_rss_mb());
+      print_summary(r.n, r.prefill_ms, r.tokens_per_s);
     }
   }
   litert_lm_engine_delete(m.engine);

@@ -201,23 +201,18 @@ static int smoke(const Args* a, const Loaded* m) {
       char msg[200];
       snprintf(msg, sizeof msg, "at golden position %zu the device picked %d but the build recorded %d", i,
                (int)i < r.n ? r.tokens[i] : -1, gold[i]);
-      buf_json(&problems, msg);
+      buf_item(&problems, msg);
     }
   }
-  if (!r.n) buf_json(&problems, "generated nothing");
+  if (!r.n) buf_item(&problems, "generated nothing");
   buf_str(&problems, "]");
   int ok = matched == required && r.n > 0;
   buf_str(&out, "{\"schema\": 1, \"ok\": ");
   buf_str(&out, ok ? "true" : "false");
   buf_fmt(&out, ", \"golden_match\": %.0f", matched);
   buf_fmt(&out, ", \"golden_required\": %.0f", required);
-  buf_fmt(&out, ", \"tokens\": %.0f, \"tokens_per_s\": ", r.n);
-  buf_rate(&out, r.tokens_per_s);
-  buf_fmt(&out, ", \"prefill_ms\": %.2f", r.prefill_ms);
-  buf_fmt(&out, ", \"peak_rss_mb\": %.1f, \"problems\": ", peak_rss_mb());
-  buf_str(&out, problems.data);
-  buf_str(&out, ", \"program\": \"" PROGRAM "\"}\n");
-  fputs(out.data, stdout);
+  print_smoke(&out, r.n, r.tokens_per_s, r.prefill_ms, problems.data);
+  free(problems.data);
   return ok ? 0 : 1;
 }
 
@@ -248,21 +243,10 @@ int main(int argc, char** argv) {
       buf_str(&out, ", \"tokens\": ");
       buf_tokens(&out, r.tokens, r.n);
       buf_fmt(&out, ", \"prompt_tokens\": %.0f, \"reused_tokens\": 0", (double)n_ids);
-      buf_fmt(&out, ", \"new_tokens\": %.0f", r.n);
-      buf_fmt(&out, ", \"prefill_ms\": %.2f, \"decode_tokens_per_s\": ", r.prefill_ms);
-      buf_rate(&out, r.tokens_per_s);
-      buf_str(&out, ", \"stopped\": ");
-      buf_json(&out, r.stopped);
       buf_fmt(&out, ", \"context_length\": %.0f, \"speculative\": \"off\"", EDGEPACK_CONTEXT_LENGTH);
-      buf_fmt(&out, ", \"load_s\": %.3f", load_s);
-      buf_fmt(&out, ", \"peak_rss_mb\": %.1f, \"bundle\": ", peak_rss_mb());
-      buf_json(&out, EDGEPACK_BUNDLE_NAME);
-      buf_str(&out, ", \"adapter\": null, \"program\": \"" PROGRAM "\"}\n");
-      fputs(out.data, stdout);
+      print_reply(&out, r.n, r.prefill_ms, r.tokens_per_s, r.stopped, load_s);
     } else if (!rc) {
-      fputs("\n", stdout);
-      fprintf(stderr, "[%d tokens, prefill %.2f ms, %.2f tok/s, peak RSS %.1f MB]\n", r.n, r.prefill_ms,
-              r.tokens_per_s < 0 ? 0 : r.tokens_per_s, peak_rss_mb());
+      print_summary(r.n, r.prefill_ms, r.tokens_per_s);
     }
     free(ids);
   }
